@@ -1,0 +1,91 @@
+"""Shared test fixtures: the trained fixture models (built once, cached) and a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import fixtures as fixture_builder  # noqa: E402
+
+from workbench.cli import cli  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def fixture_root() -> Path:
+    return fixture_builder.ensure_fixtures()
+
+
+@pytest.fixture(scope="session")
+def llama(fixture_root) -> Path:
+    return fixture_root / "llama"
+
+
+@pytest.fixture(scope="session")
+def qwen2(fixture_root) -> Path:
+    return fixture_root / "qwen2"
+
+
+@pytest.fixture(scope="session")
+def llama_lora(fixture_root) -> Path:
+    return fixture_root / "llama-lora"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(fixture_root):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(fixture_root / "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def heldout_blocks(fixture_root, tokenizer) -> torch.Tensor:
+    """Held-out text (never trained on) as 8 blocks of 128 tokens."""
+    return fixture_builder.token_blocks(tokenizer, (fixture_root / "heldout.txt").read_text(), limit=8)
+
+
+def run(*args: str):
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def copy_of(tmp_path):
+    def _copy(src: Path, name: str | None = None) -> Path:
+        dst = tmp_path / (name or src.name)
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Names in a folder that a failed run must not leave: partial output folders."""
+    return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or p.name.endswith("-merged"))
+
+
+_FIGURES: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict[str, dict]:
+    """Measured figures; printed at the end of the run (they go into the issues' closing notes)."""
+    return _FIGURES
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _FIGURES:
+        return
+    terminalreporter.section("measured figures")
+    for label, values in _FIGURES.items():
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        terminalreporter.write_line(f"{label}: {shown}")

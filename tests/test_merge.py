@@ -1,0 +1,159 @@
+"""`workbench merge` against peft's own unmerged PeftModel, one test per adapter feature, in float32.
+
+Adapters other than the trained fixture one are made here with random LoRA factors
+(init_lora_weights=False), so every update is large enough to show a wrong orientation or scale.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from conftest import run
+from workbench.quality import compare_logits, model_logits
+
+# fp32 merge vs. peft's unmerged fp32 forward: only summation order differs.
+MAX_REL_ERROR_FP32 = 1e-5
+
+
+def make_adapter(base, out, config: LoraConfig, resize_to=None, seed=0):
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if resize_to:
+        model.resize_token_embeddings(resize_to)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # modules_to_save copies start equal to the base: move them
+        for name, p in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(out)
+    return out
+
+
+def peft_reference(base, adapter, blocks, resize_to=None):
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if resize_to:
+        model.resize_token_embeddings(resize_to)
+    return model_logits(PeftModel.from_pretrained(model, adapter), blocks)
+
+
+def merged_logits(base, adapter, out, blocks, *extra):
+    result = run("merge", base, adapter, "--out", out, "--dtype", "fp32", *extra)
+    assert result.exit_code == 0, result.output + result.stderr
+    return model_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), blocks)
+
+
+def check_equivalent(base, adapter, tmp_path, blocks, figures, label, resize_to=None):
+    ref = peft_reference(base, adapter, blocks, resize_to)
+    got = merged_logits(base, adapter, tmp_path / "merged", blocks)
+    m = compare_logits(ref, got)
+    figures[f"merge fp32 vs peft: {label}"] = m
+    assert m["top1_agreement"] == 1.0
+    assert m["max_rel_error"] < MAX_REL_ERROR_FP32
+    return tmp_path / "merged"
+
+
+def rand_lora(**kw) -> LoraConfig:
+    return LoraConfig(init_lora_weights=False, lora_dropout=0.0, **kw)
+
+
+def test_trained_fixture_adapter(llama, llama_lora, tmp_path, heldout_blocks, figures):
+    check_equivalent(llama, llama_lora, tmp_path, heldout_blocks, figures, "trained LoRA r=8, all projections")
+
+
+def test_rslora(llama, tmp_path, heldout_blocks, figures):
+    adapter = make_adapter(llama, tmp_path / "a", rand_lora(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "up_proj"]))
+    check_equivalent(llama, adapter, tmp_path, heldout_blocks, figures, "rsLoRA")
+
+
+def test_rank_and_alpha_patterns(llama, tmp_path, heldout_blocks, figures):
+    config = rand_lora(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"q_proj": 8, "layers.1.mlp.down_proj": 2}, alpha_pattern={"v_proj": 32},
+    )
+    adapter = make_adapter(llama, tmp_path / "a", config)
+    with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:  # the patterns took effect
+        assert f.get_slice("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight").get_shape()[0] == 2
+        assert f.get_slice("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").get_shape()[0] == 8
+    check_equivalent(llama, adapter, tmp_path, heldout_blocks, figures, "rank_pattern/alpha_pattern")
+
+
+def test_regex_target_modules(llama, tmp_path, heldout_blocks, figures):
+    adapter = make_adapter(llama, tmp_path / "a", rand_lora(r=4, lora_alpha=8, target_modules=r".*\.layers\.[02]\.self_attn\.(q|v)_proj"))
+    merged = check_equivalent(llama, adapter, tmp_path, heldout_blocks, figures, "regex target_modules")
+    assert json.loads((merged / "workbench.json").read_text())["steps"][-1]["metrics"]["lora_modules_merged"] == 4
+
+
+def test_layers_to_transform(llama, tmp_path, heldout_blocks, figures):
+    config = rand_lora(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], layers_to_transform=[1, 3], layers_pattern="layers")
+    adapter = make_adapter(llama, tmp_path / "a", config)
+    merged = check_equivalent(llama, adapter, tmp_path, heldout_blocks, figures, "layers_to_transform")
+    assert json.loads((merged / "workbench.json").read_text())["steps"][-1]["metrics"]["lora_modules_merged"] == 4
+
+
+def test_dora(llama, tmp_path, heldout_blocks, figures):
+    adapter = make_adapter(llama, tmp_path / "a", rand_lora(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]))
+    merged = check_equivalent(llama, adapter, tmp_path, heldout_blocks, figures, "DoRA")
+    assert json.loads((merged / "workbench.json").read_text())["steps"][-1]["metrics"]["dora_modules"] == 12
+
+
+def test_fan_in_fan_out_conv1d(tmp_path, heldout_blocks, figures):
+    """GPT-2 stores Conv1D weights as [in, out]; peft sets fan_in_fan_out for them."""
+    torch.manual_seed(0)
+    base = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_embd=64, n_layer=2, n_head=4, n_positions=256)).save_pretrained(base)
+    adapter = make_adapter(base, tmp_path / "a", rand_lora(r=4, lora_alpha=8, fan_in_fan_out=True, target_modules=["c_attn", "c_proj", "c_fc"]))
+    assert json.loads((adapter / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    check_equivalent(base, adapter, tmp_path, heldout_blocks, figures, "fan_in_fan_out (GPT-2 Conv1D)")
+
+
+def test_modules_to_save(llama, tmp_path, heldout_blocks, figures):
+    adapter = make_adapter(llama, tmp_path / "a", rand_lora(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    merged = check_equivalent(llama, adapter, tmp_path, heldout_blocks, figures, "modules_to_save lm_head")
+    assert json.loads((merged / "workbench.json").read_text())["steps"][-1]["metrics"]["tensors_replaced"] == 1
+
+
+def test_resized_vocabulary(llama, tmp_path, heldout_blocks, figures):
+    config = rand_lora(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    adapter = make_adapter(llama, tmp_path / "a", config, resize_to=2056)
+    merged = tmp_path / "merged"
+    ref = peft_reference(llama, adapter, heldout_blocks, resize_to=2056)
+    got = merged_logits(llama, adapter, merged, heldout_blocks)
+    m = compare_logits(ref, got)
+    figures["merge fp32 vs peft: resized vocabulary 2048->2056"] = m
+    assert m["top1_agreement"] == 1.0 and m["max_rel_error"] < MAX_REL_ERROR_FP32
+    assert json.loads((merged / "config.json").read_text())["vocab_size"] == 2056
+
+
+@pytest.mark.parametrize("target", ["lm_head", "embed_tokens"])
+def test_tied_embeddings_are_untied_not_changed(qwen2, tmp_path, heldout_blocks, figures, target):
+    """LoRA on one of a tied pair: the merge writes lm_head explicitly and never edits the shared tensor."""
+    assert json.loads((qwen2 / "config.json").read_text())["tie_word_embeddings"] is True
+    adapter = make_adapter(qwen2, tmp_path / "a", rand_lora(r=4, lora_alpha=8, target_modules=[target, "q_proj"]))
+    merged = check_equivalent(qwen2, adapter, tmp_path, heldout_blocks, figures, f"tied embeddings, LoRA on {target}")
+    assert json.loads((merged / "config.json").read_text())["tie_word_embeddings"] is False
+    base_model = AutoModelForCausalLM.from_pretrained(qwen2, dtype=torch.float32)
+    merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    unchanged = merged_model.get_output_embeddings() if target == "embed_tokens" else merged_model.get_input_embeddings()
+    assert torch.equal(unchanged.weight, base_model.get_input_embeddings().weight)
+
+
+def test_bf16_output_keeps_top1(llama, llama_lora, tmp_path, heldout_blocks, figures):
+    """The default dtype is the base's (bf16); figures against the fp32 peft reference."""
+    ref = peft_reference(llama, llama_lora, heldout_blocks)
+    out = tmp_path / "merged"
+    assert run("merge", llama, llama_lora, "--out", out).exit_code == 0
+    step = json.loads((out / "workbench.json").read_text())["steps"][-1]
+    assert step["options"]["dtype"] == "bfloat16"
+    with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+        assert f.get_tensor(next(iter(f.keys()))).dtype == torch.bfloat16
+    got = model_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), heldout_blocks)
+    m = compare_logits(ref, got)
+    figures["merge bf16 vs peft fp32: trained LoRA"] = m
+    assert m["top1_agreement"] >= 0.97
+    assert step["metrics"]["self_check_max_rel_error"] < 1e-2  # bf16 rounding, ~2^-8

@@ -1,0 +1,399 @@
+"""The one checkpoint I/O layer: every verb reads and writes Hugging Face folders through here.
+
+Safetensors is simple enough (8-byte header length, JSON header, raw little-endian bytes) that reading
+and writing it here costs less than working around the library: ``safetensors.save_file`` needs every
+tensor of a file in memory at once, and ``safe_open`` maps whole shards into resident memory. Here the
+layout (names, dtypes, shapes, shards) is planned from headers before any tensor is computed, each tensor
+is read with a positional read, written as soon as it exists and dropped, and the output hashes come out
+of the same pass. Files stay byte-compatible with the library (tests load them with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import BadInput
+
+CONFIG_NAME = "config.json"
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MANIFEST_NAME = "workbench.json"
+
+# safetensors dtype codes <-> torch dtypes.
+DTYPE_CODES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
+
+# Names the config's "dtype" field uses.
+CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+# Files that make up a tokenizer; they travel together, never mixed from two folders.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+GENERATION_CONFIG = "generation_config.json"
+
+# Never copied as side files: weights and the files that describe them.
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|ckpt|h5|msgpack)$|.*\.index\.json$")
+_NOT_SIDE_FILES = {CONFIG_NAME, MANIFEST_NAME, "adapter_config.json"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class TensorStore:
+    """Lazy, read-only view over a set of safetensors files (one model or one adapter).
+
+    Tensors are read with positional reads rather than a memory map, so resident memory holds the
+    tensors in use, not every page of the shards read so far.
+    """
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in files:
+            if not file.is_file():
+                raise BadInput(f"weight file missing: {file}")
+            for info in _read_header(file):
+                if info.name in self.tensors:
+                    raise BadInput(f"tensor {info.name} is stored twice ({self.tensors[info.name].file.name}, {file.name})")
+                self.tensors[info.name] = info
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names_in(self, file: Path) -> list[str]:
+        """Tensor names of one file, in on-disk order (sequential reads)."""
+        return [n for n, info in self.tensors.items() if info.file == file]
+
+    def get(self, name: str) -> torch.Tensor:
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(info.nbytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            if f.readinto(buf) != info.nbytes:
+                raise BadInput(f"truncated safetensors file {info.file}")
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+
+def _read_header(file: Path) -> list[TensorInfo]:
+    """Parse and check one safetensors header: every tensor must lie inside the file."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(header_len))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise BadInput(f"corrupt safetensors file {file}: {exc}") from None
+    base = 8 + header_len
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPE_CODES[meta["dtype"]]
+            shape = tuple(int(d) for d in meta["shape"])
+            start, stop = (int(x) for x in meta["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(f"corrupt safetensors file {file}: bad entry for tensor {name}") from None
+        if stop - start != _numel(shape) * _itemsize(dtype) or start < 0:
+            raise BadInput(f"corrupt safetensors file {file}: tensor {name} has the wrong byte length")
+        if base + stop > size:
+            raise BadInput(f"truncated safetensors file {file}: tensor {name} ends past the end of the file")
+        entries.append(TensorInfo(name, dtype, shape, file, base + start))
+    entries.sort(key=lambda e: e.offset)
+    return entries
+
+
+def read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise BadInput(f"{what} missing: {path}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{what} is not valid JSON: {path}: {exc}") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{what} is not a JSON object: {path}")
+    return value
+
+
+class Checkpoint:
+    """A Hugging Face model folder: config, weights (single or sharded safetensors) and side files."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise BadInput(f"model folder not found: {self.path}")
+        self.config = read_json(self.path / CONFIG_NAME, "config.json")
+        self.weight_files = self._weight_files()
+        self.store = TensorStore(self.weight_files)
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            weight_map = read_json(index, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise BadInput(f"safetensors index has no weight_map: {index}")
+            return [self.path / f for f in dict.fromkeys(weight_map.values())]
+        single = self.path / SINGLE_NAME
+        if single.exists():
+            return [single]
+        found = sorted(self.path.glob("*.safetensors"))
+        if found:
+            return found
+        if any(self.path.glob("*.bin")):
+            raise BadInput(f"{self.path} holds only .bin weights; save it with safetensors first")
+        raise BadInput(f"no safetensors weights in {self.path}")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype most weight bytes are stored in (what "same as the base" means)."""
+        by_dtype: dict[torch.dtype, int] = {}
+        for info in self.store.tensors.values():
+            if info.dtype.is_floating_point:
+                by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+        return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+
+    @property
+    def largest_file_bytes(self) -> int:
+        return max(f.stat().st_size for f in self.weight_files)
+
+    def side_files(self) -> list[str]:
+        return side_files(self.path)
+
+
+def side_files(folder: Path) -> list[str]:
+    """Every file of a folder that is not weights, config or manifest (tokenizer, templates, code, ...)."""
+    return sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and p.name not in _NOT_SIDE_FILES and not _WEIGHT_FILE.match(p.name)
+        and not p.name.startswith("adapter_")
+    )
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return _numel(self.shape) * _itemsize(self.dtype)
+
+
+def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    """Greedy split in the given order; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+class StreamedWriter:
+    """Writes planned shards tensor by tensor, in plan order, plus the index when there are several.
+
+    ``write`` must be called once per planned tensor, in plan order; each call streams the bytes to disk.
+    """
+
+    def __init__(self, folder: Path, shards: list[list[PlannedTensor]]):
+        self.folder = folder
+        self.shards = shards
+        n = len(shards)
+        self.file_names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.sha256: dict[str, str] = {}
+        self._order = [(i, t) for i, shard in enumerate(shards) for t in shard]
+        self._next = 0
+        self._file = None
+        self._hash = None
+        self._shard = -1
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        shard, planned = self._order[self._next]
+        if name != planned.name or tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            raise RuntimeError(
+                f"writer got {name} {tensor.dtype} {tuple(tensor.shape)}, planned "
+                f"{planned.name} {planned.dtype} {planned.shape}"
+            )
+        if shard != self._shard:
+            self._finish_file()
+            self._start_file(shard)
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._file.write(memoryview(data))
+        self._hash.update(memoryview(data))
+        self._next += 1
+        if self._next == len(self._order):
+            self._finish_file()
+            self._write_index()
+
+    def _start_file(self, shard: int) -> None:
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for t in self.shards[shard]:
+            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._shard = shard
+        self._file = open(self.folder / self.file_names[shard], "wb")
+        self._hash = hashlib.sha256()
+        for part in (struct.pack("<Q", len(blob)), blob):
+            self._file.write(part)
+            self._hash.update(part)
+
+    def _finish_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self.sha256[self.file_names[self._shard]] = self._hash.hexdigest()
+            self._file = None
+
+    def _write_index(self) -> None:
+        if len(self.shards) == 1:
+            return
+        weight_map = {t.name: self.file_names[i] for i, shard in enumerate(self.shards) for t in shard}
+        total = sum(t.nbytes for shard in self.shards for t in shard)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self._order)
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def copy_side_files(sources: list[tuple[Path, str]], folder: Path) -> None:
+    for src_dir, name in sources:
+        shutil.copy2(src_dir / name, folder / name)
+
+
+# ---------------------------------------------------------------- atomic output folders
+
+_PARTIAL = ".partial-"
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: Path, force: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``final``; rename it into place only on success.
+
+    On any exception (Ctrl-C included) the temporary folder is removed. Leftovers of a killed run
+    (their pid no longer alive) are removed on the next run.
+    """
+    final = Path(os.path.abspath(final))
+    if final.exists() and not force:
+        raise BadInput(f"output exists: {final} (use --force to replace it)")
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(parent, final.name)
+        tmp = parent / f".{final.name}{_PARTIAL}{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise BadInput(f"cannot write output at {final}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if final.exists():
+        old = parent / f".{final.name}.replaced-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+def _remove_stale_partials(parent: Path, name: str) -> None:
+    for p in parent.glob(f".{name}{_PARTIAL}*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,65 @@
+"""workbench.json: how an artifact was made — its steps (inputs with hashes, options, tool versions,
+metrics) and the sha256 and size of every file it holds."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+from .checkpoint import MANIFEST_NAME, sha256_file
+
+FORMAT_VERSION = 1
+# Libraries whose versions decide what an artifact contains.
+TRACKED_PACKAGES = (
+    "workbench", "torch", "transformers", "peft", "safetensors", "tokenizers",
+    "accelerate", "llmcompressor", "compressed-tensors", "gguf",
+)
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def folder_digest(folder: Path) -> dict:
+    """sha256 of every file of an input folder, and one digest over all of them."""
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
+    return {"path": str(folder.resolve()), "sha256": combined, "files": files}
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_manifest(folder: Path, step: dict, parent: Path | None, known_sha256: dict[str, str]) -> dict:
+    """Write ``folder``/workbench.json: the parent's steps (if it has a manifest) plus ``step``.
+
+    ``known_sha256`` holds hashes computed while writing; the other files are hashed here.
+    """
+    inherited = (read_manifest(parent) or {}).get("steps", []) if parent else []
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and p.name != MANIFEST_NAME:
+            files[p.name] = {"sha256": known_sha256.get(p.name) or sha256_file(p), "size": p.stat().st_size}
+    manifest = {"workbench_manifest": FORMAT_VERSION, "steps": [*inherited, step], "files": files}
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest

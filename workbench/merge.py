@@ -1,0 +1,421 @@
+"""`workbench merge`: fold a peft LoRA adapter into its base, streamed tensor by tensor.
+
+Why not peft's ``merge_and_unload``: it loads the whole model, merges in the weights' dtype, and on a
+tied model it edits the shared embedding in place. Here the adapter's effect is computed from the
+adapter file itself, exactly as peft's unmerged forward pass applies it, in float32, one base tensor at
+a time; every check runs before the output folder is created.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import (
+    CHAT_TEMPLATE_FILES,
+    CONFIG_DTYPES,
+    CONFIG_NAME,
+    GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    Checkpoint,
+    PlannedTensor,
+    StreamedWriter,
+    TensorStore,
+    atomic_output_dir,
+    copy_side_files,
+    plan_shards,
+    read_json,
+    side_files,
+    write_json,
+)
+from .errors import BadInput
+from .manifest import folder_digest, now, tool_versions, write_manifest
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+OUTPUT_EMBEDDING = "lm_head.weight"
+# Input embeddings an untied lm_head falls back to in a tied checkpoint, by architecture family.
+INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Adapter tensor suffix -> (role, layer kind). Anything else in the adapter is a whole replacement tensor
+# (modules_to_save, or the embedding copies peft saves beside embedding LoRA).
+LORA_SUFFIXES = {
+    ".lora_A.weight": ("A", "linear"),
+    ".lora_B.weight": ("B", "linear"),
+    ".lora_embedding_A": ("A", "embedding"),
+    ".lora_embedding_B": ("B", "embedding"),
+    ".lora_magnitude_vector": ("magnitude", None),
+}
+BASE_LAYER_INFIX = ".base_layer."
+
+# peft_type values this merge handles, and LoRA options it does not (with their "off" values).
+SUPPORTED_PEFT_TYPES = ("LORA",)
+UNSUPPORTED_LORA_OPTIONS = {
+    "lora_bias": False,
+    "use_qalora": False,
+    "use_bdlora": None,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "alora_invocation_tokens": None,
+    "ensure_weight_tying": False,
+    "arrow_config": None,
+}
+
+
+@dataclass
+class Delta:
+    """One LoRA (or DoRA) update to add to a base tensor."""
+
+    module: str
+    kind: str  # "linear" | "embedding"
+    a: str
+    b: str
+    scale: float
+    fan_in_fan_out: bool
+    magnitude: str | None = None
+
+    def matrix(self, adapter: TensorStore) -> torch.Tensor:
+        """scale * B @ A in float32, in the base weight's stored orientation."""
+        a = adapter.get(self.a).float()
+        b = adapter.get(self.b).float()
+        d = (b @ a) * self.scale
+        # embedding LoRA: A [r, vocab], B [dim, r], weight [vocab, dim]; Conv1D (fan_in_fan_out): weight [in, out]
+        return d.T if (self.kind == "embedding" or self.fan_in_fan_out) else d
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    source: str  # tensor name in the base, or in the adapter when from_adapter
+    from_adapter: bool = False
+    delta: Delta | None = None
+
+
+@dataclass
+class MergePlan:
+    base: Checkpoint
+    adapter_dir: Path
+    adapter: TensorStore
+    adapter_config: dict
+    dtype: torch.dtype
+    outputs: list[OutputTensor]
+    config: dict
+    side_files: list[tuple[Path, str]]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def deltas(self) -> list[Delta]:
+        return [o.delta for o in self.outputs if o.delta is not None]
+
+
+def default_output(adapter: Path) -> Path:
+    return Path(str(Path(adapter).absolute()).rstrip("/") + "-merged")
+
+
+def load_adapter_config(adapter_dir: Path) -> dict:
+    if not adapter_dir.is_dir():
+        raise BadInput(f"adapter folder not found: {adapter_dir}")
+    cfg = read_json(adapter_dir / ADAPTER_CONFIG, "adapter_config.json")
+    peft_type = cfg.get("peft_type")
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise BadInput(f"unsupported adapter type {peft_type!r}: workbench merges LoRA/rsLoRA/DoRA adapters only")
+    for key, off in UNSUPPORTED_LORA_OPTIONS.items():
+        if cfg.get(key, off) not in (off, None, False, [], {}):
+            raise BadInput(f"unsupported LoRA option {key}={cfg[key]!r} in {adapter_dir / ADAPTER_CONFIG}")
+    for key, kind in (("r", int), ("lora_alpha", (int, float))):
+        if not isinstance(cfg.get(key), kind) or isinstance(cfg.get(key), bool):
+            raise BadInput(f"adapter_config.json: {key} must be a number, got {cfg.get(key)!r}")
+    return cfg
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """peft's rank_pattern/alpha_pattern lookup: first key matching a dotted suffix of the module name."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _targeted(cfg: dict, module: str) -> bool:
+    """peft's target_modules / exclude_modules / layers_to_transform matching for one module name."""
+    def matches(spec) -> bool:
+        if spec is None:
+            return False
+        if isinstance(spec, str):
+            return re.fullmatch(spec, module) is not None
+        return any(module == t or module.endswith("." + t) for t in spec)
+
+    target = cfg.get("target_modules")
+    if target in (None, "all-linear") or not matches(target) or matches(cfg.get("exclude_modules")):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None:
+        return True
+    layers = [layers] if isinstance(layers, int) else layers
+    patterns = cfg.get("layers_pattern") or [r"[^.]*"]
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    for p in patterns:
+        m = re.match(rf".*\.{p}\.(\d+)\.", module)
+        if m:
+            return int(m.group(1)) in layers
+    return False
+
+
+def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto") -> MergePlan:
+    """Read headers and configs, check that the adapter fits the base, and decide every output tensor.
+
+    Reads no weights except the few small adapter tensors; writes nothing.
+    """
+    base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
+    cfg = load_adapter_config(adapter_dir)
+    base = Checkpoint(base_dir)
+    weights = adapter_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        other = "adapter_model.bin exists: re-save it with safe_serialization=True" if (adapter_dir / "adapter_model.bin").exists() else "missing"
+        raise BadInput(f"adapter weights {weights}: {other}")
+    adapter = TensorStore([weights])
+    warnings: list[str] = []
+
+    # --- sort adapter tensors into LoRA factors and whole replacement tensors
+    factors: dict[str, dict[str, str]] = {}
+    kinds: dict[str, str] = {}
+    replacements: dict[str, str] = {}  # base tensor name -> adapter key
+    for key in adapter.tensors:
+        if not key.startswith(PEFT_PREFIX):
+            raise BadInput(f"adapter tensor {key!r} is not a peft tensor (expected the prefix {PEFT_PREFIX!r})")
+        name = key[len(PEFT_PREFIX):]
+        for suffix, (role, kind) in LORA_SUFFIXES.items():
+            if name.endswith(suffix):
+                module = name[: -len(suffix)]
+                factors.setdefault(module, {})[role] = key
+                if kind:
+                    kinds[module] = kind
+                break
+        else:
+            replacements[name.replace(BASE_LAYER_INFIX, ".")] = key
+
+    config = dict(base.config)
+    tied = bool(config.get("tie_word_embeddings", False)) and OUTPUT_EMBEDDING not in base.store
+    input_embedding = next((n for n in INPUT_EMBEDDINGS if n in base.store), None)
+
+    def base_tensor(name: str) -> str | None:
+        if name in base.store:
+            return name
+        if tied and name == OUTPUT_EMBEDDING:
+            return input_embedding
+        return None
+
+    # --- replacement tensors: must name a base tensor; only vocabulary rows may grow
+    vocab = config.get("vocab_size")
+    new_vocab = None
+    for name, key in replacements.items():
+        src = base_tensor(name)
+        if src is None:
+            raise BadInput(f"adapter replaces {name}, which the base model does not have (adapter trained on another model?)")
+        want, got = base.store.tensors[src].shape, adapter.tensors[key].shape
+        if want != got:
+            if len(want) == 2 and want[0] == vocab and got[1:] == want[1:]:
+                if new_vocab not in (None, got[0]):
+                    raise BadInput(f"adapter resizes the vocabulary inconsistently ({new_vocab} and {got[0]} rows)")
+                new_vocab = got[0]
+            else:
+                raise BadInput(f"adapter tensor {name} has shape {list(got)}, base has {list(want)} (adapter trained on another shape?)")
+
+    # --- LoRA deltas: every factor pair must fit its base weight
+    deltas: dict[str, Delta] = {}
+    use_rslora = bool(cfg.get("use_rslora"))
+    for module, parts in sorted(factors.items()):
+        if "A" not in parts or "B" not in parts:
+            raise BadInput(f"adapter has an incomplete LoRA pair for {module} (found {sorted(parts)})")
+        if "magnitude" in parts and kinds[module] == "embedding":
+            raise BadInput(f"DoRA on embedding layers is not supported ({module})")
+        weight = module + ".weight"
+        src = base_tensor(weight)
+        if src is None:
+            raise BadInput(f"adapter targets {module}, which the base model does not have (adapter trained on another model?)")
+        r = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
+        alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+        a_shape, b_shape = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
+        if a_shape[0] != r or b_shape[1] != r:
+            raise BadInput(f"adapter {module}: LoRA rank {a_shape[0]} does not match the config's r={r}")
+        kind = kinds[module]
+        fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
+        # the weight the delta lands on: a replacement (resized embedding) or the base tensor
+        target_shape = adapter.tensors[replacements[weight]].shape if weight in replacements else base.store.tensors[src].shape
+        oriented = (a_shape[1], b_shape[0]) if (kind == "embedding" or fan_in_fan_out) else (b_shape[0], a_shape[1])
+        if tuple(target_shape) != oriented:
+            raise BadInput(
+                f"adapter {module}: LoRA update has shape {list(oriented)}, base weight has {list(target_shape)} "
+                "(adapter trained on another shape?)"
+            )
+        if "magnitude" in parts and adapter.tensors[parts["magnitude"]].shape != (oriented[1 if fan_in_fan_out else 0],):
+            raise BadInput(f"adapter {module}: DoRA magnitude does not match the weight's output size")
+        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        deltas[weight] = Delta(module, kind, parts["A"], parts["B"], scale, fan_in_fan_out, parts.get("magnitude"))
+
+    # --- every module the config targets must have its LoRA pair (catches adapters of another model)
+    lora_modules = {d.module for d in deltas.values()}
+    missing = [
+        n[: -len(".weight")]
+        for n, info in base.store.tensors.items()
+        if n.endswith(".weight") and len(info.shape) == 2 and _targeted(cfg, n[: -len(".weight")])
+        and n[: -len(".weight")] not in lora_modules
+    ]
+    if missing:
+        raise BadInput(f"adapter has no LoRA weights for {len(missing)} targeted modules, e.g. {missing[0]} (adapter trained on another model?)")
+
+    # --- output tensors in the base's on-disk order, then an untied lm_head if the adapter needs one
+    outputs: list[OutputTensor] = []
+    for file in base.weight_files:
+        for name in base.store.names_in(file):
+            if name in replacements:
+                outputs.append(OutputTensor(name, replacements[name], True, deltas.get(name)))
+            else:
+                outputs.append(OutputTensor(name, name, False, deltas.get(name)))
+    if tied and (OUTPUT_EMBEDDING in deltas or OUTPUT_EMBEDDING in replacements or input_embedding in deltas or input_embedding in replacements):
+        # peft's forward pass: each of the tied pair sees its own adapter on the shared weight, so the pair
+        # is no longer equal; write lm_head explicitly rather than change the shared tensor.
+        if OUTPUT_EMBEDDING in replacements:
+            outputs.append(OutputTensor(OUTPUT_EMBEDDING, replacements[OUTPUT_EMBEDDING], True, deltas.get(OUTPUT_EMBEDDING)))
+        else:
+            outputs.append(OutputTensor(OUTPUT_EMBEDDING, input_embedding, False, deltas.get(OUTPUT_EMBEDDING)))
+        config["tie_word_embeddings"] = False
+        warnings.append("the adapter changes one of the tied embeddings: lm_head is written explicitly and tie_word_embeddings set to false")
+
+    if new_vocab is not None:
+        vocab_rows = {o.name: _shape(o, base, adapter)[0] for o in outputs if o.name in (OUTPUT_EMBEDDING, input_embedding)}
+        if len(set(vocab_rows.values())) > 1:
+            raise BadInput(f"adapter resizes the vocabulary of only some embeddings: {vocab_rows}")
+        config["vocab_size"] = new_vocab
+
+    out_dtype = base.dtype if dtype == "auto" else DTYPES[dtype]
+    dtype_name = next(k for k, v in CONFIG_DTYPES.items() if v == out_dtype)
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
+
+    named = cfg.get("base_model_name_or_path")
+    if named and Path(named).name not in (base_dir.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name):
+        warnings.append(f"the adapter names its base {named!r}, not {base_dir.resolve().name!r}")
+
+    return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings)
+
+
+def _shape(o: OutputTensor, base: Checkpoint, adapter: TensorStore) -> tuple[int, ...]:
+    return (adapter if o.from_adapter else base.store).tensors[o.source].shape
+
+
+def _side_files(base_dir: Path, adapter_dir: Path) -> list[tuple[Path, str]]:
+    """Base side files, with the tokenizer, chat template and generation config taken from the adapter
+    folder when it has them (training often saves an updated tokenizer there)."""
+    from_adapter = set(side_files(adapter_dir))
+    chosen = {name: base_dir for name in side_files(base_dir)}
+    if from_adapter & set(TOKENIZER_FILES):
+        for name in TOKENIZER_FILES:
+            chosen.pop(name, None)
+        chosen.update({n: adapter_dir for n in from_adapter & set(TOKENIZER_FILES)})
+    for group in (CHAT_TEMPLATE_FILES, (GENERATION_CONFIG,)):
+        if from_adapter & set(group):
+            for name in group:
+                chosen.pop(name, None)
+            chosen.update({n: adapter_dir for n in from_adapter & set(group)})
+    return sorted(((d, n) for n, d in chosen.items()), key=lambda x: x[1])
+
+
+def merged_tensor(o: OutputTensor, plan: MergePlan, probe: dict) -> torch.Tensor:
+    """The output tensor in the target dtype; LoRA math in float32. Records a probe check in ``probe``."""
+    store = plan.adapter if o.from_adapter else plan.base.store
+    weight = store.get(o.source)
+    d = o.delta
+    if d is None:
+        return weight.to(plan.dtype) if weight.is_floating_point() else weight
+    w = weight.float()
+    merged = w + d.matrix(plan.adapter)
+    factor = None
+    if d.magnitude is not None:
+        # DoRA: rescale each output row of (W + s·BA) to the learned magnitude (peft's weight-norm over dim 1)
+        rows = merged.T if d.fan_in_fan_out else merged
+        factor = plan.adapter.get(d.magnitude).float() / torch.linalg.norm(rows, dim=1)
+        merged = (rows * factor[:, None]).T if d.fan_in_fan_out else rows * factor[:, None]
+    out = merged.to(plan.dtype)
+    _probe(o.name, w, d, plan.adapter, out, factor, probe)
+    return out
+
+
+def _probe(name: str, w: torch.Tensor, d: Delta, adapter: TensorStore, out: torch.Tensor, factor, probe: dict) -> None:
+    """Self-check: the written weight applied to a random vector vs. the factored LoRA form W x + s B (A x),
+    in float64 and in the layer's own orientation. Catches orientation, scaling and cast errors."""
+    a = adapter.get(d.a).double()
+    b = adapter.get(d.b).double()
+    transposed = d.kind == "embedding" or d.fan_in_fan_out
+    w_lin, out_lin = (w.T, out.T) if transposed else (w, out)
+    x = torch.randn(a.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    ref = w_lin.double() @ x + d.scale * (b @ (a @ x))
+    if factor is not None:
+        ref = ref * factor.double()
+    err = float(torch.linalg.norm(out_lin.double() @ x - ref) / torch.linalg.norm(ref).clamp_min(1e-30))
+    probe["modules"] = probe.get("modules", 0) + 1
+    if err > probe.get("max_rel_error", -1.0):
+        probe["max_rel_error"], probe["worst_tensor"] = err, name
+
+
+def run_merge(
+    plan: MergePlan,
+    out: Path,
+    force: bool = False,
+    max_shard_bytes: int | None = None,
+    options: dict | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Write the merged checkpoint to ``out`` (atomically) and return the step recorded in workbench.json."""
+    started, t0 = now(), time.perf_counter()
+    planned = [PlannedTensor(o.name, plan.dtype if _is_float(o, plan) else _dtype(o, plan), _shape(o, plan.base, plan.adapter)) for o in plan.outputs]
+    shards = plan_shards(planned, max_shard_bytes or plan.base.largest_file_bytes)
+    inputs = {"base": folder_digest(plan.base.path), "adapter": folder_digest(plan.adapter_dir)}
+    probe: dict = {}
+    with atomic_output_dir(out, force) as tmp:
+        writer = StreamedWriter(tmp, shards)
+        for i, o in enumerate(plan.outputs):
+            writer.write(o.name, merged_tensor(o, plan, probe))
+            if on_tensor:
+                on_tensor(i + 1, len(plan.outputs))
+        write_json(tmp / CONFIG_NAME, plan.config)
+        copy_side_files(plan.side_files, tmp)
+        step = {
+            "verb": "merge",
+            "started": started,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "inputs": {k: {"path": v["path"], "sha256": v["sha256"], "files": v["files"]} for k, v in inputs.items()},
+            "options": {**(options or {}), "dtype": str(plan.dtype).removeprefix("torch.")},
+            "versions": tool_versions(),
+            "metrics": {
+                "tensors_written": len(plan.outputs),
+                "lora_modules_merged": len(plan.deltas),
+                "dora_modules": sum(1 for d in plan.deltas if d.magnitude),
+                "tensors_replaced": sum(1 for o in plan.outputs if o.from_adapter),
+                "shards": len(shards),
+                "self_check_modules": probe.get("modules", 0),
+                "self_check_max_rel_error": probe.get("max_rel_error", 0.0),
+                "self_check_worst_tensor": probe.get("worst_tensor"),
+            },
+            "warnings": plan.warnings,
+            "status": "ok",
+        }
+        write_manifest(tmp, step, parent=plan.base.path, known_sha256=writer.sha256)
+    return step
+
+
+def _is_float(o: OutputTensor, plan: MergePlan) -> bool:
+    return _dtype(o, plan).is_floating_point
+
+
+def _dtype(o: OutputTensor, plan: MergePlan) -> torch.dtype:
+    return (plan.adapter if o.from_adapter else plan.base.store).tensors[o.source].dtype

@@ -1,0 +1,1 @@
+"""Serving engines as subprocesses: specs (data), launch lifecycle, and OpenAI-API probes."""

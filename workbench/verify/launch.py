@@ -1,0 +1,184 @@
+"""Start an engine's OpenAI-compatible server on 127.0.0.1, wait until it answers, and always tear down
+its whole process group (success, failure, timeout, Ctrl-C)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from ..errors import EnvironmentProblem
+from .servers import EngineSpec, engine_python, workbench_home
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex((HOST, port)) == 0
+
+
+class EngineFailed(EnvironmentProblem):
+    """The engine died or never became ready; carries the end of its log."""
+
+
+class Server:
+    """``with Server(...) as server:`` — a running engine; ``server.url`` is its base URL."""
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        model: Path,
+        tp: int = 1,
+        python: str | None = None,
+        port: int | None = None,
+        max_model_len: int | None = None,
+        dtype: str | None = None,
+        extra_args: tuple[str, ...] = (),
+        log_path: Path | None = None,
+        ready_timeout: float = 600.0,
+    ):
+        self.spec = spec
+        self.model = Path(model)
+        self.tp = tp
+        self.python = engine_python(spec, python)
+        self.port = port or free_port()
+        self.max_model_len = max_model_len
+        self.dtype = dtype
+        self.extra_args = tuple(extra_args)
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"{spec.name}-", suffix=".log")[1])
+        self.ready_timeout = ready_timeout
+        self.proc: subprocess.Popen | None = None
+        self.startup_seconds: float | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def argv(self) -> list[str]:
+        s = self.spec
+        argv = [self.python, "-m", s.module, s.model_flag, str(self.model), "--host", HOST, "--port", str(self.port)]
+        if s.tp_flag and self.tp > 1:
+            argv += [s.tp_flag, str(self.tp)]
+        if s.max_len_flag and self.max_model_len:
+            argv += [s.max_len_flag, str(self.max_model_len)]
+        if s.dtype_flag and self.dtype:
+            argv += [s.dtype_flag, self.dtype]
+        return argv + list(s.fixed_args) + list(self.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.spec.env)
+        if self.tp > 1:
+            env.update(self.spec.tp_env)
+        # caches persist across runs (a warm compile cache starts vLLM faster); sockets go to a private dir
+        cache = workbench_home() / "cache" / self.spec.name
+        env.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
+        env["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="wb-rpc-")
+        return env
+
+    def __enter__(self) -> "Server":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if port_in_use(self.port):
+            raise EnvironmentProblem(f"port {self.port} on {HOST} is already in use")
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        t0 = time.monotonic()
+        try:
+            self.proc = subprocess.Popen(
+                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=self.environment(), start_new_session=True,
+            )
+        except OSError as exc:
+            raise EnvironmentProblem(f"{self.spec.name}: cannot start {self.python}: {exc}") from None
+        finally:
+            log.close()
+        try:
+            self._wait_ready(t0)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = round(time.monotonic() - t0, 1)
+
+    def _wait_ready(self, t0: float) -> None:
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                raise EngineFailed(f"{self.spec.name} exited with code {code} during start-up; log {self.log_path}:\n{self.log_tail()}")
+            if time.monotonic() - t0 > self.ready_timeout:
+                raise EngineFailed(f"{self.spec.name} not ready after {self.ready_timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.spec.ready_path, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace`` seconds."""
+        if self.proc is None:
+            return
+        try:
+            pgid = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            pgid = None
+        if pgid is not None:
+            _signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline and _group_alive(pgid):
+                self.proc.poll()
+                time.sleep(0.2)
+            _signal_group(pgid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
+
+    def get(self, path: str, timeout: float = 30.0) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def post(self, path: str, body: dict, timeout: float = 120.0) -> dict:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
