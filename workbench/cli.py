@@ -5,6 +5,7 @@ Exit codes: 0 ok, 1 the artifact failed a check, 2 usage or bad input, 3 engine 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -54,12 +55,14 @@ def cli():
 
 
 def _progress(enabled: bool, label: str):
-    """A rich progress bar on stderr (only on a terminal), as a callback (done, total)."""
+    """A rich progress bar on stderr (only on a terminal): (context manager, callback(done, total))."""
     if not enabled or not sys.stderr.isatty():
-        return None, None
+        return contextlib.nullcontext(), None
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True)
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=Console(stderr=True), transient=True)
     task = bar.add_task(label, total=None)
     return bar, lambda done, total: bar.update(task, completed=done, total=total)
 
@@ -91,10 +94,7 @@ def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
     out = out or default_output(adapter)
     bar, on_tensor = _progress(not quiet and not as_json, "merging")
     options = {"base": str(base), "adapter": str(adapter), "out": str(out), "dtype_option": dtype}
-    if bar:
-        with bar:
-            step = run_merge(plan, out, force, shard_bytes, options, on_tensor)
-    else:
+    with bar:
         step = run_merge(plan, out, force, shard_bytes, options, on_tensor)
     if as_json:
         click.echo(json.dumps({"output": str(Path(out).absolute()), **step}, indent=2))

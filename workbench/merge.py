@@ -55,7 +55,9 @@ LORA_SUFFIXES = {
     ".lora_embedding_B": ("B", "embedding"),
     ".lora_magnitude_vector": ("magnitude", None),
 }
-BASE_LAYER_INFIX = ".base_layer."
+# Wrapper infixes in whole-tensor keys -> whether the tensor is what peft's forward pass uses. With resized
+# embeddings peft saves the trained copy twice (".modules_to_save." and plain) and the wrapped original.
+WRAPPER_INFIXES = {".modules_to_save.": True, ".base_layer.": True, ".original_module.": False}
 
 # peft_type values this merge handles, and LoRA options it does not (with their "off" values).
 SUPPORTED_PEFT_TYPES = ("LORA",)
@@ -202,7 +204,11 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto") -> MergeP
                     kinds[module] = kind
                 break
         else:
-            replacements[name.replace(BASE_LAYER_INFIX, ".")] = key
+            infix = next((i for i in WRAPPER_INFIXES if i in name), None)
+            if infix is None:
+                replacements.setdefault(name, key)
+            elif WRAPPER_INFIXES[infix]:
+                replacements[name.replace(infix, ".")] = key  # the wrapper's active tensor wins
 
     config = dict(base.config)
     tied = bool(config.get("tie_word_embeddings", False)) and OUTPUT_EMBEDDING not in base.store
