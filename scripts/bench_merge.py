@@ -19,8 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_synthetic  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 PEFT_MERGE = """
 import sys, torch
@@ -54,7 +53,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    base, adapter = make_synthetic.ensure(make_synthetic.default_root())
+    # made in a child process: this parent stays small, since a forked child's ru_maxrss starts at the
+    # parent's resident size
+    made = subprocess.run([sys.executable, str(HERE / "make_synthetic.py")], check=True, capture_output=True, text=True)
+    base, adapter = (Path(line) for line in made.stdout.split())
     largest_shard = max(p.stat().st_size for p in base.glob("*.safetensors"))
     adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
     work = Path(tempfile.mkdtemp(prefix="bench-merge-", dir=base.parent))
@@ -67,6 +69,7 @@ def main() -> None:
     results = {}
     try:
         for name, argv in contenders.items():
+            os.sync()  # no contender pays for the previous one's writeback
             warm(base)
             warm(adapter)
             results[name] = measure(argv)

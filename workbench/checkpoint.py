@@ -17,6 +17,8 @@ import os
 import re
 import shutil
 import struct
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -268,7 +270,11 @@ class StreamedWriter:
     """Writes planned shards tensor by tensor, in plan order, plus the index when there are several.
 
     ``write`` must be called once per planned tensor, in plan order; each call streams the bytes to disk.
+    File hashes are computed on a worker thread (hashlib releases the GIL), overlapping the caller's work;
+    at most a few tensors wait for it.
     """
+
+    PENDING_HASHES = 3
 
     def __init__(self, folder: Path, shards: list[list[PlannedTensor]]):
         self.folder = folder
@@ -281,6 +287,8 @@ class StreamedWriter:
         self._file = None
         self._hash = None
         self._shard = -1
+        self._hasher = ThreadPoolExecutor(1)
+        self._pending: deque[Future] = deque()
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, planned = self._order[self._next]
@@ -294,7 +302,7 @@ class StreamedWriter:
             self._start_file(shard)
         data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         self._file.write(memoryview(data))
-        self._hash.update(memoryview(data))
+        self._hash_later(data)
         self._next += 1
         if self._next == len(self._order):
             self._finish_file()
@@ -313,13 +321,22 @@ class StreamedWriter:
         self._hash = hashlib.sha256()
         for part in (struct.pack("<Q", len(blob)), blob):
             self._file.write(part)
-            self._hash.update(part)
+            self._hash_later(part)
+
+    def _hash_later(self, data) -> None:
+        self._pending.append(self._hasher.submit(self._hash.update, memoryview(data)))
+        while len(self._pending) > self.PENDING_HASHES:
+            self._pending.popleft().result()
 
     def _finish_file(self) -> None:
         if self._file is not None:
             self._file.close()
+            while self._pending:
+                self._pending.popleft().result()
             self.sha256[self.file_names[self._shard]] = self._hash.hexdigest()
             self._file = None
+        if self.complete:
+            self._hasher.shutdown()
 
     def _write_index(self) -> None:
         if len(self.shards) == 1:
