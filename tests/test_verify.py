@@ -1,0 +1,169 @@
+"""`workbench verify`: bad input, the launch lifecycle, and real vLLM runs at TP=1 and TP=2."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from conftest import run
+from workbench.verify.launch import Server
+from workbench.verify.servers import ENGINES, multinode_commands
+
+EAGER = "--extra-arg=--enforce-eager"  # CPU CI: skip torch.compile (ready in ~20-50 s instead of ~90)
+
+
+def one_error_line(result, code, message):
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+@pytest.fixture(scope="module")
+def merged(llama, llama_lora, tmp_path_factory):
+    out = tmp_path_factory.mktemp("verify") / "llama-lora-merged"
+    assert run("merge", llama, llama_lora, "--out", out).exit_code == 0
+    return out
+
+
+def stand_in_engine(tmp_path, body: str):
+    """An executable used as the engine's interpreter, to test the launcher itself (never as proof that
+    an artifact serves): it answers the installed-check, then runs ``body``."""
+    script = tmp_path / "engine.sh"
+    script.write_text(f'#!/bin/sh\nif [ "$1" = "-c" ]; then exit 0; fi\n{body}\n')
+    script.chmod(0o755)
+    return script
+
+
+# ---------------------------------------------------------------- command line, no engine
+
+def test_sglang_command_line():
+    server = Server(ENGINES["sglang"], "/models/m", tp=4, python="/usr/bin/python3", port=30000, max_model_len=4096)
+    assert server.argv() == ["/usr/bin/python3", "-m", "sglang.launch_server", "--model-path", "/models/m", "--host", "127.0.0.1",
+                             "--port", "30000", "--tp", "4", "--context-length", "4096"]
+
+
+def test_vllm_command_line_and_tp_environment():
+    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, extra_args=("--enforce-eager",))
+    assert server.argv()[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host", "127.0.0.1",
+                                 "--port", "8000", "--tensor-parallel-size", "2", "--enforce-eager"]
+    env = server.environment()
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and env["VLLM_HOST_IP"] == "127.0.0.1"
+    tp1 = Server(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3").environment()
+    assert tp1.get("VLLM_CPU_OMP_THREADS_BIND") == os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+
+
+def test_sglang_needs_a_gpu_or_says_why(merged):
+    if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
+        pytest.skip("a GPU is visible: the SGLang refusal does not apply")
+    one_error_line(run("verify", merged, "--server", "sglang"), 3, "sglang needs a CUDA GPU")
+
+
+def test_multinode_commands_are_printed():
+    vllm = "\n".join(multinode_commands(ENGINES["vllm"], "/m", 8, 2))
+    assert "ray start --head" in vllm and "--tensor-parallel-size 8 --pipeline-parallel-size 2" in vllm
+    sglang = multinode_commands(ENGINES["sglang"], "/m", 8, 2)
+    assert len(sglang) == 2 and "--nnodes 2 --node-rank 1 --dist-init-addr HEAD_IP:5000" in sglang[1]
+    result = run("verify", "/m", "--server", "sglang", "--tp", "8", "--nodes", "2")
+    assert result.exit_code == 0 and "--node-rank 0" in result.output
+
+
+def test_preflight_only_writes_the_table(llama, tmp_path):
+    result = run("verify", llama, "--server", "vllm", "--tp", "1,2,3", "--preflight-only", "--report", tmp_path / "r")
+    assert result.exit_code == 1  # tp=3 cannot load
+    assert "preflight tp=2: loads" in result.output and "preflight tp=3: refused: num_attention_heads 8" in result.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["preflight"]["1"] == [] and report["runs"] == []
+    assert run("verify", llama, "--server", "vllm", "--tp", "1,2", "--preflight-only", "--report", tmp_path / "r").exit_code == 0
+
+
+def test_tp_the_artifact_cannot_load_is_refused_without_starting(llama, tmp_path):
+    result = run("verify", llama, "--server", "vllm", "--tp", "3", "--report", tmp_path / "r")
+    assert result.exit_code == 1
+    assert "tp=3 preflight  failed   num_attention_heads 8 not divisible by tp 3" in result.output
+    assert "startup" not in result.output
+
+
+def test_artifact_missing_or_invalid(tmp_path):
+    one_error_line(run("verify", tmp_path / "missing", "--server", "vllm"), 2, "model folder not found")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "config.json").write_text("{")
+    one_error_line(run("verify", tmp_path / "bad", "--server", "vllm"), 2, "config.json is not valid JSON")
+
+
+def test_llamacpp_needs_a_gguf_file(llama):
+    one_error_line(run("verify", llama, "--server", "llamacpp"), 2, "llamacpp serves a .gguf file")
+
+
+def test_engine_not_installed(merged):
+    # this test environment's own Python has no vLLM
+    one_error_line(run("verify", merged, "--server", "vllm", "--python", sys.executable), 3, "vllm is not installed")
+    one_error_line(run("verify", merged, "--server", "vllm", "--python", "/nonexistent/python"), 3, "interpreter not found")
+
+
+def test_port_already_taken(merged, tmp_path):
+    engine = stand_in_engine(tmp_path, "exit 1")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        one_error_line(run("verify", merged, "--server", "vllm", "--python", engine, "--port", port,
+                           "--report", tmp_path / "r"), 2, f"port {port} on 127.0.0.1 is already in use")
+
+
+def test_hanging_server_times_out_and_leaves_no_process(merged, tmp_path):
+    marker = f"wb-hang-{uuid.uuid4().hex}"
+    # a server that never answers, with a child of its own: the whole group must go
+    engine = stand_in_engine(tmp_path, f"sh -c 'sleep 300; : {marker}' &\nexec sh -c 'sleep 301; : {marker}'")
+    result = run("verify", merged, "--server", "vllm", "--python", engine, "--timeout", "3", "--report", tmp_path / "r")
+    assert result.exit_code == 1
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    startup = report["runs"][0]["checks"][0]
+    assert startup["name"] == "startup" and startup["status"] == "failed" and "not ready after 3s" in startup["detail"]
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
+
+
+# ---------------------------------------------------------------- real engine
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_server_crash_at_start_reports_the_log(merged, tmp_path, copy_of):
+    broken = copy_of(merged, "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["architectures"] = ["NoSuchModelForCausalLM"]
+    (broken / "config.json").write_text(json.dumps(config))
+    result = run("verify", broken, "--server", "vllm", EAGER, "--report", tmp_path / "r")
+    assert result.exit_code == 1
+    startup = json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"][0]
+    assert startup["status"] == "failed" and "exited with code" in startup["detail"]
+    assert "NoSuchModelForCausalLM" in startup["detail"]  # the last log lines are in the report
+    assert (tmp_path / "r" / "logs" / "vllm-tp1.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_vllm_tp1_and_tp2_on_the_merged_fixture(merged, tmp_path, figures):
+    result = run("verify", merged, "--server", "vllm", "--tp", "1,2", "--max-model-len", "512", EAGER, "--report", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert result.exit_code == 0, result.output + result.stderr
+    assert report["passed"] and [r["tp"] for r in report["runs"]] == [1, 2]
+    for r in report["runs"]:
+        checks = {c["name"]: c for c in r["checks"]}
+        assert set(checks) == {"startup", "models", "completion", "chat", "streaming", "stop", "eos", "reference"}
+        assert all(c["status"] == "passed" for c in checks.values()), checks
+        metrics = checks["reference"]["metrics"]
+        if r["tp"] == 1:  # vLLM greedy output equals transformers' on the same artifact
+            assert metrics["greedy_agreement"] == 1.0
+        else:  # bf16 partial sums reduced across ranks round differently: near-ties may flip
+            assert metrics["greedy_agreement"] >= 0.75 and metrics["mean_common_prefix"] >= 0.5
+        figures[f"verify vllm-cpu TP={r['tp']} merged fixture"] = {
+            "startup_s": r["startup_seconds"], **metrics}
+    junit = ET.parse(tmp_path / "r" / "junit.xml").getroot()
+    assert [s.get("name") for s in junit] == ["vllm tp=1", "vllm tp=2"] and all(s.get("failures") == "0" for s in junit)
+    assert "## workbench verify: PASSED" in (tmp_path / "r" / "summary.md").read_text()

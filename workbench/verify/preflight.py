@@ -1,0 +1,128 @@
+"""Static tensor-parallel preflight: will this checkpoint load under TP=N? No engine, no GPU.
+
+The rules are vLLM's (SGLang shards the same way): attention heads split evenly, KV heads split or
+replicate evenly, and every column-parallel (output split) and row-parallel (input split) layer's
+per-rank shape must fit the quantization's group size, the Marlin kernels' thread tiles and FP8 block
+sizes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Layers by how TP splits them: column-parallel split their output features, row-parallel their input.
+# (name, parallel style, in features, out features) as functions of the config.
+LAYERS = (
+    ("q_proj", "column", lambda c: c.hidden, lambda c: c.heads * c.head_dim),
+    ("k_proj", "column", lambda c: c.hidden, lambda c: c.kv_heads * c.head_dim),
+    ("v_proj", "column", lambda c: c.hidden, lambda c: c.kv_heads * c.head_dim),
+    ("o_proj", "row", lambda c: c.heads * c.head_dim, lambda c: c.hidden),
+    ("gate_proj", "column", lambda c: c.hidden, lambda c: c.intermediate),
+    ("up_proj", "column", lambda c: c.hidden, lambda c: c.intermediate),
+    ("down_proj", "row", lambda c: c.intermediate, lambda c: c.hidden),
+)
+
+# Marlin (vLLM's GPU kernel for GPTQ/AWQ/wNa16): per-rank output a multiple of min_thread_n, input of min_thread_k.
+MARLIN_MIN_THREAD_N = 64
+MARLIN_MIN_THREAD_K = 128
+# Weight-only integer methods that vLLM runs through Marlin on GPUs.
+MARLIN_METHODS = {"gptq", "awq", "gptq_marlin", "awq_marlin", "compressed-tensors-wna16"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+
+
+@dataclass(frozen=True)
+class Quant:
+    method: str | None = None  # normalised: "gptq", "awq", "fp8", "compressed-tensors-wna16", ...
+    group_size: int | None = None  # weight quantization group along the input dimension
+    block: tuple[int, int] | None = None  # FP8 block [block_n (out), block_k (in)]
+
+
+def shape_of(config: dict) -> Shape:
+    text = config.get("text_config", config)
+    heads = int(text["num_attention_heads"])
+    hidden = int(text["hidden_size"])
+    return Shape(
+        hidden=hidden,
+        heads=heads,
+        kv_heads=int(text.get("num_key_value_heads") or heads),
+        head_dim=int(text.get("head_dim") or hidden // heads),
+        intermediate=int(text["intermediate_size"]),
+    )
+
+
+def quant_of(config: dict) -> Quant:
+    """Normalise a config's quantization_config to what the TP rules need."""
+    qc = config.get("quantization_config") or {}
+    method = qc.get("quant_method")
+    if method is None:
+        return Quant()
+    if method == "compressed-tensors":
+        for group in (qc.get("config_groups") or {}).values():
+            weights = group.get("weights") or {}
+            bits, kind = weights.get("num_bits"), weights.get("type")
+            if kind == "int" and bits in (4, 8) and not group.get("input_activations"):
+                return Quant("compressed-tensors-wna16", weights.get("group_size"))
+            if weights.get("block_structure"):
+                return Quant("fp8", block=tuple(weights["block_structure"]))
+        return Quant("compressed-tensors")
+    block = qc.get("weight_block_size")
+    return Quant(method, qc.get("group_size") if (qc.get("group_size") or 0) > 0 else None, tuple(block) if block else None)
+
+
+def check_tp(shape: Shape, quant: Quant, tp: int, marlin: bool = True) -> list[str]:
+    """Reasons TP=``tp`` cannot load; empty when it can. ``marlin``: the deploy runs Marlin kernels (GPU)."""
+    reasons = []
+    if shape.heads % tp:
+        reasons.append(f"num_attention_heads {shape.heads} not divisible by tp {tp}")
+    if tp >= shape.kv_heads:
+        if tp % shape.kv_heads:
+            reasons.append(f"tp {tp} not a multiple of num_key_value_heads {shape.kv_heads} (KV heads are replicated)")
+    elif shape.kv_heads % tp:
+        reasons.append(f"num_key_value_heads {shape.kv_heads} not divisible by tp {tp}")
+    if reasons:
+        return reasons
+    for name, style, in_of, out_of in LAYERS:
+        n_in, n_out = in_of(shape), out_of(shape)
+        if name in ("k_proj", "v_proj") and tp > shape.kv_heads:
+            rank_in, rank_out = n_in, shape.head_dim  # one replicated KV head per rank
+        elif style == "column":
+            if n_out % tp:
+                reasons.append(f"{name}: {n_out} output features not divisible by tp {tp}")
+                continue
+            rank_in, rank_out = n_in, n_out // tp
+        else:
+            if n_in % tp:
+                reasons.append(f"{name}: {n_in} input features not divisible by tp {tp}")
+                continue
+            rank_in, rank_out = n_in // tp, n_out
+        if quant.group_size and style == "row" and rank_in % quant.group_size:
+            reasons.append(
+                f"{name}: per-rank input {rank_in} not a multiple of group_size {quant.group_size} "
+                "(vLLM: 'The input size is not aligned with the quantized weight shape')"
+            )
+        if marlin and quant.method in MARLIN_METHODS:
+            if rank_out % MARLIN_MIN_THREAD_N:
+                reasons.append(f"{name}: Marlin needs per-rank output % {MARLIN_MIN_THREAD_N} == 0, got {rank_out}")
+            if rank_in % MARLIN_MIN_THREAD_K:
+                reasons.append(f"{name}: Marlin needs per-rank input % {MARLIN_MIN_THREAD_K} == 0, got {rank_in}")
+        if quant.block:
+            block_n, block_k = quant.block
+            if style == "column" and rank_out % block_n:
+                reasons.append(f"{name}: per-rank output {rank_out} not a multiple of FP8 block_n {block_n}")
+            if style == "row" and rank_in % block_k:
+                reasons.append(f"{name}: per-rank input {rank_in} not a multiple of FP8 block_k {block_k}")
+    return reasons
+
+
+def preflight(config: dict, tps: list[int], marlin: bool = True) -> dict[int, list[str]]:
+    """{tp: reasons it cannot load} for each TP size (empty list: it loads)."""
+    shape, quant = shape_of(config), quant_of(config)
+    return {tp: check_tp(shape, quant, tp, marlin) for tp in tps}

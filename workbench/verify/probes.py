@@ -1,0 +1,227 @@
+"""Probes through the OpenAI HTTP API, exactly as users call a served model, and the comparison of its
+greedy output with a reference model run in transformers."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROMPTS = (
+    "import os\nimport sys\n\n\ndef main(",
+    "class Parser:\n    def __init__(self",
+    "    for i in range(",
+    "# Copyright",
+)
+CHAT_MESSAGES = [{"role": "user", "content": "Write a function that parses a file."}]
+MAX_TOKENS = 24
+# Minimum fraction of prompts whose greedy text must equal the reference's, by artifact kind. Quantized
+# and low-bit artifacts legitimately drift from their source after a few tokens.
+MIN_GREEDY_AGREEMENT = {"full": 0.75, "fp8": 0.5, "int8": 0.5, "int4": 0.25, "gguf-full": 0.75, "gguf-8bit": 0.5, "gguf-lowbit": 0.25}
+# Largest |logprob difference| of agreeing greedy tokens, by artifact kind (nats).
+MAX_LOGPROB_DELTA = {"full": 0.1, "fp8": 0.5, "int8": 0.5, "int4": 1.5, "gguf-full": 0.1, "gguf-8bit": 0.5, "gguf-lowbit": 1.5}
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "passed" | "failed" | "skipped"
+    detail: str = ""
+    metrics: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Reference:
+    """Greedy continuations of PROMPTS by the reference model, and its chat prompt length."""
+
+    texts: list[str]
+    logprobs: list[list[float]]
+    chat_prompt_tokens: int
+    eos_token_id: int | None
+
+
+class Client:
+    """Minimal OpenAI-API client over urllib (no dependency): JSON requests and SSE streams."""
+
+    def __init__(self, base_url: str, model: str, request_extra: dict | None = None, timeout: float = 120.0):
+        self.base_url, self.model, self.extra, self.timeout = base_url, model, request_extra or {}, timeout
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.base_url + path, timeout=self.timeout) as r:
+            return json.loads(r.read())
+
+    def _request(self, path: str, body: dict) -> urllib.request.Request:
+        payload = {"model": self.model, **self.extra, **body}
+        return urllib.request.Request(self.base_url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+
+    def post(self, path: str, body: dict) -> dict:
+        try:
+            with urllib.request.urlopen(self._request(path, body), timeout=self.timeout) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"HTTP {exc.code} from {path}: {exc.read().decode(errors='replace')[:300]}") from None
+
+    def stream(self, path: str, body: dict) -> list[dict]:
+        chunks = []
+        with urllib.request.urlopen(self._request(path, {**body, "stream": True}), timeout=self.timeout) as r:
+            for raw in r:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[len("data:"):].strip()
+                if data == "[DONE]":
+                    break
+                chunks.append(json.loads(data))
+        return chunks
+
+
+def _greedy(client: Client, prompt: str, **kw) -> dict:
+    return client.post("/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **kw})
+
+
+def run_probes(client: Client, reference: Reference | None, kind: str) -> list[Check]:
+    """All probes against one running server; each probe's failure is recorded, never raised."""
+    checks: list[Check] = []
+
+    def probe(name):
+        def wrap(fn):
+            t0 = time.perf_counter()
+            try:
+                result = fn()
+            except Exception as exc:  # a probe that breaks is a failed check, with the reason
+                result = Check(name, "failed", f"{type(exc).__name__}: {exc}")
+            result.seconds = round(time.perf_counter() - t0, 3)
+            checks.append(result)
+            return result
+        return wrap
+
+    @probe("models")
+    def _models():
+        ids = [m.get("id") for m in client.get("/v1/models").get("data", [])]
+        ok = client.model in ids
+        return Check("models", "passed" if ok else "failed", f"served: {ids}")
+
+    completion = {}
+
+    @probe("completion")
+    def _completion():
+        r = _greedy(client, PROMPTS[0])
+        completion.update(r["choices"][0])
+        tokens = r.get("usage", {}).get("completion_tokens", 0)
+        ok = bool(completion.get("text")) and tokens > 0
+        return Check("completion", "passed" if ok else "failed", f"{tokens} tokens: {completion.get('text', '')[:60]!r}")
+
+    @probe("chat")
+    def _chat():
+        r = client.post("/v1/chat/completions", {"messages": CHAT_MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0})
+        prompt_tokens = r.get("usage", {}).get("prompt_tokens")
+        content = r["choices"][0]["message"].get("content")
+        if reference is not None and prompt_tokens != reference.chat_prompt_tokens:
+            return Check("chat", "failed", f"prompt has {prompt_tokens} tokens, the chat template gives {reference.chat_prompt_tokens}")
+        ok = isinstance(content, str) and r["choices"][0].get("finish_reason") in ("stop", "length")
+        return Check("chat", "passed" if ok else "failed", f"{prompt_tokens} prompt tokens (chat template applied): {str(content)[:60]!r}")
+
+    @probe("streaming")
+    def _streaming():
+        if not completion:
+            return Check("streaming", "skipped", "no non-streamed completion to compare with")
+        chunks = client.stream("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0})
+        text = "".join(c["choices"][0].get("text", "") for c in chunks if c.get("choices"))
+        ok = text == completion["text"]
+        return Check("streaming", "passed" if ok else "failed", f"{len(chunks)} SSE chunks" + ("" if ok else f": {text!r} != {completion['text']!r}"))
+
+    @probe("stop")
+    def _stop():
+        r = client.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0, "stop": ["\n"]})
+        choice = r["choices"][0]
+        ok = choice.get("finish_reason") == "stop" and "\n" not in choice.get("text", "")
+        return Check("stop", "passed" if ok else "failed", f"finish_reason={choice.get('finish_reason')}, {len(choice.get('text', ''))} chars")
+
+    @probe("eos")
+    def _eos():
+        if reference is None or reference.eos_token_id is None:
+            return Check("eos", "skipped", "no reference tokenizer to name the EOS token")
+        # forcing the EOS token first must end generation at once: proves the engine knows the EOS id
+        r = client.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0,
+                                            "logit_bias": {str(reference.eos_token_id): 100}})
+        choice, tokens = r["choices"][0], r.get("usage", {}).get("completion_tokens")
+        ok = choice.get("finish_reason") == "stop" and (tokens or 0) <= 1
+        return Check("eos", "passed" if ok else "failed", f"finish_reason={choice.get('finish_reason')} after {tokens} token(s)")
+
+    @probe("reference")
+    def _reference():
+        if reference is None:
+            return Check("reference", "skipped", "no reference model")
+        texts, deltas = [], []
+        for prompt, ref_text, ref_lp in zip(PROMPTS, reference.texts, reference.logprobs):
+            choice = _greedy(client, prompt, logprobs=1)["choices"][0]
+            texts.append(choice["text"])
+            lp = ((choice.get("logprobs") or {}).get("token_logprobs")) or []
+            if choice["text"] == ref_text and len(lp) == len(ref_lp):
+                deltas += [abs(a - b) for a, b in zip(lp, ref_lp) if a is not None]
+        equal = sum(a == b for a, b in zip(texts, reference.texts))
+        agreement = equal / len(PROMPTS)
+        prefix = sum(_common_prefix(a, b) / max(len(b), 1) for a, b in zip(texts, reference.texts)) / len(PROMPTS)
+        metrics = {"greedy_agreement": agreement, "mean_common_prefix": round(prefix, 4),
+                   "max_logprob_delta": round(max(deltas), 5) if deltas else None}
+        ok = agreement >= MIN_GREEDY_AGREEMENT[kind] and (not deltas or max(deltas) <= MAX_LOGPROB_DELTA[kind])
+        detail = (f"{equal}/{len(PROMPTS)} prompts equal (min {MIN_GREEDY_AGREEMENT[kind]:.0%} for {kind}), "
+                  f"max |Δlogprob| {metrics['max_logprob_delta']} (max {MAX_LOGPROB_DELTA[kind]})")
+        return Check("reference", "passed" if ok else "failed", detail, metrics)
+
+    return checks
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reference_outputs(model_dir: Path) -> Reference:
+    """Greedy continuations, their logprobs and the chat prompt length from transformers, in the model's
+    own dtype (what the engine runs too)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+    model.eval()
+    texts, logprobs = [], []
+    with torch.inference_mode():
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            out = model.generate(ids, do_sample=False, max_new_tokens=MAX_TOKENS, output_scores=True,
+                                 return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+            new = out.sequences[0, ids.shape[1]:]
+            lp = [float(torch.log_softmax(s[0].float(), -1)[t]) for s, t in zip(out.scores, new)]
+            eos = set(_as_list(model.generation_config.eos_token_id))
+            if len(new) and int(new[-1]) in eos:  # the engine reports no logprob for a stop token
+                new, lp = new[:-1], lp[:-1]
+            texts.append(tok.decode(new, skip_special_tokens=True))
+            logprobs.append(lp)
+    chat_ids = tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=True)
+    if isinstance(chat_ids, dict) or hasattr(chat_ids, "input_ids"):
+        chat_ids = chat_ids["input_ids"]
+    eos_ids = _as_list(model.generation_config.eos_token_id) or [tok.eos_token_id]
+    return Reference(texts, logprobs, len(chat_ids), eos_ids[0] if eos_ids else None)
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+

@@ -1,0 +1,63 @@
+"""Verification reports for CI: report.json (everything), junit.xml (test results), summary.md (job summary)."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def write_reports(folder: Path, report: dict) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"json": folder / "report.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}
+    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
+    paths["junit"].write_bytes(junit_xml(report))
+    paths["markdown"].write_text(markdown(report))
+    return paths
+
+
+def junit_xml(report: dict) -> bytes:
+    suites = ET.Element("testsuites", name="workbench verify")
+    for run in report["runs"]:
+        checks = run["checks"]
+        suite = ET.SubElement(
+            suites, "testsuite", name=f"{report['engine']} tp={run['tp']}",
+            tests=str(len(checks)), failures=str(sum(c["status"] == "failed" for c in checks)),
+            skipped=str(sum(c["status"] == "skipped" for c in checks)), time=f"{sum(c['seconds'] for c in checks):.3f}",
+        )
+        for c in checks:
+            case = ET.SubElement(suite, "testcase", classname=f"verify.{report['engine']}.tp{run['tp']}", name=c["name"], time=f"{c['seconds']:.3f}")
+            if c["status"] == "failed":
+                ET.SubElement(case, "failure", message=c["detail"][:500]).text = c["detail"]
+            elif c["status"] == "skipped":
+                ET.SubElement(case, "skipped", message=c["detail"])
+            else:
+                ET.SubElement(case, "system-out").text = c["detail"]
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+
+
+def markdown(report: dict) -> str:
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    lines = [f"## workbench verify: {verdict}", "", f"- artifact: `{report['artifact']}` ({report['kind']})",
+             f"- engine: {report['engine']}", f"- reference: `{report.get('reference') or 'none'}`", ""]
+    if report.get("preflight"):
+        lines += ["| TP | preflight |", "|---|---|"]
+        for tp, reasons in report["preflight"].items():
+            lines.append(f"| {tp} | {'loads' if not reasons else '; '.join(reasons)} |")
+        lines.append("")
+    names = [c["name"] for c in report["runs"][0]["checks"]] if report["runs"] else []
+    if report["runs"]:
+        lines += ["| TP | ready (s) | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        marks = {"passed": "✅", "failed": "❌", "skipped": "➖"}
+        for run in report["runs"]:
+            by_name = {c["name"]: c for c in run["checks"]}
+            cells = [marks[by_name[n]["status"]] if n in by_name else "" for n in names]
+            lines.append(f"| {run['tp']} | {run.get('startup_seconds') or '-'} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for run in report["runs"]:
+            for c in run["checks"]:
+                if c["status"] != "passed":
+                    lines.append(f"- tp={run['tp']} **{c['name']}** {c['status']}: {c['detail'].splitlines()[0] if c['detail'] else ''}")
+            if run.get("argv"):
+                lines.append(f"- tp={run['tp']} command: `{' '.join(run['argv'])}`")
+    return "\n".join(lines) + "\n"
