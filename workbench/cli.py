@@ -108,6 +108,46 @@ def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
         click.echo(f"output: {Path(out).absolute()}")
 
 
+@cli.group()
+def convert():
+    """Convert a checkpoint to another runtime's format."""
+
+
+@convert.command("gguf")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--outtype", "outtypes", multiple=True, default=("f16",), show_default=True,
+              help="f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantize "
+                   "on one F16 pass). Repeatable or comma-separated.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output .gguf file (one outtype) or folder. Default: MODEL's folder, named MODEL-<TYPE>.gguf.")
+@click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--llamacpp-python", help="Interpreter with llama-cpp-python, for the llama.cpp quantize types. "
+              "Default: $WORKBENCH_LLAMACPP_PYTHON, else the one scripts/setup.sh installed.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+def convert_gguf(model, outtypes, out, force, llamacpp_python, as_json, quiet):
+    """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp.
+
+    Streams one tensor at a time. Writes llama.cpp's full metadata: architecture and hyper-parameters,
+    tokenizer (tokens, types, merges, special ids, chat template, pre-tokenizer recognised from its split
+    pattern). Each output gets a sidecar manifest, FILE.gguf.workbench.json.
+    """
+    from .convert.gguf import convert_gguf as run_convert, parse_outtypes
+
+    types = parse_outtypes(list(outtypes))
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    bar, on_tensor = _progress(not quiet and not as_json, "converting")
+    with bar:
+        steps = run_convert(model, types, out, force, llamacpp_python, on_tensor, say)
+    if as_json:
+        click.echo(json.dumps(steps, indent=2))
+    elif not quiet:
+        for step in steps:
+            click.echo(f"{step['metrics']['file_type']:7} {step['metrics']['bytes'] / 2**20:8.1f} MiB  {step['seconds']:6.1f}s  {step['output']}")
+        for warning in steps[0]["warnings"] if steps else []:
+            click.echo(f"warning: {warning}", err=True)
+
+
 def _tp_list(value: str) -> list[int]:
     try:
         tps = [int(x) for x in value.split(",") if x.strip()]

@@ -36,8 +36,17 @@ def folder_digest(folder: Path) -> dict:
     return {"path": str(folder.resolve()), "sha256": combined, "files": files}
 
 
-def read_manifest(folder: Path) -> dict | None:
-    path = folder / MANIFEST_NAME
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def manifest_path(artifact: Path) -> Path:
+    """A folder artifact carries workbench.json; a single-file artifact (a .gguf) a sidecar beside it."""
+    return artifact / MANIFEST_NAME if artifact.is_dir() else artifact.with_name(artifact.name + "." + MANIFEST_NAME)
+
+
+def read_manifest(artifact: Path) -> dict | None:
+    path = manifest_path(artifact)
     if not path.is_file():
         return None
     try:
@@ -46,20 +55,21 @@ def read_manifest(folder: Path) -> dict | None:
         return None
 
 
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+def _write(target: Path, step: dict, parent: Path | None, files: list[Path], known_sha256: dict[str, str]) -> dict:
+    inherited = (read_manifest(parent) or {}).get("steps", []) if parent else []
+    entries = {p.name: {"sha256": known_sha256.get(p.name) or sha256_file(p), "size": p.stat().st_size} for p in files}
+    manifest = {"workbench_manifest": FORMAT_VERSION, "steps": [*inherited, step], "files": entries}
+    target.write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
 
 
 def write_manifest(folder: Path, step: dict, parent: Path | None, known_sha256: dict[str, str]) -> dict:
-    """Write ``folder``/workbench.json: the parent's steps (if it has a manifest) plus ``step``.
+    """Write ``folder``/workbench.json: the parent's steps (if it has a manifest) plus ``step``, and the hash
+    of every file. ``known_sha256`` holds hashes computed while writing; the other files are hashed here."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME]
+    return _write(folder / MANIFEST_NAME, step, parent, files, known_sha256)
 
-    ``known_sha256`` holds hashes computed while writing; the other files are hashed here.
-    """
-    inherited = (read_manifest(parent) or {}).get("steps", []) if parent else []
-    files = {}
-    for p in sorted(folder.iterdir()):
-        if p.is_file() and p.name != MANIFEST_NAME:
-            files[p.name] = {"sha256": known_sha256.get(p.name) or sha256_file(p), "size": p.stat().st_size}
-    manifest = {"workbench_manifest": FORMAT_VERSION, "steps": [*inherited, step], "files": files}
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+
+def write_file_manifest(artifact: Path, step: dict, parent: Path | None) -> dict:
+    """The sidecar manifest of a single-file artifact."""
+    return _write(manifest_path(artifact), step, parent, [artifact], {})

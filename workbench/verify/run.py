@@ -3,16 +3,15 @@ OpenAI API, compare it with a reference model, always tear it down, and write CI
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoint import MANIFEST_NAME, Checkpoint
+from ..checkpoint import Checkpoint
 from ..errors import BadInput, EnvironmentProblem
-from ..manifest import now
+from ..manifest import now, read_manifest
 from .launch import EngineFailed, Server, port_in_use
 from .preflight import preflight, quant_of
 from .probes import Check, Client, reference_outputs, run_probes
@@ -39,11 +38,7 @@ def default_reference(artifact: Path, kind: str) -> Path | None:
     transformers on the same weights); otherwise the source recorded in the artifact's manifest."""
     if kind == "full":
         return artifact
-    manifest_dir = artifact if artifact.is_dir() else artifact.parent
-    try:
-        steps = json.loads((manifest_dir / MANIFEST_NAME).read_text()).get("steps", [])
-    except (OSError, json.JSONDecodeError):
-        return None
+    steps = (read_manifest(artifact) or {}).get("steps", [])
     source = (steps[-1].get("inputs", {}).get("model") or {}).get("path") if steps else None
     return Path(source) if source and Path(source, "config.json").exists() else None
 

@@ -1,0 +1,86 @@
+"""Benchmark: `workbench convert gguf` vs. llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python
+sdist) on the ~1.1B synthetic Llama, F16 and Q8_0, wall time and peak RSS, in one run, as ratios.
+
+The synthetic model gets the fixture tokenizer (2048 tokens, padded to the model's 32000 by both tools).
+Each conversion runs in its own process after a warm-up read of the inputs.
+
+    .venv/bin/python scripts/bench_gguf.py [--json out/bench_gguf.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def measure(argv: list[str]) -> dict:
+    os.sync()
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(argv)}\n{proc.stderr.read().decode()[-2000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
+
+
+def warm(folder: Path) -> None:
+    """Read every input file once, so both tools start with the model in the page cache."""
+    for p in folder.iterdir():
+        with open(p, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    # made in child processes: this parent stays small (a forked child's ru_maxrss starts at the parent's)
+    base = Path(subprocess.run([sys.executable, str(HERE / "make_synthetic.py")], check=True, capture_output=True,
+                               text=True).stdout.split()[0])
+    tokenizer = Path(subprocess.run([sys.executable, str(HERE / "fixtures.py"), "--path"], check=True, capture_output=True,
+                                    text=True).stdout.split()[-1]) / "tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer / name).exists():
+            shutil.copy2(tokenizer / name, base / name)
+    subprocess.run([sys.executable, str(HERE / "llamacpp_converter.py"), "--help"], check=True, capture_output=True)  # fetch once
+    work = Path(tempfile.mkdtemp(prefix="bench-gguf-", dir=base.parent))
+    workbench = str(Path(sys.executable).parent / "workbench")
+    results = {}
+    try:
+        for outtype in ("f16", "q8_0"):
+            warm(base)
+            results[f"workbench {outtype}"] = measure([workbench, "convert", "gguf", str(base), "--outtype", outtype,
+                                                       "--out", str(work / f"wb-{outtype}.gguf"), "-q"])
+            results[f"llama.cpp {outtype}"] = measure([sys.executable, str(HERE / "llamacpp_converter.py"), str(base),
+                                                       "--outtype", outtype, "--outfile", str(work / f"lc-{outtype}.gguf")])
+            print(f"  {outtype}: {results[f'workbench {outtype}']} vs {results[f'llama.cpp {outtype}']}", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = {"model": "synthetic TinyLlama-1.1B shape, bf16, 5 shards", "results": results}
+    print(f"\n{'tool':18} {'wall s':>8} {'peak RSS MiB':>13}")
+    for name, r in results.items():
+        print(f"{name:18} {r['seconds']:8.2f} {r['peak_rss_mib']:13.1f}")
+    for outtype in ("f16", "q8_0"):
+        ours, theirs = results[f"workbench {outtype}"], results[f"llama.cpp {outtype}"]
+        summary[f"{outtype}_time_ratio"] = round(ours["seconds"] / theirs["seconds"], 3)
+        summary[f"{outtype}_rss_ratio"] = round(ours["peak_rss_mib"] / theirs["peak_rss_mib"], 3)
+        print(f"{outtype}: workbench/llama.cpp time {summary[f'{outtype}_time_ratio']:.2f}x, "
+              f"peak RSS {summary[f'{outtype}_rss_ratio']:.2f}x (targets <= 1.0)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

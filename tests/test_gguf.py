@@ -1,0 +1,188 @@
+"""`workbench convert gguf`, proven by llama.cpp itself: logits against transformers on held-out text,
+tokenization, greedy text, metadata round trip, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from conftest import run
+from llamacpp import run_llamacpp
+from workbench.convert.gguf import gguf_metadata
+from workbench.quality import compare_logits
+
+TYPES = ["f32", "f16", "bf16", "q8_0", "q4_k_m"]
+# llama.cpp vs. transformers (float32 on the same bf16 weights), on 4 held-out blocks of 128 tokens
+TOLERANCE = {
+    "f32": {"max_rel_error": 1e-3, "top1_agreement": 0.99},
+    "f16": {"max_rel_error": 2e-2, "top1_agreement": 0.98},
+    "bf16": {"max_rel_error": 2e-2, "top1_agreement": 0.98},
+    "q8_0": {"mean_kl": 5e-3, "top1_agreement": 0.95},
+    "q4_k_m": {"mean_kl": 0.1, "top1_agreement": 0.85},
+}
+LABELS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+PROMPTS = ["import os\nimport sys\n\n\ndef main(", "class Parser:\n    def __init__(self", "    for i in range("]
+TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Hello, World! 123 4567 résumé\t\ttabs  and   spaces", "if __name__ == '__main__':\n"]
+
+
+@pytest.fixture(scope="module")
+def converted(llama, qwen2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf")
+    for model in (llama, qwen2):
+        result = run("convert", "gguf", model, "--outtype", ",".join(TYPES), "--out", out, "-q")
+        assert result.exit_code == 0, result.output + result.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_logits(llama, qwen2, heldout_blocks):
+    blocks = heldout_blocks[:4]
+    out = {}
+    for name, model in (("llama", llama), ("qwen2", qwen2)):
+        m = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            out[name] = m(input_ids=blocks).logits
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("outtype", TYPES)
+def test_llamacpp_logits_match_transformers(converted, reference_logits, heldout_blocks, figures, arch, outtype):
+    result = run_llamacpp(converted / f"{arch}-{LABELS[outtype]}.gguf", blocks=heldout_blocks[:4])
+    m = compare_logits(reference_logits[arch], torch.from_numpy(result["logits"]))
+    figures[f"gguf {arch} {LABELS[outtype]} llama.cpp vs transformers fp32"] = m
+    for key, bound in TOLERANCE[outtype].items():
+        assert (m[key] >= bound) if key == "top1_agreement" else (m[key] <= bound), (key, m)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llamacpp_tokenizes_and_generates_like_transformers(converted, fixture_root, arch, request):
+    model_dir = request.getfixturevalue(arch)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    result = run_llamacpp(converted / f"{arch}-F16.gguf", texts=TEXTS, prompts=PROMPTS)
+    assert result["tokens"] == [tok(t).input_ids for t in TEXTS]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    expected = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        new = model.generate(ids, do_sample=False, max_new_tokens=24)[0, ids.shape[1]:]
+        expected.append(tok.decode(new, skip_special_tokens=True))
+    assert result["greedy"] == expected
+
+
+def test_metadata_round_trip(llama, qwen2, tmp_path):
+    for model, arch in ((llama, "llama"), (qwen2, "qwen2")):
+        out = tmp_path / f"{arch}.gguf"
+        assert run("convert", "gguf", model, "--outtype", "q8_0", "--out", out, "-q").exit_code == 0
+        meta = gguf_metadata(out)
+        config = json.loads((model / "config.json").read_text())
+        tok = AutoTokenizer.from_pretrained(model)
+        expected = {
+            "general.architecture": arch, "general.type": "model", "general.name": model.name,
+            "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0), "general.quantization_version": gguf.GGML_QUANT_VERSION,
+            f"{arch}.context_length": config["max_position_embeddings"], f"{arch}.embedding_length": config["hidden_size"],
+            f"{arch}.feed_forward_length": config["intermediate_size"], f"{arch}.block_count": config["num_hidden_layers"],
+            f"{arch}.attention.head_count": 8, f"{arch}.attention.head_count_kv": 4, f"{arch}.attention.key_length": 32,
+            f"{arch}.attention.value_length": 32, f"{arch}.attention.layer_norm_rms_epsilon": pytest.approx(1e-5),
+            f"{arch}.rope.freq_base": pytest.approx(10000.0), f"{arch}.vocab_size": len(tok),
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.bos_token_id": tok.bos_token_id, "tokenizer.ggml.eos_token_id": tok.eos_token_id,
+            "tokenizer.ggml.padding_token_id": tok.pad_token_id, "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.chat_template": tok.chat_template,
+        }
+        for key, value in expected.items():
+            assert meta.get(key) == value, (key, meta.get(key))
+        assert "general.size_label" in meta
+        assert meta["tokenizer.ggml.tokens"][tok.convert_tokens_to_ids("<|im_end|>")] == "<|im_end|>"
+        assert meta["tokenizer.ggml.token_type"][tok.convert_tokens_to_ids("<|im_end|>")] == int(gguf.TokenType.CONTROL)
+        assert len(meta["tokenizer.ggml.merges"]) > 1000
+        names = {t.name for t in gguf.GGUFReader(out).tensors}
+        assert ("output.weight" in names) == (arch == "llama")  # Qwen2 fixture ties its embeddings
+        manifest = json.loads(out.with_name(out.name + ".workbench.json").read_text())
+        assert manifest["steps"][-1]["verb"] == "convert-gguf" and out.name in manifest["files"]
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, no partial file
+
+def one_error_line(result, message, folder):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not [p.name for p in folder.iterdir() if p.suffix == ".gguf" or ".partial-" in p.name]
+
+
+def test_unsupported_architecture_lists_the_supported(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    one_error_line(run("convert", "gguf", tmp_path / "gpt2", "--out", tmp_path),
+                   "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM", tmp_path)
+
+
+def test_tokenizer_missing(llama, copy_of, tmp_path):
+    model = copy_of(llama, "m")
+    (model / "tokenizer.json").unlink()
+    one_error_line(run("convert", "gguf", model, "--out", tmp_path), "tokenizer missing", tmp_path)
+
+
+def test_quantized_input_is_refused(llama, copy_of, tmp_path):
+    model = copy_of(llama, "m")
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    (model / "config.json").write_text(json.dumps(config))
+    one_error_line(run("convert", "gguf", model, "--out", tmp_path), "already quantized (fp8); convert the merged bf16", tmp_path)
+
+
+def test_unknown_outtype(llama, tmp_path):
+    one_error_line(run("convert", "gguf", llama, "--outtype", "q9_x", "--out", tmp_path), "unknown outtype q9_x; known: f32, f16", tmp_path)
+
+
+def test_output_exists_without_force(llama, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    result = run("convert", "gguf", llama, "--out", out)
+    assert result.exit_code == 2 and "use --force" in result.stderr and out.read_bytes() == b"mine"
+    assert run("convert", "gguf", llama, "--out", out, "--force", "-q").exit_code == 0
+    assert out.read_bytes()[:4] == b"GGUF"
+
+
+def test_failure_mid_write_leaves_no_partial_file(llama, copy_of, tmp_path):
+    model = copy_of(llama, "m")
+    shard = sorted(model.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-4096])  # truncated: caught before writing
+    one_error_line(run("convert", "gguf", model, "--out", tmp_path), "truncated safetensors file", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_same_bytes_as_llamacpps_own_converter(converted, tmp_path, figures, arch, request):
+    """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist) on the same fixture: identical
+    tensor bytes for F16 and Q8_0, and no metadata key it writes that we do not."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "llamacpp_converter.py"
+    for outtype, label in (("f16", "F16"), ("q8_0", "Q8_0")):
+        theirs = tmp_path / f"theirs-{label}.gguf"
+        done = subprocess.run([sys.executable, str(script), str(request.getfixturevalue(arch)), "--outtype", outtype,
+                               "--outfile", str(theirs)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        ours, theirs_r = gguf.GGUFReader(converted / f"{arch}-{label}.gguf"), gguf.GGUFReader(theirs)
+        a = {t.name: t for t in ours.tensors}
+        b = {t.name: t for t in theirs_r.tensors}
+        assert set(a) == set(b)
+        for name in b:
+            assert a[name].tensor_type == b[name].tensor_type, name
+            assert np.array_equal(a[name].data.view(np.uint8), b[name].data.view(np.uint8)), name
+        missing = set(theirs_r.fields) - set(ours.fields)
+        assert not missing, missing
+        figures[f"gguf {arch} {label} vs llama.cpp converter"] = {"identical_tensors": f"{len(b)}/{len(b)}",
+                                                                  "their_keys_missing_here": len(missing)}

@@ -1,0 +1,1 @@
+"""Conversions of a checkpoint to other runtimes' formats (GGUF for llama.cpp)."""

@@ -1,0 +1,325 @@
+"""`workbench convert gguf`: a Hugging Face checkpoint to GGUF for llama.cpp, streamed.
+
+Direct types (F32/F16/BF16/Q8_0) are written here with gguf-py's writer, one tensor at a time: every
+tensor's info is declared from the safetensors headers first, then each tensor is read, converted and
+written. K-quants and the other llama.cpp types are made from the F16 result by llama.cpp's own quantize
+(llama-cpp-python's ``llama_model_quantize``), run in the llama.cpp engine's environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, atomic_output_file, read_json
+from ..errors import BadInput, EnvironmentProblem
+from ..manifest import folder_digest, now, tool_versions, write_file_manifest
+from ..verify.servers import ENGINES, check_installed, engine_python
+from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
+
+SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
+QK_NAMES = {"attn_q": "heads", "attn_k": "kv_heads"}
+QUANTIZE_SCRIPT = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = int(sys.argv[3])
+params.nthread = int(sys.argv[4])
+sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
+"""
+
+
+@dataclass
+class Tensor:
+    hf_name: str
+    gguf_name: str
+    shape: tuple[int, ...]
+    permute_heads: int | None = None
+
+
+@dataclass
+class Plan:
+    model: Checkpoint
+    arch_name: str
+    tensors: list[Tensor]
+    hparams: dict
+    tokens: list[str]
+    token_types: list[int]
+    pre_tokenizer: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def parse_outtypes(values: list[str]) -> list[str]:
+    types = [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
+    unknown = [t for t in types if t not in OUTTYPES]
+    if unknown or not types:
+        raise BadInput(f"unknown outtype {', '.join(unknown) or '(none)'}; known: {', '.join(OUTTYPES)}")
+    return list(dict.fromkeys(types))
+
+
+def plan_conversion(model_dir: Path) -> Plan:
+    model = Checkpoint(model_dir)
+    config = model.config
+    arch_name = (config.get("architectures") or ["?"])[0]
+    if arch_name not in ARCHITECTURES:
+        raise BadInput(f"unsupported architecture {arch_name}; supported: {', '.join(ARCHITECTURES)}")
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise BadInput(f"{model_dir} is already quantized ({method}); convert the merged bf16/fp16 model instead "
+                       "and pick a GGUF outtype for the quantization")
+    arch = ARCHITECTURES[arch_name]
+    hparams = _hparams(config)
+    tokens, types, pre, warnings = _vocab(Path(model_dir), hparams["vocab_size"])
+    names = gguf.get_tensor_name_map(arch.gguf_arch, hparams["block_count"])
+    tensors = []
+    for file in model.weight_files:
+        for name in model.store.names_in(file):
+            if name.endswith(SKIPPED_TENSORS):
+                continue
+            gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise BadInput(f"no GGUF name for tensor {name} of {arch_name}")
+            role = gname.split(".")[2] if gname.startswith("blk.") else None
+            permute = hparams["head_count" if QK_NAMES.get(role) == "heads" else "head_count_kv"] \
+                if arch.permute_qk and role in QK_NAMES else None
+            tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute))
+    return Plan(model, arch_name, tensors, hparams, tokens, types, pre, warnings)
+
+
+def _hparams(config: dict) -> dict:
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type not in ("default", "linear", "yarn"):
+        raise BadInput(f"rope scaling {rope_type!r} is not supported by this converter (default, linear, yarn)")
+    return {
+        "context_length": config["max_position_embeddings"],
+        "embedding_length": config["hidden_size"],
+        "feed_forward_length": config["intermediate_size"],
+        "block_count": config["num_hidden_layers"],
+        "head_count": heads,
+        "head_count_kv": config.get("num_key_value_heads") or heads,
+        "head_dim": head_dim,
+        "rms_eps": config.get("rms_norm_eps", 1e-6),
+        "rope_theta": config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+        "rope_type": rope_type,
+        "rope_factor": rope.get("factor"),
+        "rope_original_context": rope.get("original_max_position_embeddings"),
+        "vocab_size": config["vocab_size"],
+    }
+
+
+def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str, list[str]]:
+    """Tokens and token types by id, and llama.cpp's pre-tokenizer name, from tokenizer.json."""
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        raise BadInput(f"tokenizer missing: {path} (GGUF embeds the tokenizer; save it beside the model)")
+    tok = read_json(path, "tokenizer.json")
+    model = tok.get("model") or {}
+    pre = tok.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre]) if pre else []
+    byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
+    if model.get("type") != "BPE" or not byte_level:
+        raise BadInput(f"tokenizer kind not supported (model {model.get('type')}, pre-tokenizer {pre.get('type')}): "
+                       "byte-level BPE tokenizers only")
+    pattern = next((s["pattern"].get("Regex") for s in steps if s.get("type") == "Split" and isinstance(s.get("pattern"), dict)), None)
+    if pattern is None and byte_level[0].get("use_regex", True):
+        pattern = GPT2_PATTERN
+    warnings = []
+    pre_name = PRE_TOKENIZERS.get(pattern)
+    if pre_name is None:
+        pre_name = DEFAULT_PRE_TOKENIZER
+        warnings.append(f"unrecognised pre-tokenizer pattern; written as {pre_name!r}: llama.cpp may split text differently")
+    tokens: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
+    for added in tok.get("added_tokens", []):
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        tokens[added["id"]] = (added["content"], kind)
+    if max(tokens) >= vocab_size:
+        raise BadInput(f"tokenizer has token id {max(tokens)} but the model's vocab_size is {vocab_size}")
+    padded = [tokens.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)]
+    return [t for t, _ in padded], [int(k) for _, k in padded], pre_name, warnings
+
+
+def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotate-half row order -> GGML's interleaved pairs, per head (rows = heads * head_dim)."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """One tensor in the outtype's encoding; 1-D tensors (norms, biases) stay F32 as llama.cpp expects."""
+    if t.dim() == 1 or outtype == "f32":
+        return t.float().numpy(), gguf.GGMLQuantizationType.F32
+    if outtype == "f16":
+        return t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+    if outtype == "bf16":
+        return t.to(torch.bfloat16).view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+        return t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+    return gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+
+
+def _encoded_info(shape: tuple[int, ...], outtype: str) -> tuple[tuple[int, ...], np.dtype, int, gguf.GGMLQuantizationType]:
+    """What _encode will produce, from the shape alone (the writer declares every tensor first)."""
+    qtype = _encode(torch.zeros((1,) * (len(shape) - 1) + (shape[-1],), dtype=torch.float32), outtype)[1]
+    if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        dtype = np.dtype(np.float32 if qtype == gguf.GGMLQuantizationType.F32 else np.float16)
+        return shape, dtype, int(np.prod(shape)) * dtype.itemsize, qtype
+    byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+    return byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), qtype
+
+
+def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> None:
+    h = plan.hparams
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    params = sum(int(np.prod(t.shape)) for t in plan.tensors)
+    w.add_size_label(gguf.size_label(params, 0, 0, 0))
+    w.add_file_type(OUTTYPES[outtype].file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(h["context_length"])
+    w.add_embedding_length(h["embedding_length"])
+    w.add_feed_forward_length(h["feed_forward_length"])
+    w.add_block_count(h["block_count"])
+    w.add_head_count(h["head_count"])
+    w.add_head_count_kv(h["head_count_kv"])
+    w.add_key_length(h["head_dim"])
+    w.add_value_length(h["head_dim"])
+    w.add_rope_dimension_count(h["head_dim"])
+    w.add_layer_norm_rms_eps(h["rms_eps"])
+    w.add_rope_freq_base(h["rope_theta"])
+    if h["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(h["rope_factor"])
+    elif h["rope_type"] == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(h["rope_factor"])
+        w.add_rope_scaling_orig_ctx_len(h["rope_original_context"])
+    w.add_vocab_size(h["vocab_size"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(plan.pre_tokenizer)
+    w.add_token_list(plan.tokens)
+    w.add_token_types(plan.token_types)
+    # gguf-py logs every template detail it cannot map; the converter reports what matters itself
+    logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
+    gguf.SpecialVocab(plan.model.path, load_merges=True, n_vocab=h["vocab_size"]).add_to_gguf(w, quiet=True)
+
+
+def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Callable[[int, int], None] | None = None) -> None:
+    """Stream one direct outtype (f32/f16/bf16/q8_0) to ``path``."""
+    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[plan.arch_name].gguf_arch])
+    _write_metadata(w, plan, outtype, name)
+    for t in plan.tensors:
+        shape, dtype, nbytes, qtype = _encoded_info(t.shape, outtype)
+        w.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=qtype)
+    w.write_header_to_file(path)
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    for i, t in enumerate(plan.tensors):
+        data = plan.model.store.get(t.hf_name)
+        if t.permute_heads:
+            data = _permute(data, t.permute_heads)
+        w.write_tensor_data(_encode(data, outtype)[0])
+        if on_tensor:
+            on_tensor(i + 1, len(plan.tensors))
+    w.close()
+
+
+def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int) -> None:
+    ftype = int(OUTTYPES[outtype].file_type)
+    result = subprocess.run([python, "-c", QUANTIZE_SCRIPT, str(source), str(target), str(ftype), str(threads)],
+                            capture_output=True, text=True)
+    if result.returncode != 0 or not target.exists():
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
+        raise EnvironmentProblem(f"llama.cpp quantize to {outtype} failed (exit {result.returncode}): {tail}")
+
+
+def output_paths(model_dir: Path, outtypes: list[str], out: Path | None) -> dict[str, Path]:
+    stem = Path(model_dir).absolute().name
+    if out is not None and len(outtypes) == 1 and str(out).endswith(".gguf"):
+        return {outtypes[0]: Path(out).absolute()}
+    folder = Path(out).absolute() if out is not None else Path(model_dir).absolute().parent
+    return {t: folder / f"{stem}-{OUTTYPES[t].label}.gguf" for t in outtypes}
+
+
+def convert_gguf(
+    model_dir: Path,
+    outtypes: list[str],
+    out: Path | None = None,
+    force: bool = False,
+    llamacpp_python: str | None = None,
+    on_tensor: Callable[[int, int], None] | None = None,
+    on_event: Callable[[str], None] = lambda message: None,
+) -> list[dict]:
+    """Write one GGUF per outtype; returns one manifest step per file."""
+    model_dir = Path(model_dir)
+    plan = plan_conversion(model_dir)
+    paths = output_paths(model_dir, outtypes, out)
+    for path in paths.values():
+        if path.exists() and not force:
+            raise BadInput(f"output exists: {path} (use --force to replace it)")
+    indirect = [t for t in outtypes if not OUTTYPES[t].direct]
+    python = None
+    if indirect:
+        spec = ENGINES["llamacpp"]
+        python = engine_python(spec, llamacpp_python)
+        check_installed(spec, python)
+    inputs = {"model": folder_digest(model_dir)}
+    name = model_dir.absolute().name
+    steps = []
+
+    def record(outtype: str, path: Path, t0: float, started: str) -> None:
+        step = {
+            "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
+            "inputs": inputs, "options": {"outtype": outtype, "out": str(path)}, "versions": tool_versions(),
+            "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": path.stat().st_size,
+                        "pre_tokenizer": plan.pre_tokenizer},
+            "warnings": plan.warnings, "status": "ok",
+        }
+        write_file_manifest(path, step, parent=model_dir)
+        steps.append({"output": str(path), **step})
+
+    f16_path = paths.get("f16")
+    for outtype in [t for t in outtypes if OUTTYPES[t].direct]:
+        t0, started = time.perf_counter(), now()
+        on_event(f"writing {paths[outtype].name}")
+        with atomic_output_file(paths[outtype], force) as tmp:
+            write_direct(plan, outtype, tmp, name, on_tensor)
+        record(outtype, paths[outtype], t0, started)
+    if indirect:
+        scratch = None
+        if f16_path is None:  # one F16 pass feeds every llama.cpp quantization
+            scratch = paths[indirect[0]].with_name(f".{name}-F16.scratch-{os.getpid()}.gguf")
+            on_event("writing the F16 pass for llama.cpp's quantize")
+            write_direct(plan, "f16", scratch, name, on_tensor)
+        try:
+            for outtype in indirect:
+                t0, started = time.perf_counter(), now()
+                on_event(f"llama.cpp quantize -> {paths[outtype].name}")
+                with atomic_output_file(paths[outtype], force) as tmp:
+                    quantize_with_llamacpp(f16_path or scratch, tmp, outtype, python, os.cpu_count() or 1)
+                record(outtype, paths[outtype], t0, started)
+        finally:
+            if scratch is not None:
+                scratch.unlink(missing_ok=True)
+    return steps
+
+
+def gguf_metadata(path: Path) -> dict:
+    """Key/value metadata of a GGUF file (gguf-py's reader), for inspection and tests."""
+    reader = gguf.GGUFReader(path)
+    meta = {}
+    for key, field_ in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field_.contents()
+    return meta
+

@@ -1,0 +1,61 @@
+"""What the GGUF converter knows about models and tokenizers, as data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gguf
+
+
+@dataclass(frozen=True)
+class Arch:
+    gguf_arch: gguf.MODEL_ARCH
+    # Llama-family checkpoints store Q/K rows in HF's rotate-half order; GGML's rope wants them interleaved.
+    permute_qk: bool
+
+
+ARCHITECTURES: dict[str, Arch] = {
+    "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "MistralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
+    "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
+    "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+}
+
+
+@dataclass(frozen=True)
+class OutType:
+    file_type: gguf.LlamaFileType
+    label: str  # in the output name
+    direct: bool  # written by this converter; otherwise llama.cpp's quantize makes it from F16
+
+
+OUTTYPES: dict[str, OutType] = {
+    "f32": OutType(gguf.LlamaFileType.ALL_F32, "F32", True),
+    "f16": OutType(gguf.LlamaFileType.MOSTLY_F16, "F16", True),
+    "bf16": OutType(gguf.LlamaFileType.MOSTLY_BF16, "BF16", True),
+    "q8_0": OutType(gguf.LlamaFileType.MOSTLY_Q8_0, "Q8_0", True),
+    "q4_0": OutType(gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_0", False),
+    "q4_1": OutType(gguf.LlamaFileType.MOSTLY_Q4_1, "Q4_1", False),
+    "q5_0": OutType(gguf.LlamaFileType.MOSTLY_Q5_0, "Q5_0", False),
+    "q5_1": OutType(gguf.LlamaFileType.MOSTLY_Q5_1, "Q5_1", False),
+    "q2_k": OutType(gguf.LlamaFileType.MOSTLY_Q2_K, "Q2_K", False),
+    "q3_k_s": OutType(gguf.LlamaFileType.MOSTLY_Q3_K_S, "Q3_K_S", False),
+    "q3_k_m": OutType(gguf.LlamaFileType.MOSTLY_Q3_K_M, "Q3_K_M", False),
+    "q3_k_l": OutType(gguf.LlamaFileType.MOSTLY_Q3_K_L, "Q3_K_L", False),
+    "q4_k_s": OutType(gguf.LlamaFileType.MOSTLY_Q4_K_S, "Q4_K_S", False),
+    "q4_k_m": OutType(gguf.LlamaFileType.MOSTLY_Q4_K_M, "Q4_K_M", False),
+    "q5_k_s": OutType(gguf.LlamaFileType.MOSTLY_Q5_K_S, "Q5_K_S", False),
+    "q5_k_m": OutType(gguf.LlamaFileType.MOSTLY_Q5_K_M, "Q5_K_M", False),
+    "q6_k": OutType(gguf.LlamaFileType.MOSTLY_Q6_K, "Q6_K", False),
+}
+
+# Byte-level BPE pre-tokenizer split patterns -> llama.cpp's pre-tokenizer name. llama.cpp's own converter
+# recognises a tokenizer by hashing its output on a test text and refuses unknown ones; the regex itself
+# is what decides the pre-tokenization, so it is matched here instead.
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PRE_TOKENIZERS = {
+    GPT2_PATTERN: "gpt-2",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+DEFAULT_PRE_TOKENIZER = "default"
