@@ -10,35 +10,16 @@ Each conversion runs in its own process after a warm-up read of the inputs.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-
-def measure(argv: list[str]) -> dict:
-    os.sync()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}\n{proc.stderr.read().decode()[-2000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
-
-
-def warm(folder: Path) -> None:
-    """Read every input file once, so both tools start with the model in the page cache."""
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            while f.read(1 << 24):
-                pass
+from benchlib import measure, save, warm  # noqa: E402
 
 
 def main() -> None:
@@ -77,9 +58,7 @@ def main() -> None:
         summary[f"{outtype}_rss_ratio"] = round(ours["peak_rss_mib"] / theirs["peak_rss_mib"], 3)
         print(f"{outtype}: workbench/llama.cpp time {summary[f'{outtype}_time_ratio']:.2f}x, "
               f"peak RSS {summary[f'{outtype}_rss_ratio']:.2f}x (targets <= 1.0)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    save(args.json, summary)
 
 
 if __name__ == "__main__":

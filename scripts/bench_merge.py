@@ -10,16 +10,16 @@ the page cache); wall time and peak RSS (the child's ru_maxrss) are printed as a
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from benchlib import measure, save, warm  # noqa: E402
 
 PEFT_MERGE = """
 import sys, torch
@@ -30,23 +30,6 @@ model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
 model.save_pretrained(out, max_shard_size="500MB")
 """
-
-
-def measure(argv: list[str]) -> dict:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(argv)}\n{proc.stderr.read().decode()[-2000:]}")
-    return {"seconds": round(seconds, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1)}
-
-
-def warm(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as f:
-            while f.read(1 << 24):
-                pass
 
 
 def main() -> None:
@@ -69,9 +52,7 @@ def main() -> None:
     results = {}
     try:
         for name, argv in contenders.items():
-            os.sync()  # no contender pays for the previous one's writeback
-            warm(base)
-            warm(adapter)
+            warm(base, adapter)
             results[name] = measure(argv)
             print(f"  {name}: {results[name]}", flush=True)
     finally:
@@ -96,9 +77,7 @@ def main() -> None:
     print(f"workbench peak RSS {wb['peak_rss_mib']:.0f} MiB = {summary['rss_vs_limit']:.2f}x of 1.5 x largest shard + adapter "
           f"({rss_limit_mib:.0f} MiB; target <= 1)")
     print(f"workbench/peft peak RSS {summary['rss_vs_peft']:.2f}x")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    save(args.json, summary)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import fixtures  # noqa: E402
+from benchlib import save  # noqa: E402
 
 from workbench.verify.launch import free_port  # noqa: E402
 from workbench.verify.servers import ENGINES, engine_python  # noqa: E402
@@ -77,9 +78,7 @@ def main() -> None:
     summary = {"bare_seconds": round(bare, 1), "verify_seconds": round(verify, 1), "ratio": round(verify / bare, 3),
                "engine_flags": args.extra_arg, "startup_seconds": report["runs"][0].get("startup_seconds")}
     print(f"ratio verify/bare {summary['ratio']:.2f}x (target <= 1.1)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    save(args.json, summary)
 
 
 if __name__ == "__main__":

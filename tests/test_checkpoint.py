@@ -4,7 +4,6 @@ detection, atomic output folders."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

@@ -167,3 +167,25 @@ def test_vllm_tp1_and_tp2_on_the_merged_fixture(merged, tmp_path, figures):
     junit = ET.parse(tmp_path / "r" / "junit.xml").getroot()
     assert [s.get("name") for s in junit] == ["vllm tp=1", "vllm tp=2"] and all(s.get("failures") == "0" for s in junit)
     assert "## workbench verify: PASSED" in (tmp_path / "r" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_llamacpp_on_a_gguf_with_its_source_as_reference(llama, tmp_path, figures):
+    gguf_file = tmp_path / "llama-F16.gguf"
+    assert run("convert", "gguf", llama, "--outtype", "f16", "--out", gguf_file, "-q").exit_code == 0
+    result = run("verify", gguf_file, "--server", "llamacpp", "--max-model-len", "512", "--report", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert result.exit_code == 0, result.output + result.stderr
+    assert report["kind"] == "gguf-full" and report["reference"] == str(llama)  # found through the GGUF's manifest
+    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    assert all(c["status"] == "passed" for c in checks.values()), checks
+    figures["verify llama.cpp F16 GGUF vs its source in transformers"] = {
+        "startup_s": report["runs"][0]["startup_seconds"], **checks["reference"]["metrics"]}
+
+
+def test_llamacpp_has_no_tensor_parallelism(tmp_path):
+    gguf_file = tmp_path / "x.gguf"
+    gguf_file.write_bytes(b"GGUF" + bytes(60))
+    result = run("verify", gguf_file, "--server", "llamacpp", "--tp", "2", "--preflight-only", "--report", tmp_path / "r")
+    assert result.exit_code == 1 and "llamacpp has no tensor parallelism" in result.output

@@ -126,7 +126,7 @@ def multinode_commands(spec: EngineSpec, model: str, tp: int, nodes: int, head: 
     """The commands to serve across ``nodes`` machines (documentation: nothing here runs them)."""
     if spec.name == "vllm":
         return [
-            f"# on the head node\nray start --head --port 6379",
+            "# on the head node\nray start --head --port 6379",
             f"# on each of the other {nodes - 1} node(s)\nray start --address {head}:6379",
             f"# then, on the head node\nvllm serve {model} --tensor-parallel-size {tp} --pipeline-parallel-size {nodes} "
             "--distributed-executor-backend ray",
