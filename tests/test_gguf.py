@@ -16,16 +16,19 @@ from llamacpp import run_llamacpp
 from workbench.convert.gguf import gguf_metadata
 from workbench.quality import compare_logits
 
-TYPES = ["f32", "f16", "bf16", "q8_0", "q4_k_m"]
+TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 # llama.cpp vs. transformers (float32 on the same bf16 weights), on 4 held-out blocks of 128 tokens
 TOLERANCE = {
     "f32": {"max_rel_error": 1e-3, "top1_agreement": 0.99},
     "f16": {"max_rel_error": 2e-2, "top1_agreement": 0.98},
     "bf16": {"max_rel_error": 2e-2, "top1_agreement": 0.98},
     "q8_0": {"mean_kl": 5e-3, "top1_agreement": 0.95},
+    "q6_k": {"mean_kl": 0.02, "top1_agreement": 0.9},
+    "q5_k_m": {"mean_kl": 0.05, "top1_agreement": 0.85},
     "q4_k_m": {"mean_kl": 0.1, "top1_agreement": 0.85},
+    "q4_0": {"mean_kl": 0.2, "top1_agreement": 0.8},
 }
-LABELS = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
+LABELS = {t: t.upper() for t in TYPES}
 PROMPTS = ["import os\nimport sys\n\n\ndef main(", "class Parser:\n    def __init__(self", "    for i in range("]
 TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Hello, World! 123 4567 résumé\t\ttabs  and   spaces", "if __name__ == '__main__':\n"]
 
@@ -186,3 +189,40 @@ def test_same_bytes_as_llamacpps_own_converter(converted, tmp_path, figures, arc
         assert not missing, missing
         figures[f"gguf {arch} {label} vs llama.cpp converter"] = {"identical_tensors": f"{len(b)}/{len(b)}",
                                                                   "their_keys_missing_here": len(missing)}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("variant", ["trained", "rslora+patterns"])
+def test_lora_adapter_gguf_in_llamacpp_matches_peft(llama, llama_lora, tmp_path, heldout_blocks, figures, variant):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    adapter = llama_lora
+    if variant != "trained":
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+        config = LoraConfig(r=4, lora_alpha=8, use_rslora=True, init_lora_weights=False, target_modules=["q_proj", "k_proj", "down_proj"],
+                            rank_pattern={"k_proj": 8}, alpha_pattern={"down_proj": 2})
+        adapter = tmp_path / "adapter"
+        get_peft_model(model, config).save_pretrained(adapter)
+    base_gguf, lora_gguf = tmp_path / "base-F32.gguf", tmp_path / "lora-F32.gguf"
+    assert run("convert", "gguf", llama, "--outtype", "f32", "--out", base_gguf, "-q").exit_code == 0
+    result = run("convert", "gguf", llama, "--adapter", adapter, "--outtype", "f32", "--out", lora_gguf)
+    assert result.exit_code == 0, result.stderr
+    assert gguf_metadata(lora_gguf)["general.type"] == "adapter"
+    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32), adapter)
+    with torch.inference_mode():
+        ref = reference(input_ids=heldout_blocks[:4]).logits
+    got = torch.from_numpy(run_llamacpp(base_gguf, blocks=heldout_blocks[:4], lora=lora_gguf)["logits"])
+    m = compare_logits(ref, got)
+    figures[f"gguf LoRA adapter ({variant}) in llama.cpp vs peft"] = m
+    assert m["top1_agreement"] >= 0.99 and m["max_rel_error"] < 1e-3
+
+
+def test_adapter_with_whole_tensors_is_refused(llama, llama_lora, copy_of, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(tmp_path / "a")
+    one_error_line(run("convert", "gguf", llama, "--adapter", tmp_path / "a", "--out", tmp_path / "x.gguf"),
+                   "llama.cpp LoRA adapters hold linear LoRA pairs only (lm_head.weight", tmp_path)

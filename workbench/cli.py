@@ -121,20 +121,29 @@ def convert():
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output .gguf file (one outtype) or folder. Default: MODEL's folder, named MODEL-<TYPE>.gguf.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
+@click.option("--adapter", type=click.Path(path_type=Path),
+              help="Convert this peft LoRA adapter of MODEL to a llama.cpp LoRA GGUF instead (outtype f32/f16/bf16).")
 @click.option("--llamacpp-python", help="Interpreter with llama-cpp-python, for the llama.cpp quantize types. "
               "Default: $WORKBENCH_LLAMACPP_PYTHON, else the one scripts/setup.sh installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
-def convert_gguf(model, outtypes, out, force, llamacpp_python, as_json, quiet):
-    """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp.
+def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, as_json, quiet):
+    """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, or with
+    --adapter a LoRA adapter of it to a llama.cpp LoRA GGUF.
 
     Streams one tensor at a time. Writes llama.cpp's full metadata: architecture and hyper-parameters,
     tokenizer (tokens, types, merges, special ids, chat template, pre-tokenizer recognised from its split
     pattern). Each output gets a sidecar manifest, FILE.gguf.workbench.json.
     """
-    from .convert.gguf import convert_gguf as run_convert, parse_outtypes
+    from .convert.gguf import convert_gguf as run_convert, convert_lora_adapter, parse_outtypes
 
     types = parse_outtypes(list(outtypes))
+    if adapter is not None:
+        if len(types) != 1:
+            raise click.UsageError("--adapter takes one --outtype")
+        step = convert_lora_adapter(model, adapter, types[0], out, force)
+        click.echo(json.dumps(step, indent=2) if as_json else f"LoRA adapter ({step['metrics']['lora_pairs']} pairs): {step['output']}")
+        return
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     bar, on_tensor = _progress(not quiet and not as_json, "converting")
     with bar:
@@ -173,6 +182,8 @@ def _tp_list(value: str) -> list[int]:
               help="Report folder (report.json, junit.xml, summary.md, logs/). Default: ARTIFACT-verify/ENGINE.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--max-model-len", type=int, help="Context length to serve with (engine default if unset).")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+              help="Serve in this dtype (vllm, sglang); the reference runs in it too. Default: the checkpoint's.")
 @click.option("--extra-arg", "extra_args", multiple=True, help="Passed to the engine as is (repeatable), e.g. --extra-arg=--enforce-eager.")
 @click.option("--port", type=int, help="Port on 127.0.0.1 (default: a free one).")
 @click.option("--force", is_flag=True, help="Launch even TP sizes the preflight refuses.")
@@ -182,7 +193,7 @@ def _tp_list(value: str) -> list[int]:
               help="With N > 1, print the multi-node serving commands for this layout and exit (not run here).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
-def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout, max_model_len, extra_args, port,
+def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args, port,
            force, preflight_only, no_marlin, nodes, as_json, quiet):
     """Prove ARTIFACT loads and generates on a real engine under each TP size.
 
@@ -202,7 +213,7 @@ def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout,
         return
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
-                        force, port, not no_marlin, preflight_only, say)
+                        force, port, not no_marlin, preflight_only, dtype, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

@@ -14,7 +14,7 @@ from ..errors import BadInput, EnvironmentProblem
 from ..manifest import now, read_manifest
 from .launch import EngineFailed, Server, port_in_use
 from .preflight import preflight, quant_of
-from .probes import Check, Client, reference_outputs, run_probes
+from .probes import Check, Client, Reference, run_probes
 from .report import write_reports
 from .servers import ENGINES, EngineSpec, check_installed, engine_python
 
@@ -57,15 +57,20 @@ def verify(
     port: int | None = None,
     marlin: bool = True,
     preflight_only: bool = False,
+    dtype: str | None = None,
     on_event=lambda message: None,
 ) -> dict:
+    """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
+    ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's)."""
     spec = ENGINES[engine]
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
     kind = artifact_kind(artifact, spec, config)
     table = _preflight(spec, config, tps, marlin)
+    if dtype is not None and spec.dtype_flag is None:
+        raise BadInput(f"{engine} serves a GGUF's own types; --dtype does not apply")
     report = {
-        "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": kind,
+        "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": kind, "dtype": dtype,
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
     }
     report_dir = Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute()
@@ -87,13 +92,13 @@ def verify(
 
     with ThreadPoolExecutor(1) as pool:
         # the reference runs in transformers while the engine starts
-        pending_reference = pool.submit(reference_outputs, reference) if reference else None
+        pending_reference = pool.submit(Reference, reference, dtype or "auto") if reference else None
         for tp in tps:
             if table[tp] and not force:
                 report["runs"].append({"tp": tp, "checks": [Check("preflight", "failed", "; ".join(table[tp])).as_dict()]})
                 on_event(f"tp={tp}: refused by preflight: {'; '.join(table[tp])}")
                 continue
-            report["runs"].append(_serve_and_probe(spec, artifact, tp, python, port, max_model_len, extra_args,
+            report["runs"].append(_serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, extra_args,
                                                    report_dir, ready_timeout, pending_reference, kind, on_event))
     report["passed"] = all(c["status"] != "failed" for run in report["runs"] for c in run["checks"])
     report["finished"] = now()
@@ -101,10 +106,10 @@ def verify(
     return report
 
 
-def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, extra_args, report_dir, ready_timeout,
+def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, extra_args, report_dir, ready_timeout,
                      pending_reference, kind, on_event) -> dict:
     log = report_dir / "logs" / f"{spec.name}-tp{tp}.log"
-    server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len,
+    server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
                     extra_args=extra_args, log_path=log, ready_timeout=ready_timeout)
     run = {"tp": tp, "argv": server.argv(), "log": str(log), "checks": []}
     on_event(f"tp={tp}: starting {spec.name} (log {log})")
