@@ -88,21 +88,36 @@ def corpus(split: str) -> str:
 
 # ---------------------------------------------------------------- tokenizer
 
-def build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+# Qwen2's split pattern: transformers' Qwen2 tokenizer class imposes it (with NFC, and no BOS) whatever
+# tokenizer.json says, so the Qwen2 fixture is trained with it, as real Qwen2 checkpoints are.
+QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+
+
+def build_tokenizer(out: Path, flavor: str = "gpt2"):
+    """Byte-level BPE: 'gpt2' (GPT-2 split regex, adds BOS, the Llama fixture) or 'qwen2' (Qwen2 split regex,
+    NFC, no BOS)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if flavor == "qwen2":
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus("train").splitlines(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
-    )
+    if flavor == "gpt2":
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[IM_START, IM_END], unk_token=ENDOFTEXT, model_max_length=512,
@@ -210,7 +225,7 @@ def build(root: Path) -> None:
     t0 = time.time()
     tokenizer = build_tokenizer(root / "tokenizer")
     figures = {"llama": build_model("llama", tokenizer, root / "llama")}
-    figures["qwen2"] = build_model("qwen2", tokenizer, root / "qwen2")
+    figures["qwen2"] = build_model("qwen2", build_tokenizer(root / "tokenizer-qwen2", "qwen2"), root / "qwen2")
     figures["lora"] = build_lora(root / "llama", tokenizer, root / "llama-lora")
     (root / "heldout.txt").write_text(corpus("heldout"))
     (root / "adapter-heldout.txt").write_text(corpus("adapter")[int(len(corpus("adapter")) * 0.9):])

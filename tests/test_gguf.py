@@ -96,10 +96,11 @@ def test_metadata_round_trip(llama, qwen2, tmp_path):
             f"{arch}.feed_forward_length": config["intermediate_size"], f"{arch}.block_count": config["num_hidden_layers"],
             f"{arch}.attention.head_count": 8, f"{arch}.attention.head_count_kv": 4, f"{arch}.attention.key_length": 32,
             f"{arch}.attention.value_length": 32, f"{arch}.attention.layer_norm_rms_epsilon": pytest.approx(1e-5),
-            f"{arch}.rope.freq_base": pytest.approx(10000.0), f"{arch}.vocab_size": len(tok),
-            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            f"{arch}.rope.freq_base": pytest.approx(10000.0), f"{arch}.vocab_size": config["vocab_size"],
+            # the Llama fixture's tokenizer is GPT-2 style and adds BOS; the Qwen2 one is Qwen2 style, without BOS
+            "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": {"llama": "gpt-2", "qwen2": "qwen2"}[arch],
             "tokenizer.ggml.bos_token_id": tok.bos_token_id, "tokenizer.ggml.eos_token_id": tok.eos_token_id,
-            "tokenizer.ggml.padding_token_id": tok.pad_token_id, "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.padding_token_id": tok.pad_token_id, "tokenizer.ggml.add_bos_token": arch == "llama",
             "tokenizer.chat_template": tok.chat_template,
         }
         for key, value in expected.items():

@@ -8,6 +8,7 @@ written. K-quants and the other llama.cpp types are made from the F16 result by 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -20,7 +21,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, atomic_output_file, read_json
+from ..checkpoint import Checkpoint, atomic_output_file
 from ..errors import BadInput, EnvironmentProblem
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.servers import ENGINES, check_installed, engine_python
@@ -54,6 +55,7 @@ class Plan:
     tokens: list[str]
     token_types: list[int]
     pre_tokenizer: str
+    add_bos: bool
     warnings: list[str] = field(default_factory=list)
 
 
@@ -77,7 +79,7 @@ def plan_conversion(model_dir: Path) -> Plan:
                        "and pick a GGUF outtype for the quantization")
     arch = ARCHITECTURES[arch_name]
     hparams = _hparams(config)
-    tokens, types, pre, warnings = _vocab(Path(model_dir), hparams["vocab_size"])
+    tokens, types, pre, add_bos, warnings = _vocab(Path(model_dir), hparams["vocab_size"])
     names = gguf.get_tensor_name_map(arch.gguf_arch, hparams["block_count"])
     tensors = []
     for file in model.weight_files:
@@ -91,7 +93,7 @@ def plan_conversion(model_dir: Path) -> Plan:
             permute = hparams["head_count" if QK_NAMES.get(role) == "heads" else "head_count_kv"] \
                 if arch.permute_qk and role in QK_NAMES else None
             tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute))
-    return Plan(model, arch_name, tensors, hparams, tokens, types, pre, warnings)
+    return Plan(model, arch_name, tensors, hparams, tokens, types, pre, add_bos, warnings)
 
 
 def _hparams(config: dict) -> dict:
@@ -118,12 +120,19 @@ def _hparams(config: dict) -> dict:
     }
 
 
-def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str, list[str]]:
-    """Tokens and token types by id, and llama.cpp's pre-tokenizer name, from tokenizer.json."""
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        raise BadInput(f"tokenizer missing: {path} (GGUF embeds the tokenizer; save it beside the model)")
-    tok = read_json(path, "tokenizer.json")
+def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str, bool, list[str]]:
+    """Tokens and token types by id, llama.cpp's pre-tokenizer name, and whether a BOS is added: taken from
+    the tokenizer as transformers loads it (what vLLM and the reference use too). Some tokenizer classes
+    rebuild the tokenizer.json pipeline (transformers' Qwen2 class imposes its split regex and drops BOS)."""
+    if not (model_dir / "tokenizer.json").is_file():
+        raise BadInput(f"tokenizer missing: {model_dir / 'tokenizer.json'} (GGUF embeds the tokenizer; save it beside the model)")
+    from transformers import AutoTokenizer
+
+    try:
+        hf = AutoTokenizer.from_pretrained(model_dir)
+        tok = json.loads(hf.backend_tokenizer.to_str())
+    except Exception as exc:  # any loader failure is a bad tokenizer folder
+        raise BadInput(f"tokenizer cannot be loaded from {model_dir}: {exc}") from None
     model = tok.get("model") or {}
     pre = tok.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre else []
@@ -146,7 +155,8 @@ def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str,
     if max(tokens) >= vocab_size:
         raise BadInput(f"tokenizer has token id {max(tokens)} but the model's vocab_size is {vocab_size}")
     padded = [tokens.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)]
-    return [t for t, _ in padded], [int(k) for _, k in padded], pre_name, warnings
+    add_bos = hf.bos_token_id is not None and hf("a").input_ids[:1] == [hf.bos_token_id]
+    return [t for t, _ in padded], [int(k) for _, k in padded], pre_name, add_bos, warnings
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -210,7 +220,9 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     w.add_token_types(plan.token_types)
     # gguf-py logs every template detail it cannot map; the converter reports what matters itself
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-    gguf.SpecialVocab(plan.model.path, load_merges=True, n_vocab=h["vocab_size"]).add_to_gguf(w, quiet=True)
+    special = gguf.SpecialVocab(plan.model.path, load_merges=True, n_vocab=h["vocab_size"])
+    special.add_special_token["bos"] = plan.add_bos  # what the tokenizer really does, always written
+    special.add_to_gguf(w, quiet=True)
 
 
 def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Callable[[int, int], None] | None = None) -> None:
