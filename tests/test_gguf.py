@@ -227,3 +227,30 @@ def test_adapter_with_whole_tensors_is_refused(llama, llama_lora, copy_of, tmp_p
     get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])).save_pretrained(tmp_path / "a")
     one_error_line(run("convert", "gguf", llama, "--adapter", tmp_path / "a", "--out", tmp_path / "x.gguf"),
                    "llama.cpp LoRA adapters hold linear LoRA pairs only (lm_head.weight", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_other_architectures_in_llamacpp(fixture_root, tmp_path, heldout_blocks, figures, arch):
+    """Mistral (written as llama) and Qwen3 (q/k norms): random weights, so only the math is compared."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(arch, vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                                  tie_word_embeddings=False, rms_norm_eps=1e-6)
+    model_dir = tmp_path / arch
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for p in (fixture_root / "tokenizer").iterdir():
+        shutil.copy2(p, model_dir / p.name)
+    out = tmp_path / f"{arch}.gguf"
+    assert run("convert", "gguf", model_dir, "--outtype", "f32", "--out", out, "-q").exit_code == 0
+    assert gguf_metadata(out)["general.architecture"] == {"mistral": "llama", "qwen3": "qwen3"}[arch]
+    with torch.inference_mode():
+        ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)(input_ids=heldout_blocks[:2]).logits
+    m = compare_logits(ref, torch.from_numpy(run_llamacpp(out, blocks=heldout_blocks[:2])["logits"]))
+    figures[f"gguf {arch} (random weights) F32 llama.cpp vs transformers"] = m
+    assert m["max_rel_error"] < 1e-3 and m["top1_agreement"] >= 0.99

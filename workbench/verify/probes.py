@@ -56,21 +56,27 @@ class Reference:
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [self.tok.eos_token_id]
         self.eos_token_id = self.eos_ids[0]
         with torch.inference_mode():
-            self.texts = [self._greedy(p) for p in PROMPTS]
+            self._greedy_ids = {p: self._greedy(p) for p in PROMPTS}
+        self.texts = [self.tok.decode(self._greedy_ids[p], skip_special_tokens=True) for p in PROMPTS]
         chat = self.tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=True)
         self.chat_prompt_tokens = len(chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "input_ids") else chat)
 
-    def _greedy(self, prompt: str) -> str:
+    def _greedy(self, prompt: str) -> list[int]:
         ids = self.tok(prompt, return_tensors="pt").input_ids
         out = self.model.generate(ids, do_sample=False, max_new_tokens=MAX_TOKENS, pad_token_id=self.tok.pad_token_id)
-        return self.tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return [int(t) for t in out[0, ids.shape[1]:] if int(t) not in self.eos_ids]
 
     def score(self, prompt: str, continuation: str) -> tuple[int, int, list[float]]:
         """(tokens that are the reference's top-1, tokens scored, the reference's logprob of each) for a
-        continuation, re-tokenized with the reference tokenizer."""
+        continuation: the reference's own greedy tokens when the text is its greedy text, else the text
+        re-tokenized (which may merge tokens the engine generated apart)."""
         torch = self.torch
         prompt_ids = self.tok(prompt).input_ids
-        ids = prompt_ids + self.tok(continuation, add_special_tokens=False).input_ids
+        own = self._greedy_ids.get(prompt)
+        if own is not None and continuation == self.tok.decode(own, skip_special_tokens=True):
+            ids = prompt_ids + own
+        else:
+            ids = prompt_ids + self.tok(continuation, add_special_tokens=False).input_ids
         with torch.inference_mode():
             logp = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
         positions = range(len(prompt_ids), len(ids))

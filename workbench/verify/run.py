@@ -92,7 +92,9 @@ def verify(
 
     with ThreadPoolExecutor(1) as pool:
         # the reference runs in transformers while the engine starts
-        pending_reference = pool.submit(Reference, reference, dtype or "auto") if reference else None
+        # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
+        ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
+        pending_reference = pool.submit(Reference, reference, ref_dtype) if reference else None
         for tp in tps:
             if table[tp] and not force:
                 report["runs"].append({"tp": tp, "checks": [Check("preflight", "failed", "; ".join(table[tp])).as_dict()]})
