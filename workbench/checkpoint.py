@@ -239,6 +239,48 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+class FollowingHasher:
+    """sha256 of a file while another writer appends to it: a worker thread reads behind the writer
+    (from the page cache) so the hash is ready when the writing ends. The writer must only append, and
+    flush what it wants hashed; ``finish()`` waits for the end of the file and returns the digest."""
+
+    def __init__(self, path: Path, chunk: int = 1 << 22):
+        import threading
+
+        self._path, self._chunk = path, chunk
+        self._done = threading.Event()
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        try:
+            with open(self._path, "rb") as f:
+                while True:
+                    block = f.read(self._chunk)
+                    if block:
+                        h.update(block)
+                    elif self._done.is_set():
+                        block = f.read()  # whatever was appended between the last read and the end
+                        if not block:
+                            break
+                        h.update(block)
+                    else:
+                        self._done.wait(0.05)
+            self._digest = h.hexdigest()
+        except BaseException as exc:  # reported by finish()
+            self._error = exc
+
+    def finish(self) -> str:
+        self._done.set()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._digest
+
+
 # ---------------------------------------------------------------- writing
 
 

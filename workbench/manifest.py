@@ -70,6 +70,6 @@ def write_manifest(folder: Path, step: dict, parent: Path | None, known_sha256: 
     return _write(folder / MANIFEST_NAME, step, parent, files, known_sha256)
 
 
-def write_file_manifest(artifact: Path, step: dict, parent: Path | None) -> dict:
-    """The sidecar manifest of a single-file artifact."""
-    return _write(manifest_path(artifact), step, parent, [artifact], {})
+def write_file_manifest(artifact: Path, step: dict, parent: Path | None, sha256: str | None = None) -> dict:
+    """The sidecar manifest of a single-file artifact (``sha256``: its hash, if computed while writing)."""
+    return _write(manifest_path(artifact), step, parent, [artifact], {artifact.name: sha256} if sha256 else {})

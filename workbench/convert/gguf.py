@@ -13,6 +13,7 @@ import logging
 import os
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,13 +22,15 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, atomic_output_file
+from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
 from ..errors import BadInput, EnvironmentProblem
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.servers import ENGINES, check_installed, engine_python
 from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
+QUANT_CHUNK_ELEMENTS = 1 << 20
+_QUANT_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 QK_NAMES = {"attn_q": "heads", "attn_k": "kv_heads"}
 QUANTIZE_SCRIPT = """
 import sys, llama_cpp
@@ -172,9 +175,21 @@ def _encode(t: torch.Tensor, outtype: str) -> tuple[np.ndarray, gguf.GGMLQuantiz
         return t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
     if outtype == "bf16":
         return t.to(torch.bfloat16).view(torch.uint8).numpy(), gguf.GGMLQuantizationType.BF16
-    if t.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0][0]:
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    if t.shape[-1] % gguf.GGML_QUANT_SIZES[q8][0]:
         return t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
-    return gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+    # Q8_0 blocks lie along rows, so quantizing a few rows at a time gives the same bytes while the float32
+    # copy and the temporaries stay small (a 32000 x 2048 embedding would need ~1 GB at once)
+    rows = t.reshape(-1, t.shape[-1])
+    out = np.empty(gguf.quants.quant_shape_to_byte_shape(tuple(rows.shape), q8), dtype=np.uint8)
+    step = max(1, QUANT_CHUNK_ELEMENTS // rows.shape[1])
+
+    def quantize(i: int) -> None:
+        out[i:i + step] = gguf.quants.quantize(rows[i:i + step].float().numpy(), q8)
+
+    # numpy releases the GIL inside gguf-py's ufuncs: chunks quantize in parallel
+    list(_QUANT_POOL.map(quantize, range(0, rows.shape[0], step)))
+    return out.reshape(gguf.quants.quant_shape_to_byte_shape(tuple(t.shape), q8)), q8
 
 
 def _encoded_info(shape: tuple[int, ...], outtype: str) -> tuple[tuple[int, ...], np.dtype, int, gguf.GGMLQuantizationType]:
@@ -225,24 +240,31 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     special.add_to_gguf(w, quiet=True)
 
 
-def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Callable[[int, int], None] | None = None) -> None:
-    """Stream one direct outtype (f32/f16/bf16/q8_0) to ``path``."""
+def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Callable[[int, int], None] | None = None) -> str:
+    """Stream one direct outtype (f32/f16/bf16/q8_0) to ``path``; returns the file's sha256, computed by a
+    thread that reads behind the writer."""
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[plan.arch_name].gguf_arch])
     _write_metadata(w, plan, outtype, name)
     for t in plan.tensors:
         shape, dtype, nbytes, qtype = _encoded_info(t.shape, outtype)
         w.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=qtype)
     w.write_header_to_file(path)
-    w.write_kv_data_to_file()
-    w.write_ti_data_to_file()
-    for i, t in enumerate(plan.tensors):
-        data = plan.model.store.get(t.hf_name)
-        if t.permute_heads:
-            data = _permute(data, t.permute_heads)
-        w.write_tensor_data(_encode(data, outtype)[0])
-        if on_tensor:
-            on_tensor(i + 1, len(plan.tensors))
-    w.close()
+    hasher = FollowingHasher(path)
+    try:
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, t in enumerate(plan.tensors):
+            data = plan.model.store.get(t.hf_name)
+            if t.permute_heads:
+                data = _permute(data, t.permute_heads)
+            w.write_tensor_data(_encode(data, outtype)[0])
+            w.fout[0].flush()  # let the hasher follow
+            if on_tensor:
+                on_tensor(i + 1, len(plan.tensors))
+    finally:
+        w.close()
+        digest = hasher.finish()
+    return digest
 
 
 def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int) -> None:
@@ -284,45 +306,52 @@ def convert_gguf(
         spec = ENGINES["llamacpp"]
         python = engine_python(spec, llamacpp_python)
         check_installed(spec, python)
-    inputs = {"model": folder_digest(model_dir)}
     name = model_dir.absolute().name
     steps = []
+    with ThreadPoolExecutor(1) as pool:
+        # the input's hash overlaps the conversion (hashlib releases the GIL)
+        input_digest = pool.submit(folder_digest, model_dir)
+        _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event)
+    return steps
 
-    def record(outtype: str, path: Path, t0: float, started: str) -> None:
+
+def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event) -> None:
+    def record(outtype: str, path: Path, t0: float, started: str, sha256: str) -> None:
         step = {
             "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
-            "inputs": inputs, "options": {"outtype": outtype, "out": str(path)}, "versions": tool_versions(),
+            "inputs": {"model": input_digest.result()}, "options": {"outtype": outtype, "out": str(path)},
+            "versions": tool_versions(),
             "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": path.stat().st_size,
                         "pre_tokenizer": plan.pre_tokenizer},
             "warnings": plan.warnings, "status": "ok",
         }
-        write_file_manifest(path, step, parent=model_dir)
+        write_file_manifest(path, step, parent=model_dir, sha256=sha256)
         steps.append({"output": str(path), **step})
 
     f16_path = paths.get("f16")
+    indirect = [t for t in outtypes if not OUTTYPES[t].direct]
     for outtype in [t for t in outtypes if OUTTYPES[t].direct]:
         t0, started = time.perf_counter(), now()
         on_event(f"writing {paths[outtype].name}")
         with atomic_output_file(paths[outtype], force) as tmp:
-            write_direct(plan, outtype, tmp, name, on_tensor)
-        record(outtype, paths[outtype], t0, started)
+            digest = write_direct(plan, outtype, tmp, name, on_tensor)
+        record(outtype, paths[outtype], t0, started, digest)
     if indirect:
-        scratch = None
-        if f16_path is None:  # one F16 pass feeds every llama.cpp quantization
-            scratch = paths[indirect[0]].with_name(f".{name}-F16.scratch-{os.getpid()}.gguf")
-            on_event("writing the F16 pass for llama.cpp's quantize")
-            write_direct(plan, "f16", scratch, name, on_tensor)
+        # one F16 pass feeds every llama.cpp quantization (a scratch file unless F16 was asked for)
+        scratch = None if f16_path else paths[indirect[0]].with_name(f".{name}-F16.scratch-{os.getpid()}.gguf")
         try:
+            if scratch is not None:
+                on_event("writing the F16 pass for llama.cpp's quantize")
+                write_direct(plan, "f16", scratch, name, on_tensor)
             for outtype in indirect:
                 t0, started = time.perf_counter(), now()
                 on_event(f"llama.cpp quantize -> {paths[outtype].name}")
                 with atomic_output_file(paths[outtype], force) as tmp:
                     quantize_with_llamacpp(f16_path or scratch, tmp, outtype, python, os.cpu_count() or 1)
-                record(outtype, paths[outtype], t0, started)
+                record(outtype, paths[outtype], t0, started, sha256_file(paths[outtype]))
         finally:
             if scratch is not None:
                 scratch.unlink(missing_ok=True)
-    return steps
 
 
 ADAPTER_OUTTYPES = ("f32", "f16", "bf16")
