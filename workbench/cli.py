@@ -108,6 +108,56 @@ def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
         click.echo(f"output: {Path(out).absolute()}")
 
 
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--method", help="A shipped recipe: fp8 (= fp8-static), fp8-static, fp8-dynamic.")
+@click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Your own recipe YAML instead of --method.")
+@click.option("--samples", type=int, help="Calibration samples (overrides the recipe).")
+@click.option("--seq-len", type=int, help="Tokens per calibration sample (overrides the recipe).")
+@click.option("--calibration", "data", help="Calibration text: a .txt or .jsonl file, or 'default' (overrides the recipe).")
+@click.option("--field", help="The .jsonl field holding the text (overrides the recipe).")
+@click.option("--ignore", multiple=True, help="Module name or dotted prefix to keep unquantized (repeatable; replaces the recipe's list).")
+@click.option("--format", "fmt", help="Output format (overrides the recipe): fp8, vLLM's fp8 checkpoint format.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: MODEL-<recipe>.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--max-ppl-delta", type=float, help="Gate: largest relative perplexity increase on held-out text.")
+@click.option("--max-kl", type=float, help="Gate: largest mean KL divergence of next-token distributions (nats).")
+@click.option("--min-top1", type=float, help="Gate: smallest top-1 agreement with the source.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest step as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors and the verdict.")
+def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, fmt, out, force, max_ppl_delta, max_kl,
+             min_top1, as_json, quiet):
+    """Quantize MODEL with a recipe and measure what it cost against the source on held-out text.
+
+    FP8 writes vLLM's "fp8" checkpoint format: float8_e4m3fn weights with per-tensor float32 weight_scale
+    and, for static activations, input_scale from calibration (amax / 448). Quality (perplexity of both,
+    KL divergence, top-1 agreement) is measured on the written tensors with vLLM's load-time semantics
+    (fused q/k/v and gate/up share the largest scales). A failed gate exits 1 and the artifact stays,
+    marked failed in its workbench.json.
+    """
+    from .quantize.run import quantize as run_quantize
+
+    if not method and not recipe_path:
+        raise click.UsageError("give --method or --recipe")
+    overrides = {"samples": samples, "seq_len": seq_len, "data": data, "field": field,
+                 "ignore": list(ignore) or None, "format": fmt}
+    gates = {k: v for k, v in (("max_ppl_delta", max_ppl_delta), ("max_kl", max_kl), ("min_top1", min_top1)) if v is not None}
+    say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    step = run_quantize(model, method, recipe_path, overrides, out, force, gates, say)
+    m = step["metrics"]
+    if as_json:
+        click.echo(json.dumps(step, indent=2))
+    elif not quiet:
+        click.echo(f"{step['options']['recipe']}: {m['layers_quantized']} layers, ignored {m['ignored_layers']}, {step['seconds']:.1f}s")
+        click.echo(f"held-out ({m['eval_tokens']} tokens): perplexity {m['ppl_source']:.3f} -> {m['ppl_quantized']:.3f} "
+                   f"({m['ppl_delta']:+.2%}), mean KL {m['mean_kl']:.2e}, top-1 agreement {m['top1_agreement']:.2%}")
+        click.echo(f"output: {step['output']}")
+    if step["status"] == "failed":
+        click.echo(f"FAILED gates: {', '.join(step['failed_gates'])} (limits {step['gates']}); the artifact is kept, "
+                   "marked failed in its workbench.json", err=True)
+        sys.exit(1)
+
+
 @cli.group()
 def convert():
     """Convert a checkpoint to another runtime's format."""

@@ -24,6 +24,7 @@ import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
 from ..errors import BadInput, EnvironmentProblem
+from ..hf import quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.servers import ENGINES, check_installed, engine_python
 from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
@@ -131,6 +132,7 @@ def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str,
         raise BadInput(f"tokenizer missing: {model_dir / 'tokenizer.json'} (GGUF embeds the tokenizer; save it beside the model)")
     from transformers import AutoTokenizer
 
+    quiet_transformers()
     try:
         hf = AutoTokenizer.from_pretrained(model_dir)
         tok = json.loads(hf.backend_tokenizer.to_str())

@@ -45,9 +45,10 @@ class Reference:
     def __init__(self, model_dir: Path, dtype: str = "auto"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
+        from ..hf import quiet_transformers
+
+        quiet_transformers()
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)

@@ -1,0 +1,195 @@
+"""`workbench quantize`: FP8 in the seed's format, its evaluation with vLLM's semantics, gates, recipes,
+and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+from conftest import run
+from workbench.checkpoint import Checkpoint
+from workbench.quantize import fp8
+from workbench.quantize.calibration import calibration_samples
+from workbench.quantize.recipe import load
+
+SEED_CONFIG = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+
+
+def tensors(folder):
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp8_static(llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("q") / "llama-fp8"
+    result = run("quantize", llama, "--method", "fp8", "--out", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out
+
+
+def test_fp8_static_writes_the_seed_format(llama, fp8_static, figures):
+    config = json.loads((fp8_static / "config.json").read_text())
+    assert config["quantization_config"] == SEED_CONFIG
+    src, got = Checkpoint(llama).store, tensors(fp8_static)
+    linear = [n[: -len(".weight")] for n in src.tensors if n.endswith("_proj.weight")]
+    assert len(linear) == 28
+    for name in linear:
+        w, scale, inp = got[name + ".weight"], got[name + ".weight_scale"], got[name + ".input_scale"]
+        assert w.dtype == torch.float8_e4m3fn and w.shape == src.tensors[name + ".weight"].shape
+        assert scale.dtype == torch.float32 and scale.shape == () and inp.dtype == torch.float32 and inp.shape == ()
+        original = src.get(name + ".weight").float()
+        assert float(scale) == pytest.approx(float(original.abs().max()) / 448, rel=1e-6)
+        err = (w.float() * scale - original).norm() / original.norm()
+        assert err < 0.05  # e4m3 keeps 3 mantissa bits
+    for name in ("lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        assert got[name].dtype == torch.bfloat16 and torch.equal(got[name], src.get(name))
+    assert (fp8_static / "recipe.yaml").read_text().startswith("# FP8 with static activation scales")
+    assert (fp8_static / "tokenizer.json").exists()
+    step = json.loads((fp8_static / "workbench.json").read_text())["steps"][-1]
+    assert step["verb"] == "quantize" and step["status"] == "ok" and step["failed_gates"] == []
+    figures["quantize fp8-static llama fixture vs source (4096 held-out tokens)"] = {
+        k: step["metrics"][k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")}
+
+
+def test_input_scales_are_calibration_amax_over_448(llama, fp8_static):
+    """Recomputed independently: the largest |input| of each layer over the recipe's calibration samples."""
+    recipe = load("fp8", None)
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    samples = calibration_samples(AutoTokenizer.from_pretrained(llama), recipe.calibration)
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, max(seen.get(n, 0.0), float(args[0].abs().max()))))
+             for n, m in model.named_modules() if n.endswith(("q_proj", "down_proj"))]
+    with torch.inference_mode():
+        for chunk in samples.split(16):
+            model(input_ids=chunk)
+    for h in hooks:
+        h.remove()
+    got = tensors(fp8_static)
+    for name, amax in seen.items():
+        assert float(got[name + ".input_scale"]) == pytest.approx(amax / 448, rel=1e-5), name
+
+
+def test_emulation_uses_vllms_fused_scales(fp8_static, llama):
+    """q/k/v (and gate/up) share the largest input_scale, and every shard is re-quantized to the largest weight_scale."""
+    got = tensors(fp8_static)
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+    assert fp8.emulate(model, lambda n: got.get(n)) == 28
+    attn = model.model.layers[1].self_attn
+    names = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+    max_in = max(float(got[n + ".input_scale"]) for n in names)
+    max_w = max(float(got[n + ".weight_scale"]) for n in names)
+    assert all(float(getattr(attn, p).act_scale) == max_in for p in ("q_proj", "k_proj", "v_proj"))
+    k = got["model.layers.1.self_attn.k_proj.weight"].float() * got["model.layers.1.self_attn.k_proj.weight_scale"]
+    expected = (k / max_w).to(torch.float8_e4m3fn).float() * max_w
+    assert torch.equal(attn.k_proj.weight_eff, expected)
+    assert float(model.model.layers[1].mlp.down_proj.act_scale) == float(got["model.layers.1.mlp.down_proj.input_scale"])
+
+
+def test_fp8_dynamic_has_no_input_scales(qwen2, tmp_path, figures):
+    out = tmp_path / "q"
+    assert run("quantize", qwen2, "--method", "fp8-dynamic", "--out", out).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    got = tensors(out)
+    assert not [k for k in got if k.endswith("input_scale")] and "lm_head.weight" not in got  # Qwen2 fixture is tied
+    step = json.loads((out / "workbench.json").read_text())["steps"][-1]
+    figures["quantize fp8-dynamic qwen2 fixture vs source"] = {
+        k: step["metrics"][k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")}
+
+
+def test_failed_gate_exits_1_and_keeps_the_artifact_marked_failed(llama, tmp_path):
+    out = tmp_path / "q"
+    result = run("quantize", llama, "--method", "fp8-dynamic", "--out", out, "--min-top1", "0.9999")
+    assert result.exit_code == 1 and "FAILED gates: min_top1" in result.stderr
+    step = json.loads((out / "workbench.json").read_text())["steps"][-1]
+    assert step["status"] == "failed" and step["failed_gates"] == ["min_top1"] and step["gates"]["min_top1"] == 0.9999
+
+
+def test_ignore_prefix_expands_to_full_module_names(llama, tmp_path):
+    out = tmp_path / "q"
+    assert run("quantize", llama, "--method", "fp8-dynamic", "--out", out, "--ignore", "lm_head", "--ignore", "model.layers.0.mlp").exit_code == 0
+    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignored_layers"]
+    assert ignored == ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+    assert tensors(out)["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+
+def test_jsonl_calibration_with_a_field(llama, tmp_path):
+    data = tmp_path / "cal.jsonl"
+    data.write_text("\n".join(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n" * 20}) for i in range(20)))
+    out = tmp_path / "q"
+    result = run("quantize", llama, "--method", "fp8", "--calibration", data, "--field", "body", "--samples", "8", "--seq-len", "64", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "workbench.json").read_text())["steps"][-1]["options"]["calibration"]["data"] == str(data)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+def one_error_line(result, message, folder):
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(("q", ".q"))]
+
+
+def test_unknown_method(llama, tmp_path):
+    one_error_line(run("quantize", llama, "--method", "int3", "--out", tmp_path / "q"), "unknown method 'int3'; available: fp8, fp8-dynamic, fp8-static", tmp_path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("method: fp8\nscheme: static\ntargets: [Linear]\nsmoothing: 0.5\n", "unknown key 'smoothing'"),
+    ("method: fp8\nscheme: static\ntargets: [Linear]\ncalibration: {samples: many}\n", "calibration.samples must be a int"),
+    ("method: fp8\nscheme: static\ntargets: Linear\n", "targets must be a list"),
+])
+def test_recipe_errors_name_the_key(llama, tmp_path, text, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    one_error_line(run("quantize", llama, "--recipe", recipe, "--out", tmp_path / "q"), message, tmp_path)
+
+
+def test_input_already_quantized(fp8_static, tmp_path):
+    one_error_line(run("quantize", fp8_static, "--method", "fp8", "--out", tmp_path / "q"), "already quantized (fp8)", tmp_path)
+
+
+def test_architecture_without_linear_layers(fixture_root, tmp_path):
+    import shutil
+
+    model = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=2048, n_embd=64, n_layer=1, n_head=2)).save_pretrained(model)
+    for p in (fixture_root / "tokenizer").iterdir():
+        shutil.copy2(p, model / p.name)
+    result = run("quantize", model, "--method", "fp8-dynamic", "--out", tmp_path / "q", "--ignore", "lm_head")
+    one_error_line(result, "GPT2LMHeadModel has no torch.nn.Linear layer to quantize with fp8 besides the ignored ['lm_head']", tmp_path)
+
+
+@pytest.mark.parametrize("content, message", [(None, "calibration data not found"), ("", "calibration data is empty"),
+                                              ("x = 1\n", "calibration data too short")])
+def test_calibration_file_missing_empty_or_short(llama, tmp_path, content, message):
+    data = tmp_path / "cal.txt"
+    if content is not None:
+        data.write_text(content)
+    one_error_line(run("quantize", llama, "--method", "fp8", "--calibration", data, "--out", tmp_path / "q"), message, tmp_path)
+
+
+def test_ignore_pattern_matching_nothing_warns(llama, tmp_path):
+    result = run("quantize", llama, "--method", "fp8-dynamic", "--ignore", "lm_head", "--ignore", "vision_tower", "--out", tmp_path / "q")
+    assert result.exit_code == 0 and "warning: ignore pattern 'vision_tower' matches no Linear layer" in result.stderr
+
+
+def test_ignore_splitting_a_fused_layer(llama, tmp_path):
+    result = run("quantize", llama, "--method", "fp8-dynamic", "--ignore", "lm_head", "--ignore", "model.layers.0.self_attn.k_proj",
+                 "--out", tmp_path / "q")
+    one_error_line(result, "splits the fused layer model.layers.0.self_attn.qkv_proj", tmp_path)
+
+
+def test_output_exists_without_force(llama, tmp_path):
+    (tmp_path / "q").mkdir()
+    result = run("quantize", llama, "--method", "fp8", "--out", tmp_path / "q")
+    assert result.exit_code == 2 and "use --force" in result.stderr and list((tmp_path / "q").iterdir()) == []

@@ -1,0 +1,1 @@
+"""`workbench quantize`: recipes, calibration data, methods, and the quality report against the source."""

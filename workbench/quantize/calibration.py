@@ -1,0 +1,73 @@
+"""Calibration and evaluation text: a local .txt / .jsonl file, or the embedded default (the Python
+standard library's source, which every machine has). Samples are windows of seq_len tokens drawn with a
+seeded generator; the default evaluation text never overlaps the default calibration text."""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInput
+from .recipe import Calibration
+
+EVALUATION_EVERY = 10  # every 10th standard-library module is evaluation text, the rest calibration text
+
+
+def default_text(split: str) -> str:
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    chosen = [f for i, f in enumerate(files) if (i % EVALUATION_EVERY == 0) == (split == "evaluation")]
+    return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in chosen)
+
+
+def load_texts(data: str, field: str) -> list[str]:
+    if data == "default":
+        return [default_text("calibration")]
+    path = Path(data)
+    if not path.is_file():
+        raise BadInput(f"calibration data not found: {path}")
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                texts.append(str(json.loads(line)[field]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise BadInput(f"calibration data {path}, line {n}: not a JSON object with a {field!r} field") from None
+    elif path.suffix == ".txt":
+        texts = [path.read_text(encoding="utf-8")]
+    else:
+        raise BadInput(f"calibration data must be .txt or .jsonl, got {path.name}")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise BadInput(f"calibration data is empty: {path}")
+    return texts
+
+
+def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int, chat_template: bool = False,
+                  what: str = "calibration data") -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens from the texts joined by EOS, at seeded random offsets."""
+    if chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    if len(ids) < seq_len + 1:
+        raise BadInput(f"{what} too short: {len(ids)} tokens, a sample needs {seq_len}")
+    stream = torch.tensor(ids)
+    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+def calibration_samples(tokenizer, cal: Calibration) -> torch.Tensor:
+    return token_windows(tokenizer, load_texts(cal.data, cal.field), cal.samples, cal.seq_len, cal.seed, cal.chat_template)
+
+
+def evaluation_blocks(tokenizer, blocks: int = 16, seq_len: int = 256) -> torch.Tensor:
+    """Held-out text for the quality report: consecutive blocks of the default evaluation split."""
+    ids = tokenizer(default_text("evaluation"), add_special_tokens=False).input_ids
+    n = min(blocks, len(ids) // seq_len)
+    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)

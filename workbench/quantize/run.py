@@ -1,0 +1,162 @@
+"""`workbench quantize`: a recipe applied to a model, written atomically, then measured against the source
+on held-out text (perplexity of both, KL divergence, top-1 agreement) and gated."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import (
+    CONFIG_NAME, Checkpoint, PlannedTensor, StreamedWriter, TensorStore, atomic_output_dir, copy_side_files,
+    plan_shards, write_json,
+)
+from ..errors import BadInput
+from ..hf import quiet_transformers
+from ..manifest import folder_digest, now, tool_versions, write_manifest
+from ..quality import compare_logits, model_logits, perplexity
+from . import fp8
+from .calibration import calibration_samples, evaluation_blocks
+from .recipe import Recipe, load
+
+# Quality gates by recipe: quantized vs. source on 4096 held-out tokens. Measured on the trained fixtures
+# (Llama, Qwen2, merged Llama+LoRA): FP8 static and dynamic moved perplexity by -0.06..+0.29%, mean KL
+# 3.5e-4..6.5e-4, top-1 agreement 96.97..98.05%; the defaults leave a margin over the worst of those.
+DEFAULT_GATES = {
+    "fp8-static": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
+    "fp8-dynamic": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
+}
+FALLBACK_GATES = {"max_ppl_delta": 0.05, "max_kl": 0.05, "min_top1": 0.9}
+
+
+def default_output(model: Path, recipe: Recipe) -> Path:
+    return Path(str(Path(model).absolute()).rstrip("/") + f"-{recipe.name}")
+
+
+def quantize(
+    model_dir: Path,
+    method: str | None,
+    recipe_path: Path | None = None,
+    overrides: dict | None = None,
+    out: Path | None = None,
+    force: bool = False,
+    gates: dict | None = None,
+    on_event=lambda message: None,
+) -> dict:
+    """Returns the manifest step; its status is "failed" when a quality gate failed (the artifact is kept)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    recipe = load(method, recipe_path)
+    if overrides:
+        recipe = recipe.with_overrides(**overrides)
+    model_dir = Path(model_dir)
+    source = Checkpoint(model_dir)
+    if source.config.get("quantization_config"):
+        raise BadInput(f"{model_dir} is already quantized ({source.config['quantization_config'].get('quant_method')}); "
+                       "quantize the merged bf16/fp16 model")
+    out = Path(out) if out else default_output(model_dir, recipe)
+    if out.exists() and not force:
+        raise BadInput(f"output exists: {out} (use --force to replace it)")
+    arch = (source.config.get("architectures") or ["?"])[0]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    except Exception as exc:  # transformers raises many types for a model it cannot build
+        raise BadInput(f"{arch} cannot be loaded by transformers for calibration: {str(exc).splitlines()[0]}") from None
+    names = list(fp8.linear_modules(model))
+    targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
+    if not targets:
+        raise BadInput(f"{arch} has no torch.nn.Linear layer to quantize with {recipe.method} besides the ignored "
+                       f"{ignored} (Conv1D layers, as in GPT-2, are not supported)")
+    absent = [n for n in targets if n + ".weight" not in source.store]
+    if absent:
+        raise BadInput(f"{absent[0]} has no weight of its own in the checkpoint (tied?); add it to the ignore list")
+    for w in warnings:
+        on_event(f"warning: {w}")
+
+    t0, started = time.perf_counter(), now()
+    amax = {}
+    if recipe.scheme == "static":
+        samples = calibration_samples(tokenizer, recipe.calibration)
+        on_event(f"calibrating {len(targets)} layers on {samples.shape[0]} samples x {samples.shape[1]} tokens")
+        amax = fp8.calibrate(model, targets, samples)
+    blocks = evaluation_blocks(tokenizer)
+    reference = model_logits(model, blocks)
+
+    with atomic_output_dir(out, force) as tmp:
+        sha = _write(source, recipe, targets, amax, tmp)
+        config = dict(source.config)
+        config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": recipe.scheme, "ignored_layers": ignored}
+        write_json(tmp / CONFIG_NAME, config)
+        copy_side_files([(model_dir, n) for n in source.side_files()], tmp)
+        (tmp / "recipe.yaml").write_text(recipe.source)
+        on_event("evaluating the written artifact with vLLM's fp8 semantics")
+        written = TensorStore(sorted(tmp.glob("*.safetensors")))
+        swapped = fp8.emulate(model, lambda n: written.get(n) if n in written else None)
+        quantized = model_logits(model, blocks)
+        quality = _quality(reference, quantized, blocks)
+        limits = {**DEFAULT_GATES.get(recipe.name, FALLBACK_GATES), **(gates or {})}
+        failed = _failed_gates(quality, limits)
+        step = {
+            "verb": "quantize", "started": started, "seconds": round(time.perf_counter() - t0, 2),
+            "inputs": {"model": folder_digest(model_dir)},
+            "options": {"recipe": recipe.name, "method": recipe.method, "scheme": recipe.scheme, "format": recipe.format,
+                        "ignore": recipe.ignore, "calibration": vars(recipe.calibration) if recipe.calibration else None},
+            "versions": tool_versions(),
+            "metrics": {"layers_quantized": swapped, "ignored_layers": ignored, **quality},
+            "gates": limits, "failed_gates": failed, "warnings": warnings,
+            "status": "failed" if failed else "ok",
+        }
+        write_manifest(tmp, step, parent=model_dir, known_sha256=sha)
+    return {"output": str(out.absolute()), **step}
+
+
+def _write(source: Checkpoint, recipe: Recipe, targets: list[str], amax: dict[str, float], folder: Path) -> dict[str, str]:
+    """Stream the checkpoint: target weights become fp8 + scales, everything else is copied."""
+    weights = {n + ".weight": n for n in targets}
+    plan: list[PlannedTensor] = []
+    for file in source.weight_files:
+        for name in source.store.names_in(file):
+            info = source.store.tensors[name]
+            if name in weights:
+                plan.append(PlannedTensor(name, fp8.FP8, info.shape))
+                plan.append(PlannedTensor(weights[name] + ".weight_scale", torch.float32, ()))
+                if recipe.scheme == "static":
+                    plan.append(PlannedTensor(weights[name] + ".input_scale", torch.float32, ()))
+            else:
+                plan.append(PlannedTensor(name, info.dtype, info.shape))
+    writer = StreamedWriter(folder, plan_shards(plan, source.largest_file_bytes))
+    for file in source.weight_files:
+        for name in source.store.names_in(file):
+            tensor = source.store.get(name)
+            if name not in weights:
+                writer.write(name, tensor)
+                continue
+            q, scale = fp8.quantize_weight(tensor)
+            writer.write(name, q)
+            writer.write(weights[name] + ".weight_scale", scale)
+            if recipe.scheme == "static":
+                writer.write(weights[name] + ".input_scale", fp8.input_scale(amax[weights[name]]))
+    return writer.sha256
+
+
+def _quality(reference: torch.Tensor, quantized: torch.Tensor, blocks: torch.Tensor) -> dict:
+    m = compare_logits(reference, quantized)
+    ppl_source, ppl_quant = perplexity(reference, blocks), perplexity(quantized, blocks)
+    return {
+        "eval_tokens": int(blocks.numel()),
+        "ppl_source": round(ppl_source, 4), "ppl_quantized": round(ppl_quant, 4),
+        "ppl_delta": round(ppl_quant / ppl_source - 1, 5),
+        "mean_kl": m["mean_kl"], "top1_agreement": m["top1_agreement"],
+    }
+
+
+def _failed_gates(quality: dict, limits: dict) -> list[str]:
+    checks = {
+        "max_ppl_delta": quality["ppl_delta"] <= limits["max_ppl_delta"],
+        "max_kl": quality["mean_kl"] <= limits["max_kl"],
+        "min_top1": quality["top1_agreement"] >= limits["min_top1"],
+    }
+    return [name for name, ok in checks.items() if not ok]
