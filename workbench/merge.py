@@ -8,7 +8,6 @@ a time; every check runs before the output folder is created.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import time
@@ -37,6 +36,7 @@ from .checkpoint import (
     write_json,
 )
 from .errors import BadInput
+from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -401,7 +401,9 @@ def run_merge(
     planned = [PlannedTensor(o.name, plan.dtype if _is_float(o, plan) else _dtype(o, plan), _shape(o, plan.base, plan.adapter)) for o in plan.outputs]
     shards = plan_shards(planned, max_shard_bytes or plan.base.largest_file_bytes)
     probe: dict = {}
-    with _torch_threads(1), ThreadPoolExecutor(1) as pool, atomic_output_dir(out, force) as tmp:
+    # the merge is memory-bound and sha256 runs on two worker threads: one intra-op thread leaves the
+    # second core to them (1.1B model, 2 cores: 4.1 s with 1 thread, 4.5 s with 2)
+    with torch_threads(1), ThreadPoolExecutor(1) as pool, atomic_output_dir(out, force) as tmp:
         # input hashes overlap the merge (hashlib releases the GIL)
         digests = [pool.submit(folder_digest, p) for p in (plan.base.path, plan.adapter_dir)]
         writer = StreamedWriter(tmp, shards)
@@ -435,18 +437,6 @@ def run_merge(
         }
         write_manifest(tmp, step, parent=plan.base.path, known_sha256=writer.sha256)
     return step
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """The merge is memory-bound and sha256 runs on two worker threads; one intra-op thread leaves the
-    second core to them (1.1B model, 2 cores: 4.1 s with 1 thread, 4.5 s with 2)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _is_float(o: OutputTensor, plan: MergePlan) -> bool:

@@ -33,6 +33,8 @@ class Recipe:
     ignore: list[str] = field(default_factory=lambda: ["lm_head"])
     calibration: Calibration | None = None
     format: str = "fp8"
+    actorder: str | None = "static"  # GPTQ activation ordering
+    smoothing_strength: float = 0.8  # SmoothQuant, for w8a8
     name: str = ""
     source: str = ""  # the YAML text, copied into the artifact
 
@@ -47,15 +49,19 @@ class Recipe:
         return validate(recipe)
 
 
-# key -> (type, allowed values or None)
+# key -> accepted types
 SCHEMA = {
-    "method": (str, ("fp8",)),
-    "scheme": (str, ("static", "dynamic")),
-    "targets": (list, None),
-    "ignore": (list, None),
-    "calibration": (dict, None),
-    "format": (str, ("fp8",)),
+    "method": (str,), "scheme": (str,), "targets": (list,), "ignore": (list,), "calibration": (dict,),
+    "format": (str,), "actorder": (str, type(None)), "smoothing_strength": (float, int),
 }
+# method -> (schemes, formats); the first format is the default. Only FP8 has the seed's own "fp8" format.
+METHODS = {
+    "fp8": (("static", "dynamic"), ("fp8", "compressed-tensors")),
+    "gptq": (("w4a16",), ("compressed-tensors",)),
+    "awq": (("w4a16",), ("compressed-tensors",)),
+    "w8a8": (("w8a8",), ("compressed-tensors",)),
+}
+NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8")}
 CALIBRATION_SCHEMA = {"data": str, "field": str, "samples": int, "seq_len": int, "seed": int, "chat_template": bool}
 
 
@@ -83,9 +89,9 @@ def load(method: str | None, path: Path | None) -> Recipe:
     for key, value in data.items():
         if key not in SCHEMA:
             raise BadInput(f"recipe {file}: unknown key {key!r} (known: {', '.join(SCHEMA)})")
-        kind, allowed = SCHEMA[key]
-        if not isinstance(value, kind):
-            raise BadInput(f"recipe {file}: {key} must be a {kind.__name__}, got {type(value).__name__}")
+        kinds = SCHEMA[key]
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            raise BadInput(f"recipe {file}: {key} must be a {kinds[0].__name__}, got {type(value).__name__}")
     cal = data.pop("calibration", None)
     if cal is not None:
         for key, value in cal.items():
@@ -98,18 +104,23 @@ def load(method: str | None, path: Path | None) -> Recipe:
     for key in ("method", "scheme", "targets"):
         if key not in data:
             raise BadInput(f"recipe {file}: missing key {key!r}")
+    if data["method"] in METHODS:
+        data.setdefault("format", METHODS[data["method"]][1][0])
     return validate(Recipe(**data, calibration=cal, name=file.stem, source=text))
 
 
 def validate(recipe: Recipe) -> Recipe:
-    for key in ("method", "scheme", "format"):
-        allowed = SCHEMA[key][1]
-        if getattr(recipe, key) not in allowed:
-            raise BadInput(f"recipe: {key} must be one of {', '.join(allowed)}, got {getattr(recipe, key)!r}")
+    if recipe.method not in METHODS:
+        raise BadInput(f"recipe: method must be one of {', '.join(METHODS)}, got {recipe.method!r}")
+    schemes, formats = METHODS[recipe.method]
+    if recipe.scheme not in schemes:
+        raise BadInput(f"recipe: scheme for {recipe.method} must be one of {', '.join(schemes)}, got {recipe.scheme!r}")
+    if recipe.format not in formats:
+        raise BadInput(f"recipe: format for {recipe.method} must be one of {', '.join(formats)}, got {recipe.format!r}")
     if recipe.targets != ["Linear"]:
         raise BadInput(f"recipe: targets must be [Linear] for {recipe.method}, got {recipe.targets}")
-    if recipe.scheme == "static" and recipe.calibration is None:
-        raise BadInput("recipe: static activation scales need a calibration section")
+    if (recipe.method, recipe.scheme) in NEEDS_CALIBRATION and recipe.calibration is None:
+        raise BadInput(f"recipe: {recipe.method} {recipe.scheme} needs a calibration section")
     cal = recipe.calibration
     if cal is not None and (cal.samples < 1 or cal.seq_len < 2):
         raise BadInput(f"recipe: calibration needs samples >= 1 and seq_len >= 2, got {cal.samples}, {cal.seq_len}")

@@ -1,0 +1,96 @@
+"""GPTQ, AWQ, INT8 W8A8 (and FP8 in the compressed-tensors format) through llm-compressor's ``oneshot``,
+written in the compressed-tensors format that vLLM and SGLang read. llm-compressor calibrates layer by
+layer (its sequential pipeline), so a model needs memory for its weights plus one layer's activations."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import EnvironmentProblem
+from .recipe import Recipe
+
+
+def _modifiers(recipe: Recipe) -> list:
+    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+    from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
+
+    ignore = list(recipe.ignore)
+    build = {
+        "gptq": lambda: [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore, actorder=recipe.actorder)],
+        "awq": lambda: [AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=ignore)],
+        "w8a8": lambda: [SmoothQuantModifier(smoothing_strength=recipe.smoothing_strength),
+                         GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)],
+        "fp8": lambda: [QuantizationModifier(targets="Linear", scheme="FP8" if recipe.scheme == "static" else "FP8_DYNAMIC",
+                                             ignore=ignore)],
+    }
+    return build[recipe.method]()
+
+
+def _cpu_without_pinning() -> None:
+    """llm-compressor pins its cached activations for faster host-to-GPU copies; without an accelerator
+    torch refuses to pin ("Cannot access accelerator device"), and pinning would buy nothing."""
+    if not torch.cuda.is_available():
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+
+
+@contextlib.contextmanager
+def _output_to(log: Path):
+    """Send this process's stdout and stderr (file descriptors, so loguru and tqdm too) to ``log``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(log, "ab") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
+
+def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, folder: Path) -> None:
+    """Quantize a fresh copy of the model (in its own dtype) and save it compressed into ``folder``.
+    llm-compressor's own output goes to a log, kept and named in the error only if it fails."""
+    log = Path(tempfile.mkstemp(prefix=f"workbench-{recipe.method}-", suffix=".log")[1])
+    try:
+        with _output_to(log):
+            from datasets import Dataset
+            from llmcompressor import oneshot
+            from transformers import AutoModelForCausalLM
+
+            _cpu_without_pinning()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+            kwargs = {}
+            if samples is not None:
+                data = {"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()}
+                kwargs = {"dataset": Dataset.from_dict(data), "max_seq_length": samples.shape[1],
+                          "num_calibration_samples": samples.shape[0]}
+            oneshot(model=model, recipe=_modifiers(recipe), **kwargs)
+            model.save_pretrained(folder, save_compressed=True)
+    except Exception as exc:  # llm-compressor raises many kinds; the log has its story
+        raise EnvironmentProblem(f"llm-compressor {recipe.method} failed: {str(exc).splitlines()[0]} (log: {log})") from None
+    log.unlink()
+
+
+def compressed_logits(folder: Path, blocks: torch.Tensor) -> torch.Tensor:
+    """Logits of the written artifact in transformers, float32 (compressed-tensors decompresses it)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..quality import model_logits
+
+    with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
+        return model_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), blocks)
