@@ -121,6 +121,22 @@ def test_ignore_prefix_expands_to_full_module_names(llama, tmp_path):
     assert tensors(out)["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
 
 
+def test_parquet_calibration_with_a_field(llama, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "cal.parquet"
+    pq.write_table(pa.table({"content": [f"class C{i}:\n    value = {i}\n" * 30 for i in range(10)]}), data)
+    out = tmp_path / "q"
+    result = run("quantize", llama, "--method", "fp8", "--calibration", data, "--field", "content", "--samples", "4",
+                 "--seq-len", "64", "--out", out)
+    assert result.exit_code == 0, result.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    one_error_line(run("quantize", llama, "--method", "fp8", "--calibration", data, "--field", "text", "--out", bad / "q"),
+                   "no readable 'text' column", bad)
+
+
 def test_jsonl_calibration_with_a_field(llama, tmp_path):
     data = tmp_path / "cal.jsonl"
     data.write_text("\n".join(json.dumps({"body": f"def f{i}(x):\n    return x * {i}\n" * 20}) for i in range(20)))

@@ -1,4 +1,4 @@
-"""Calibration and evaluation text: a local .txt / .jsonl file, or the embedded default (the Python
+"""Calibration and evaluation text: a local .txt / .jsonl / .parquet file, or the embedded default (the Python
 standard library's source, which every machine has). Samples are windows of seq_len tokens drawn with a
 seeded generator; the default evaluation text never overlaps the default calibration text."""
 
@@ -39,8 +39,15 @@ def load_texts(data: str, field: str) -> list[str]:
                 raise BadInput(f"calibration data {path}, line {n}: not a JSON object with a {field!r} field") from None
     elif path.suffix == ".txt":
         texts = [path.read_text(encoding="utf-8")]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            texts = [str(t) for t in pq.read_table(path, columns=[field]).column(field).to_pylist() if t is not None]
+        except (KeyError, ValueError, OSError) as exc:
+            raise BadInput(f"calibration data {path}: no readable {field!r} column ({str(exc).splitlines()[0]})") from None
     else:
-        raise BadInput(f"calibration data must be .txt or .jsonl, got {path.name}")
+        raise BadInput(f"calibration data must be .txt, .jsonl or .parquet, got {path.name}")
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise BadInput(f"calibration data is empty: {path}")

@@ -82,13 +82,17 @@ def quantize(
         on_event(f"warning: {w}")
 
     t0, started = time.perf_counter(), now()
+    phases: dict[str, float] = {}
     samples = None
     if recipe.calibration is not None and (recipe.method, recipe.scheme) in NEEDS_CALIBRATION:
         samples = calibration_samples(tokenizer, recipe.calibration)
     blocks = evaluation_blocks(tokenizer)
+    t = time.perf_counter()
     reference = model_logits(model, blocks)
+    phases["reference_logits"] = time.perf_counter() - t
 
     with atomic_output_dir(out, force) as tmp:
+        t = time.perf_counter()
         if recipe.format == "fp8":  # the seed's format, our own code
             amax = {}
             if samples is not None:
@@ -98,17 +102,23 @@ def quantize(
             config = dict(source.config)
             config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": recipe.scheme, "ignored_layers": ignored}
             write_json(tmp / CONFIG_NAME, config)
+            phases["quantize"] = time.perf_counter() - t
             on_event("evaluating the written artifact with vLLM's fp8 semantics")
+            t = time.perf_counter()
             written = TensorStore(sorted(tmp.glob("*.safetensors")))
             swapped = fp8.emulate(model, lambda n: written.get(n) if n in written else None)
             quantized = model_logits(model, blocks)
         else:  # llm-compressor -> compressed-tensors
+            del model  # llm-compressor loads its own copy in the checkpoint's dtype: free the float32 one first
             on_event(f"llm-compressor {recipe.method} {recipe.scheme} on {len(targets)} layers")
             with torch_threads(1):  # measured here: calibration under contention runs ~4x slower with 2 threads
                 compressor.run_oneshot(model_dir, replace(recipe, ignore=ignored), samples, tmp)
             sha, swapped = {}, len(targets)
+            phases["quantize"] = time.perf_counter() - t
             on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
+            t = time.perf_counter()
             quantized = compressor.compressed_logits(tmp, blocks)
+        phases["quantized_logits"] = time.perf_counter() - t
         copy_side_files([(model_dir, n) for n in source.side_files() if not (tmp / n).exists()], tmp)
         (tmp / "recipe.yaml").write_text(recipe.source)
         quality = _quality(reference, quantized, blocks)
@@ -120,7 +130,8 @@ def quantize(
             "options": {"recipe": recipe.name, "method": recipe.method, "scheme": recipe.scheme, "format": recipe.format,
                         "ignore": recipe.ignore, "calibration": vars(recipe.calibration) if recipe.calibration else None},
             "versions": tool_versions(),
-            "metrics": {"layers_quantized": swapped, "ignored_layers": ignored, **quality},
+            "metrics": {"layers_quantized": swapped, "ignored_layers": ignored, **quality,
+                        "phase_seconds": {k: round(v, 2) for k, v in phases.items()}},
             "gates": limits, "failed_gates": failed, "warnings": warnings,
             "status": "failed" if failed else "ok",
         }

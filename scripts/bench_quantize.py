@@ -1,0 +1,86 @@
+"""Benchmark: FP8-static with `workbench quantize` (own code, vLLM's fp8 format) vs. llm-compressor's FP8
+scheme (oneshot + save, compressed-tensors), same model, same calibration samples, in one run.
+
+`workbench quantize` also measures the artifact against its source (two extra forward passes over the
+held-out text); its manifest times each phase, so the ratio is given for the quantization itself
+(calibration + writing) and for the whole command.
+
+    .venv/bin/python scripts/bench_quantize.py [--samples 16] [--seq-len 128] [--json out/bench_quantize.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from benchlib import measure, save, warm  # noqa: E402
+
+LLMCOMPRESSOR_FP8 = """
+import sys, time, torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
+sys.path.insert(0, sys.argv[1])
+from workbench.quantize.calibration import default_text, token_windows
+model_dir, out, samples, seq_len = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+torch.set_num_threads(1)
+ids = token_windows(AutoTokenizer.from_pretrained(model_dir), [default_text("calibration")], samples, seq_len, 0)
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+oneshot(model=model, dataset=data, recipe=[QuantizationModifier(targets="Linear", scheme="FP8", ignore=["lm_head"])],
+        max_seq_length=seq_len, num_calibration_samples=samples)
+model.save_pretrained(out, save_compressed=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    base = Path(subprocess.run([sys.executable, str(HERE / "make_synthetic.py")], check=True, capture_output=True,
+                               text=True).stdout.split()[0])
+    tokenizer = Path(subprocess.run([sys.executable, str(HERE / "fixtures.py"), "--path"], check=True, capture_output=True,
+                                    text=True).stdout.split()[-1]) / "tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer / name).exists():
+            shutil.copy2(tokenizer / name, base / name)
+    work = Path(tempfile.mkdtemp(prefix="bench-quantize-", dir=base.parent))
+    samples, seq_len = str(args.samples), str(args.seq_len)
+    try:
+        warm(base)
+        ours = measure([str(Path(sys.executable).parent / "workbench"), "quantize", str(base), "--method", "fp8",
+                        "--samples", samples, "--seq-len", seq_len, "--out", str(work / "wb"), "-q"])
+        phases = json.loads((work / "wb" / "workbench.json").read_text())["steps"][-1]["metrics"]["phase_seconds"]
+        shutil.rmtree(work / "wb")
+        warm(base)
+        theirs = measure([sys.executable, "-c", LLMCOMPRESSOR_FP8, str(HERE.parent), str(base), str(work / "lc"), samples, seq_len])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    evaluation = phases.get("reference_logits", 0) + phases.get("quantized_logits", 0)
+    summary = {
+        "model": "synthetic TinyLlama-1.1B shape, bf16", "calibration": f"{samples} x {seq_len} tokens",
+        "workbench": {**ours, "phase_seconds": phases}, "llmcompressor_fp8": theirs,
+        "ratio_total": round(ours["seconds"] / theirs["seconds"], 3),
+        "ratio_without_quality_report": round((ours["seconds"] - evaluation) / theirs["seconds"], 3),
+    }
+    print(f"workbench quantize fp8-static: {ours['seconds']:.1f}s, peak RSS {ours['peak_rss_mib']:.0f} MiB "
+          f"(of which quality report {evaluation:.1f}s)")
+    print(f"llm-compressor FP8 oneshot + save: {theirs['seconds']:.1f}s, peak RSS {theirs['peak_rss_mib']:.0f} MiB")
+    print(f"ratio {summary['ratio_without_quality_report']:.2f}x without the quality report, {summary['ratio_total']:.2f}x in all "
+          "(target <= 0.5)")
+    save(args.json, summary)
+
+
+if __name__ == "__main__":
+    main()
