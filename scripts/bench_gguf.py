@@ -19,21 +19,14 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib import measure, save, warm  # noqa: E402
+from benchlib import measure, save, synthetic_model_with_tokenizer, warm  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    # made in child processes: this parent stays small (a forked child's ru_maxrss starts at the parent's)
-    base = Path(subprocess.run([sys.executable, str(HERE / "make_synthetic.py")], check=True, capture_output=True,
-                               text=True).stdout.split()[0])
-    tokenizer = Path(subprocess.run([sys.executable, str(HERE / "fixtures.py"), "--path"], check=True, capture_output=True,
-                                    text=True).stdout.split()[-1]) / "tokenizer"
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer / name).exists():
-            shutil.copy2(tokenizer / name, base / name)
+    base = synthetic_model_with_tokenizer()
     subprocess.run([sys.executable, str(HERE / "llamacpp_converter.py"), "--help"], check=True, capture_output=True)  # fetch once
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-", dir=base.parent))
     workbench = str(Path(sys.executable).parent / "workbench")

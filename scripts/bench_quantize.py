@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from benchlib import measure, save, warm  # noqa: E402
+from benchlib import measure, save, synthetic_model_with_tokenizer, warm  # noqa: E402
 
 LLMCOMPRESSOR_FP8 = """
 import sys, time, torch
@@ -48,13 +47,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    base = Path(subprocess.run([sys.executable, str(HERE / "make_synthetic.py")], check=True, capture_output=True,
-                               text=True).stdout.split()[0])
-    tokenizer = Path(subprocess.run([sys.executable, str(HERE / "fixtures.py"), "--path"], check=True, capture_output=True,
-                                    text=True).stdout.split()[-1]) / "tokenizer"
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (tokenizer / name).exists():
-            shutil.copy2(tokenizer / name, base / name)
+    base = synthetic_model_with_tokenizer()
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-", dir=base.parent))
     samples, seq_len = str(args.samples), str(args.seq_len)
     try:

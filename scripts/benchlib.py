@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
 
 
 def measure(argv: list[str]) -> dict:
@@ -37,3 +41,18 @@ def save(path: Path | None, summary: dict) -> None:
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def synthetic_model_with_tokenizer() -> Path:
+    """The synthetic 1.1B Llama (scripts/make_synthetic.py) with the fixture tokenizer copied in (2048 tokens,
+    padded to its 32000 by the tools). Both are made in child processes: the caller stays small."""
+    def path_from(script: str, *args: str) -> str:
+        done = subprocess.run([sys.executable, str(HERE / script), *args], check=True, capture_output=True, text=True)
+        return done.stdout.split()[0 if script == "make_synthetic.py" else -1]
+
+    base = Path(path_from("make_synthetic.py"))
+    tokenizer = Path(path_from("fixtures.py", "--path")) / "tokenizer"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (tokenizer / name).exists():
+            shutil.copy2(tokenizer / name, base / name)
+    return base
