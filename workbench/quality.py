@@ -26,15 +26,37 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
     }
 
 
-def perplexity(logits: torch.Tensor, tokens: torch.Tensor) -> float:
-    """Perplexity of ``tokens`` [batch, seq] under ``logits`` [batch, seq, vocab] (next-token prediction)."""
-    logp = torch.log_softmax(logits[:, :-1].double(), -1)
-    nll = -logp.gather(-1, tokens[:, 1:, None]).mean()
-    return math.exp(float(nll))
-
-
 @torch.inference_mode()
 def model_logits(model, blocks: torch.Tensor, batch: int = 8) -> torch.Tensor:
     """Logits of a transformers/peft causal LM on token blocks, in float32."""
     model.eval()
     return torch.cat([model(input_ids=b).logits.float() for b in blocks.split(batch)])
+
+
+@torch.inference_mode()
+def compare_with_reference(reference_logits: torch.Tensor, candidate, blocks: torch.Tensor, batch: int = 2) -> dict[str, float]:
+    """A model against stored reference logits on the same token blocks, batch by batch (memory: the stored
+    float32 logits and a few batches, not every logit in float64 at once): perplexity of both, mean
+    KL(reference || candidate), top-1 agreement, max relative error."""
+    candidate.eval()
+    sums = {"kl": 0.0, "top1": 0, "nll_ref": 0.0, "nll_cand": 0.0, "max_diff": 0.0, "max_ref": 0.0}
+    for start in range(0, blocks.shape[0], batch):
+        chunk = blocks[start:start + batch]
+        ref = reference_logits[start:start + batch].double()
+        cand = candidate(input_ids=chunk).logits.double()
+        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
+        sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
+        sums["top1"] += int((ref.argmax(-1) == cand.argmax(-1)).sum())
+        target = chunk[:, 1:, None]
+        sums["nll_ref"] -= float(log_p[:, :-1].gather(-1, target).sum())
+        sums["nll_cand"] -= float(log_q[:, :-1].gather(-1, target).sum())
+        sums["max_diff"] = max(sums["max_diff"], float((ref - cand).abs().max()))
+        sums["max_ref"] = max(sums["max_ref"], float(ref.abs().max()))
+    positions, predicted = blocks.numel(), blocks.shape[0] * (blocks.shape[1] - 1)
+    return {
+        "ppl_source": math.exp(sums["nll_ref"] / predicted),
+        "ppl_quantized": math.exp(sums["nll_cand"] / predicted),
+        "mean_kl": sums["kl"] / positions,
+        "top1_agreement": sums["top1"] / positions,
+        "max_rel_error": sums["max_diff"] / max(sums["max_ref"], 1e-30),
+    }

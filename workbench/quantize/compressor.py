@@ -86,11 +86,13 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
     log.unlink()
 
 
-def compressed_logits(folder: Path, blocks: torch.Tensor) -> torch.Tensor:
-    """Logits of the written artifact in transformers, float32 (compressed-tensors decompresses it)."""
+def compare_written(folder: Path, reference_logits: torch.Tensor, blocks: torch.Tensor) -> dict[str, float]:
+    """The written artifact (loaded in transformers, float32: compressed-tensors decompresses it) against the
+    source's logits; its loading output is captured."""
     from transformers import AutoModelForCausalLM
 
-    from ..quality import model_logits
+    from ..quality import compare_with_reference
 
     with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
-        return model_logits(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), blocks)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return compare_with_reference(reference_logits, model, blocks)

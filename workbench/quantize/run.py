@@ -16,7 +16,7 @@ from ..checkpoint import (
 from ..errors import BadInput
 from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
-from ..quality import compare_logits, model_logits, perplexity
+from ..quality import compare_with_reference, model_logits
 from . import compressor, fp8
 from .calibration import calibration_samples, evaluation_blocks
 from .recipe import NEEDS_CALIBRATION, Recipe, load
@@ -107,7 +107,7 @@ def quantize(
             t = time.perf_counter()
             written = TensorStore(sorted(tmp.glob("*.safetensors")))
             swapped = fp8.emulate(model, lambda n: written.get(n) if n in written else None)
-            quantized = model_logits(model, blocks)
+            measured = compare_with_reference(reference, model, blocks)
         else:  # llm-compressor -> compressed-tensors
             del model  # llm-compressor loads its own copy in the checkpoint's dtype: free the float32 one first
             on_event(f"llm-compressor {recipe.method} {recipe.scheme} on {len(targets)} layers")
@@ -117,11 +117,11 @@ def quantize(
             phases["quantize"] = time.perf_counter() - t
             on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
             t = time.perf_counter()
-            quantized = compressor.compressed_logits(tmp, blocks)
+            measured = compressor.compare_written(tmp, reference, blocks)
         phases["quantized_logits"] = time.perf_counter() - t
         copy_side_files([(model_dir, n) for n in source.side_files() if not (tmp / n).exists()], tmp)
         (tmp / "recipe.yaml").write_text(recipe.source)
-        quality = _quality(reference, quantized, blocks)
+        quality = _quality(measured, blocks)
         limits = {**DEFAULT_GATES.get(recipe.name, FALLBACK_GATES), **(gates or {})}
         failed = _failed_gates(quality, limits)
         step = {
@@ -168,13 +168,11 @@ def _write(source: Checkpoint, recipe: Recipe, targets: list[str], amax: dict[st
     return writer.sha256
 
 
-def _quality(reference: torch.Tensor, quantized: torch.Tensor, blocks: torch.Tensor) -> dict:
-    m = compare_logits(reference, quantized)
-    ppl_source, ppl_quant = perplexity(reference, blocks), perplexity(quantized, blocks)
+def _quality(m: dict, blocks: torch.Tensor) -> dict:
     return {
         "eval_tokens": int(blocks.numel()),
-        "ppl_source": round(ppl_source, 4), "ppl_quantized": round(ppl_quant, 4),
-        "ppl_delta": round(ppl_quant / ppl_source - 1, 5),
+        "ppl_source": round(m["ppl_source"], 4), "ppl_quantized": round(m["ppl_quantized"], 4),
+        "ppl_delta": round(m["ppl_quantized"] / m["ppl_source"] - 1, 5),
         "mean_kl": m["mean_kl"], "top1_agreement": m["top1_agreement"],
     }
 
