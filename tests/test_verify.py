@@ -217,3 +217,21 @@ def test_sglang_real_run_where_a_gpu_and_sglang_exist(merged, tmp_path):
         pytest.skip("WORKBENCH_SGLANG_PYTHON is not set: no SGLang environment to run")
     result = run("verify", merged, "--server", "sglang", "--tp", "1", "--report", tmp_path / "r")
     assert result.exit_code == 0, result.output + result.stderr
+
+
+def test_ctrl_c_during_start_up_leaves_no_process(merged, tmp_path):
+    import signal
+    import time
+
+    marker = f"wb-int-{uuid.uuid4().hex}"
+    engine = stand_in_engine(tmp_path, f"sh -c 'sleep 300; : {marker}' &\nexec sh -c 'sleep 301; : {marker}'")
+    workbench = os.path.join(os.path.dirname(sys.executable), "workbench")
+    proc = subprocess.Popen([workbench, "verify", str(merged), "--server", "vllm", "--python", str(engine),
+                             "--timeout", "120", "--report", str(tmp_path / "r")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout, "the stand-in engine never started"
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130 and "interrupted" in proc.stderr.read()
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
