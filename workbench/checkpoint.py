@@ -80,10 +80,10 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return numel(self.shape) * _itemsize(self.dtype)
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def numel(shape: tuple[int, ...]) -> int:
     n = 1
     for d in shape:
         n *= d
@@ -155,7 +155,7 @@ def _read_header(file: Path) -> list[TensorInfo]:
             start, stop = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise BadInput(f"corrupt safetensors file {file}: bad entry for tensor {name}") from None
-        if stop - start != _numel(shape) * _itemsize(dtype) or start < 0:
+        if stop - start != numel(shape) * _itemsize(dtype) or start < 0:
             raise BadInput(f"corrupt safetensors file {file}: tensor {name} has the wrong byte length")
         if base + stop > size:
             raise BadInput(f"truncated safetensors file {file}: tensor {name} ends past the end of the file")
@@ -292,7 +292,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * _itemsize(self.dtype)
+        return numel(self.shape) * _itemsize(self.dtype)
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:

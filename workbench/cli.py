@@ -278,5 +278,35 @@ def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout,
         sys.exit(1)
 
 
+@cli.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tp", "tps", default="1,2,4,8", show_default=True, callback=lambda c, p, v: _tp_list(v),
+              help="TP sizes for the preflight table.")
+@click.option("--check", is_flag=True, help="Re-hash every file against workbench.json; exit 1 on any difference.")
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON on stdout.")
+def inspect_cmd(path, tps, check, as_json):
+    """What PATH (a model folder or a .gguf file) is and how it was made.
+
+    Architecture, dtype, parameter count, size on disk, quantization summary, the TP preflight table, and
+    the steps of its workbench.json manifest. --check re-hashes every file the manifest lists.
+    """
+    from .inspect import inspect
+
+    info = inspect(path, tps, check)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key in ("path", "architecture", "dtype", "file_type", "parameters", "size_bytes", "shards", "tensors", "quantization"):
+        if info.get(key) is not None:
+            click.echo(f"{key:13} {info[key]}")
+    for tp, reasons in (info.get("tp_preflight") or {}).items():
+        click.echo(f"tp={tp:<10} {'loads' if not reasons else 'refused: ' + '; '.join(reasons)}")
+    for s in info["steps"]:
+        metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(s["metrics"].items())[:6])
+        click.echo(f"step {s['verb']:13} {s['status'] or '':7} {s['started'] or ''}  {metrics}")
+    if check:
+        click.echo(f"check: {info['check']['files']} files match the manifest")
+
+
 def main():
     cli(prog_name="workbench")

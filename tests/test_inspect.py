@@ -1,0 +1,62 @@
+"""`workbench inspect`: what an artifact is, how it was made, and --check against its manifest."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run
+from workbench.checkpoint import Checkpoint, numel
+
+
+@pytest.fixture
+def merged(llama, llama_lora, tmp_path):
+    out = tmp_path / "merged"
+    assert run("merge", llama, llama_lora, "--out", out, "-q").exit_code == 0
+    return out
+
+
+def flip_a_byte(path, offset=-10):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_inspect_a_folder(merged, llama):
+    result = run("inspect", merged, "--json", "--tp", "1,2,3")
+    assert result.exit_code == 0
+    info = json.loads(result.output)
+    assert info["architecture"] == "LlamaForCausalLM" and info["dtype"] == "bfloat16" and info["shards"] == 3
+    assert info["parameters"] == sum(numel(t.shape) for t in Checkpoint(llama).store.tensors.values())
+    assert info["tp_preflight"]["2"] == [] and "num_attention_heads 8 not divisible by tp 3" in info["tp_preflight"]["3"][0]
+    assert [s["verb"] for s in info["steps"]] == ["merge"] and info["steps"][0]["metrics"]["lora_modules_merged"] == 28
+
+
+def test_check_catches_a_flipped_byte_a_missing_and_an_extra_file(merged):
+    assert run("inspect", merged, "--check").exit_code == 0
+    shard = sorted(merged.glob("model-*.safetensors"))[1]
+    flip_a_byte(shard)
+    result = run("inspect", merged, "--check")
+    assert result.exit_code == 1 and f"{shard.name}: sha256 differs from the manifest" in result.stderr
+    flip_a_byte(shard)  # back
+    (merged / "notes.txt").write_text("x")
+    (merged / "tokenizer.json").unlink()
+    result = run("inspect", merged, "--check")
+    assert result.exit_code == 1 and "tokenizer.json: missing" in result.stderr and "notes.txt: not in the manifest" in result.stderr
+
+
+def test_inspect_and_check_a_gguf(llama, tmp_path):
+    out = tmp_path / "m.gguf"
+    assert run("convert", "gguf", llama, "--outtype", "q8_0", "--out", out, "-q").exit_code == 0
+    info = json.loads(run("inspect", out, "--check", "--json").output)
+    assert info["kind"] == "gguf" and info["file_type"] == "MOSTLY_Q8_0" and info["tensors"] == 39 and info["check"]["ok"]
+    flip_a_byte(out)
+    assert run("inspect", out, "--check").exit_code == 1
+
+
+def test_check_without_a_manifest(llama, copy_of):
+    model = copy_of(llama, "plain")
+    result = run("inspect", model, "--check")
+    assert result.exit_code == 2 and "no manifest to check against" in result.stderr
+    assert run("inspect", model.parent / "nope").exit_code == 2

@@ -1,0 +1,91 @@
+"""`workbench inspect`: what an artifact is (architecture, dtype, parameters, size, quantization, which TP
+sizes will load) and how it was made (its manifest's steps); ``check`` re-hashes every file the manifest
+lists and fails on any difference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import MANIFEST_NAME, Checkpoint, numel, sha256_file
+from .errors import ArtifactFailed, BadInput
+from .manifest import manifest_path, read_manifest
+from .verify.preflight import preflight
+
+
+def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"artifact not found: {path}")
+    info = _gguf(path) if path.is_file() else _folder(path, tps)
+    manifest = read_manifest(path)
+    info["steps"] = [
+        {"verb": s.get("verb"), "started": s.get("started"), "status": s.get("status"), "seconds": s.get("seconds"),
+         "metrics": {k: v for k, v in (s.get("metrics") or {}).items() if not isinstance(v, (dict, list))}}
+        for s in (manifest or {}).get("steps", [])
+    ]
+    if check:
+        info["check"] = _check(path, manifest)
+    return info
+
+
+def _folder(path: Path, tps: list[int]) -> dict:
+    ckpt = Checkpoint(path)
+    config = ckpt.config
+    qc = config.get("quantization_config") or {}
+    table = {}
+    try:
+        table = {str(tp): reasons for tp, reasons in preflight(config, tps).items()}
+    except (KeyError, ValueError, TypeError):
+        table = {}  # not a decoder config the preflight knows
+    return {
+        "path": str(path.absolute()), "kind": "folder",
+        "architecture": (config.get("architectures") or ["?"])[0],
+        "dtype": str(ckpt.dtype).removeprefix("torch."),
+        "parameters": sum(numel(t.shape) for t in ckpt.store.tensors.values()),
+        "size_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
+        "shards": len(ckpt.weight_files),
+        "quantization": {k: qc[k] for k in ("quant_method", "activation_scheme", "ignored_layers", "format", "ignore") if k in qc} or None,
+        "tp_preflight": table,
+    }
+
+
+def _gguf(path: Path) -> dict:
+    if path.suffix != ".gguf":
+        raise BadInput(f"not a model folder or .gguf file: {path}")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, OSError) as exc:
+        raise BadInput(f"not a readable GGUF file: {path}: {exc}") from None
+    field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    arch = field("general.architecture")
+    file_type = field("general.file_type")
+    return {
+        "path": str(path.absolute()), "kind": "gguf", "architecture": arch,
+        "file_type": gguf.LlamaFileType(file_type).name if file_type is not None else None,
+        "parameters": sum(int(t.n_elements) for t in reader.tensors), "size_bytes": path.stat().st_size,
+        "tensors": len(reader.tensors), "context_length": field(f"{arch}.context_length"),
+    }
+
+
+def _check(path: Path, manifest: dict | None) -> dict:
+    if manifest is None:
+        raise BadInput(f"no manifest to check against: {manifest_path(path)}")
+    folder = path if path.is_dir() else path.parent
+    problems = []
+    for name, entry in manifest.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif file.stat().st_size != entry["size"]:
+            problems.append(f"{name}: size {file.stat().st_size}, manifest says {entry['size']}")
+        elif sha256_file(file) != entry["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    if path.is_dir():
+        listed = set(manifest.get("files", {})) | {MANIFEST_NAME}
+        problems += [f"{p.name}: not in the manifest" for p in sorted(path.iterdir()) if p.is_file() and p.name not in listed]
+    if problems:
+        raise ArtifactFailed(f"{path}: {len(problems)} file(s) differ from the manifest: {'; '.join(problems)}")
+    return {"files": len(manifest.get("files", {})), "ok": True}
+
