@@ -68,6 +68,13 @@ def copy_of(tmp_path):
     return _copy
 
 
+def assert_one_line_error(result, code: int, message: str) -> None:
+    """The error contract: exit ``code``, and exactly one stderr line, "error: ...", containing ``message``."""
+    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
 def leftovers(folder: Path) -> list[str]:
     """Names in a folder that a failed run must not leave: partial output folders."""
     return sorted(p.name for p in folder.iterdir() if ".partial-" in p.name or p.name.endswith("-merged"))

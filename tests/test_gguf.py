@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import run
+from conftest import assert_one_line_error, run
 from llamacpp import run_llamacpp
 from workbench.convert.gguf import gguf_metadata
 from workbench.quality import compare_logits
@@ -118,9 +118,7 @@ def test_metadata_round_trip(llama, qwen2, tmp_path):
 # ---------------------------------------------------------------- bad input: one line, exit 2, no partial file
 
 def one_error_line(result, message, folder):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert_one_line_error(result, 2, message)
     assert not [p.name for p in folder.iterdir() if p.suffix == ".gguf" or ".partial-" in p.name]
 
 

@@ -10,7 +10,7 @@ import torch
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from conftest import leftovers, run
+from conftest import assert_one_line_error, leftovers, run
 from workbench.checkpoint import sha256_file
 
 
@@ -91,9 +91,7 @@ def test_warns_when_the_adapter_names_another_base(llama, llama_lora, copy_of, t
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 def assert_bad_input(result, message, parent):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert_one_line_error(result, 2, message)
     assert leftovers(parent) == [], leftovers(parent)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import run
+from conftest import assert_one_line_error, run
 from workbench.checkpoint import Checkpoint
 from workbench.quantize import fp8
 from workbench.quantize.calibration import calibration_samples
@@ -206,9 +206,7 @@ def test_w8a8_served_by_vllm_against_its_source(compressed, llama, tmp_path, fig
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 def one_error_line(result, message, folder):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert_one_line_error(result, 2, message)
     assert not [p.name for p in folder.iterdir() if p.name.startswith(("q", ".q"))]
 
 

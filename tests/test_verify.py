@@ -12,17 +12,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import run
+from conftest import assert_one_line_error, run
 from workbench.verify.launch import Server
 from workbench.verify.servers import ENGINES, multinode_commands
 
 EAGER = "--extra-arg=--enforce-eager"  # CPU CI: skip torch.compile (ready in ~20-50 s instead of ~90)
-
-
-def one_error_line(result, code, message):
-    assert result.exit_code == code, (result.exit_code, result.output, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +56,7 @@ def test_vllm_command_line_and_tp_environment():
 def test_sglang_needs_a_gpu_or_says_why(merged):
     if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
         pytest.skip("a GPU is visible: the SGLang refusal does not apply")
-    one_error_line(run("verify", merged, "--server", "sglang"), 3, "sglang needs a CUDA GPU")
+    assert_one_line_error(run("verify", merged, "--server", "sglang"), 3, "sglang needs a CUDA GPU")
 
 
 def test_multinode_commands_are_printed():
@@ -91,20 +85,20 @@ def test_tp_the_artifact_cannot_load_is_refused_without_starting(llama, tmp_path
 
 
 def test_artifact_missing_or_invalid(tmp_path):
-    one_error_line(run("verify", tmp_path / "missing", "--server", "vllm"), 2, "model folder not found")
+    assert_one_line_error(run("verify", tmp_path / "missing", "--server", "vllm"), 2, "model folder not found")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{")
-    one_error_line(run("verify", tmp_path / "bad", "--server", "vllm"), 2, "config.json is not valid JSON")
+    assert_one_line_error(run("verify", tmp_path / "bad", "--server", "vllm"), 2, "config.json is not valid JSON")
 
 
 def test_llamacpp_needs_a_gguf_file(llama):
-    one_error_line(run("verify", llama, "--server", "llamacpp"), 2, "llamacpp serves a .gguf file")
+    assert_one_line_error(run("verify", llama, "--server", "llamacpp"), 2, "llamacpp serves a .gguf file")
 
 
 def test_engine_not_installed(merged):
     # this test environment's own Python has no vLLM
-    one_error_line(run("verify", merged, "--server", "vllm", "--python", sys.executable), 3, "vllm is not installed")
-    one_error_line(run("verify", merged, "--server", "vllm", "--python", "/nonexistent/python"), 3, "interpreter not found")
+    assert_one_line_error(run("verify", merged, "--server", "vllm", "--python", sys.executable), 3, "vllm is not installed")
+    assert_one_line_error(run("verify", merged, "--server", "vllm", "--python", "/nonexistent/python"), 3, "interpreter not found")
 
 
 def test_port_already_taken(merged, tmp_path):
@@ -113,7 +107,7 @@ def test_port_already_taken(merged, tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        one_error_line(run("verify", merged, "--server", "vllm", "--python", engine, "--port", port,
+        assert_one_line_error(run("verify", merged, "--server", "vllm", "--python", engine, "--port", port,
                            "--report", tmp_path / "r"), 2, f"port {port} on 127.0.0.1 is already in use")
 
 
