@@ -229,3 +229,26 @@ def test_ctrl_c_during_start_up_leaves_no_process(merged, tmp_path):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130 and "interrupted" in proc.stderr.read()
     assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
+
+
+def test_sigkill_of_the_workbench_takes_the_engine_group_down(merged, tmp_path):
+    import signal
+    import time
+
+    marker = f"wb-kill-{uuid.uuid4().hex}"
+    # the engine ignores SIGTERM and has a child of its own: only the guard's SIGKILL of the group ends them
+    engine = stand_in_engine(tmp_path, f"trap '' TERM\nsh -c 'trap \"\" TERM; sleep 300; : {marker}' &\n"
+                                       f"exec sh -c 'trap \"\" TERM; sleep 301; : {marker}'")
+    workbench = os.path.join(os.path.dirname(sys.executable), "workbench")
+    proc = subprocess.Popen([workbench, "verify", str(merged), "--server", "vllm", "--python", str(engine),
+                             "--timeout", "120", "--report", str(tmp_path / "r")], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout.split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout, "the stand-in engine never started"
+    proc.send_signal(signal.SIGKILL)  # no clean-up code of the workbench runs
+    proc.wait(timeout=10)
+    deadline = time.monotonic() + 30  # the guard's grace period is 10 s
+    while subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""

@@ -405,6 +405,7 @@ def copy_side_files(sources: list[tuple[Path, str]], folder: Path) -> None:
 # ---------------------------------------------------------------- atomic output folders
 
 _PARTIAL = ".partial-"
+_REPLACED = ".replaced-"
 
 
 @contextlib.contextmanager
@@ -447,7 +448,7 @@ def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
         raise
     old = None
     if final.exists():
-        old = parent / f".{final.name}.replaced-{os.getpid()}"
+        old = parent / f".{final.name}{_REPLACED}{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
@@ -462,7 +463,7 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:
-    for p in parent.glob(f".{name}{_PARTIAL}*"):
+    for p in [*parent.glob(f".{name}{_PARTIAL}*"), *parent.glob(f".{name}{_REPLACED}*")]:
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             _remove(p)

@@ -241,10 +241,13 @@ def _tp_list(value: str) -> list[int]:
 @click.option("--no-marlin", is_flag=True, help="Preflight for a deploy without Marlin kernels (e.g. CPU).")
 @click.option("--nodes", type=int, default=1, show_default=True,
               help="With N > 1, print the multi-node serving commands for this layout and exit (not run here).")
+@click.option("--min-token-agreement", type=float, help="Gate: smallest fraction of the engine's greedy tokens that are "
+              "the reference's top-1 (default by kind: 0.95 full precision, 0.9 8-bit, 0.8 4-bit).")
+@click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
 def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args, port,
-           force, preflight_only, no_marlin, nodes, as_json, quiet):
+           force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta, as_json, quiet):
     """Prove ARTIFACT loads and generates on a real engine under each TP size.
 
     Runs a static TP preflight (heads, KV heads, per-rank shapes against quantization group size, Marlin
@@ -263,7 +266,9 @@ def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout,
         return
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
-                        force, port, not no_marlin, preflight_only, dtype, say)
+                        force, port, not no_marlin, preflight_only, dtype, say,
+                        {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta))
+                         if v is not None})
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

@@ -395,8 +395,10 @@ def run_merge(
     max_shard_bytes: int | None = None,
     options: dict | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
+    record: dict | None = None,
 ) -> dict:
-    """Write the merged checkpoint to ``out`` (atomically) and return the step recorded in workbench.json."""
+    """Write the merged checkpoint to ``out`` (atomically) and return the step recorded in workbench.json
+    (with ``record``'s fields added: the release records its stage key there)."""
     started, t0 = now(), time.perf_counter()
     planned = [PlannedTensor(o.name, plan.dtype if _is_float(o, plan) else _dtype(o, plan), _shape(o, plan.base, plan.adapter)) for o in plan.outputs]
     shards = plan_shards(planned, max_shard_bytes or plan.base.largest_file_bytes)
@@ -434,6 +436,7 @@ def run_merge(
             },
             "warnings": plan.warnings,
             "status": "ok",
+            **(record or {}),
         }
         write_manifest(tmp, step, parent=plan.base.path, known_sha256=writer.sha256)
     return step

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256
 from ..errors import BadInput, EnvironmentProblem
 from ..hf import quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
+from ..verify.guard import set_parent_death_signal
 from ..verify.servers import ENGINES, check_installed, engine_python
 from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
 
@@ -272,7 +274,7 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
 def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int) -> None:
     ftype = int(OUTTYPES[outtype].file_type)
     result = subprocess.run([python, "-c", QUANTIZE_SCRIPT, str(source), str(target), str(ftype), str(threads)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
     if result.returncode != 0 or not target.exists():
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
         raise EnvironmentProblem(f"llama.cpp quantize to {outtype} failed (exit {result.returncode}): {tail}")
@@ -294,8 +296,9 @@ def convert_gguf(
     llamacpp_python: str | None = None,
     on_tensor: Callable[[int, int], None] | None = None,
     on_event: Callable[[str], None] = lambda message: None,
+    record: dict | None = None,
 ) -> list[dict]:
-    """Write one GGUF per outtype; returns one manifest step per file."""
+    """Write one GGUF per outtype; returns one manifest step per file (``record``'s fields added to each)."""
     model_dir = Path(model_dir)
     plan = plan_conversion(model_dir)
     paths = output_paths(model_dir, outtypes, out)
@@ -313,11 +316,12 @@ def convert_gguf(
     with ThreadPoolExecutor(1) as pool:
         # the input's hash overlaps the conversion (hashlib releases the GIL)
         input_digest = pool.submit(folder_digest, model_dir)
-        _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event)
+        _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event,
+                     record or {})
     return steps
 
 
-def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event) -> None:
+def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, record) -> None:
     def record(outtype: str, path: Path, t0: float, started: str, sha256: str) -> None:
         step = {
             "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
@@ -325,7 +329,7 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
             "versions": tool_versions(),
             "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": path.stat().st_size,
                         "pre_tokenizer": plan.pre_tokenizer},
-            "warnings": plan.warnings, "status": "ok",
+            "warnings": plan.warnings, "status": "ok", **record,
         }
         write_file_manifest(path, step, parent=model_dir, sha256=sha256)
         steps.append({"output": str(path), **step})

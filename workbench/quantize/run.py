@@ -48,8 +48,10 @@ def quantize(
     force: bool = False,
     gates: dict | None = None,
     on_event=lambda message: None,
+    record: dict | None = None,
 ) -> dict:
-    """Returns the manifest step; its status is "failed" when a quality gate failed (the artifact is kept)."""
+    """Returns the manifest step; its status is "failed" when a quality gate failed (the artifact is kept).
+    ``record``'s fields are added to the step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
@@ -134,6 +136,7 @@ def quantize(
                         "phase_seconds": {k: round(v, 2) for k, v in phases.items()}},
             "gates": limits, "failed_gates": failed, "warnings": warnings,
             "status": "failed" if failed else "ok",
+            **(record or {}),
         }
         write_manifest(tmp, step, parent=model_dir, known_sha256=sha)
     return {"output": str(out.absolute()), **step}

@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -19,6 +20,7 @@ from ..errors import BadInput, EnvironmentProblem
 from .servers import EngineSpec, engine_python, workbench_home
 
 HOST = "127.0.0.1"
+GUARD = str(Path(__file__).with_name("guard.py"))
 
 
 def free_port() -> int:
@@ -108,8 +110,9 @@ class Server:
         log = open(self.log_path, "wb")
         t0 = time.monotonic()
         try:
+            # the guard takes the engine's group down if this process dies without cleaning up
             self.proc = subprocess.Popen(
-                self.argv(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, "-I", "-S", GUARD, *self.argv()], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.environment(), start_new_session=True,
             )
         except OSError as exc:

@@ -124,8 +124,11 @@ def _greedy(client: Client, prompt: str, **kw) -> dict:
     return client.post("/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **kw})
 
 
-def run_probes(client: Client, reference: Reference | None, kind: str) -> list[Check]:
-    """All probes against one running server; each probe's failure is recorded, never raised."""
+def run_probes(client: Client, reference: Reference | None, kind: str, gates: dict | None = None) -> list[Check]:
+    """All probes against one running server; each probe's failure is recorded, never raised.
+    ``gates`` may override min_token_agreement and max_logprob_delta of the kind's defaults."""
+    min_agree = (gates or {}).get("min_token_agreement", MIN_TOKEN_AGREEMENT[kind])
+    max_delta = (gates or {}).get("max_logprob_delta", MAX_LOGPROB_DELTA[kind])
     checks: list[Check] = []
 
     def probe(name):
@@ -209,9 +212,9 @@ def run_probes(client: Client, reference: Reference | None, kind: str) -> list[C
         token_agreement = agree / max(scored, 1)
         metrics = {"greedy_text_agreement": equal / len(PROMPTS), "token_agreement": round(token_agreement, 4),
                    "tokens_scored": scored, "max_logprob_delta": round(max(deltas), 5) if deltas else None}
-        ok = token_agreement >= MIN_TOKEN_AGREEMENT[kind] and (not deltas or max(deltas) <= MAX_LOGPROB_DELTA[kind])
-        detail = (f"{agree}/{scored} tokens are the reference's top-1 (min {MIN_TOKEN_AGREEMENT[kind]:.0%} for {kind}), "
-                  f"max |Δlogprob| {metrics['max_logprob_delta']} (max {MAX_LOGPROB_DELTA[kind]}), "
+        ok = token_agreement >= min_agree and (not deltas or max(deltas) <= max_delta)
+        detail = (f"{agree}/{scored} tokens are the reference's top-1 (min {min_agree:.0%} for {kind}), "
+                  f"max |Δlogprob| {metrics['max_logprob_delta']} (max {max_delta}), "
                   f"{equal}/{len(PROMPTS)} greedy texts equal")
         return Check("reference", "passed" if ok else "failed", detail, metrics)
 

@@ -16,7 +16,7 @@ from .launch import EngineFailed, Server, port_in_use
 from .preflight import preflight, quant_of
 from .probes import Check, Client, Reference, run_probes
 from .report import write_reports
-from .servers import ENGINES, EngineSpec, check_installed, engine_python
+from .servers import ENGINES, EngineSpec, check_installed, engine_python, engine_version
 
 # quantization method -> artifact kind (which tolerances apply)
 KIND_BY_METHOD = {
@@ -59,9 +59,11 @@ def verify(
     preflight_only: bool = False,
     dtype: str | None = None,
     on_event=lambda message: None,
+    gates: dict | None = None,
 ) -> dict:
     """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
-    ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's)."""
+    ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's).
+    ``gates`` overrides the reference comparison's limits (min_token_agreement, max_logprob_delta)."""
     spec = ENGINES[engine]
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
@@ -82,6 +84,8 @@ def verify(
     ensure_gpu_engine(spec)
     python = engine_python(spec, python)
     check_installed(spec, python)
+    report["engine_version"] = engine_version(spec, python)
+    report["gates"] = gates or {}
     if port is not None and port_in_use(port):
         raise BadInput(f"port {port} on 127.0.0.1 is already in use")
     reference = Path(reference) if reference else default_reference(artifact, kind)
@@ -101,7 +105,7 @@ def verify(
                 on_event(f"tp={tp}: refused by preflight: {'; '.join(table[tp])}")
                 continue
             report["runs"].append(_serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, extra_args,
-                                                   report_dir, ready_timeout, pending_reference, kind, on_event))
+                                                   report_dir, ready_timeout, pending_reference, kind, on_event, gates))
     report["passed"] = all(c["status"] != "failed" for run in report["runs"] for c in run["checks"])
     report["finished"] = now()
     report["reports"] = {k: str(v) for k, v in write_reports(report_dir, report).items()}
@@ -109,7 +113,7 @@ def verify(
 
 
 def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, extra_args, report_dir, ready_timeout,
-                     pending_reference, kind, on_event) -> dict:
+                     pending_reference, kind, on_event, gates) -> dict:
     log = report_dir / "logs" / f"{spec.name}-tp{tp}.log"
     server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
                     extra_args=extra_args, log_path=log, ready_timeout=ready_timeout)
@@ -123,7 +127,7 @@ def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, ext
             startup = Check("startup", "passed", f"ready in {server.startup_seconds}s", seconds=server.startup_seconds)
             ref = pending_reference.result() if pending_reference else None
             client = Client(server.url, str(artifact), spec.request_extra)
-            run["checks"] = [startup.as_dict()] + [c.as_dict() for c in run_probes(client, ref, kind)]
+            run["checks"] = [startup.as_dict()] + [c.as_dict() for c in run_probes(client, ref, kind, gates)]
     except EngineFailed as exc:
         run["checks"] = [Check("startup", "failed", str(exc), seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)

