@@ -402,6 +402,20 @@ def copy_side_files(sources: list[tuple[Path, str]], folder: Path) -> None:
         shutil.copy2(src_dir / name, folder / name)
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """A shard size: bytes, or a string like 500MB, 2GB, 1.5GiB."""
+    if value is None or isinstance(value, int):
+        return value
+    m = _SIZE.match(value)
+    if not m:
+        raise BadInput(f"{value!r} is not a size like 500MB or 2GB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
+
+
 # ---------------------------------------------------------------- atomic output folders
 
 _PARTIAL = ".partial-"

@@ -7,27 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import sys
 from pathlib import Path
 
 import click
 
 from . import __version__
+from .checkpoint import parse_size
 from .errors import WorkbenchError
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(value: str | None) -> int | None:
-    if value is None:
-        return None
-    m = _SIZE.match(value)
-    if not m:
-        raise click.BadParameter(f"{value!r} is not a size like 500MB or 2GB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
-
 
 class _Group(click.Group):
     """Turns workbench errors into one line on stderr and their exit code."""
@@ -311,6 +298,63 @@ def inspect_cmd(path, tps, check, as_json):
         click.echo(f"step {s['verb']:13} {s['status'] or '':7} {s['started'] or ''}  {metrics}")
     if check:
         click.echo(f"check: {info['check']['files']} files match the manifest")
+
+
+@cli.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), help="Output root (overrides the file's `output`).")
+@click.option("--only", multiple=True, help="Run only these stages (ids or glob patterns like 'verify-*'; repeatable), "
+              "plus the unfinished artifacts they read.")
+@click.option("--force", is_flag=True, help="Redo the selected stages even when their outputs are up to date.")
+@click.option("--dry-run", is_flag=True, help="Print the plan: which stages would run and why, which are cached.")
+@click.option("--json", "as_json", is_flag=True, help="Print the release index (or with --dry-run the plan) as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="One line per finished stage and the verdict (for CI logs).")
+def release(file, out, only, force, dry_run, as_json, quiet):
+    """Run a release FILE (YAML): merge, quantize, convert and verify as it says, in dependency order.
+
+    A stage is skipped when its key (sha256 of its inputs' content, its options and recipe, the tool
+    and engine versions) equals the key recorded in its finished output, so a re-run after a failure or a
+    kill redoes only what is unfinished. Writes into the output root: one folder per artifact (GGUF files
+    share <name>-GGUF/) with workbench.json and a model card README.md, reports/ (per verification, plus
+    junit.xml and summary.md for CI) and release.json, the index of everything. Exit 0 when every stage
+    passed, 1 when an artifact failed a check, 2 for a bad release file or input, 3 for a missing engine.
+    """
+    from .release.console import ConsoleObserver
+    from .release.publish import table
+    from .release.run import plan, run_release
+    from .release.spec import load_release
+
+    spec = load_release(file, out)
+    if dry_run:
+        decisions = plan(spec, tuple(only), force)
+        if as_json:
+            click.echo(json.dumps([{"id": d.stage.id, "kind": d.stage.kind, "run": d.run, "reason": d.reason,
+                                    "key": d.key, "output": str(d.stage.output)} for d in decisions], indent=2))
+            return
+        for d in decisions:
+            click.echo(f"{'run ' if d.run else 'skip'}  {d.stage.id:28} {d.stage.kind:9} {d.reason}")
+        return
+    observer = ConsoleObserver(quiet, as_json)
+    try:
+        index = run_release(spec, tuple(only), force, observer)
+    finally:
+        observer.close()
+    if as_json:
+        click.echo(json.dumps(index, indent=2))
+    elif not quiet:
+        from rich.console import Console
+        from rich.table import Table
+
+        header, rows = table(index)
+        grid = Table(*header, title=f"release {index['name']}")
+        for row in rows:
+            grid.add_row(*row)
+        Console().print(grid)
+        click.echo(f"index: {index['reports']['index']}")
+    verdict = "PASSED" if index["passed"] else "FAILED"
+    click.echo(f"{verdict}: release {index['name']} ({sum(a['ready'] for a in index['artifacts'].values())}/"
+               f"{len(index['artifacts'])} artifacts ready) -> {index['output']}", err=True)
+    sys.exit(index["exit_code"])
 
 
 def main():

@@ -55,9 +55,9 @@ def read_manifest(artifact: Path) -> dict | None:
         return None
 
 
-def _write(target: Path, step: dict, parent: Path | None, files: list[Path], known_sha256: dict[str, str]) -> dict:
+def _write(target: Path, step: dict, parent: Path | None, files: dict[str, Path], known_sha256: dict[str, str]) -> dict:
     inherited = (read_manifest(parent) or {}).get("steps", []) if parent else []
-    entries = {p.name: {"sha256": known_sha256.get(p.name) or sha256_file(p), "size": p.stat().st_size} for p in files}
+    entries = {name: {"sha256": known_sha256.get(name) or sha256_file(p), "size": p.stat().st_size} for name, p in files.items()}
     manifest = {"workbench_manifest": FORMAT_VERSION, "steps": [*inherited, step], "files": entries}
     target.write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -66,10 +66,14 @@ def _write(target: Path, step: dict, parent: Path | None, files: list[Path], kno
 def write_manifest(folder: Path, step: dict, parent: Path | None, known_sha256: dict[str, str]) -> dict:
     """Write ``folder``/workbench.json: the parent's steps (if it has a manifest) plus ``step``, and the hash
     of every file. ``known_sha256`` holds hashes computed while writing; the other files are hashed here."""
-    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME]
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
     return _write(folder / MANIFEST_NAME, step, parent, files, known_sha256)
 
 
-def write_file_manifest(artifact: Path, step: dict, parent: Path | None, sha256: str | None = None) -> dict:
-    """The sidecar manifest of a single-file artifact (``sha256``: its hash, if computed while writing)."""
-    return _write(manifest_path(artifact), step, parent, [artifact], {artifact.name: sha256} if sha256 else {})
+def write_file_manifest(artifact: Path, step: dict, parent: Path | None, sha256: str | None = None,
+                        content: Path | None = None) -> dict:
+    """The sidecar manifest of a single-file artifact (``sha256``: its hash, if computed while writing).
+    ``content`` is where the bytes are while the manifest is written before the file is renamed into place:
+    a crash in between leaves a manifest whose file is missing, which nothing trusts."""
+    known = {artifact.name: sha256} if sha256 else {}
+    return _write(manifest_path(artifact), step, parent, {artifact.name: content or artifact}, known)

@@ -321,17 +321,18 @@ def convert_gguf(
     return steps
 
 
-def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, record) -> None:
-    def record(outtype: str, path: Path, t0: float, started: str, sha256: str) -> None:
+def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, extra) -> None:
+    def record(outtype: str, path: Path, content: Path, t0: float, started: str, sha256: str) -> None:
+        """The sidecar manifest, written before the file is renamed into place (see write_file_manifest)."""
         step = {
             "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
             "inputs": {"model": input_digest.result()}, "options": {"outtype": outtype, "out": str(path)},
             "versions": tool_versions(),
-            "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": path.stat().st_size,
+            "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
                         "pre_tokenizer": plan.pre_tokenizer},
-            "warnings": plan.warnings, "status": "ok", **record,
+            "warnings": plan.warnings, "status": "ok", **extra,
         }
-        write_file_manifest(path, step, parent=model_dir, sha256=sha256)
+        write_file_manifest(path, step, parent=model_dir, sha256=sha256, content=content)
         steps.append({"output": str(path), **step})
 
     f16_path = paths.get("f16")
@@ -341,10 +342,12 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
         on_event(f"writing {paths[outtype].name}")
         with atomic_output_file(paths[outtype], force) as tmp:
             digest = write_direct(plan, outtype, tmp, name, on_tensor)
-        record(outtype, paths[outtype], t0, started, digest)
+            record(outtype, paths[outtype], tmp, t0, started, digest)
     if indirect:
         # one F16 pass feeds every llama.cpp quantization (a scratch file unless F16 was asked for)
-        scratch = None if f16_path else paths[indirect[0]].with_name(f".{name}-F16.scratch-{os.getpid()}.gguf")
+        # named like a partial output of the first quantization, so a killed run's scratch is cleaned up
+        first = paths[indirect[0]]
+        scratch = None if f16_path else first.with_name(f".{first.name}.partial-f16-{os.getpid()}")
         try:
             if scratch is not None:
                 on_event("writing the F16 pass for llama.cpp's quantize")
@@ -354,7 +357,7 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
                 on_event(f"llama.cpp quantize -> {paths[outtype].name}")
                 with atomic_output_file(paths[outtype], force) as tmp:
                     quantize_with_llamacpp(f16_path or scratch, tmp, outtype, python, os.cpu_count() or 1)
-                record(outtype, paths[outtype], t0, started, sha256_file(paths[outtype]))
+                    record(outtype, paths[outtype], tmp, t0, started, sha256_file(tmp))
         finally:
             if scratch is not None:
                 scratch.unlink(missing_ok=True)

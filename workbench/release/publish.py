@@ -1,0 +1,302 @@
+"""After the stages: model cards in the artifacts, verification results in their manifests, and the
+release's own files: release.json (the index tying every artifact, its files' hashes and its checks
+together), reports/junit.xml (every stage and verify check, for CI test views), reports/summary.md.
+
+Everything here is rewritten on every run (each file atomically); none of it is an input of any stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import yaml
+
+from .. import __version__
+from ..checkpoint import CONFIG_NAME, sha256_file
+from ..manifest import manifest_path, now, read_manifest
+from ..verify.servers import ENGINES
+from .run import CARD, Keys, StageResult, artifact_digest, recorded_key
+from .spec import SOURCE, Release, Stage
+
+INDEX = "release.json"
+
+
+def _write_atomic(path: Path, text: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    os.replace(tmp, path)
+
+
+def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str) -> dict:
+    stages = [_stage_entry(s, results.get(s.id)) for s in release.stages]
+    by_id = {e["id"]: e for e in stages}
+    artifacts = {}
+    for stage in release.artifacts:
+        entry = by_id[stage.id]
+        verifications = [_verification(release.stage(e["id"]), by_id[e["id"]]) for e in stages
+                         if e["kind"] == "verify" and release.stage(e["id"]).needs[0] == stage.id]
+        verifications = [v for v in verifications if v]
+        if entry["status"] == "ok":
+            _record_verifications(stage, verifications)
+        artifacts[stage.id] = {
+            "kind": stage.kind, "path": str(stage.output), "status": entry["status"],
+            "from": stage.needs[0], "quality": entry.get("metrics", {}),
+            "verifications": verifications,
+            "ready": entry["status"] == "ok" and all(v["passed"] for v in verifications),
+        }
+    _write_cards(release, artifacts)
+    for stage in release.artifacts:  # after the cards: the manifests list README.md with its hash
+        manifest = read_manifest(stage.output) if artifacts[stage.id]["status"] == "ok" else None
+        artifacts[stage.id]["files"] = manifest.get("files", {}) if manifest else {}
+        artifacts[stage.id]["manifest"] = str(manifest_path(stage.output)) if manifest else None
+    failures = [r for r in results.values() if r.action in ("failed", "blocked")]
+    index = {
+        "workbench_release": 1, "name": release.name, "workbench": __version__,
+        "file": {"path": str(release.file), "sha256": sha256_file(release.file)},
+        "output": str(release.output), "started": started, "finished": now(),
+        "versions": keys.versions, "engines": keys.engine_versions,
+        "stages": stages, "artifacts": artifacts,
+        "passed": not failures and all(e["status"] == "ok" for e in stages),
+        "exit_code": next((r.exit_code for r in failures if r.exit_code), 1 if failures else 0),
+    }
+    if release.gguf_folder.is_dir():
+        index["gguf_card"] = str(release.gguf_folder / CARD)
+    reports = release.output / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+    _write_atomic(reports / "junit.xml", junit_xml(release, index))
+    _write_atomic(reports / "summary.md", summary_markdown(index))
+    index["reports"] = {"junit": str(reports / "junit.xml"), "markdown": str(reports / "summary.md"),
+                        "index": str(release.output / INDEX)}
+    _write_atomic(release.output / INDEX, json.dumps(index, indent=2) + "\n")
+    return index
+
+
+def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
+    """A stage in the index: what this run did, and the state of its output on disk."""
+    if result is None:
+        key, status = recorded_key(stage)
+        entry = {"id": stage.id, "kind": stage.kind, "action": "not selected", "key": key,
+                 "status": status or "missing", "output": str(stage.output)}
+    else:
+        status = "ok" if result.action in ("built", "cached") else result.action
+        entry = {"id": stage.id, "kind": stage.kind, "action": result.action, "key": result.key, "status": status,
+                 "output": result.output, "seconds": result.seconds}
+        if result.error:
+            entry["error"] = result.error
+        if result.log:
+            entry["log"] = result.log
+    if stage.kind != "verify" and entry["status"] == "ok":
+        last = ((read_manifest(stage.output) or {}).get("steps") or [{}])[-1]
+        entry["metrics"] = {k: v for k, v in last.get("metrics", {}).items() if isinstance(v, (int, float, str))}
+    return entry
+
+
+def _verification(stage: Stage, entry: dict) -> dict | None:
+    try:
+        report = json.loads((stage.output / "report.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    runs = []
+    for run in report.get("runs", []):
+        checks = {c["name"]: c for c in run["checks"]}
+        ref = checks.get("reference", {}).get("metrics", {})
+        runs.append({"tp": run["tp"], "passed": all(c["status"] != "failed" for c in run["checks"]),
+                     "checks": {n: c["status"] for n, c in checks.items()},
+                     "token_agreement": ref.get("token_agreement"), "max_logprob_delta": ref.get("max_logprob_delta"),
+                     "argv": run.get("argv")})
+    return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"),
+            "reference": report.get("reference"), "passed": bool(report.get("passed")) and entry["status"] == "ok",
+            "runs": runs, "report": str(stage.output / "report.json")}
+
+
+def _record_verifications(stage: Stage, verifications: list[dict]) -> None:
+    path = manifest_path(stage.output)
+    manifest = read_manifest(stage.output)
+    if manifest is None:
+        return
+    manifest["verifications"] = verifications
+    _write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- model cards
+
+def serving_command(argv: list[str], model_name: str) -> str:
+    """The proven command as a reader can run it: the engine's interpreter as `python`, the model by its
+    published name, and without the private --host/--port of the verification."""
+    model_flags = {spec.model_flag for spec in ENGINES.values()}
+    out, i = ["python"], 1
+    while i < len(argv):
+        if argv[i] in ("--host", "--port"):
+            i += 2
+            continue
+        out.append(argv[i])
+        if argv[i] in model_flags:
+            out.append(model_name)
+            i += 1
+        i += 1
+    return " ".join(out)
+
+
+def _front_matter(release: Release, stage: Stage) -> dict:
+    source = stage.needs[0]
+    base = release.base_model if source == SOURCE else f"{release.name}-{source}"
+    meta = {"base_model": base, "library_name": "gguf" if stage.kind == "gguf" else "transformers",
+            "pipeline_tag": "text-generation"}
+    if release.license:
+        meta["license"] = release.license
+    tags = ["workbench"]
+    if stage.kind == "merge":
+        meta["base_model_relation"] = "finetune"
+        tags += ["lora", "merged"]
+    elif stage.kind == "quantize":
+        meta["base_model_relation"] = "quantized"
+        q = (read_manifest(stage.output) or {}).get("steps", [{}])[-1].get("options", {})
+        config = json.loads((stage.output / CONFIG_NAME).read_text()).get("quantization_config", {})
+        meta["quantization"] = {"method": q.get("method"), "scheme": q.get("scheme"), "format": q.get("format"),
+                                "recipe": q.get("recipe"), "quant_method": config.get("quant_method")}
+        tags += [q.get("method"), q.get("format")]
+    return {**meta, "tags": [t for t in dict.fromkeys(tags) if t]}
+
+
+def _quality_lines(stage: Stage, quality: dict) -> list[str]:
+    if stage.kind == "quantize" and "ppl_source" in quality:
+        return ["| held-out text | source | this artifact |", "|---|---|---|",
+                f"| perplexity ({quality['eval_tokens']} tokens) | {quality['ppl_source']:.3f} | {quality['ppl_quantized']:.3f} "
+                f"({quality['ppl_delta']:+.2%}) |",
+                f"| mean KL divergence (nats) | | {quality['mean_kl']:.2e} |",
+                f"| top-1 agreement | | {quality['top1_agreement']:.2%} |"]
+    if stage.kind == "merge" and "self_check_max_rel_error" in quality:
+        return [f"Merge self-check: {quality['self_check_modules']} modules, largest relative error "
+                f"{quality['self_check_max_rel_error']:.2e} of the written weights against W·x + s·B(A·x)."]
+    return []
+
+
+def _verification_lines(verifications: list[dict], model_name: str) -> list[str]:
+    if not verifications:
+        return ["Not served in this release: no verify entry names it (or no engine here can run it)."]
+    lines = ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port) and "
+             "its output was compared with the reference, teacher-forced: the share of the engine's greedy tokens "
+             "that are the reference's top-1.", "",
+             "| engine | version | TP | result | token agreement | max abs Δlogprob |", "|---|---|---|---|---|---|"]
+    for v in verifications:
+        for run in v["runs"]:
+            agree = f"{run['token_agreement']:.1%}" if run["token_agreement"] is not None else "-"
+            lines.append(f"| {v['engine']} | {v['engine_version'] or '?'} | {run['tp']} | "
+                         f"{'passed' if run['passed'] else 'FAILED'} | {agree} | {run['max_logprob_delta'] if run['max_logprob_delta'] is not None else '-'} |")
+    lines.append("")
+    for v in verifications:
+        for run in v["runs"]:
+            if run["passed"] and run["argv"]:
+                lines += [f"{v['engine']}, TP={run['tp']}:", "```bash", serving_command(run["argv"], model_name), "```"]
+    return lines
+
+
+def _card(release: Release, stage: Stage, artifacts: dict, title: str, model_name: str) -> str:
+    info = artifacts[stage.id]
+    meta = yaml.safe_dump(_front_matter(release, stage), sort_keys=False).strip()
+    made = {"merge": f"LoRA adapter `{release.adapter.name}` merged into `{release.base_model}`",
+            "quantize": f"quantized from `{release.name}-{stage.needs[0]}`" if stage.needs[0] != SOURCE else f"quantized from `{release.base_model}`",
+            "gguf": f"converted to GGUF from `{release.name}-{stage.needs[0]}`" if stage.needs[0] != SOURCE else f"converted to GGUF from `{release.base_model}`"}
+    lines = ["---", meta, "---", "", f"# {title}", "",
+             f"{made[stage.kind]} by workbench {__version__} (release `{release.name}`). How it was made, step by step, "
+             f"with every input's sha256 and the tool versions: `{manifest_path(stage.output).name}`.", "",
+             "## Proven serving", "", *_verification_lines(info["verifications"], model_name), ""]
+    quality = _quality_lines(stage, info["quality"])
+    if quality:
+        lines += ["## Quality", "", *quality, ""]
+    return "\n".join(lines)
+
+
+def _write_cards(release: Release, artifacts: dict) -> None:
+    gguf_sections = []
+    for stage in release.artifacts:
+        if artifacts[stage.id]["status"] != "ok":
+            continue
+        if stage.kind == "gguf":
+            gguf_sections.append(_card(release, stage, artifacts, stage.output.name, stage.output.name).split("---\n", 2)[2])
+            continue
+        name = stage.output.name
+        card = _card(release, stage, artifacts, name, name)
+        _write_atomic(stage.output / CARD, card)
+        _list_in_manifest(stage.output, stage.output / CARD)
+    ggufs = [s for s in release.artifacts if s.kind == "gguf" and artifacts[s.id]["status"] == "ok"]
+    if ggufs:
+        meta = yaml.safe_dump({**_front_matter(release, ggufs[0]), "tags": ["workbench", "gguf"]}, sort_keys=False).strip()
+        files = ["| file | type | size |", "|---|---|---|"] + [
+            f"| {s.output.name} | {s.options['outtype'].upper()} | {s.output.stat().st_size / 2**20:.1f} MiB |" for s in ggufs]
+        text = "\n".join(["---", meta, "---", "", f"# {release.gguf_folder.name}", "", *files, "", *gguf_sections])
+        _write_atomic(release.gguf_folder / CARD, text)
+
+
+def _list_in_manifest(folder: Path, card: Path) -> None:
+    manifest = read_manifest(folder)
+    if manifest is None or artifact_digest(folder) is None:
+        return
+    manifest["files"][card.name] = {"sha256": sha256_file(card), "size": card.stat().st_size}
+    _write_atomic(manifest_path(folder), json.dumps(manifest, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------- CI reports
+
+def junit_xml(release: Release, index: dict) -> bytes:
+    """One test suite for the builds (a failed quality gate is a failure), then each verify report's suites."""
+    suites = ET.Element("testsuites", name=f"workbench release {release.name}")
+    builds = [e for e in index["stages"] if e["kind"] != "verify"]
+    suite = ET.SubElement(suites, "testsuite", name="build", tests=str(len(builds)),
+                          failures=str(sum(e["status"] != "ok" for e in builds)))
+    for e in builds:
+        case = ET.SubElement(suite, "testcase", classname=f"release.{e['kind']}", name=e["id"], time=f"{e.get('seconds') or 0:.3f}")
+        if e["status"] != "ok":
+            ET.SubElement(case, "failure", message=(e.get("error") or e["status"])[:500]).text = e.get("error") or e["status"]
+        else:
+            ET.SubElement(case, "system-out").text = f"{e['action']}: {e['output']}"
+    for e in index["stages"]:
+        if e["kind"] == "verify":
+            junit = Path(e["output"]) / "junit.xml"
+            if junit.is_file():
+                for verify_suite in ET.parse(junit).getroot():
+                    verify_suite.set("name", f"{e['id']}: {verify_suite.get('name')}")
+                    suites.append(verify_suite)
+            elif e["status"] != "ok":
+                failed = ET.SubElement(suites, "testsuite", name=e["id"], tests="1", failures="1")
+                case = ET.SubElement(failed, "testcase", classname="release.verify", name=e["id"])
+                ET.SubElement(case, "failure", message=(e.get("error") or e["status"])[:500]).text = e.get("error") or e["status"]
+    return ET.tostring(suites, encoding="utf-8", xml_declaration=True)
+
+
+def table(index: dict) -> tuple[list[str], list[list[str]]]:
+    """Artifacts x checks: build status, quality, and one column per engine and TP size verified."""
+    columns: list[str] = []
+    for a in index["artifacts"].values():
+        for v in a["verifications"]:
+            for run in v["runs"]:
+                name = f"{v['engine']} tp={run['tp']}"
+                if name not in columns:
+                    columns.append(name)
+    rows = []
+    for artifact_id, a in index["artifacts"].items():
+        q = a["quality"]
+        quality = (f"ppl {q['ppl_delta']:+.2%}, top-1 {q['top1_agreement']:.1%}" if "ppl_delta" in q
+                   else f"self-check {q['self_check_max_rel_error']:.1e}" if "self_check_max_rel_error" in q else "")
+        cells = {}
+        for v in a["verifications"]:
+            for run in v["runs"]:
+                agree = f" {run['token_agreement']:.0%}" if run["token_agreement"] is not None else ""
+                cells[f"{v['engine']} tp={run['tp']}"] = ("pass" if run["passed"] else "FAIL") + agree
+        status = {"ok": "ok", "missing": "not built"}.get(a["status"], a["status"].upper())
+        rows.append([artifact_id, a["kind"], status, quality, *(cells.get(c, "-") for c in columns),
+                     "yes" if a["ready"] else "no"])
+    return ["artifact", "kind", "build", "quality", *columns, "ready"], rows
+
+
+def summary_markdown(index: dict) -> str:
+    header, rows = table(index)
+    lines = [f"## workbench release {index['name']}: {'PASSED' if index['passed'] else 'FAILED'}", "",
+             "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "| stage | action | seconds |", "|---|---|---|"]
+    for e in index["stages"]:
+        lines.append(f"| {e['id']} | {e['action']}{': ' + e['error'].splitlines()[0] if e.get('error') else ''} | {e.get('seconds', '-')} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,373 @@
+"""`workbench release`: run a release file's stages in dependency order, skipping each stage whose key
+(sha256 of its inputs' content, its options and recipe, and the tool versions) matches the key recorded
+with its finished output.
+
+Why a stage's output can be trusted: every verb writes to a temporary path and renames it into place
+only when complete, so an output at its final path is whole; the key is recorded inside it (the
+artifact's workbench.json, or a verify report's stage.json written last), and its files' sizes are checked
+against the manifest. Anything else is redone. A killed run therefore resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gc
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import __version__
+from ..checkpoint import sha256_file
+from ..errors import BadInput, WorkbenchError
+from ..manifest import folder_digest, manifest_path, now, read_manifest, tool_versions
+from ..verify.servers import ENGINES, engine_python, engine_version
+from .spec import SOURCE, Release, Stage
+
+MARKER = "stage.json"  # written last into a verify stage's report folder
+CARD = "README.md"
+
+
+class Observer:
+    """What the command line shows; every method may be left as is."""
+
+    def stage_started(self, stage: Stage, number: int, total: int, reason: str) -> None: ...
+
+    def event(self, message: str) -> None: ...
+
+    def progress(self, done: int, total: int) -> None: ...
+
+    def stage_finished(self, result: "StageResult") -> None: ...
+
+
+@dataclass
+class Decision:
+    stage: Stage
+    run: bool
+    reason: str
+    key: str | None = None
+
+
+@dataclass
+class StageResult:
+    id: str
+    kind: str
+    action: str  # built | cached | failed | blocked
+    output: str
+    key: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    exit_code: int = 0
+    log: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- keys and cached outputs
+
+class Keys:
+    """Stage keys. Inputs are identified by content: the source folders' sha256 (hashed once per run),
+    an artifact's files as listed in its manifest (the model card excluded: it is rewritten every run)."""
+
+    def __init__(self, release: Release):
+        self.release = release
+        self._source: dict[str, str] = {}
+        self._engines: dict[str, str | None] = {}
+        self.versions = tool_versions()
+
+    def source_digest(self, which: str) -> str:
+        if which not in self._source:
+            path = self.release.base if which == "base" else self.release.adapter
+            if not path.is_dir():
+                raise BadInput(f"{which} not found: {path}")
+            self._source[which] = folder_digest(path)["sha256"]
+        return self._source[which]
+
+    def engine(self, name: str) -> str | None:
+        if name not in self._engines:
+            self._engines[name] = engine_version(ENGINES[name], engine_python(ENGINES[name]))
+        return self._engines[name]
+
+    @property
+    def engine_versions(self) -> dict[str, str | None]:
+        return dict(self._engines)
+
+    def input_digest(self, artifact_id: str) -> str | None:
+        if artifact_id == SOURCE:
+            return self.source_digest("base")
+        return artifact_digest(self.release.stage(artifact_id).output)
+
+    def key(self, stage: Stage) -> str | None:
+        """None while an input is not built."""
+        inputs = {}
+        if stage.kind == "merge":
+            inputs = {"base": self.source_digest("base"), "adapter": self.source_digest("adapter")}
+        else:
+            inputs = {n: self.input_digest(n) for n in stage.needs}
+            if None in inputs.values():
+                return None
+        extra = {}
+        if stage.kind == "quantize":
+            extra = _quantize_inputs(stage.options)
+        if stage.kind == "verify":
+            extra = {"engine_version": self.engine(stage.options["engine"])}
+        blob = {"kind": stage.kind, "options": stage.options, "inputs": inputs, "versions": self.versions, **extra}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _quantize_inputs(options: dict) -> dict:
+    """The recipe's text and a calibration file's content are inputs too."""
+    from ..quantize.recipe import load
+
+    recipe = load(options["recipe"], Path(options["recipe_path"]) if options["recipe_path"] else None)
+    data = options["overrides"].get("data")
+    calibration = _file_sha256(Path(data)) if data and data != "default" else None
+    return {"recipe_text": recipe.source, "calibration_sha256": calibration}
+
+
+def _file_sha256(path: Path) -> str:
+    if not path.is_file():
+        raise BadInput(f"calibration file not found: {path}")
+    return sha256_file(path)
+
+
+def artifact_digest(output: Path) -> str | None:
+    """sha256 over the (name, sha256) of an artifact's files as its manifest lists them; None when the
+    output or its manifest is missing or a file's size differs (a damaged or foreign output)."""
+    manifest = read_manifest(output) if output.exists() else None
+    if not manifest or not manifest.get("files"):
+        return None
+    folder = output if output.is_dir() else output.parent
+    files = {n: f for n, f in manifest["files"].items() if n != CARD}
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            return None
+    return hashlib.sha256("".join(f"{n}\0{f['sha256']}\n" for n, f in sorted(files.items())).encode()).hexdigest()
+
+
+def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
+    """(key, status) recorded with a stage's finished output, or (None, None)."""
+    if stage.kind == "verify":
+        marker = stage.output / MARKER
+        try:
+            state = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None, None
+        return state.get("key"), "ok" if state.get("passed") else "failed"
+    if artifact_digest(stage.output) is None:
+        return None, None
+    last = (read_manifest(stage.output) or {}).get("steps", [{}])[-1]
+    return (last.get("release") or {}).get("key"), last.get("status")
+
+
+def _foreign(release: Release, stage: Stage) -> bool:
+    """An existing output this release did not make (no release record naming it)."""
+    if stage.kind == "verify" or not stage.output.exists():
+        return False
+    last = ((read_manifest(stage.output) or {}).get("steps") or [{}])[-1]
+    return (last.get("release") or {}).get("name") != release.name
+
+
+# ---------------------------------------------------------------- planning
+
+def select(release: Release, only: tuple[str, ...]) -> set[str]:
+    """The stages --only names (glob patterns) plus the artifacts they read, transitively."""
+    if not only:
+        return {s.id for s in release.stages}
+    chosen = {s.id for s in release.stages if any(fnmatch.fnmatchcase(s.id, p) for p in only)}
+    unknown = [p for p in only if not any(fnmatch.fnmatchcase(s.id, p) for s in release.stages)]
+    if unknown:
+        raise BadInput(f"--only {unknown[0]!r} matches no stage (stages: {', '.join(s.id for s in release.stages)})")
+    for stage in reversed(release.stages):
+        if stage.id in chosen:
+            chosen.update(n for n in stage.needs if n != SOURCE)
+    return chosen
+
+
+def decide(release: Release, keys: Keys, stage: Stage, forced: bool, rebuilt: set[str]) -> Decision:
+    if forced:
+        return Decision(stage, True, "forced (--force)")
+    waiting = [n for n in stage.needs if n in rebuilt]
+    if waiting:
+        return Decision(stage, True, f"decided after {', '.join(waiting)} is built")
+    key = keys.key(stage)
+    recorded, status = recorded_key(stage)
+    if key is not None and recorded == key and status == "ok":
+        return Decision(stage, False, f"cached (key {key[:12]})", key)
+    if recorded is None:
+        reason = "no finished output"
+    elif recorded != key:
+        reason = "inputs, options or tool versions changed"
+    else:
+        reason = "last run failed"
+    return Decision(stage, True, reason, key)
+
+
+def _forced(release: Release, only: tuple[str, ...], force: bool) -> set[str]:
+    """--force redoes the stages --only names (all stages without --only), not the inputs they need."""
+    if not force:
+        return set()
+    return {s.id for s in release.stages if not only or any(fnmatch.fnmatchcase(s.id, p) for p in only)}
+
+
+def plan(release: Release, only: tuple[str, ...] = (), force: bool = False) -> list[Decision]:
+    """What a run would do, stage by stage (the --dry-run view)."""
+    keys, chosen, forced = Keys(release), select(release, only), _forced(release, only, force)
+    rebuilt: set[str] = set()
+    decisions = []
+    for stage in release.stages:
+        if stage.id not in chosen:
+            continue
+        d = decide(release, keys, stage, stage.id in forced, rebuilt)
+        if d.run:
+            rebuilt.add(stage.id)
+        decisions.append(d)
+    return decisions
+
+
+# ---------------------------------------------------------------- running
+
+def run_release(release: Release, only: tuple[str, ...] = (), force: bool = False, observer: Observer | None = None) -> dict:
+    """Run the selected stages; returns the release index (also written to <output>/release.json)."""
+    observer = observer or Observer()
+    started = now()
+    keys, chosen = Keys(release), select(release, only)
+    forced = _forced(release, only, force)
+    for stage in release.stages:
+        if stage.id in chosen and _foreign(release, stage) and stage.id not in forced:
+            raise BadInput(f"output exists and was not made by release {release.name!r}: {stage.output} (use --force to replace it)")
+    release.output.mkdir(parents=True, exist_ok=True)
+    logs = release.output / "reports" / "logs"
+    results: dict[str, StageResult] = {}
+    selected = [s for s in release.stages if s.id in chosen]
+    for number, stage in enumerate(selected, 1):
+        failed_inputs = [n for n in stage.needs if n in results and results[n].action in ("failed", "blocked")]
+        if failed_inputs:
+            result = StageResult(stage.id, stage.kind, "blocked", str(stage.output), error=f"{failed_inputs[0]} failed")
+            observer.stage_finished(result)
+            results[stage.id] = result
+            continue
+        try:
+            d = decide(release, keys, stage, stage.id in forced, set())
+        except WorkbenchError as exc:
+            result = StageResult(stage.id, stage.kind, "failed", str(stage.output), error=str(exc), exit_code=exc.exit_code)
+            observer.stage_finished(result)
+            results[stage.id] = result
+            continue
+        observer.stage_started(stage, number, len(selected), d.reason)
+        if not d.run:
+            result = StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key, details=_details(stage))
+        else:
+            result = _run_stage(release, stage, d.key, observer, logs)
+        observer.stage_finished(result)
+        results[stage.id] = result
+        gc.collect()
+    from .publish import publish
+
+    return publish(release, keys, results, started)
+
+
+def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, logs: Path) -> StageResult:
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{stage.id}.log"
+    lines: list[str] = []
+
+    def event(message: str) -> None:
+        lines.append(f"{now()} {message}")
+        observer.event(message)
+
+    t0 = time.perf_counter()
+    result = StageResult(stage.id, stage.kind, "built", str(stage.output), key)
+    try:
+        ok, detail = RUNNERS[stage.kind](release, stage, key, event, observer.progress)
+        if not ok:
+            result.action, result.error, result.exit_code = "failed", detail, 1
+    except WorkbenchError as exc:
+        result.action, result.error, result.exit_code = "failed", str(exc), exc.exit_code
+    result.seconds = round(time.perf_counter() - t0, 2)
+    result.details = _details(stage)
+    if result.error:
+        lines.append(f"{now()} FAILED: {result.error}")
+    log_path.write_text("\n".join(lines) + "\n")
+    result.log = str(log_path)
+    return result
+
+
+def _input_path(release: Release, artifact_id: str) -> Path:
+    return release.base if artifact_id == SOURCE else release.stage(artifact_id).output
+
+
+def _record(release: Release, stage: Stage, key: str) -> dict:
+    return {"release": {"name": release.name, "stage": stage.id, "key": key, "file": str(release.file)}}
+
+
+def _run_merge(release, stage, key, event, progress) -> tuple[bool, str]:
+    from ..merge import plan_merge, run_merge
+
+    plan = plan_merge(release.base, release.adapter, stage.options["dtype"])
+    for warning in plan.warnings:
+        event(f"warning: {warning}")
+    event(f"merging {len(plan.deltas)} LoRA modules into {len(plan.outputs)} tensors")
+    options = {"base": str(release.base), "adapter": str(release.adapter), "out": str(stage.output),
+               "dtype_option": stage.options["dtype"]}
+    run_merge(plan, stage.output, True, stage.options["max_shard_bytes"], options, progress, _record(release, stage, key))
+    return True, ""
+
+
+def _run_quantize(release, stage, key, event, progress) -> tuple[bool, str]:
+    from ..quantize.run import quantize
+
+    o = stage.options
+    step = quantize(_input_path(release, stage.needs[0]), o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None,
+                    o["overrides"], stage.output, True, o["gates"], event, _record(release, stage, key))
+    m = step["metrics"]
+    event(f"held-out: perplexity {m['ppl_delta']:+.2%}, KL {m['mean_kl']:.2e}, top-1 {m['top1_agreement']:.2%}")
+    if step["status"] != "ok":
+        return False, f"quality gates failed: {', '.join(step['failed_gates'])} (limits {step['gates']})"
+    return True, ""
+
+
+def _run_gguf(release, stage, key, event, progress) -> tuple[bool, str]:
+    from ..convert.gguf import convert_gguf
+
+    convert_gguf(_input_path(release, stage.needs[0]), [stage.options["outtype"]], stage.output, True, None, progress, event,
+                 _record(release, stage, key))
+    return True, ""
+
+
+def _run_verify(release, stage, key, event, progress) -> tuple[bool, str]:
+    from ..verify.run import verify
+
+    o = stage.options
+    shutil.rmtree(stage.output, ignore_errors=True)  # a killed run's partial report is never trusted
+    report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], report_dir=stage.output, ready_timeout=o["timeout"],
+                    max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
+                    gates=o["gates"])
+    marker = stage.output / MARKER
+    tmp = marker.with_name(f".{MARKER}.{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "passed": report["passed"], "finished": now(), "workbench": __version__}, indent=2))
+    os.replace(tmp, marker)
+    if report["passed"]:
+        return True, ""
+    failed = [f"tp={r['tp']} {c['name']}" for r in report["runs"] for c in r["checks"] if c["status"] == "failed"]
+    return False, f"verification failed: {', '.join(failed)} (see {report['reports']['markdown']})"
+
+
+RUNNERS = {"merge": _run_merge, "quantize": _run_quantize, "gguf": _run_gguf, "verify": _run_verify}
+
+
+def _details(stage: Stage) -> dict:
+    """The figures a stage's output holds: quality metrics of a build, checks of a verification."""
+    if stage.kind == "verify":
+        try:
+            report = json.loads((stage.output / "report.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+        return {"report": str(stage.output / "report.json"), "passed": report.get("passed"),
+                "engine_version": report.get("engine_version"), "runs": report.get("runs", [])}
+    manifest = read_manifest(stage.output) or {}
+    last = (manifest.get("steps") or [{}])[-1]
+    return {"status": last.get("status"), "metrics": last.get("metrics", {}), "seconds": last.get("seconds")}

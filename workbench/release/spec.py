@@ -1,0 +1,249 @@
+"""The release file: one YAML naming the source model, the artifacts to build from it, the verify matrix
+and the quality gates. Loading checks every key, type and reference and orders the stages, so a bad
+file fails before anything runs. Paths in the file are relative to the file."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..checkpoint import parse_size
+from ..convert.gguf_tables import OUTTYPES
+from ..errors import BadInput
+from ..verify.servers import ENGINES
+
+SOURCE = "source"  # the id of the input model (the base, or with an adapter the base before merging)
+QUANTIZE_GATES = ("max_ppl_delta", "max_kl", "min_top1")
+VERIFY_GATES = ("min_token_agreement", "max_logprob_delta")
+
+# key -> (accepted types, description); the descriptions make the error messages
+TOP = {
+    "name": ((str,), "release name: artifacts are named <name>-<id>"),
+    "base": ((str,), "base model folder (or the model to release when there is no adapter)"),
+    "adapter": ((str,), "peft LoRA adapter folder"),
+    "base_model": ((str,), "the base's hub id for model cards (default: the base folder's name)"),
+    "license": ((str,), "license for model cards"),
+    "output": ((str,), "output root"),
+    "gates": ((dict,), "default quality gates"),
+    "artifacts": ((dict,), "artifacts to build, by id"),
+    "verify": ((list,), "verify matrix"),
+}
+ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,)}
+MERGE = {"dtype": (str,), "max_shard_size": (str, int)}
+MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration": (str,), "field": (str,),
+            "ignore": (list,), "format": (str,), "gates": (dict,)}
+VERIFY = {"artifact": (str,), "engine": (str,), "tp": (int, list), "dtype": (str,), "max_model_len": (int,),
+          "extra_args": (list,), "timeout": (int, float), "gates": (dict,), "id": (str,)}
+GATES = {k: (int, float) for k in (*QUANTIZE_GATES, *VERIFY_GATES)}
+
+
+@dataclass(frozen=True)
+class Stage:
+    id: str
+    kind: str  # merge | quantize | gguf | verify
+    needs: tuple[str, ...]  # ids of the artifacts it reads (SOURCE: the input model)
+    options: dict
+    output: Path  # a folder, a .gguf file, or (verify) the report folder
+
+
+@dataclass
+class Release:
+    file: Path
+    text: str
+    name: str
+    base: Path
+    adapter: Path | None
+    base_model: str
+    license: str | None
+    output: Path
+    stages: list[Stage] = field(default_factory=list)  # in dependency order
+
+    def stage(self, stage_id: str) -> Stage:
+        return next(s for s in self.stages if s.id == stage_id)
+
+    @property
+    def artifacts(self) -> list[Stage]:
+        return [s for s in self.stages if s.kind != "verify"]
+
+    @property
+    def gguf_folder(self) -> Path:
+        return self.output / f"{self.name}-GGUF"
+
+
+def _check(mapping: dict, schema: dict[str, tuple], where: str) -> None:
+    for key, value in mapping.items():
+        if key not in schema:
+            raise BadInput(f"{where}: unknown key {key!r} (known: {', '.join(schema)})")
+        kinds = schema[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise BadInput(f"{where}: {key} must be a {names}, got {type(value).__name__}")
+
+
+def _gates(value: dict | None, allowed: tuple[str, ...], where: str) -> dict:
+    value = value or {}
+    _check(value, GATES, where)
+    wrong = [k for k in value if k not in allowed]
+    if wrong:
+        raise BadInput(f"{where}: {wrong[0]!r} does not apply here (allowed: {', '.join(allowed)})")
+    return {k: float(v) for k, v in value.items()}
+
+
+def _path(here: Path, value: str, where: str) -> Path:
+    """A path of the file: environment variables and ~ expanded, relative to the file's folder."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    if "$" in expanded:
+        raise BadInput(f"{where}: {value!r} names an environment variable that is not set")
+    return (here / expanded).resolve()
+
+
+def load_release(file: Path, output: Path | None = None) -> Release:
+    file = Path(file).absolute()
+    if not file.is_file():
+        raise BadInput(f"release file not found: {file}")
+    text = file.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BadInput(f"{file.name} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{file.name} must be a mapping of keys ({', '.join(TOP)})")
+    where = file.name
+    _check(data, {k: v[0] for k, v in TOP.items()}, where)
+    for key in ("name", "base", "artifacts"):
+        if key not in data:
+            raise BadInput(f"{where}: missing key {key!r} ({TOP[key][1]})")
+    here = file.parent
+    base = _path(here, data["base"], f"{where}: base")
+    adapter = _path(here, data["adapter"], f"{where}: adapter") if data.get("adapter") else None
+    release = Release(
+        file=file, text=text, name=data["name"], base=base, adapter=adapter,
+        base_model=data.get("base_model") or base.name, license=data.get("license"),
+        output=Path(output).absolute() if output else _path(here, data.get("output", f"{file.stem}-release"), f"{where}: output"),
+    )
+    defaults = _gates(data.get("gates"), (*QUANTIZE_GATES, *VERIFY_GATES), f"{where}: gates")
+    _artifact_stages(release, data["artifacts"], defaults, here, where)
+    _verify_stages(release, data.get("verify") or [], defaults, where)
+    return release
+
+
+def _artifact_stages(release: Release, artifacts: dict, defaults: dict, here: Path, where: str) -> None:
+    if not artifacts:
+        raise BadInput(f"{where}: artifacts is empty")
+    merges = [i for i, a in artifacts.items() if isinstance(a, dict) and "merge" in a]
+    default_from = merges[0] if merges else SOURCE
+    known = {SOURCE}
+    gguf_types: dict[str, str] = {}
+    pending = dict(artifacts)
+    # dependency order: an artifact comes after the one it is made from
+    while pending:
+        ready = [i for i, a in pending.items() if not isinstance(a, dict) or "merge" in a or a.get("from", default_from) in known]
+        if not ready:
+            i, a = next(iter(pending.items()))
+            ref = a.get("from", default_from)
+            if ref in artifacts:
+                raise BadInput(f"{where}: artifacts form a cycle through {i!r}")
+            raise BadInput(f"{where}: artifact {i!r} is made from {ref!r}, which is not defined "
+                           f"(defined: {', '.join(sorted(known | set(artifacts)))})")
+        for artifact_id in ready:
+            spec = pending.pop(artifact_id)
+            release.stages.append(_artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types))
+            known.add(artifact_id)
+
+
+def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types) -> Stage:
+    at = f"{where}: artifacts.{artifact_id}"
+    if artifact_id == SOURCE or not artifact_id.replace("-", "").replace("_", "").isalnum():
+        raise BadInput(f"{at}: ids are letters, digits, - and _ (and not {SOURCE!r})")
+    if not isinstance(spec, dict):
+        raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
+    _check(spec, ARTIFACT, at)
+    kinds = [k for k in ("merge", "quantize", "gguf") if k in spec]
+    if len(kinds) != 1:
+        raise BadInput(f"{at} needs exactly one of merge, quantize, gguf (got {', '.join(kinds) or 'none'})")
+    kind = kinds[0]
+    if kind == "merge":
+        if release.adapter is None:
+            raise BadInput(f"{at}: merge needs an adapter at the top of the file")
+        if "from" in spec:
+            raise BadInput(f"{at}: merge reads base and adapter; 'from' does not apply")
+        _check(spec["merge"], MERGE, f"{at}.merge")
+        dtype = spec["merge"].get("dtype", "auto")
+        if dtype not in MERGE_DTYPES:
+            raise BadInput(f"{at}.merge: dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+        options = {"dtype": dtype, "max_shard_bytes": parse_size(spec["merge"].get("max_shard_size"))}
+        return Stage(artifact_id, kind, (SOURCE,), options, release.output / f"{release.name}-{artifact_id}")
+    source = spec.get("from", default_from)
+    if any(s.id == source and s.kind == "gguf" for s in release.stages):
+        raise BadInput(f"{at}: {source!r} is a .gguf file; {kind} reads a model folder")
+    if kind == "quantize":
+        q = spec["quantize"]
+        _check(q, QUANTIZE, f"{at}.quantize")
+        if "recipe" not in q:
+            raise BadInput(f"{at}.quantize: missing key 'recipe' (a shipped name like fp8-static, or a .yaml path)")
+        recipe = q["recipe"]
+        recipe_path = str(_path(here, recipe, f"{at}.quantize.recipe")) if recipe.endswith((".yaml", ".yml")) else None
+        calibration = q.get("calibration")
+        if calibration and calibration != "default":
+            calibration = str(_path(here, calibration, f"{at}.quantize.calibration"))
+        options = {
+            "recipe": None if recipe_path else recipe, "recipe_path": recipe_path,
+            "overrides": {"samples": q.get("samples"), "seq_len": q.get("seq_len"), "data": calibration,
+                          "field": q.get("field"), "ignore": q.get("ignore"), "format": q.get("format")},
+            "gates": {**{k: v for k, v in defaults.items() if k in QUANTIZE_GATES},
+                      **_gates(q.get("gates"), QUANTIZE_GATES, f"{at}.quantize.gates")},
+        }
+        return Stage(artifact_id, kind, (source,), options, release.output / f"{release.name}-{artifact_id}")
+    outtype = spec["gguf"].lower()
+    if outtype not in OUTTYPES:
+        raise BadInput(f"{at}: unknown gguf type {spec['gguf']!r} (known: {', '.join(OUTTYPES)})")
+    if outtype in gguf_types:
+        raise BadInput(f"{at}: {outtype} is already built by {gguf_types[outtype]!r} (one file per type in {release.gguf_folder.name})")
+    gguf_types[outtype] = artifact_id
+    path = release.gguf_folder / f"{release.name}-{OUTTYPES[outtype].label}.gguf"
+    return Stage(artifact_id, "gguf", (source,), {"outtype": outtype}, path)
+
+
+def _verify_stages(release: Release, entries: list, defaults: dict, where: str) -> None:
+    by_id = {s.id: s for s in release.stages}
+    seen = set(by_id)
+    for n, entry in enumerate(entries):
+        at = f"{where}: verify[{n}]"
+        if not isinstance(entry, dict):
+            raise BadInput(f"{at} must be a mapping (artifact, engine, tp, ...)")
+        _check(entry, VERIFY, at)
+        for key in ("artifact", "engine"):
+            if key not in entry:
+                raise BadInput(f"{at}: missing key {key!r}")
+        target = entry["artifact"]
+        if target not in by_id:
+            raise BadInput(f"{at}: artifact {target!r} is not defined (defined: {', '.join(by_id)})")
+        engine = entry["engine"]
+        if engine not in ENGINES:
+            raise BadInput(f"{at}: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+        wants_gguf = ENGINES[engine].artifact == "gguf"
+        if wants_gguf != (by_id[target].kind == "gguf"):
+            raise BadInput(f"{at}: {engine} serves {'a .gguf' if wants_gguf else 'a model folder'}; "
+                           f"{target!r} is {'a .gguf' if by_id[target].kind == 'gguf' else 'a model folder'}")
+        tps = entry.get("tp", 1)
+        tps = [tps] if isinstance(tps, int) else tps
+        if not tps or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tps):
+            raise BadInput(f"{at}: tp must be a positive integer or a list of them")
+        extra = entry.get("extra_args", [])
+        if not all(isinstance(a, str) for a in extra):
+            raise BadInput(f"{at}: extra_args must be a list of strings")
+        stage_id = entry.get("id") or f"verify-{target}-{engine}"
+        if stage_id in seen:
+            raise BadInput(f"{at}: stage id {stage_id!r} is taken; give this entry its own id")
+        seen.add(stage_id)
+        options = {
+            "engine": engine, "tp": tps, "dtype": entry.get("dtype"), "max_model_len": entry.get("max_model_len"),
+            "extra_args": list(extra), "timeout": float(entry.get("timeout", 600)),
+            "gates": {**{k: v for k, v in defaults.items() if k in VERIFY_GATES},
+                      **_gates(entry.get("gates"), VERIFY_GATES, f"{at}.gates")},
+        }
+        release.stages.append(Stage(stage_id, "verify", (target,), options, release.output / "reports" / stage_id))
