@@ -349,7 +349,7 @@ def release(file, out, only, force, dry_run, as_json, quiet):
         grid = Table(*header, title=f"release {index['name']}")
         for row in rows:
             grid.add_row(*row)
-        Console().print(grid)
+        Console(width=None if sys.stdout.isatty() else 160).print(grid)
         click.echo(f"index: {index['reports']['index']}")
     verdict = "PASSED" if index["passed"] else "FAILED"
     click.echo(f"{verdict}: release {index['name']} ({sum(a['ready'] for a in index['artifacts'].values())}/"

@@ -78,7 +78,10 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
             if samples is not None:
                 data = {"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()}
                 kwargs = {"dataset": Dataset.from_dict(data), "max_seq_length": samples.shape[1],
-                          "num_calibration_samples": samples.shape[0]}
+                          "num_calibration_samples": samples.shape[0],
+                          # the samples are already drawn with the recipe's seed; its own shuffle is unseeded and
+                          # makes GPTQ's sums (and so the weights) differ run to run
+                          "shuffle_calibration_samples": False}
             oneshot(model=model, recipe=_modifiers(recipe), **kwargs)
             model.save_pretrained(folder, save_compressed=True)
     except Exception as exc:  # llm-compressor raises many kinds; the log has its story

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -44,7 +45,9 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
             "kind": stage.kind, "path": str(stage.output), "status": entry["status"],
             "from": stage.needs[0], "quality": entry.get("metrics", {}),
             "verifications": verifications,
+            # ready to publish: built, passed its gates, and passed every verification it has
             "ready": entry["status"] == "ok" and all(v["passed"] for v in verifications),
+            "served": bool(verifications) and all(v["passed"] for v in verifications),
         }
     _write_cards(release, artifacts)
     for stage in release.artifacts:  # after the cards: the manifests list README.md with its hash
@@ -105,7 +108,7 @@ def _verification(stage: Stage, entry: dict) -> dict | None:
         runs.append({"tp": run["tp"], "passed": all(c["status"] != "failed" for c in run["checks"]),
                      "checks": {n: c["status"] for n, c in checks.items()},
                      "token_agreement": ref.get("token_agreement"), "max_logprob_delta": ref.get("max_logprob_delta"),
-                     "argv": run.get("argv")})
+                     "argv": run.get("argv"), "env": run.get("env") or {}})
     return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"),
             "reference": report.get("reference"), "passed": bool(report.get("passed")) and entry["status"] == "ok",
             "runs": runs, "report": str(stage.output / "report.json")}
@@ -122,11 +125,11 @@ def _record_verifications(stage: Stage, verifications: list[dict]) -> None:
 
 # ---------------------------------------------------------------- model cards
 
-def serving_command(argv: list[str], model_name: str) -> str:
-    """The proven command as a reader can run it: the engine's interpreter as `python`, the model by its
-    published name, and without the private --host/--port of the verification."""
+def serving_command(argv: list[str], model_name: str, env: dict[str, str] | None = None) -> str:
+    """The proven command as a reader can run it: its engine settings, the engine's interpreter as
+    `python`, the model by its published name, and without the private --host/--port of the verification."""
     model_flags = {spec.model_flag for spec in ENGINES.values()}
-    out, i = ["python"], 1
+    out, i = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()] + ["python"], 1
     while i < len(argv):
         if argv[i] in ("--host", "--port"):
             i += 2
@@ -157,6 +160,8 @@ def _front_matter(release: Release, stage: Stage) -> dict:
         meta["quantization"] = {"method": q.get("method"), "scheme": q.get("scheme"), "format": q.get("format"),
                                 "recipe": q.get("recipe"), "quant_method": config.get("quant_method")}
         tags += [q.get("method"), q.get("format")]
+    else:
+        meta["base_model_relation"] = "quantized"  # the Hub's relation for GGUF conversions
     return {**meta, "tags": [t for t in dict.fromkeys(tags) if t]}
 
 
@@ -196,9 +201,9 @@ def _verification_lines(verifications: list[dict], model_name: str) -> list[str]
 def _card(release: Release, stage: Stage, artifacts: dict, title: str, model_name: str) -> str:
     info = artifacts[stage.id]
     meta = yaml.safe_dump(_front_matter(release, stage), sort_keys=False).strip()
-    made = {"merge": f"LoRA adapter `{release.adapter.name}` merged into `{release.base_model}`",
-            "quantize": f"quantized from `{release.name}-{stage.needs[0]}`" if stage.needs[0] != SOURCE else f"quantized from `{release.base_model}`",
-            "gguf": f"converted to GGUF from `{release.name}-{stage.needs[0]}`" if stage.needs[0] != SOURCE else f"converted to GGUF from `{release.base_model}`"}
+    source = release.base_model if stage.needs[0] == SOURCE else f"{release.name}-{stage.needs[0]}"
+    made = {"merge": f"LoRA adapter `{release.adapter.name}` merged into `{release.base_model}`" if release.adapter else "",
+            "quantize": f"Quantized from `{source}`", "gguf": f"Converted to GGUF from `{source}`"}
     lines = ["---", meta, "---", "", f"# {title}", "",
              f"{made[stage.kind]} by workbench {__version__} (release `{release.name}`). How it was made, step by step, "
              f"with every input's sha256 and the tool versions: `{manifest_path(stage.output).name}`.", "",
@@ -287,7 +292,7 @@ def table(index: dict) -> tuple[list[str], list[list[str]]]:
                 cells[f"{v['engine']} tp={run['tp']}"] = ("pass" if run["passed"] else "FAIL") + agree
         status = {"ok": "ok", "missing": "not built"}.get(a["status"], a["status"].upper())
         rows.append([artifact_id, a["kind"], status, quality, *(cells.get(c, "-") for c in columns),
-                     "yes" if a["ready"] else "no"])
+                     ("yes" if a["served"] else "yes, not served") if a["ready"] else "no"])
     return ["artifact", "kind", "build", "quality", *columns, "ready"], rows
 
 

@@ -188,12 +188,12 @@ def select(release: Release, only: tuple[str, ...]) -> set[str]:
 
 
 def decide(release: Release, keys: Keys, stage: Stage, forced: bool, rebuilt: set[str]) -> Decision:
-    if forced:
-        return Decision(stage, True, "forced (--force)")
     waiting = [n for n in stage.needs if n in rebuilt]
     if waiting:
-        return Decision(stage, True, f"decided after {', '.join(waiting)} is built")
+        return Decision(stage, True, f"{'forced (--force)' if forced else 'decided'} after {', '.join(waiting)} is built")
     key = keys.key(stage)
+    if forced:
+        return Decision(stage, True, "forced (--force)", key)
     recorded, status = recorded_key(stage)
     if key is not None and recorded == key and status == "ok":
         return Decision(stage, False, f"cached (key {key[:12]})", key)

@@ -117,7 +117,9 @@ def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, ext
     log = report_dir / "logs" / f"{spec.name}-tp{tp}.log"
     server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
                     extra_args=extra_args, log_path=log, ready_timeout=ready_timeout)
-    run = {"tp": tp, "argv": server.argv(), "log": str(log), "checks": []}
+    # the engine settings a user needs to reproduce this run (CPU vLLM's per-rank core binding at TP > 1)
+    settings = dict(spec.tp_env) if tp > 1 else {}
+    run = {"tp": tp, "argv": server.argv(), "env": settings, "log": str(log), "checks": []}
     on_event(f"tp={tp}: starting {spec.name} (log {log})")
     t0 = time.perf_counter()
     try:

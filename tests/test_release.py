@@ -1,0 +1,329 @@
+"""`workbench release`: the release file's checks, the end-to-end release of the fixture on real engines
+(merge -> fp8-static + w8a8 + GGUF Q8_0 -> vLLM TP=1 and TP=2, llama.cpp), caching, --only/--force/--dry-run,
+a failing gate, and SIGKILL at random points followed by a re-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, assert_one_line_error, run
+
+RELEASE_FILE = ROOT / "examples" / "fixture-release.yaml"
+WORKBENCH = os.path.join(os.path.dirname(sys.executable), "workbench")
+FP8_CONFIG = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fixtures_env(fixture_root):
+    """The example release file finds the fixture models through $WORKBENCH_FIXTURES."""
+    old = os.environ.get("WORKBENCH_FIXTURES")
+    os.environ["WORKBENCH_FIXTURES"] = str(fixture_root)
+    yield
+    if old is None:
+        del os.environ["WORKBENCH_FIXTURES"]
+    else:
+        os.environ["WORKBENCH_FIXTURES"] = old
+
+
+def release(*args, timeout: float = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([WORKBENCH, "release", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def release_json(*args) -> dict:
+    result = release(*args, "--json")
+    assert result.stdout, result.stderr
+    return json.loads(result.stdout)
+
+
+def artifact_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every artifact file as the manifests list them, model cards excluded (they hold
+    verification figures of each run), keyed by path under the root."""
+    hashes = {}
+    for manifest in sorted(root.rglob("*workbench.json")):
+        folder = manifest.parent
+        for name, entry in json.loads(manifest.read_text())["files"].items():
+            if name != "README.md":
+                hashes[str((folder / name).relative_to(root))] = entry["sha256"]
+    return hashes
+
+
+def write_release(tmp_path: Path, edit) -> Path:
+    data = yaml.safe_load(RELEASE_FILE.read_text())
+    edit(data)
+    path = tmp_path / "release.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# ---------------------------------------------------------------- the release file, before anything runs
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
+    (lambda d: d["artifacts"]["fp8"].update({"from": "mergd"}), "artifact 'fp8' is made from 'mergd', which is not defined"),
+    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[3]: artifact 'awq' is not defined"),
+    (lambda d: d["verify"].append({"artifact": "merged", "engine": "tgi"}), "unknown engine 'tgi'"),
+    (lambda d: d["verify"].append({"artifact": "q8_0", "engine": "vllm"}), "vllm serves a model folder; 'q8_0' is a .gguf"),
+    (lambda d: d["artifacts"]["fp8"]["quantize"].update(smaples=3), "artifacts.fp8.quantize: unknown key 'smaples'"),
+    (lambda d: d["artifacts"]["fp8"]["quantize"].update(samples="many"), "samples must be a int, got str"),
+    (lambda d: d["artifacts"].update(q="x"), "artifacts.q must be a mapping"),
+    (lambda d: d["artifacts"].update(q4={"gguf": "q9_9"}), "unknown gguf type 'q9_9'"),
+    (lambda d: d["artifacts"].update(again={"gguf": "q8_0"}), "q8_0 is already built by 'q8_0'"),
+    (lambda d: d["artifacts"].update(a={"from": "b", "gguf": "f16"}, b={"from": "a", "gguf": "bf16"}), "cycle"),
+    (lambda d: d["artifacts"].update(both={"gguf": "f16", "quantize": {"recipe": "fp8"}}), "exactly one of merge, quantize, gguf"),
+    (lambda d: d["artifacts"].update(fq={"from": "q8_0", "quantize": {"recipe": "fp8"}}), "'q8_0' is a .gguf file"),
+    (lambda d: d.pop("adapter"), "merge needs an adapter"),
+    (lambda d: d.update(base="${WB_NOT_SET_ANYWHERE}/llama"), "names an environment variable that is not set"),
+    (lambda d: d["gates"].update(min_token_agreement=2), None),  # allowed at the top
+    (lambda d: d["artifacts"]["fp8"]["quantize"].update(gates={"min_token_agreement": 0.9}), "'min_token_agreement' does not apply here"),
+    (lambda d: d["verify"][0].update(tp=[0]), "tp must be a positive integer"),
+    (lambda d: d["verify"].append(dict(d["verify"][0])), "stage id 'verify-merged-vllm' is taken"),
+    (lambda d: d["artifacts"]["merged"]["merge"].update(dtype="int3"), "dtype must be one of auto, bf16, fp16, fp32"),
+])
+def test_bad_release_file_fails_before_anything_runs(tmp_path, edit, message):
+    path = write_release(tmp_path, edit)
+    out = tmp_path / "out"
+    result = run("release", path, "--out", out, "--dry-run")
+    if message is None:
+        assert result.exit_code == 0, result.stderr
+        return
+    assert_one_line_error(result, 2, message)
+    assert not out.exists()
+
+
+def test_missing_or_malformed_file(tmp_path):
+    assert_one_line_error(run("release", tmp_path / "nope.yaml"), 2, "release file not found")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    assert_one_line_error(run("release", tmp_path / "bad.yaml"), 2, "bad.yaml is not valid YAML")
+
+
+def test_dry_run_of_a_fresh_release_runs_everything_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    result = run("release", RELEASE_FILE, "--out", out, "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert [p["id"] for p in plan] == ["merged", "fp8", "w8a8", "q8_0", "verify-merged-vllm", "verify-w8a8-vllm",
+                                       "verify-q8_0-llamacpp"]
+    assert all(p["run"] for p in plan)
+    assert plan[0]["reason"] == "no finished output" and plan[1]["reason"] == "decided after merged is built"
+    assert not out.exists()
+
+
+def test_output_not_made_by_the_release_is_not_clobbered(tmp_path):
+    out = tmp_path / "out"
+    foreign = out / "tiny-llama-lora-merged"
+    foreign.mkdir(parents=True)
+    (foreign / "mine.txt").write_text("keep")
+    assert_one_line_error(run("release", RELEASE_FILE, "--out", out, "--only", "merged"), 2,
+                          "output exists and was not made by release 'tiny-llama-lora'")
+    assert (foreign / "mine.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------- end to end on real engines
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The fixture's release, uninterrupted: (output root, index, seconds)."""
+    out = tmp_path_factory.mktemp("release") / "out"
+    t0 = time.monotonic()
+    index = release_json(RELEASE_FILE, "--out", out)
+    return out, index, time.monotonic() - t0
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_release_end_to_end(released, figures):
+    out, index, seconds = released
+    assert index["passed"] and index["exit_code"] == 0, json.dumps(index["stages"], indent=2)
+    assert [s["action"] for s in index["stages"]] == ["built"] * 7
+    a = index["artifacts"]
+    assert all(x["ready"] for x in a.values())
+    # the seed's FP8 format, exactly
+    fp8_config = json.loads((out / "tiny-llama-lora-fp8" / "config.json").read_text())
+    assert fp8_config["quantization_config"] == FP8_CONFIG
+    assert a["fp8"]["quality"]["top1_agreement"] >= 0.95 and a["fp8"]["quality"]["ppl_delta"] <= 0.01
+    # every verify matrix cell ran on the real engine and compared with the reference
+    runs = {(v["engine"], r["tp"]): r for x in a.values() for v in x["verifications"] for r in v["runs"]}
+    assert set(runs) == {("vllm", 1), ("vllm", 2), ("llamacpp", 1)}
+    cells = {(artifact, v["engine"], r["tp"]): r for artifact, x in a.items() for v in x["verifications"] for r in v["runs"]}
+    assert set(cells) == {("merged", "vllm", 1), ("merged", "vllm", 2), ("w8a8", "vllm", 1), ("q8_0", "llamacpp", 1)}
+    for cell, r in cells.items():
+        assert r["passed"] and r["checks"]["reference"] == "passed" and r["token_agreement"] >= 0.9, (cell, r)
+    assert index["engines"]["vllm"] and index["engines"]["llamacpp"]
+    for (artifact, engine, tp), r in cells.items():
+        figures[f"release {artifact} on {engine} tp={tp}"] = {"token_agreement": r["token_agreement"],
+                                                              "max_logprob_delta": r["max_logprob_delta"]}
+    figures["release fixture uninterrupted"] = {"seconds": round(seconds, 1),
+                                                **{s["id"]: s["seconds"] for s in index["stages"]}}
+    # CI files
+    junit = (out / "reports" / "junit.xml").read_text()
+    assert 'name="build" tests="4" failures="0"' in junit and "verify-merged-vllm: vllm tp=2" in junit
+    assert "| merged | merge | ok |" in (out / "reports" / "summary.md").read_text()
+    assert json.loads((out / "release.json").read_text())["artifacts"].keys() == a.keys()
+
+
+def _card(path: Path) -> tuple[dict, str]:
+    text = path.read_text()
+    _, front, body = text.split("---\n", 2)
+    return yaml.safe_load(front), body
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_model_cards_and_manifests(released):
+    out, index, _ = released
+    meta, body = _card(out / "tiny-llama-lora-merged" / "README.md")
+    assert meta["base_model"] == "workbench-fixtures/tiny-llama" and meta["library_name"] == "transformers"
+    assert meta["base_model_relation"] == "finetune" and "lora" in meta["tags"]
+    # the proven commands, per TP size, without the private host/port
+    assert "python -m vllm.entrypoints.openai.api_server --model tiny-llama-lora-merged --enforce-eager" in body
+    assert "--model tiny-llama-lora-merged --tensor-parallel-size 2 --enforce-eager" in body
+    assert "--port" not in body
+    meta, body = _card(out / "tiny-llama-lora-fp8" / "README.md")
+    assert meta["base_model"] == "tiny-llama-lora-merged" and meta["base_model_relation"] == "quantized"
+    assert meta["quantization"]["quant_method"] == "fp8" and meta["quantization"]["scheme"] == "static"
+    q = index["artifacts"]["fp8"]["quality"]
+    assert f"{q['ppl_source']:.3f}" in body and f"{q['top1_agreement']:.2%}" in body
+    assert "Not served in this release" in body
+    meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
+    assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
+    meta, body = _card(out / "tiny-llama-lora-GGUF" / "README.md")
+    assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf" in body
+    # verification results in the artifact's own manifest, which still checks out file by file
+    manifest = json.loads((out / "tiny-llama-lora-merged" / "workbench.json").read_text())
+    assert [r["tp"] for r in manifest["verifications"][0]["runs"]] == [1, 2] and "README.md" in manifest["files"]
+    assert manifest["steps"][-1]["release"]["stage"] == "merged"
+    for folder in ("tiny-llama-lora-merged", "tiny-llama-lora-fp8", "tiny-llama-lora-w8a8", "tiny-llama-lora-GGUF/tiny-llama-lora-Q8_0.gguf"):
+        result = run("inspect", out / folder, "--check")
+        assert result.exit_code == 0, (folder, result.output, result.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_inspect_check_catches_a_flipped_byte_in_a_released_gguf(released, tmp_path):
+    out, _, _ = released
+    gguf = out / "tiny-llama-lora-GGUF" / "tiny-llama-lora-Q8_0.gguf"
+    copy = tmp_path / gguf.name
+    shutil.copy(gguf, copy)
+    shutil.copy(gguf.with_name(gguf.name + ".workbench.json"), tmp_path)
+    assert run("inspect", copy, "--check").exit_code == 0
+    data = bytearray(copy.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    copy.write_bytes(bytes(data))
+    result = run("inspect", copy, "--check")
+    assert result.exit_code == 1 and "sha256" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_second_run_is_all_cached_and_only_force_redoes(released):
+    out, first, _ = released
+    before = artifact_hashes(out)
+    shard = out / "tiny-llama-lora-merged" / "model-00001-of-00003.safetensors"
+    written = shard.stat().st_mtime_ns
+    again = release_json(RELEASE_FILE, "--out", out)
+    assert [s["action"] for s in again["stages"]] == ["cached"] * 7 and again["passed"]
+    assert artifact_hashes(out) == before and shard.stat().st_mtime_ns == written
+    redo = release_json(RELEASE_FILE, "--out", out, "--only", "verify-q8_0-llamacpp", "--force")
+    actions = {s["id"]: s["action"] for s in redo["stages"]}
+    assert actions["verify-q8_0-llamacpp"] == "built" and actions["q8_0"] == "cached"
+    assert actions["merged"] == "cached" and actions["fp8"] == "not selected" and redo["passed"]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_a_changed_option_reruns_that_stage_and_what_reads_it(released, tmp_path):
+    out, _, _ = released
+
+    def more_samples(d):
+        d["artifacts"]["w8a8"]["quantize"]["samples"] = 16
+        d["output"] = str(out)
+    path = write_release(tmp_path, more_samples)
+    result = run("release", path, "--dry-run", "--json")
+    plan = {p["id"]: p for p in json.loads(result.stdout)}
+    assert plan["w8a8"]["run"] and plan["w8a8"]["reason"] == "inputs, options or tool versions changed"
+    assert plan["verify-w8a8-vllm"]["run"] and plan["verify-w8a8-vllm"]["reason"] == "decided after w8a8 is built"
+    assert [i for i, p in plan.items() if p["run"]] == ["w8a8", "verify-w8a8-vllm"]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_a_failed_gate_blocks_what_reads_it_and_is_redone_next_time(fixture_root, tmp_path):
+    path = tmp_path / "gate.yaml"
+    path.write_text(f"""
+name: strict
+base: {fixture_root / 'llama'}
+output: out
+artifacts:
+  fp8: {{quantize: {{recipe: fp8-static, samples: 8, seq_len: 64, gates: {{min_top1: 0.9999}}}}}}
+  f16: {{gguf: f16}}
+verify:
+  - {{artifact: fp8, engine: vllm}}
+""")
+    result = release(path, "-q")
+    assert result.returncode == 1, result.stderr
+    index = json.loads((tmp_path / "out" / "release.json").read_text())
+    by_id = {s["id"]: s for s in index["stages"]}
+    assert by_id["fp8"]["action"] == "failed" and "quality gates failed: min_top1" in by_id["fp8"]["error"]
+    assert by_id["verify-fp8-vllm"]["action"] == "blocked" and by_id["f16"]["action"] == "built"
+    assert not index["artifacts"]["fp8"]["ready"] and index["artifacts"]["f16"]["ready"]
+    assert 'failures="1"' in (tmp_path / "out" / "reports" / "junit.xml").read_text()
+    assert "fp8: failed" in result.stderr and "FAILED: release strict" in result.stderr
+    assert Path(by_id["fp8"]["log"]).read_text().count("FAILED: quality gates failed") == 1
+    plan = {p["id"]: p for p in json.loads(run("release", path, "--dry-run", "--json").stdout)}
+    assert plan["fp8"]["run"] and plan["fp8"]["reason"] == "last run failed" and not plan["f16"]["run"]
+
+
+# ---------------------------------------------------------------- SIGKILL at random points, then a re-run
+
+def _engine_processes(root: Path) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", str(root)], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in found if "pgrep" not in line]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_sigkill_at_random_points_then_rerun_gives_identical_artifacts(released, tmp_path, figures):
+    out, _, uninterrupted_seconds = released
+    root = tmp_path / "killed"
+    seed = int(os.environ.get("WORKBENCH_KILL_SEED", time.time_ns() % 2**32))
+    rng = random.Random(seed)
+    kills, finished = [], []  # kill times, and stages finished after each kill
+    for _ in range(4):
+        delay = rng.uniform(3.0, min(45.0, uninterrupted_seconds))
+        proc = subprocess.Popen([WORKBENCH, "release", str(RELEASE_FILE), "--out", str(root), "-q"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills.append(round(delay, 1))
+        # the engine the release had started goes down with it (the guard's grace period is 10 s)
+        deadline = time.monotonic() + 30
+        while _engine_processes(root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _engine_processes(root), (seed, kills, _engine_processes(root))
+        finished.append(sum(not p["run"] for p in json.loads(run("release", RELEASE_FILE, "--out", root, "--dry-run", "--json").stdout)))
+    # what a re-run would redo is exactly what it redoes
+    plan = {p["id"]: p["run"] for p in json.loads(run("release", RELEASE_FILE, "--out", root, "--dry-run", "--json").stdout)}
+    index = release_json(RELEASE_FILE, "--out", root)
+    assert index["passed"], (seed, kills, json.dumps(index["stages"], indent=2))
+    actions = {s["id"]: s["action"] for s in index["stages"]}
+    for stage_id, will_run in plan.items():
+        assert actions[stage_id] == ("built" if will_run else "cached"), (seed, kills, stage_id, plan, actions)
+    assert artifact_hashes(root) == artifact_hashes(out), (seed, kills)
+    assert not [p for p in root.rglob("*") if ".partial-" in p.name or ".replaced-" in p.name]
+    figures["release SIGKILL test"] = {"seed": seed, "kills_at_s": str(kills), "stages_finished_after_each": str(finished),
+                                       "redone": sum(a == "built" for a in actions.values()),
+                                       "cached": sum(a == "cached" for a in actions.values())}
