@@ -327,3 +327,15 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_artifacts(released,
     figures["release SIGKILL test"] = {"seed": seed, "kills_at_s": str(kills), "stages_finished_after_each": str(finished),
                                        "redone": sum(a == "built" for a in actions.values()),
                                        "cached": sum(a == "cached" for a in actions.values())}
+
+
+def test_example_ci_workflow_runs_the_release_and_keeps_its_reports():
+    workflow = yaml.safe_load((ROOT / "examples" / "release-ci.yml").read_text())
+    steps = workflow["jobs"]["release"]["steps"]
+    commands = "\n".join(s.get("run", "") for s in steps)
+    assert "scripts/setup.sh" in commands and 'workbench release "$RELEASE_FILE" -q --json' in commands
+    by_uses = {s.get("uses", "").split("@")[0]: s for s in steps}
+    assert by_uses["mikepenz/action-junit-report"]["with"]["report_paths"].endswith("/reports/junit.xml")
+    upload = by_uses["actions/upload-artifact"]
+    assert upload["if"].startswith("always()") and "/reports/" in upload["with"]["path"]
+    assert next(s for s in steps if s.get("name", "").startswith("Publish the artifacts"))["if"] == "success()"

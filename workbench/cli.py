@@ -334,7 +334,8 @@ def release(file, out, only, force, dry_run, as_json, quiet):
         for d in decisions:
             click.echo(f"{'run ' if d.run else 'skip'}  {d.stage.id:28} {d.stage.kind:9} {d.reason}")
         return
-    observer = ConsoleObserver(quiet, as_json)
+    # --json alone: nothing but the index; with -q also one line per stage on stderr
+    observer = ConsoleObserver(quiet or as_json, silent=as_json and not quiet)
     try:
         index = run_release(spec, tuple(only), force, observer)
     finally:
