@@ -130,7 +130,9 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
                  "ignore": list(ignore) or None, "format": fmt}
     gates = {k: v for k, v in (("max_ppl_delta", max_ppl_delta), ("max_kl", max_kl), ("min_top1", min_top1)) if v is not None}
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
-    step = run_quantize(model, method, recipe_path, overrides, out, force, gates, say)
+    bar, on_samples = _progress(not quiet and not as_json, "calibration samples")
+    with bar:
+        step = run_quantize(model, method, recipe_path, overrides, out, force, gates, say, on_progress=on_samples)
     m = step["metrics"]
     if as_json:
         click.echo(json.dumps(step, indent=2))

@@ -10,6 +10,8 @@ weight_scale of the group and share the largest input_scale.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -48,8 +50,9 @@ def resolve_targets(names: list[str], ignore: list[str]) -> tuple[list[str], lis
 
 
 @torch.inference_mode()
-def calibrate(model: nn.Module, targets: list[str], samples: torch.Tensor, batch: int = 8) -> dict[str, float]:
-    """amax of each target layer's input over the calibration samples."""
+def calibrate(model: nn.Module, targets: list[str], samples: torch.Tensor, batch: int = 8,
+              on_samples: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """amax of each target layer's input over the calibration samples (``on_samples(done, total)`` after each batch)."""
     amax = dict.fromkeys(targets, 0.0)
     modules = dict(model.named_modules())
 
@@ -60,8 +63,10 @@ def calibrate(model: nn.Module, targets: list[str], samples: torch.Tensor, batch
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in targets]
     try:
-        for chunk in samples.split(batch):
+        for i, chunk in enumerate(samples.split(batch)):
             model(input_ids=chunk)
+            if on_samples:
+                on_samples(min((i + 1) * batch, len(samples)), len(samples))
     finally:
         for h in handles:
             h.remove()

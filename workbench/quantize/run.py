@@ -49,9 +49,10 @@ def quantize(
     gates: dict | None = None,
     on_event=lambda message: None,
     record: dict | None = None,
+    on_progress=None,
 ) -> dict:
     """Returns the manifest step; its status is "failed" when a quality gate failed (the artifact is kept).
-    ``record``'s fields are added to the step."""
+    ``record``'s fields are added to the step; ``on_progress(done, total)`` follows the calibration samples."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     quiet_transformers()
@@ -99,7 +100,7 @@ def quantize(
             amax = {}
             if samples is not None:
                 on_event(f"calibrating {len(targets)} layers on {samples.shape[0]} samples x {samples.shape[1]} tokens")
-                amax = fp8.calibrate(model, targets, samples)
+                amax = fp8.calibrate(model, targets, samples, on_samples=on_progress)
             sha = _write(source, recipe, targets, amax, tmp)
             config = dict(source.config)
             config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": recipe.scheme, "ignored_layers": ignored}

@@ -322,7 +322,7 @@ def _run_quantize(release, stage, key, event, progress) -> tuple[bool, str]:
 
     o = stage.options
     step = quantize(_input_path(release, stage.needs[0]), o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None,
-                    o["overrides"], stage.output, True, o["gates"], event, _record(release, stage, key))
+                    o["overrides"], stage.output, True, o["gates"], event, _record(release, stage, key), progress)
     m = step["metrics"]
     event(f"held-out: perplexity {m['ppl_delta']:+.2%}, KL {m['mean_kl']:.2e}, top-1 {m['top1_agreement']:.2%}")
     if step["status"] != "ok":
