@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import sha256_file
 from ..errors import BadInput, WorkbenchError
-from ..manifest import folder_digest, manifest_path, now, read_manifest, tool_versions
+from ..manifest import folder_digest, now, read_manifest, tool_versions
 from ..verify.servers import ENGINES, engine_python, engine_version
 from .spec import SOURCE, Release, Stage
 
@@ -62,7 +62,6 @@ class StageResult:
     error: str | None = None
     exit_code: int = 0
     log: str | None = None
-    details: dict = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- keys and cached outputs
@@ -101,7 +100,6 @@ class Keys:
 
     def key(self, stage: Stage) -> str | None:
         """None while an input is not built."""
-        inputs = {}
         if stage.kind == "merge":
             inputs = {"base": self.source_digest("base"), "adapter": self.source_digest("adapter")}
         else:
@@ -259,7 +257,7 @@ def run_release(release: Release, only: tuple[str, ...] = (), force: bool = Fals
             continue
         observer.stage_started(stage, number, len(selected), d.reason)
         if not d.run:
-            result = StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key, details=_details(stage))
+            result = StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key)
         else:
             result = _run_stage(release, stage, d.key, observer, logs)
         observer.stage_finished(result)
@@ -288,7 +286,6 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     except WorkbenchError as exc:
         result.action, result.error, result.exit_code = "failed", str(exc), exc.exit_code
     result.seconds = round(time.perf_counter() - t0, 2)
-    result.details = _details(stage)
     if result.error:
         lines.append(f"{now()} FAILED: {result.error}")
     log_path.write_text("\n".join(lines) + "\n")
@@ -357,17 +354,3 @@ def _run_verify(release, stage, key, event, progress) -> tuple[bool, str]:
 
 
 RUNNERS = {"merge": _run_merge, "quantize": _run_quantize, "gguf": _run_gguf, "verify": _run_verify}
-
-
-def _details(stage: Stage) -> dict:
-    """The figures a stage's output holds: quality metrics of a build, checks of a verification."""
-    if stage.kind == "verify":
-        try:
-            report = json.loads((stage.output / "report.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
-        return {"report": str(stage.output / "report.json"), "passed": report.get("passed"),
-                "engine_version": report.get("engine_version"), "runs": report.get("runs", [])}
-    manifest = read_manifest(stage.output) or {}
-    last = (manifest.get("steps") or [{}])[-1]
-    return {"status": last.get("status"), "metrics": last.get("metrics", {}), "seconds": last.get("seconds")}
