@@ -298,6 +298,9 @@ def inspect_cmd(path, tps, check, as_json):
     for s in info["steps"]:
         metrics = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(s["metrics"].items())[:6])
         click.echo(f"step {s['verb']:13} {s['status'] or '':7} {s['started'] or ''}  {metrics}")
+    for v in info["verifications"]:
+        agreement = f", {v['token_agreement']:.1%} of greedy tokens = reference" if v["token_agreement"] is not None else ""
+        click.echo(f"served by {v['engine']} {v['engine_version'] or ''} tp={v['tp']}: {'passed' if v['passed'] else 'FAILED'}{agreement}")
     if check:
         click.echo(f"check: {info['check']['files']} files match the manifest")
 

@@ -23,6 +23,12 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
          "metrics": {k: v for k, v in (s.get("metrics") or {}).items() if not isinstance(v, (dict, list))}}
         for s in (manifest or {}).get("steps", [])
     ]
+    # written by `workbench release`: which engines served it, at which TP sizes, with what result
+    info["verifications"] = [
+        {"engine": v["engine"], "engine_version": v.get("engine_version"), "tp": r["tp"], "passed": r["passed"],
+         "token_agreement": r.get("token_agreement")}
+        for v in (manifest or {}).get("verifications", []) for r in v["runs"]
+    ]
     if check:
         info["check"] = _check(path, manifest)
     return info

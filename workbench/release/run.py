@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -285,6 +286,9 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
             result.action, result.error, result.exit_code = "failed", detail, 1
     except WorkbenchError as exc:
         result.action, result.error, result.exit_code = "failed", str(exc), exc.exit_code
+    except Exception as exc:  # an unexpected error in one stage: recorded with its traceback, the others go on
+        result.action, result.error, result.exit_code = "failed", f"{type(exc).__name__}: {exc}", 1
+        lines.append(traceback.format_exc())
     result.seconds = round(time.perf_counter() - t0, 2)
     if result.error:
         lines.append(f"{now()} FAILED: {result.error}")
