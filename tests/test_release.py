@@ -305,10 +305,9 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_artifacts(released,
     rng = random.Random(seed)
     kills, finished = [], []  # kill times, and stages finished after each kill
     before = {line.split()[0] for line in _engine_processes(root)}  # e.g. engines of tests running beside this one
-    for _ in range(4):
-        # a run resumes where the last stopped, so short delays walk the kills through the stages (a kill
-        # inside a verification restarts it: the 2-server vLLM one takes ~40 s and is left to the re-run)
-        delay = rng.uniform(2.0, 25.0)
+    # a run resumes where the last stopped: short delays walk the kills through the builds (each takes
+    # seconds, after ~3 s of imports), the last one lands in the verifications (the vLLM ones take 20-40 s)
+    for delay in [rng.uniform(2.0, 12.0) for _ in range(4)] + [rng.uniform(15.0, 50.0)]:
         proc = subprocess.Popen([WORKBENCH, "release", str(RELEASE_FILE), "--out", str(root), "-q"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(delay)
