@@ -84,7 +84,7 @@ def write_release(tmp_path: Path, edit) -> Path:
     (lambda d: d["artifacts"].update(fq={"from": "q8_0", "quantize": {"recipe": "fp8"}}), "'q8_0' is a .gguf file"),
     (lambda d: d.pop("adapter"), "merge needs an adapter"),
     (lambda d: d.update(base="${WB_NOT_SET_ANYWHERE}/llama"), "names an environment variable that is not set"),
-    (lambda d: d["gates"].update(min_token_agreement=2), None),  # allowed at the top
+    (lambda d: d["gates"].update(min_token_agreement=0.9), None),  # verify gates are allowed at the top too
     (lambda d: d["artifacts"]["fp8"]["quantize"].update(gates={"min_token_agreement": 0.9}), "'min_token_agreement' does not apply here"),
     (lambda d: d["verify"][0].update(tp=[0]), "tp must be a positive integer"),
     (lambda d: d["verify"].append(dict(d["verify"][0])), "stage id 'verify-merged-vllm' is taken"),

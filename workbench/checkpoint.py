@@ -393,6 +393,13 @@ class StreamedWriter:
         return self._next == len(self._order)
 
 
+def replace_file(path: Path, data: str | bytes) -> None:
+    """Write a small file so that readers see the old or the new content, never a part (temp + rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import yaml
-
 from ..errors import BadInput
+from ..yamlfile import check_types, parse_mapping
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 # --method names -> shipped recipe files
@@ -62,7 +61,7 @@ METHODS = {
     "w8a8": (("w8a8",), ("compressed-tensors",)),
 }
 NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8")}
-CALIBRATION_SCHEMA = {"data": str, "field": str, "samples": int, "seq_len": int, "seed": int, "chat_template": bool}
+CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_len": (int,), "seed": (int,), "chat_template": (bool,)}
 
 
 def shipped() -> list[str]:
@@ -80,26 +79,11 @@ def load(method: str | None, path: Path | None) -> Recipe:
         if not method or not file.is_file():
             raise BadInput(f"unknown method {method!r}; available: {', '.join(shipped())}")
     text = file.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BadInput(f"recipe {file} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"recipe {file} is not a mapping")
-    for key, value in data.items():
-        if key not in SCHEMA:
-            raise BadInput(f"recipe {file}: unknown key {key!r} (known: {', '.join(SCHEMA)})")
-        kinds = SCHEMA[key]
-        if not isinstance(value, kinds) or isinstance(value, bool):
-            raise BadInput(f"recipe {file}: {key} must be a {kinds[0].__name__}, got {type(value).__name__}")
+    data = parse_mapping(text, f"recipe {file}")
+    check_types(data, SCHEMA, f"recipe {file}")
     cal = data.pop("calibration", None)
     if cal is not None:
-        for key, value in cal.items():
-            if key not in CALIBRATION_SCHEMA:
-                raise BadInput(f"recipe {file}: unknown key 'calibration.{key}' (known: {', '.join(CALIBRATION_SCHEMA)})")
-            kind = CALIBRATION_SCHEMA[key]
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise BadInput(f"recipe {file}: calibration.{key} must be a {kind.__name__}, got {type(value).__name__}")
+        check_types(cal, CALIBRATION_SCHEMA, f"recipe {file}", prefix="calibration.")
         cal = Calibration(**cal)
     for key in ("method", "scheme", "targets"):
         if key not in data:

@@ -7,7 +7,6 @@ Everything here is rewritten on every run (each file atomically); none of it is 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -15,19 +14,13 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..checkpoint import CONFIG_NAME, sha256_file
+from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
 from ..manifest import manifest_path, now, read_manifest
 from ..verify.servers import ENGINES
 from .run import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
 
 INDEX = "release.json"
-
-
-def _write_atomic(path: Path, text: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
-    os.replace(tmp, path)
 
 
 def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str) -> dict:
@@ -68,11 +61,11 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
         index["gguf_card"] = str(release.gguf_folder / CARD)
     reports = release.output / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    _write_atomic(reports / "junit.xml", junit_xml(release, index))
-    _write_atomic(reports / "summary.md", summary_markdown(index))
+    replace_file(reports / "junit.xml", junit_xml(release, index))
+    replace_file(reports / "summary.md", summary_markdown(index))
     index["reports"] = {"junit": str(reports / "junit.xml"), "markdown": str(reports / "summary.md"),
                         "index": str(release.output / INDEX)}
-    _write_atomic(release.output / INDEX, json.dumps(index, indent=2) + "\n")
+    replace_file(release.output / INDEX, json.dumps(index, indent=2) + "\n")
     return index
 
 
@@ -120,7 +113,7 @@ def _record_verifications(stage: Stage, verifications: list[dict]) -> None:
     if manifest is None:
         return
     manifest["verifications"] = verifications
-    _write_atomic(path, json.dumps(manifest, indent=2) + "\n")
+    replace_file(path, json.dumps(manifest, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- model cards
@@ -224,7 +217,7 @@ def _write_cards(release: Release, artifacts: dict) -> None:
             continue
         name = stage.output.name
         card = _card(release, stage, artifacts, name, name)
-        _write_atomic(stage.output / CARD, card)
+        replace_file(stage.output / CARD, card)
         _list_in_manifest(stage.output, stage.output / CARD)
     ggufs = [s for s in release.artifacts if s.kind == "gguf" and artifacts[s.id]["status"] == "ok"]
     if ggufs:
@@ -232,7 +225,7 @@ def _write_cards(release: Release, artifacts: dict) -> None:
         files = ["| file | type | size |", "|---|---|---|"] + [
             f"| {s.output.name} | {s.options['outtype'].upper()} | {s.output.stat().st_size / 2**20:.1f} MiB |" for s in ggufs]
         text = "\n".join(["---", meta, "---", "", f"# {release.gguf_folder.name}", "", *files, "", *gguf_sections])
-        _write_atomic(release.gguf_folder / CARD, text)
+        replace_file(release.gguf_folder / CARD, text)
 
 
 def _list_in_manifest(folder: Path, card: Path) -> None:
@@ -240,7 +233,7 @@ def _list_in_manifest(folder: Path, card: Path) -> None:
     if manifest is None or artifact_digest(folder) is None:
         return
     manifest["files"][card.name] = {"sha256": sha256_file(card), "size": card.stat().st_size}
-    _write_atomic(manifest_path(folder), json.dumps(manifest, indent=2) + "\n")
+    replace_file(manifest_path(folder), json.dumps(manifest, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- CI reports

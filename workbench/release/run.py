@@ -14,7 +14,6 @@ import fnmatch
 import gc
 import hashlib
 import json
-import os
 import shutil
 import time
 import traceback
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoint import sha256_file
+from ..checkpoint import replace_file, sha256_file
 from ..errors import BadInput, WorkbenchError
 from ..manifest import folder_digest, now, read_manifest, tool_versions
 from ..verify.servers import ENGINES, engine_python, engine_version
@@ -347,10 +346,8 @@ def _run_verify(release, stage, key, event, progress) -> tuple[bool, str]:
     report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], report_dir=stage.output, ready_timeout=o["timeout"],
                     max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
                     gates=o["gates"])
-    marker = stage.output / MARKER
-    tmp = marker.with_name(f".{MARKER}.{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "passed": report["passed"], "finished": now(), "workbench": __version__}, indent=2))
-    os.replace(tmp, marker)
+    replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "finished": now(),
+                                                    "workbench": __version__}, indent=2))
     if report["passed"]:
         return True, ""
     failed = [f"tp={r['tp']} {c['name']}" for r in report["runs"] for c in r["checks"] if c["status"] == "failed"]

@@ -8,11 +8,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..checkpoint import parse_size
 from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
+from ..yamlfile import check_types, parse_mapping
 from ..verify.servers import ENGINES
 
 SOURCE = "source"  # the id of the input model (the base, or with an adapter the base before merging)
@@ -74,19 +73,9 @@ class Release:
         return self.output / f"{self.name}-GGUF"
 
 
-def _check(mapping: dict, schema: dict[str, tuple], where: str) -> None:
-    for key, value in mapping.items():
-        if key not in schema:
-            raise BadInput(f"{where}: unknown key {key!r} (known: {', '.join(schema)})")
-        kinds = schema[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            names = " or ".join(k.__name__ for k in kinds)
-            raise BadInput(f"{where}: {key} must be a {names}, got {type(value).__name__}")
-
-
 def _gates(value: dict | None, allowed: tuple[str, ...], where: str) -> dict:
     value = value or {}
-    _check(value, GATES, where)
+    check_types(value, GATES, where)
     wrong = [k for k in value if k not in allowed]
     if wrong:
         raise BadInput(f"{where}: {wrong[0]!r} does not apply here (allowed: {', '.join(allowed)})")
@@ -106,14 +95,9 @@ def load_release(file: Path, output: Path | None = None) -> Release:
     if not file.is_file():
         raise BadInput(f"release file not found: {file}")
     text = file.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BadInput(f"{file.name} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{file.name} must be a mapping of keys ({', '.join(TOP)})")
     where = file.name
-    _check(data, {k: v[0] for k, v in TOP.items()}, where)
+    data = parse_mapping(text, where)
+    check_types(data, {k: v[0] for k, v in TOP.items()}, where)
     for key in ("name", "base", "artifacts"):
         if key not in data:
             raise BadInput(f"{where}: missing key {key!r} ({TOP[key][1]})")
@@ -161,7 +145,7 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         raise BadInput(f"{at}: ids are letters, digits, - and _ (and not {SOURCE!r})")
     if not isinstance(spec, dict):
         raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
-    _check(spec, ARTIFACT, at)
+    check_types(spec, ARTIFACT, at)
     kinds = [k for k in ("merge", "quantize", "gguf") if k in spec]
     if len(kinds) != 1:
         raise BadInput(f"{at} needs exactly one of merge, quantize, gguf (got {', '.join(kinds) or 'none'})")
@@ -171,7 +155,7 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
             raise BadInput(f"{at}: merge needs an adapter at the top of the file")
         if "from" in spec:
             raise BadInput(f"{at}: merge reads base and adapter; 'from' does not apply")
-        _check(spec["merge"], MERGE, f"{at}.merge")
+        check_types(spec["merge"], MERGE, f"{at}.merge")
         dtype = spec["merge"].get("dtype", "auto")
         if dtype not in MERGE_DTYPES:
             raise BadInput(f"{at}.merge: dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
@@ -182,7 +166,7 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         raise BadInput(f"{at}: {source!r} is a .gguf file; {kind} reads a model folder")
     if kind == "quantize":
         q = spec["quantize"]
-        _check(q, QUANTIZE, f"{at}.quantize")
+        check_types(q, QUANTIZE, f"{at}.quantize")
         if "recipe" not in q:
             raise BadInput(f"{at}.quantize: missing key 'recipe' (a shipped name like fp8-static, or a .yaml path)")
         recipe = q["recipe"]
@@ -215,7 +199,7 @@ def _verify_stages(release: Release, entries: list, defaults: dict, where: str) 
         at = f"{where}: verify[{n}]"
         if not isinstance(entry, dict):
             raise BadInput(f"{at} must be a mapping (artifact, engine, tp, ...)")
-        _check(entry, VERIFY, at)
+        check_types(entry, VERIFY, at)
         for key in ("artifact", "engine"):
             if key not in entry:
                 raise BadInput(f"{at}: missing key {key!r}")
