@@ -26,7 +26,7 @@ import fixtures  # noqa: E402
 from benchlib import save  # noqa: E402
 
 from workbench.verify.launch import free_port  # noqa: E402
-from workbench.verify.servers import ENGINES, engine_python  # noqa: E402
+from workbench.engines import ENGINES, engine_python  # noqa: E402
 
 
 def bare_engine(model: Path, extra: list[str], log: Path) -> float:

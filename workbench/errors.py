@@ -1,25 +1,94 @@
-"""Errors every verb raises; the CLI turns each into one line on stderr and its exit code."""
+"""Errors every verb raises, and the exit codes they map to. The CLI turns each into one line on stderr.
+
+| code | meaning |
+|---|---|
+| 0 | ok |
+| 1 | an artifact failed a check |
+| 2 | bad input (paths, files, options): nothing was written |
+| 3 | an engine, tool or resource (memory) the command needs is missing |
+| 4 | incomplete: a required check could not run, so there is no verdict |
+| 5 | internal error: a bug in the workbench (the traceback is in a log file) |
+"""
+
+OK, FAILED, BAD_INPUT, MISSING, INCOMPLETE, INTERNAL = 0, 1, 2, 3, 4, 5
 
 
 class WorkbenchError(Exception):
-    """Base class. ``exit_code`` follows the README: 1 artifact failed, 2 bad input, 3 environment."""
+    """Base class; ``exit_code`` is one of the codes above."""
 
-    exit_code = 2
+    exit_code = BAD_INPUT
 
 
 class BadInput(WorkbenchError):
     """The user's input (paths, files, options) cannot be used."""
 
-    exit_code = 2
+    exit_code = BAD_INPUT
 
 
 class ArtifactFailed(WorkbenchError):
     """The artifact was produced or found, but failed a check."""
 
-    exit_code = 1
+    exit_code = FAILED
 
 
 class EnvironmentProblem(WorkbenchError):
     """An engine or tool the command needs is missing or broken."""
 
-    exit_code = 3
+    exit_code = MISSING
+
+
+class OutOfMemory(EnvironmentProblem):
+    """The machine has less memory than the step needs; the message gives both figures."""
+
+
+class Incomplete(WorkbenchError):
+    """A required check could not run: neither a pass nor a failure."""
+
+    exit_code = INCOMPLETE
+
+
+GIB = 2**30
+
+
+def available_memory() -> int:
+    """Bytes this process can still allocate: MemAvailable, or the cgroup's limit minus its usage if lower."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        used = int(open("/sys/fs/cgroup/memory.current").read())
+        if limit != "max":
+            available = min(available or 1 << 62, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available if available is not None else 1 << 62
+
+
+def out_of_memory(what: str, needed: int | None) -> OutOfMemory:
+    need = f"needs ~{needed / GIB:.1f} GiB, " if needed else ""
+    return OutOfMemory(f"out of memory {what}: {need}{available_memory() / GIB:.1f} GiB available")
+
+
+def as_out_of_memory(exc: BaseException, what: str) -> OutOfMemory | None:
+    """The OutOfMemory for a failed allocation (MemoryError, torch's CPU or CUDA allocator), else None."""
+    import re
+
+    message = str(exc)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        pass
+    elif not (isinstance(exc, RuntimeError) and ("can't allocate memory" in message or "out of memory" in message)):
+        return None
+    tried = re.search(r"allocate (?:memory: you tried to allocate )?(\d+) bytes", message)
+    return out_of_memory(what, int(tried.group(1)) if tried else None)
+
+
+def check_fits(what: str, needed: int) -> None:
+    """Refuse at once, with the figures, a step that cannot fit in the memory available."""
+    if needed > available_memory():
+        raise out_of_memory(what, needed)

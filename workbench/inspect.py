@@ -23,6 +23,7 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
          "metrics": {k: v for k, v in (s.get("metrics") or {}).items() if not isinstance(v, (dict, list))}}
         for s in (manifest or {}).get("steps", [])
     ]
+    info["state"], info["state_reason"] = state_of(manifest)
     # written by `workbench release`: which engines served it, at which TP sizes, with what result
     info["verifications"] = [
         {"engine": v["engine"], "engine_version": v.get("engine_version"), "tp": r["tp"], "passed": r["passed"],
@@ -32,6 +33,18 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
     if check:
         info["check"] = _check(path, manifest)
     return info
+
+
+def state_of(manifest: dict | None) -> tuple[str | None, str]:
+    """The state `workbench release` recorded (served, checked, failed), else what the manifest shows."""
+    if manifest is None:
+        return None, "no workbench.json manifest"
+    if manifest.get("state"):
+        return manifest["state"]["state"], manifest["state"]["reason"]
+    steps = manifest.get("steps") or [{}]
+    if steps[-1].get("status") == "failed":
+        return "failed", f"{steps[-1].get('verb')} failed its checks"
+    return "checked", "built and checked; no verification recorded in its manifest"
 
 
 def _folder(path: Path, tps: list[int]) -> dict:

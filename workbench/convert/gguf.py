@@ -28,7 +28,7 @@ from ..errors import BadInput, EnvironmentProblem
 from ..hf import quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.guard import set_parent_death_signal
-from ..verify.servers import ENGINES, check_installed, engine_python
+from ..engines import ENGINES, check_installed, engine_python
 from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)

@@ -1,5 +1,6 @@
-"""Quantization recipes: YAML files with a fixed schema. Shipped ones live in recipes/ at the project root;
-users pass their own with --recipe. Every key and type is checked, and errors name the key."""
+"""Quantization recipes: YAML files with a fixed schema. Shipped ones are package data (workbench/recipes/),
+so an installed wheel has them; users pass their own with --recipe. Every key and type is checked, and
+errors name the key."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 from ..errors import BadInput
 from ..yamlfile import check_types, parse_mapping
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
-# --method names -> shipped recipe files
-METHOD_ALIASES = {"fp8": "fp8-static"}
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+# the names users type for --method -> shipped recipe files (every recipe's own name works too)
+METHOD_ALIASES = {"fp8": "fp8-static", "gptq": "gptq-w4a16", "awq": "awq-w4a16", "w8a8": "w8a8-int8", "int8": "w8a8-int8"}
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,15 @@ CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_l
 
 def shipped() -> list[str]:
     return sorted([p.stem for p in RECIPES_DIR.glob("*.yaml")] + list(METHOD_ALIASES))
+
+
+def method_help() -> str:
+    """The --method names, each recipe with the short names that mean it."""
+    names = []
+    for recipe in sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")):
+        aliases = [a for a, target in METHOD_ALIASES.items() if target == recipe]
+        names.append(f"{recipe} (or {' / '.join(aliases)})" if aliases else recipe)
+    return ", ".join(names)
 
 
 def load(method: str | None, path: Path | None) -> Recipe:

@@ -15,8 +15,9 @@ import yaml
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
+from ..errors import INCOMPLETE
 from ..manifest import manifest_path, now, read_manifest
-from ..verify.servers import ENGINES
+from ..engines import ENGINES
 from .run import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
 
@@ -29,33 +30,33 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
     artifacts = {}
     for stage in release.artifacts:
         entry = by_id[stage.id]
-        verifications = [_verification(release.stage(e["id"]), by_id[e["id"]]) for e in stages
-                         if e["kind"] == "verify" and release.stage(e["id"]).needs[0] == stage.id]
-        verifications = [v for v in verifications if v]
+        verify_entries = [e for e in stages if e["kind"] == "verify" and release.stage(e["id"]).needs[0] == stage.id]
+        verifications = [v for v in (_verification(release.stage(e["id"]), e) for e in verify_entries) if v]
+        state, reason = artifact_state(stage, entry, verify_entries, verifications)
         if entry["status"] == "ok":
-            _record_verifications(stage, verifications)
+            _record_in_manifest(stage, verifications, state, reason)
         artifacts[stage.id] = {
             "kind": stage.kind, "path": str(stage.output), "status": entry["status"],
             "from": stage.needs[0], "quality": entry.get("metrics", {}),
-            "verifications": verifications,
-            # ready to publish: built, passed its gates, and passed every verification it has
-            "ready": entry["status"] == "ok" and all(v["passed"] for v in verifications),
-            "served": bool(verifications) and all(v["passed"] for v in verifications),
+            "verifications": verifications, "state": state, "state_reason": reason, "require": stage.require,
+            "meets_requirement": state == "served" or (stage.require == "checked" and state == "checked"),
+            "ready": state == "served",  # ready to publish means served: an engine loaded it and every check passed
         }
     _write_cards(release, artifacts)
     for stage in release.artifacts:  # after the cards: the manifests list README.md with its hash
         manifest = read_manifest(stage.output) if artifacts[stage.id]["status"] == "ok" else None
         artifacts[stage.id]["files"] = manifest.get("files", {}) if manifest else {}
         artifacts[stage.id]["manifest"] = str(manifest_path(stage.output)) if manifest else None
-    failures = [r for r in results.values() if r.action in ("failed", "blocked")]
+    failures = [r for r in results.values() if r.action in ("failed", "incomplete", "blocked")]
+    passed = not failures and all(e["status"] == "ok" for e in stages) and all(a["meets_requirement"] for a in artifacts.values())
     index = {
-        "workbench_release": 1, "name": release.name, "workbench": __version__,
+        "workbench_release": 2, "name": release.name, "workbench": __version__,
         "file": {"path": str(release.file), "sha256": sha256_file(release.file)},
         "output": str(release.output), "started": started, "finished": now(),
         "versions": keys.versions, "engines": keys.engine_versions,
-        "stages": stages, "artifacts": artifacts,
-        "passed": not failures and all(e["status"] == "ok" for e in stages),
-        "exit_code": next((r.exit_code for r in failures if r.exit_code), 1 if failures else 0),
+        "stages": stages, "artifacts": artifacts, "passed": passed,
+        # the first failure's code; a release that is not done (an artifact short of its requirement) is incomplete
+        "exit_code": next((r.exit_code for r in failures if r.exit_code), 0 if passed else INCOMPLETE),
     }
     if release.gguf_folder.is_dir():
         index["gguf_card"] = str(release.gguf_folder / CARD)
@@ -69,6 +70,25 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
     return index
 
 
+def artifact_state(stage: Stage, entry: dict, verify_entries: list[dict], verifications: list[dict]) -> tuple[str, str]:
+    """(served | checked | failed, the reason). Served: every verify entry naming the artifact ran here and
+    passed. Checked: built and quality-gated, not served (no verify entry, or one that could not run)."""
+    if entry["status"] != "ok":
+        return "failed", entry.get("error") or f"not built ({entry['status']})"
+    failed = [v for v in verifications if v["verdict"] == "failed"]
+    if failed:
+        return "failed", f"{failed[0]['stage']}: verification failed"
+    passed = {v["stage"] for v in verifications if v["verdict"] == "passed"}
+    if verify_entries and passed == {e["id"] for e in verify_entries}:
+        return "served", "served by " + "; ".join(f"{v['engine']} tp={','.join(str(r['tp']) for r in v['runs'])}" for v in verifications)
+    if not verify_entries:
+        return "checked", stage.reason or "no verify entry names it"
+    e = next(e for e in verify_entries if e["id"] not in passed)
+    verdict = next((v["verdict"] for v in verifications if v["stage"] == e["id"]), None)
+    why = e.get("error") or (f"verification {verdict}" if verdict else f"not run ({e['action']})")
+    return "checked", f"{e['id']}: {why.splitlines()[0]}" + (f"; {stage.reason}" if stage.reason else "")
+
+
 def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
     """A stage in the index: what this run did, and the state of its output on disk."""
     if result is None:
@@ -76,7 +96,7 @@ def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
         entry = {"id": stage.id, "kind": stage.kind, "action": "not selected", "key": key,
                  "status": status or "missing", "output": str(stage.output)}
     else:
-        status = "ok" if result.action in ("built", "cached") else result.action
+        status = "ok" if result.action in ("built", "cached") else result.action  # failed | incomplete | blocked
         entry = {"id": stage.id, "kind": stage.kind, "action": result.action, "key": result.key, "status": status,
                  "output": result.output, "seconds": result.seconds}
         if result.error:
@@ -98,41 +118,57 @@ def _verification(stage: Stage, entry: dict) -> dict | None:
     for run in report.get("runs", []):
         checks = {c["name"]: c for c in run["checks"]}
         ref = checks.get("reference", {}).get("metrics", {})
-        runs.append({"tp": run["tp"], "passed": all(c["status"] != "failed" for c in run["checks"]),
+        runs.append({"tp": run["tp"], "passed": all(c["status"] in ("passed", "skipped") for c in run["checks"]),
                      "checks": {n: c["status"] for n, c in checks.items()},
                      "token_agreement": ref.get("token_agreement"), "max_logprob_delta": ref.get("max_logprob_delta"),
-                     "argv": run.get("argv"), "env": run.get("env") or {}})
+                     "argv": run.get("argv"), "env": run.get("env") or {}, "cpu_env": run.get("cpu_env") or {},
+                     "cpu_args": run.get("cpu_args") or []})
+    verdict = report.get("verdict") or ("passed" if report.get("passed") else "failed")
     return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"),
-            "reference": report.get("reference"), "passed": bool(report.get("passed")) and entry["status"] == "ok",
+            "reference": report.get("reference"), "verdict": verdict, "passed": verdict == "passed" and entry["status"] == "ok",
             "runs": runs, "report": str(stage.output / "report.json")}
 
 
-def _record_verifications(stage: Stage, verifications: list[dict]) -> None:
+def _record_in_manifest(stage: Stage, verifications: list[dict], state: str, reason: str) -> None:
     path = manifest_path(stage.output)
     manifest = read_manifest(stage.output)
     if manifest is None:
         return
     manifest["verifications"] = verifications
+    manifest["state"] = {"state": state, "reason": reason, "require": stage.require}
     replace_file(path, json.dumps(manifest, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------- model cards
 
-def serving_command(argv: list[str], model_name: str, env: dict[str, str] | None = None) -> str:
-    """The proven command as a reader can run it: its engine settings, the engine's interpreter as
-    `python`, the model by its published name, and without the private --host/--port of the verification."""
-    model_flags = {spec.model_flag for spec in ENGINES.values()}
-    out, i = [f"{k}={shlex.quote(v)}" for k, v in (env or {}).items()] + ["python"], 1
-    while i < len(argv):
-        if argv[i] in ("--host", "--port"):
+def _flags(engine: str, argv: list[str], drop: list[str]) -> list[str]:
+    """The flags after the model in a verification's argv, without the private --host/--port and the
+    flag/value pairs in ``drop``."""
+    spec = ENGINES[engine]
+    rest = argv[argv.index(spec.model_flag) + 2:]
+    dropped = {"--host", "--port", *drop[::2]}
+    out, i = [], 0
+    while i < len(rest):
+        if rest[i] in dropped:
             i += 2
             continue
-        out.append(argv[i])
-        if argv[i] in model_flags:
-            out.append(model_name)
-            i += 1
+        out.append(rest[i])
         i += 1
-    return " ".join(out)
+    return out
+
+
+def serving_command(engine: str, argv: list[str], model_name: str, cpu_args: list[str]) -> str:
+    """The command users run (the engine's own entry point, the model by its published name) with the
+    flags this verification used, less this machine's CPU-only settings."""
+    flags = _flags(engine, argv, cpu_args)
+    return " ".join([ENGINES[engine].user_command.format(model=model_name), *map(shlex.quote, flags)])
+
+
+def cpu_command(engine: str, argv: list[str], model_name: str, cpu_env: dict[str, str]) -> str:
+    """The command exactly as it ran here on the CPU, with the settings the workbench added."""
+    spec = ENGINES[engine]
+    env = [f"{k}={shlex.quote(v)}" for k, v in cpu_env.items()]
+    return " ".join([*env, "python", "-m", spec.module, spec.model_flag, model_name, *map(shlex.quote, _flags(engine, argv, []))])
 
 
 def _front_matter(release: Release, stage: Stage) -> dict:
@@ -171,23 +207,31 @@ def _quality_lines(stage: Stage, quality: dict) -> list[str]:
     return []
 
 
-def _verification_lines(verifications: list[dict], model_name: str) -> list[str]:
+def _verification_lines(info: dict, model_name: str) -> list[str]:
+    state, verifications = info["state"], info["verifications"]
+    lines = [f"State: **{state}** ({info['state_reason']})."
+             if state != "served" else "State: **served**: an engine loaded it in this release and every check passed.", ""]
     if not verifications:
-        return ["Not served in this release: no verify entry names it (or no engine here can run it)."]
-    lines = ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port) and "
-             "its output was compared with the reference, teacher-forced: the share of the engine's greedy tokens "
-             "that are the reference's top-1.", "",
-             "| engine | version | TP | result | token agreement | max abs Δlogprob |", "|---|---|---|---|---|---|"]
+        return lines
+    lines += ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port) and its "
+              "output was compared with the reference, teacher-forced: the share of the engine's greedy tokens that are "
+              "the reference's top-1.", "",
+              "| engine | version | TP | result | token agreement | max abs Δlogprob |", "|---|---|---|---|---|---|"]
     for v in verifications:
         for run in v["runs"]:
             agree = f"{run['token_agreement']:.1%}" if run["token_agreement"] is not None else "-"
+            delta = run["max_logprob_delta"] if run["max_logprob_delta"] is not None else "-"
             lines.append(f"| {v['engine']} | {v['engine_version'] or '?'} | {run['tp']} | "
-                         f"{'passed' if run['passed'] else 'FAILED'} | {agree} | {run['max_logprob_delta'] if run['max_logprob_delta'] is not None else '-'} |")
+                         f"{'passed' if run['passed'] else 'FAILED'} | {agree} | {delta} |")
+    proven = [(v["engine"], run) for v in verifications for run in v["runs"] if run["passed"] and run["argv"]]
     lines.append("")
-    for v in verifications:
-        for run in v["runs"]:
-            if run["passed"] and run["argv"]:
-                lines += [f"{v['engine']}, TP={run['tp']}:", "```bash", serving_command(run["argv"], model_name), "```"]
+    for engine, run in proven:
+        lines += [f"{engine}, TP={run['tp']}:", "```bash", serving_command(engine, run["argv"], model_name, run["cpu_args"]), "```"]
+    on_cpu = [(engine, run) for engine, run in proven if run["cpu_env"] or run["cpu_args"]]
+    if on_cpu:
+        lines += ["", "On CPU (how it ran in this verification, with the CPU-only settings the workbench added):", ""]
+        for engine, run in on_cpu:
+            lines += ["```bash", cpu_command(engine, run["argv"], model_name, run["cpu_env"]), "```"]
     return lines
 
 
@@ -200,7 +244,7 @@ def _card(release: Release, stage: Stage, artifacts: dict, title: str, model_nam
     lines = ["---", meta, "---", "", f"# {title}", "",
              f"{made[stage.kind]} by workbench {__version__} (release `{release.name}`). How it was made, step by step, "
              f"with every input's sha256 and the tool versions: `{manifest_path(stage.output).name}`.", "",
-             "## Proven serving", "", *_verification_lines(info["verifications"], model_name), ""]
+             "## Proven serving", "", *_verification_lines(info, model_name), ""]
     quality = _quality_lines(stage, info["quality"])
     if quality:
         lines += ["## Quality", "", *quality, ""]
@@ -284,16 +328,23 @@ def table(index: dict) -> tuple[list[str], list[list[str]]]:
                 agree = f" {run['token_agreement']:.0%}" if run["token_agreement"] is not None else ""
                 cells[f"{v['engine']} tp={run['tp']}"] = ("pass" if run["passed"] else "FAIL") + agree
         status = {"ok": "ok", "missing": "not built"}.get(a["status"], a["status"].upper())
-        rows.append([artifact_id, a["kind"], status, quality, *(cells.get(c, "-") for c in columns),
-                     ("yes" if a["served"] else "yes, not served") if a["ready"] else "no"])
-    return ["artifact", "kind", "build", "quality", *columns, "ready"], rows
+        state = a["state"] if a["state"] != "failed" else "FAILED"
+        if not a["meets_requirement"]:
+            state += f" (needs {a['require']})"
+        rows.append([artifact_id, a["kind"], status, quality, *(cells.get(c, "-") for c in columns), state])
+    return ["artifact", "kind", "build", "quality", *columns, "state"], rows
+
+
+def verdict(index: dict) -> str:
+    return "PASSED" if index["passed"] else "INCOMPLETE" if index["exit_code"] == INCOMPLETE else "FAILED"
 
 
 def summary_markdown(index: dict) -> str:
     header, rows = table(index)
-    lines = [f"## workbench release {index['name']}: {'PASSED' if index['passed'] else 'FAILED'}", "",
+    lines = [f"## workbench release {index['name']}: {verdict(index)}", "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [""] + [f"- **{i}** {a['state']}: {a['state_reason']}" for i, a in index["artifacts"].items() if a["state"] != "served"]
     lines += ["", "| stage | action | seconds |", "|---|---|---|"]
     for e in index["stages"]:
         lines.append(f"| {e['id']} | {e['action']}{': ' + e['error'].splitlines()[0] if e.get('error') else ''} | {e.get('seconds', '-')} |")

@@ -22,13 +22,14 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import replace_file, sha256_file
-from ..errors import BadInput, WorkbenchError
+from ..errors import INCOMPLETE, INTERNAL, ArtifactFailed, BadInput, Incomplete, WorkbenchError, as_out_of_memory
 from ..manifest import folder_digest, now, read_manifest, tool_versions
-from ..verify.servers import ENGINES, engine_python, engine_version
+from ..engines import ENGINES, engine_python, engine_version
 from .spec import SOURCE, Release, Stage
 
 MARKER = "stage.json"  # written last into a verify stage's report folder
 CARD = "README.md"
+ENGINE_GROUPS = "engine-groups.txt"  # under reports/: each engine guard's process group id, appended at start
 
 
 class Observer:
@@ -55,7 +56,7 @@ class Decision:
 class StageResult:
     id: str
     kind: str
-    action: str  # built | cached | failed | blocked
+    action: str  # built | cached | failed | incomplete | blocked
     output: str
     key: str | None = None
     seconds: float = 0.0
@@ -242,7 +243,7 @@ def run_release(release: Release, only: tuple[str, ...] = (), force: bool = Fals
     results: dict[str, StageResult] = {}
     selected = [s for s in release.stages if s.id in chosen]
     for number, stage in enumerate(selected, 1):
-        failed_inputs = [n for n in stage.needs if n in results and results[n].action in ("failed", "blocked")]
+        failed_inputs = [n for n in stage.needs if n in results and results[n].action in ("failed", "incomplete", "blocked")]
         if failed_inputs:
             result = StageResult(stage.id, stage.kind, "blocked", str(stage.output), error=f"{failed_inputs[0]} failed")
             observer.stage_finished(result)
@@ -251,7 +252,8 @@ def run_release(release: Release, only: tuple[str, ...] = (), force: bool = Fals
         try:
             d = decide(release, keys, stage, stage.id in forced, set())
         except WorkbenchError as exc:
-            result = StageResult(stage.id, stage.kind, "failed", str(stage.output), error=str(exc), exit_code=exc.exit_code)
+            result = StageResult(stage.id, stage.kind, _action(exc.exit_code), str(stage.output), error=str(exc),
+                                 exit_code=exc.exit_code)
             observer.stage_finished(result)
             results[stage.id] = result
             continue
@@ -280,13 +282,13 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     t0 = time.perf_counter()
     result = StageResult(stage.id, stage.kind, "built", str(stage.output), key)
     try:
-        ok, detail = RUNNERS[stage.kind](release, stage, key, event, observer.progress)
-        if not ok:
-            result.action, result.error, result.exit_code = "failed", detail, 1
+        RUNNERS[stage.kind](release, stage, key, event, observer.progress)
     except WorkbenchError as exc:
-        result.action, result.error, result.exit_code = "failed", str(exc), exc.exit_code
-    except Exception as exc:  # an unexpected error in one stage: recorded with its traceback, the others go on
-        result.action, result.error, result.exit_code = "failed", f"{type(exc).__name__}: {exc}", 1
+        result.action, result.error, result.exit_code = _action(exc.exit_code), str(exc), exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - memory, or a bug of ours: recorded (with the traceback), the others go on
+        oom = as_out_of_memory(exc, f"in stage {stage.id}")
+        result.action, result.exit_code = "failed", oom.exit_code if oom else INTERNAL
+        result.error = str(oom) if oom else f"internal error ({type(exc).__name__}: {exc}); traceback in {log_path}"
         lines.append(traceback.format_exc())
     result.seconds = round(time.perf_counter() - t0, 2)
     if result.error:
@@ -294,6 +296,10 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     log_path.write_text("\n".join(lines) + "\n")
     result.log = str(log_path)
     return result
+
+
+def _action(exit_code: int) -> str:
+    return "incomplete" if exit_code == INCOMPLETE else "failed"
 
 
 def _input_path(release: Release, artifact_id: str) -> Path:
@@ -304,7 +310,10 @@ def _record(release: Release, stage: Stage, key: str) -> dict:
     return {"release": {"name": release.name, "stage": stage.id, "key": key, "file": str(release.file)}}
 
 
-def _run_merge(release, stage, key, event, progress) -> tuple[bool, str]:
+# Each runner builds its stage's output or raises: ArtifactFailed for a failed check, Incomplete when a
+# required check could not run, any other WorkbenchError for bad input or a missing engine.
+
+def _run_merge(release, stage, key, event, progress) -> None:
     from ..merge import plan_merge, run_merge
 
     plan = plan_merge(release.base, release.adapter, stage.options["dtype"])
@@ -314,10 +323,9 @@ def _run_merge(release, stage, key, event, progress) -> tuple[bool, str]:
     options = {"base": str(release.base), "adapter": str(release.adapter), "out": str(stage.output),
                "dtype_option": stage.options["dtype"]}
     run_merge(plan, stage.output, True, stage.options["max_shard_bytes"], options, progress, _record(release, stage, key))
-    return True, ""
 
 
-def _run_quantize(release, stage, key, event, progress) -> tuple[bool, str]:
+def _run_quantize(release, stage, key, event, progress) -> None:
     from ..quantize.run import quantize
 
     o = stage.options
@@ -326,32 +334,32 @@ def _run_quantize(release, stage, key, event, progress) -> tuple[bool, str]:
     m = step["metrics"]
     event(f"held-out: perplexity {m['ppl_delta']:+.2%}, KL {m['mean_kl']:.2e}, top-1 {m['top1_agreement']:.2%}")
     if step["status"] != "ok":
-        return False, f"quality gates failed: {', '.join(step['failed_gates'])} (limits {step['gates']})"
-    return True, ""
+        raise ArtifactFailed(f"quality gates failed: {', '.join(step['failed_gates'])} (limits {step['gates']})")
 
 
-def _run_gguf(release, stage, key, event, progress) -> tuple[bool, str]:
+def _run_gguf(release, stage, key, event, progress) -> None:
     from ..convert.gguf import convert_gguf
 
     convert_gguf(_input_path(release, stage.needs[0]), [stage.options["outtype"]], stage.output, True, None, progress, event,
                  _record(release, stage, key))
-    return True, ""
 
 
-def _run_verify(release, stage, key, event, progress) -> tuple[bool, str]:
+def _run_verify(release, stage, key, event, progress) -> None:
     from ..verify.run import verify
 
     o = stage.options
     shutil.rmtree(stage.output, ignore_errors=True)  # a killed run's partial report is never trusted
     report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], report_dir=stage.output, ready_timeout=o["timeout"],
                     max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
-                    gates=o["gates"])
-    replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "finished": now(),
-                                                    "workbench": __version__}, indent=2))
+                    gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS)
+    replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "verdict": report["verdict"],
+                                                    "finished": now(), "workbench": __version__}, indent=2))
     if report["passed"]:
-        return True, ""
-    failed = [f"tp={r['tp']} {c['name']}" for r in report["runs"] for c in r["checks"] if c["status"] == "failed"]
-    return False, f"verification failed: {', '.join(failed)} (see {report['reports']['markdown']})"
+        return
+    status = "failed" if report["verdict"] == "failed" else "incomplete"
+    checks = [f"tp={r['tp']} {c['name']}" for r in report["runs"] for c in r["checks"] if c["status"] == status]
+    message = f"verification {report['verdict']}: {', '.join(checks)} (see {report['reports']['markdown']})"
+    raise ArtifactFailed(message) if status == "failed" else Incomplete(message)
 
 
 RUNNERS = {"merge": _run_merge, "quantize": _run_quantize, "gguf": _run_gguf, "verify": _run_verify}

@@ -5,14 +5,14 @@ file fails before anything runs. Paths in the file are relative to the file."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..checkpoint import parse_size
 from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
 from ..yamlfile import check_types, parse_mapping
-from ..verify.servers import ENGINES
+from ..engines import ENGINES
 
 SOURCE = "source"  # the id of the input model (the base, or with an adapter the base before merging)
 QUANTIZE_GATES = ("max_ppl_delta", "max_kl", "min_top1")
@@ -30,7 +30,10 @@ TOP = {
     "artifacts": ((dict,), "artifacts to build, by id"),
     "verify": ((list,), "verify matrix"),
 }
-ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,)}
+ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "require": (str,), "reason": (str,)}
+# what an artifact must end as for the release to pass: served (an engine loaded it and every check passed)
+# or checked (built and quality-gated; the reason it is not served is stated)
+REQUIREMENTS = ("served", "checked")
 MERGE = {"dtype": (str,), "max_shard_size": (str, int)}
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration": (str,), "field": (str,),
@@ -47,6 +50,8 @@ class Stage:
     needs: tuple[str, ...]  # ids of the artifacts it reads (SOURCE: the input model)
     options: dict
     output: Path  # a folder, a .gguf file, or (verify) the report folder
+    require: str = "served"  # artifacts: the state the release needs (not part of the stage's key)
+    reason: str | None = None  # why an artifact that only needs to be checked is not served
 
 
 @dataclass
@@ -112,6 +117,11 @@ def load_release(file: Path, output: Path | None = None) -> Release:
     defaults = _gates(data.get("gates"), (*QUANTIZE_GATES, *VERIFY_GATES), f"{where}: gates")
     _artifact_stages(release, data["artifacts"], defaults, here, where)
     _verify_stages(release, data.get("verify") or [], defaults, where)
+    verified = {s.needs[0] for s in release.stages if s.kind == "verify"}
+    for stage in release.artifacts:
+        if stage.require == "served" and stage.id not in verified:
+            raise BadInput(f"{where}: artifacts.{stage.id} must be served (the default) but no verify entry names it: "
+                           "add one, or set `require: checked` with a `reason`")
     return release
 
 
@@ -135,8 +145,21 @@ def _artifact_stages(release: Release, artifacts: dict, defaults: dict, here: Pa
                            f"(defined: {', '.join(sorted(known | set(artifacts)))})")
         for artifact_id in ready:
             spec = pending.pop(artifact_id)
-            release.stages.append(_artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types))
+            stage = _artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types)
+            release.stages.append(replace(stage, **_requirement(spec, f"{where}: artifacts.{artifact_id}")))
             known.add(artifact_id)
+
+
+def _requirement(spec: dict, at: str) -> dict:
+    require = spec.get("require", "served")
+    if require not in REQUIREMENTS:
+        raise BadInput(f"{at}: require must be one of {', '.join(REQUIREMENTS)}, got {require!r}")
+    reason = spec.get("reason")
+    if require == "checked" and not (reason or "").strip():
+        raise BadInput(f"{at}: `require: checked` needs a `reason` (why it is not served)")
+    if require == "served" and reason:
+        raise BadInput(f"{at}: `reason` goes with `require: checked`")
+    return {"require": require, "reason": reason}
 
 
 def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types) -> Stage:

@@ -5,6 +5,8 @@ Run as a script (stdlib only, so it starts in milliseconds):  python guard.py EN
 It is the leader of the engine's process group and asks Linux to send it SIGTERM when its parent dies
 (PR_SET_PDEATHSIG). On that signal it terminates the group, waits a grace period, then SIGKILLs the whole
 group, itself included. When the engine exits on its own, the guard exits with the engine's code.
+With WORKBENCH_GUARD_RECORD set, it appends its process group id to that file before starting the engine,
+so tests and tools can check exactly the groups they started are gone.
 PR_SET_PDEATHSIG fires when the parent *thread* exits: start servers from the main thread.
 """
 
@@ -49,6 +51,10 @@ def main(argv: list[str]) -> int:
     set_parent_death_signal(signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return 1
+    record = os.environ.get("WORKBENCH_GUARD_RECORD")
+    if record:  # before the engine exists: whoever reads the record can check the group is gone
+        with open(record, "a") as f:
+            f.write(f"{os.getpgrp()}\n")
     child = subprocess.Popen(argv)
     while True:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,10 +18,14 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
-from .servers import EngineSpec, engine_python, workbench_home
+from ..engines import EngineSpec, engine_python, has_cuda_gpu, launch_defaults, workbench_home
 
 HOST = "127.0.0.1"
 GUARD = str(Path(__file__).with_name("guard.py"))
+GUARD_RECORD_ENV = "WORKBENCH_GUARD_RECORD"  # a file the guard appends its process group id to
+# A Python exception line, as engines log it (vLLM prefixes its workers' lines with "(EngineCore pid=N) ").
+_PREFIX = re.compile(r"^(?:\(\w+(?: pid=\d+)?\)\s*|\[rank\d+\]:\s*)+")
+_EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b:?( .*)?$")
 
 
 def free_port() -> int:
@@ -53,6 +58,7 @@ class Server:
         extra_args: tuple[str, ...] = (),
         log_path: Path | None = None,
         ready_timeout: float = 600.0,
+        groups_file: Path | None = None,
     ):
         self.spec = spec
         self.model = Path(model)
@@ -64,8 +70,11 @@ class Server:
         self.extra_args = tuple(extra_args)
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"{spec.name}-", suffix=".log")[1])
         self.ready_timeout = ready_timeout
+        self.groups_file = groups_file
+        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, tp, self.extra_args, os.environ, has_cuda_gpu())
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self.ready_offset = 0  # the log's size when the engine became ready: later errors come from the probes
         self._socket_dir: str | None = None
 
     @property
@@ -81,13 +90,17 @@ class Server:
             argv += [s.max_len_flag, str(self.max_model_len)]
         if s.dtype_flag and self.dtype:
             argv += [s.dtype_flag, self.dtype]
-        return argv + list(s.fixed_args) + list(self.extra_args)
+        return argv + self.cpu_args + list(self.extra_args)
+
+    @property
+    def applied_env(self) -> dict[str, str]:
+        """The variables the workbench set for this launch (the user's own environment is not repeated)."""
+        return {**self.generic_env, **self.cpu_env}
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(self.spec.env)
-        if self.tp > 1:
-            env.update(self.spec.tp_env)
+        env = {**os.environ, **self.applied_env}
+        if self.groups_file is not None:
+            env[GUARD_RECORD_ENV] = str(self.groups_file)
         cache = workbench_home() / "cache" / self.spec.name
         for var, sub in self.spec.cache_env.items():
             env.setdefault(var, str(cache / sub))
@@ -125,14 +138,17 @@ class Server:
             self.stop()
             raise
         self.startup_seconds = round(time.monotonic() - t0, 1)
+        self.ready_offset = self.log_path.stat().st_size
 
     def _wait_ready(self, t0: float) -> None:
         while True:
             code = self.proc.poll()
             if code is not None:
-                raise EngineFailed(f"{self.spec.name} exited with code {code} during start-up; log {self.log_path}:\n{self.log_tail()}")
+                raise EngineFailed(f"{self.spec.name} exited with code {code} during start-up{self._cause()}; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
             if time.monotonic() - t0 > self.ready_timeout:
-                raise EngineFailed(f"{self.spec.name} not ready after {self.ready_timeout:.0f}s; log {self.log_path}:\n{self.log_tail()}")
+                raise EngineFailed(f"{self.spec.name} not ready after {self.ready_timeout:.0f}s{self._cause()}; "
+                                   f"log {self.log_path}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + self.spec.ready_path, timeout=5) as r:
                     if r.status == 200:
@@ -140,6 +156,19 @@ class Server:
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(0.5)
+
+    def _cause(self) -> str:
+        line = self.first_error()
+        return f": {line}" if line else ""
+
+    def first_error(self, since: int = 0) -> str | None:
+        """The engine's own first error line in its log from byte ``since`` on (its root cause)."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                return first_error_line(f.read().decode(errors="replace"))
+        except OSError:
+            return None
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -178,6 +207,15 @@ class Server:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
+
+
+def first_error_line(log: str) -> str | None:
+    """The first exception line (``RuntimeError: ...``) of an engine log, else its first ERROR line."""
+    lines = [_PREFIX.sub("", line).strip() for line in log.splitlines()]
+    for line in lines:
+        if _EXCEPTION.match(line):
+            return line[:400]
+    return next((line[:400] for line in lines if "ERROR" in line), None)
 
 
 def _signal_group(pgid: int, sig: int) -> None:

@@ -1,5 +1,11 @@
 """Probes through the OpenAI HTTP API, exactly as users call a served model, and the comparison of its
-greedy output with a reference model run in transformers."""
+greedy output with a reference model run in transformers.
+
+A check is "passed", "failed", "incomplete" (it should have run and could not: never a pass) or "skipped"
+(the user turned it off, e.g. --no-reference; the report says so). The probes assume nothing about the
+model's output: the stop probe takes its stop string from the model's own greedy reply, and the reference
+comparison scores the engine's tokens by id, so a reply cut inside a multi-byte character scores exactly.
+"""
 
 from __future__ import annotations
 
@@ -24,12 +30,13 @@ MAX_TOKENS = 24
 # near-tie flipped by rounding changes everything after it.
 MIN_TOKEN_AGREEMENT = {"full": 0.95, "fp8": 0.9, "int8": 0.9, "int4": 0.8, "gguf-full": 0.95, "gguf-8bit": 0.9, "gguf-lowbit": 0.8}
 MAX_LOGPROB_DELTA = {"full": 0.1, "fp8": 0.5, "int8": 0.5, "int4": 1.5, "gguf-full": 0.1, "gguf-8bit": 0.5, "gguf-lowbit": 1.5}
+TOKEN_ID_PREFIX = "token_id:"
 
 
 @dataclass
 class Check:
     name: str
-    status: str  # "passed" | "failed" | "skipped"
+    status: str  # "passed" | "failed" | "incomplete" | "skipped"
     detail: str = ""
     metrics: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -38,11 +45,17 @@ class Check:
         return asdict(self)
 
 
-class Reference:
-    """The reference model in transformers: its greedy continuations of PROMPTS, its chat prompt length,
-    its EOS id, and teacher-forced scoring of another model's continuation."""
+def verdict(checks: list[dict]) -> str:
+    """failed if any check failed, else incomplete if any could not run, else passed."""
+    statuses = {c["status"] for c in checks}
+    return "failed" if "failed" in statuses else "incomplete" if "incomplete" in statuses else "passed"
 
-    def __init__(self, model_dir: Path, dtype: str = "auto"):
+
+class Reference:
+    """The reference model in transformers: its greedy continuations of the prompts, its chat prompt
+    length, and teacher-forced scoring of another model's tokens."""
+
+    def __init__(self, model_dir: Path, dtype: str = "auto", prompts: tuple[str, ...] = PROMPTS, max_tokens: int = MAX_TOKENS):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,34 +68,39 @@ class Reference:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [self.tok.eos_token_id]
-        self.eos_token_id = self.eos_ids[0]
+        self.max_tokens = max_tokens
         with torch.inference_mode():
-            self._greedy_ids = {p: self._greedy(p) for p in PROMPTS}
-        self.texts = [self.tok.decode(self._greedy_ids[p], skip_special_tokens=True) for p in PROMPTS]
+            self.greedy_ids = {p: self._greedy(p) for p in prompts}
         chat = self.tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=True)
         self.chat_prompt_tokens = len(chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "input_ids") else chat)
 
+    def prompt_ids(self, prompt: str) -> list[int]:
+        return self.tok(prompt).input_ids
+
     def _greedy(self, prompt: str) -> list[int]:
-        ids = self.tok(prompt, return_tensors="pt").input_ids
-        out = self.model.generate(ids, do_sample=False, max_new_tokens=MAX_TOKENS, pad_token_id=self.tok.pad_token_id)
+        ids = self.torch.tensor([self.prompt_ids(prompt)])
+        out = self.model.generate(ids, do_sample=False, max_new_tokens=self.max_tokens, pad_token_id=self.tok.pad_token_id)
         return [int(t) for t in out[0, ids.shape[1]:] if int(t) not in self.eos_ids]
 
-    def score(self, prompt: str, continuation: str) -> tuple[int, int, list[float]]:
-        """(tokens that are the reference's top-1, tokens scored, the reference's logprob of each) for a
-        continuation: the reference's own greedy tokens when the text is its greedy text, else the text
-        re-tokenized (which may merge tokens the engine generated apart)."""
+    def text_ids(self, prompt: str, text: str) -> list[int]:
+        """Token ids for an engine that returns only text: the reference's own greedy ids when the text is
+        its greedy text, else the text re-tokenized (which may merge tokens the engine generated apart)."""
+        own = self.greedy_ids.get(prompt)
+        if own is not None and text == self.tok.decode(own, skip_special_tokens=True):
+            return own
+        return self.tok(text, add_special_tokens=False).input_ids
+
+    def score(self, prompt: str, ids: list[int]) -> tuple[int, list[float]]:
+        """(how many of ``ids`` are the reference's top-1 after the prompt and the ids before them, the
+        reference's logprob of each id)."""
         torch = self.torch
-        prompt_ids = self.tok(prompt).input_ids
-        own = self._greedy_ids.get(prompt)
-        if own is not None and continuation == self.tok.decode(own, skip_special_tokens=True):
-            ids = prompt_ids + own
-        else:
-            ids = prompt_ids + self.tok(continuation, add_special_tokens=False).input_ids
+        prompt_ids = self.prompt_ids(prompt)
+        full = prompt_ids + list(ids)
         with torch.inference_mode():
-            logp = torch.log_softmax(self.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
-        positions = range(len(prompt_ids), len(ids))
-        agree = sum(int(logp[j - 1].argmax()) == ids[j] for j in positions)
-        return agree, len(positions), [float(logp[j - 1, ids[j]]) for j in positions]
+            logp = torch.log_softmax(self.model(input_ids=torch.tensor([full])).logits[0].float(), -1)
+        positions = range(len(prompt_ids), len(full))
+        agree = sum(int(logp[j - 1].argmax()) == full[j] for j in positions)
+        return agree, [float(logp[j - 1, full[j]]) for j in positions]
 
 
 class Client:
@@ -120,16 +138,42 @@ class Client:
         return chunks
 
 
-def _greedy(client: Client, prompt: str, **kw) -> dict:
-    return client.post("/v1/completions", {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, **kw})
+@dataclass
+class Probing:
+    """What the probes need besides the server: the artifact's own facts and the user's choices."""
+
+    kind: str
+    prompts: tuple[str, ...] = PROMPTS
+    max_tokens: int = MAX_TOKENS
+    eos_ids: tuple[int, ...] = ()  # the artifact's end-of-sequence ids (generation_config, config or GGUF)
+    token_id_request: dict | None = None  # how this engine returns token ids (None: it returns text only)
+    reference: Reference | None = None
+    no_reference: bool = False  # the user turned the comparison off (--no-reference)
+    missing_reference: str = ""  # why there is no reference, when the user did not turn it off
+    gates: dict = field(default_factory=dict)
 
 
-def run_probes(client: Client, reference: Reference | None, kind: str, gates: dict | None = None) -> list[Check]:
-    """All probes against one running server; each probe's failure is recorded, never raised.
-    ``gates`` may override min_token_agreement and max_logprob_delta of the kind's defaults."""
-    min_agree = (gates or {}).get("min_token_agreement", MIN_TOKEN_AGREEMENT[kind])
-    max_delta = (gates or {}).get("max_logprob_delta", MAX_LOGPROB_DELTA[kind])
+def stop_string(text: str) -> tuple[str, int] | None:
+    """A two-character stop string from the second half of a greedy reply, and where it first occurs; the
+    engine must stop right before it."""
+    for start in (*range(max(1, len(text) // 2), len(text) - 1), *range(1, max(1, len(text) // 2))):
+        candidate = text[start:start + 2]
+        if text.find(candidate) == start:
+            return candidate, start
+    return None
+
+
+def _engine_token_ids(logprobs: dict) -> list[int] | None:
+    tokens = logprobs.get("tokens") or []
+    if not tokens or not all(isinstance(t, str) and t.startswith(TOKEN_ID_PREFIX) for t in tokens):
+        return None
+    return [int(t[len(TOKEN_ID_PREFIX):]) for t in tokens]
+
+
+def run_probes(client: Client, probing: Probing) -> list[Check]:
+    """All probes against one running server; each probe's failure is recorded, never raised."""
     checks: list[Check] = []
+    ref = probing.reference
 
     def probe(name):
         def wrap(fn):
@@ -143,79 +187,119 @@ def run_probes(client: Client, reference: Reference | None, kind: str, gates: di
             return result
         return wrap
 
+    def greedy(prompt: str, **kw) -> dict:
+        body = {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0, **kw}
+        return client.post("/v1/completions", body)["choices"][0]
+
     @probe("models")
     def _models():
         ids = [m.get("id") for m in client.get("/v1/models").get("data", [])]
-        ok = client.model in ids
-        return Check("models", "passed" if ok else "failed", f"served: {ids}")
+        return Check("models", "passed" if client.model in ids else "failed", f"served: {ids}")
 
-    completion = {}
+    replies: dict[str, str] = {}
 
     @probe("completion")
     def _completion():
-        r = _greedy(client, PROMPTS[0])
-        completion.update(r["choices"][0])
-        tokens = r.get("usage", {}).get("completion_tokens", 0)
-        ok = bool(completion.get("text")) and tokens > 0
-        return Check("completion", "passed" if ok else "failed", f"{tokens} tokens: {completion.get('text', '')[:60]!r}")
+        for prompt in probing.prompts:
+            replies[prompt] = greedy(prompt).get("text", "")
+        empty = [p for p, text in replies.items() if not text]
+        return Check("completion", "failed" if empty else "passed",
+                     f"{len(replies) - len(empty)}/{len(replies)} prompts answered: {replies[probing.prompts[0]][:60]!r}")
 
     @probe("chat")
     def _chat():
-        r = client.post("/v1/chat/completions", {"messages": CHAT_MESSAGES, "max_tokens": MAX_TOKENS, "temperature": 0})
+        r = client.post("/v1/chat/completions", {"messages": CHAT_MESSAGES, "max_tokens": probing.max_tokens, "temperature": 0})
         prompt_tokens = r.get("usage", {}).get("prompt_tokens")
         content = r["choices"][0]["message"].get("content")
-        if reference is not None and prompt_tokens != reference.chat_prompt_tokens:
-            return Check("chat", "failed", f"prompt has {prompt_tokens} tokens, the chat template gives {reference.chat_prompt_tokens}")
+        if ref is not None and prompt_tokens != ref.chat_prompt_tokens:
+            return Check("chat", "failed", f"prompt has {prompt_tokens} tokens, the chat template gives {ref.chat_prompt_tokens}")
         ok = isinstance(content, str) and r["choices"][0].get("finish_reason") in ("stop", "length")
-        return Check("chat", "passed" if ok else "failed", f"{prompt_tokens} prompt tokens (chat template applied): {str(content)[:60]!r}")
+        compared = "chat template applied" if ref is not None else "template length not compared: no reference"
+        return Check("chat", "passed" if ok else "failed", f"{prompt_tokens} prompt tokens ({compared}): {str(content)[:60]!r}")
 
     @probe("streaming")
     def _streaming():
-        if not completion:
-            return Check("streaming", "skipped", "no non-streamed completion to compare with")
-        chunks = client.stream("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0})
+        prompt = probing.prompts[0]
+        if prompt not in replies:
+            return Check("streaming", "incomplete", "no non-streamed reply to compare with (the completion probe broke)")
+        chunks = client.stream("/v1/completions", {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0})
         text = "".join(c["choices"][0].get("text", "") for c in chunks if c.get("choices"))
-        ok = text == completion["text"]
-        return Check("streaming", "passed" if ok else "failed", f"{len(chunks)} SSE chunks" + ("" if ok else f": {text!r} != {completion['text']!r}"))
+        ok = text == replies[prompt]
+        return Check("streaming", "passed" if ok else "failed", f"{len(chunks)} SSE chunks" + ("" if ok else f": {text!r} != {replies[prompt]!r}"))
 
     @probe("stop")
     def _stop():
-        r = client.post("/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 64, "temperature": 0, "stop": ["\n"]})
-        choice = r["choices"][0]
-        ok = choice.get("finish_reason") == "stop" and "\n" not in choice.get("text", "")
-        return Check("stop", "passed" if ok else "failed", f"finish_reason={choice.get('finish_reason')}, {len(choice.get('text', ''))} chars")
+        found = next(((p, stop_string(t)) for p, t in replies.items() if stop_string(t)), None)
+        if found is None:
+            return Check("stop", "incomplete", "no greedy reply long enough to take a stop string from")
+        prompt, (stop, at) = found
+        choice = greedy(prompt, stop=[stop])
+        expected = replies[prompt][:at]
+        ok = choice.get("finish_reason") == "stop" and choice.get("text") == expected
+        return Check("stop", "passed" if ok else "failed",
+                     f"stop {stop!r} (from the model's own reply): finish_reason={choice.get('finish_reason')}, "
+                     f"{choice.get('text')!r}" + ("" if ok else f", expected {expected!r}"))
 
     @probe("eos")
     def _eos():
-        if reference is None or reference.eos_token_id is None:
-            return Check("eos", "skipped", "no reference tokenizer to name the EOS token")
+        if not probing.eos_ids:
+            return Check("eos", "incomplete", "the artifact names no EOS token (generation_config, config or GGUF metadata)")
         # forcing the EOS token first must end generation at once: proves the engine knows the EOS id
-        r = client.post("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 16, "temperature": 0,
-                                            "logit_bias": {str(reference.eos_token_id): 100}})
+        eos = probing.eos_ids[0]
+        r = client.post("/v1/completions", {"prompt": probing.prompts[-1], "max_tokens": 16, "temperature": 0,
+                                            "logit_bias": {str(eos): 100}})
         choice, tokens = r["choices"][0], r.get("usage", {}).get("completion_tokens")
         ok = choice.get("finish_reason") == "stop" and (tokens or 0) <= 1
-        return Check("eos", "passed" if ok else "failed", f"finish_reason={choice.get('finish_reason')} after {tokens} token(s)")
+        return Check("eos", "passed" if ok else "failed", f"EOS id {eos}: finish_reason={choice.get('finish_reason')} after {tokens} token(s)")
 
     @probe("reference")
     def _reference():
-        if reference is None:
-            return Check("reference", "skipped", "no reference model")
-        equal, agree, scored, deltas = 0, 0, 0, []
-        for prompt, ref_text in zip(PROMPTS, reference.texts):
-            choice = _greedy(client, prompt, logprobs=1)["choices"][0]
-            equal += choice["text"] == ref_text
-            a, n, ref_lp = reference.score(prompt, choice["text"])
-            agree, scored = agree + a, scored + n
-            lp = [x for x in ((choice.get("logprobs") or {}).get("token_logprobs") or []) if x is not None]
-            if len(lp) == n:  # the engine's tokens are the reference's tokens
-                deltas += [abs(x - y) for x, y in zip(lp, ref_lp)]
-        token_agreement = agree / max(scored, 1)
-        metrics = {"greedy_text_agreement": equal / len(PROMPTS), "token_agreement": round(token_agreement, 4),
-                   "tokens_scored": scored, "max_logprob_delta": round(max(deltas), 5) if deltas else None}
-        ok = token_agreement >= min_agree and (not deltas or max(deltas) <= max_delta)
-        detail = (f"{agree}/{scored} tokens are the reference's top-1 (min {min_agree:.0%} for {kind}), "
-                  f"max |Δlogprob| {metrics['max_logprob_delta']} (max {max_delta}), "
-                  f"{equal}/{len(PROMPTS)} greedy texts equal")
-        return Check("reference", "passed" if ok else "failed", detail, metrics)
+        if ref is None:
+            if probing.no_reference:
+                return Check("reference", "skipped", "not run: --no-reference")
+            return Check("reference", "incomplete", probing.missing_reference or "no reference model")
+        return _compare(probing, lambda prompt: greedy(prompt, logprobs=1, **(probing.token_id_request or {})))
 
     return checks
+
+
+def _compare(probing: Probing, ask) -> Check:
+    """Teacher-forced agreement of the engine's greedy tokens with the reference, and their logprob deltas."""
+    ref = probing.reference
+    min_agree = probing.gates.get("min_token_agreement", MIN_TOKEN_AGREEMENT[probing.kind])
+    max_delta = probing.gates.get("max_logprob_delta", MAX_LOGPROB_DELTA[probing.kind])
+    equal = agree = scored = 0
+    deltas: list[float] = []
+    unmatched = []  # prompts whose engine tokens could not be identified, so no logprob was compared
+    for prompt in probing.prompts:
+        choice = ask(prompt)
+        logprobs = choice.get("logprobs") or {}
+        engine_lp = [x for x in (logprobs.get("token_logprobs") or []) if x is not None]
+        ids = _engine_token_ids(logprobs)
+        by_id = ids is not None
+        if ids is None:
+            ids = ref.text_ids(prompt, choice.get("text", ""))
+        equal += ids == ref.greedy_ids.get(prompt)
+        a, ref_lp = ref.score(prompt, ids)
+        agree, scored = agree + a, scored + len(ids)
+        if len(engine_lp) == len(ids) and (by_id or len(ids) == len(logprobs.get("tokens") or [])):
+            deltas += [abs(x - y) for x, y in zip(engine_lp, ref_lp)]
+        else:
+            unmatched.append(prompt)
+    token_agreement = agree / max(scored, 1)
+    metrics = {"greedy_token_agreement": equal / len(probing.prompts), "token_agreement": round(token_agreement, 4),
+               "tokens_scored": scored, "max_logprob_delta": round(max(deltas), 5) if deltas else None,
+               "logprob_gate_prompts": len(probing.prompts) - len(unmatched), "scored_by": "token id" if not unmatched else "text"}
+    agreement_ok = token_agreement >= min_agree
+    delta_ok = not deltas or max(deltas) <= max_delta
+    detail = (f"{agree}/{scored} tokens are the reference's top-1 (min {min_agree:.0%} for {probing.kind}), "
+              f"max |Δlogprob| {metrics['max_logprob_delta']} (max {max_delta}), "
+              f"{equal}/{len(probing.prompts)} greedy replies equal")
+    if unmatched:
+        detail += (f"; logprob gate not applied to {len(unmatched)}/{len(probing.prompts)} prompts "
+                   "(the engine returned text whose tokens could not be identified)")
+    if not (agreement_ok and delta_ok):
+        return Check("reference", "failed", detail, metrics)
+    if not deltas:
+        return Check("reference", "incomplete", detail, metrics)
+    return Check("reference", "passed", detail, metrics)

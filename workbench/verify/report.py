@@ -23,12 +23,15 @@ def junit_xml(report: dict) -> bytes:
         suite = ET.SubElement(
             suites, "testsuite", name=f"{report['engine']} tp={run['tp']}",
             tests=str(len(checks)), failures=str(sum(c["status"] == "failed" for c in checks)),
+            errors=str(sum(c["status"] == "incomplete" for c in checks)),
             skipped=str(sum(c["status"] == "skipped" for c in checks)), time=f"{sum(c['seconds'] for c in checks):.3f}",
         )
         for c in checks:
             case = ET.SubElement(suite, "testcase", classname=f"verify.{report['engine']}.tp{run['tp']}", name=c["name"], time=f"{c['seconds']:.3f}")
             if c["status"] == "failed":
                 ET.SubElement(case, "failure", message=c["detail"][:500]).text = c["detail"]
+            elif c["status"] == "incomplete":  # could not run: an error, never a pass
+                ET.SubElement(case, "error", message=f"incomplete: {c['detail']}"[:500]).text = c["detail"]
             elif c["status"] == "skipped":
                 ET.SubElement(case, "skipped", message=c["detail"])
             else:
@@ -37,24 +40,26 @@ def junit_xml(report: dict) -> bytes:
 
 
 def markdown(report: dict) -> str:
-    verdict = "PASSED" if report["passed"] else "FAILED"
-    lines = [f"## workbench verify: {verdict}", "", f"- artifact: `{report['artifact']}` ({report['kind']})",
-             f"- engine: {report['engine']}", f"- reference: `{report.get('reference') or 'none'}`", ""]
+    lines = [f"## workbench verify: {report['verdict'].upper()}", "", f"- artifact: `{report['artifact']}` ({report['kind']})",
+             f"- engine: {report['engine']} {report.get('engine_version') or ''}",
+             f"- reference: " + (f"`{report['reference']}`" if report.get("reference") else report.get("reference_note") or "none"), ""]
     if report.get("preflight"):
         lines += ["| TP | preflight |", "|---|---|"]
         for tp, reasons in report["preflight"].items():
             lines.append(f"| {tp} | {'loads' if not reasons else '; '.join(reasons)} |")
         lines.append("")
-    names = [c["name"] for c in report["runs"][0]["checks"]] if report["runs"] else []
+    names = list(dict.fromkeys(c["name"] for run in report["runs"] for c in run["checks"]))
     if report["runs"]:
         lines += ["| TP | ready (s) | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
-        marks = {"passed": "✅", "failed": "❌", "skipped": "➖"}
+        marks = {"passed": "✅", "failed": "❌", "incomplete": "⚠️", "skipped": "➖"}
         for run in report["runs"]:
             by_name = {c["name"]: c for c in run["checks"]}
             cells = [marks[by_name[n]["status"]] if n in by_name else "" for n in names]
             lines.append(f"| {run['tp']} | {run.get('startup_seconds') or '-'} | " + " | ".join(cells) + " |")
         lines.append("")
         for run in report["runs"]:
+            if run.get("engine_error"):
+                lines.append(f"- tp={run['tp']} engine error: `{run['engine_error']}`")
             for c in run["checks"]:
                 if c["status"] != "passed":
                     lines.append(f"- tp={run['tp']} **{c['name']}** {c['status']}: {c['detail'].splitlines()[0] if c['detail'] else ''}")

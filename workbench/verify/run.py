@@ -1,46 +1,91 @@
 """`workbench verify`: start the real engine on an artifact under each TP size, probe it through the
-OpenAI API, compare it with a reference model, always tear it down, and write CI reports."""
+OpenAI API, compare it with a reference model, always tear it down, and write CI reports.
+
+The verdict is "passed" only when every check ran and passed; "incomplete" when a required check could
+not run (exit 4), e.g. a quantized artifact whose source model is not there to compare with."""
 
 from __future__ import annotations
 
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from .. import __version__
-from ..checkpoint import Checkpoint
-from ..errors import BadInput, EnvironmentProblem
+from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
+from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version
+from ..errors import BadInput
 from ..manifest import now, read_manifest
 from .launch import EngineFailed, Server, port_in_use
 from .preflight import preflight, quant_of
-from .probes import Check, Client, Reference, run_probes
+from .probes import Check, Client, Probing, Reference, run_probes, verdict
 from .report import write_reports
-from .servers import ENGINES, EngineSpec, check_installed, engine_python, engine_version
 
 # quantization method -> artifact kind (which tolerances apply)
 KIND_BY_METHOD = {
     "fp8": "fp8", "compressed-tensors-fp8": "fp8", "gptq": "int4", "awq": "int4",
     "compressed-tensors-wna16": "int4", "compressed-tensors": "int8",
 }
+# GGUF file types (llama.cpp's LlamaFileType names) that are full precision or 8-bit; the rest are low-bit
+GGUF_FULL_TYPES = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
+GGUF_8BIT_TYPES = {"MOSTLY_Q8_0"}
+# tensor types by the same rule, when a file does not say its file type
+GGUF_FULL_TENSORS = {"F32", "F16", "BF16"}
+GGUF_8BIT_TENSORS = {"Q8_0"}
+
+
+def gguf_kind(path: Path) -> str:
+    """An artifact kind from the GGUF header: its general.file_type, else the type most weight bytes use."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    field = reader.fields.get("general.file_type")
+    if field is not None:
+        name = gguf.LlamaFileType(int(field.contents())).name
+        return "gguf-full" if name in GGUF_FULL_TYPES else "gguf-8bit" if name in GGUF_8BIT_TYPES else "gguf-lowbit"
+    by_type: dict[str, int] = {}
+    for t in reader.tensors:
+        if len(t.shape) >= 2:
+            by_type[t.tensor_type.name] = by_type.get(t.tensor_type.name, 0) + int(t.n_bytes)
+    main = max(by_type, key=by_type.get) if by_type else "F32"
+    return "gguf-full" if main in GGUF_FULL_TENSORS else "gguf-8bit" if main in GGUF_8BIT_TENSORS else "gguf-lowbit"
 
 
 def artifact_kind(artifact: Path, spec: EngineSpec, config: dict | None) -> str:
     if spec.artifact == "gguf":
-        name = artifact.name.lower()
-        return "gguf-full" if any(t in name for t in ("f32", "f16", "bf16")) else "gguf-8bit" if "q8_0" in name else "gguf-lowbit"
+        return gguf_kind(artifact)
     method = quant_of(config or {}).method
     return "full" if method is None else KIND_BY_METHOD.get(method, "int8")
 
 
-def default_reference(artifact: Path, kind: str) -> Path | None:
-    """The model to compare with: a full-precision HF artifact is its own reference (engine vs.
-    transformers on the same weights); otherwise the source recorded in the artifact's manifest."""
+def default_reference(artifact: Path, kind: str) -> tuple[Path | None, str]:
+    """(the model to compare with, why there is none). A full-precision HF artifact is its own reference
+    (engine vs. transformers on the same weights); otherwise the source recorded in its manifest."""
     if kind == "full":
-        return artifact
+        return artifact, ""
     steps = (read_manifest(artifact) or {}).get("steps", [])
     source = (steps[-1].get("inputs", {}).get("model") or {}).get("path") if steps else None
-    return Path(source) if source and Path(source, "config.json").exists() else None
+    if source is None:
+        return None, f"no reference: {artifact.name} has no manifest naming its source; pass --reference or --no-reference"
+    if not Path(source, CONFIG_NAME).exists():
+        return None, f"no reference: the source in its manifest is not there ({source}); pass --reference or --no-reference"
+    return Path(source), ""
+
+
+def eos_ids(artifact: Path, spec: EngineSpec) -> tuple[int, ...]:
+    """The artifact's own end-of-sequence ids: generation_config, else config.json; a GGUF's metadata."""
+    if spec.artifact == "gguf":
+        import gguf
+
+        field = gguf.GGUFReader(artifact).fields.get("tokenizer.ggml.eos_token_id")
+        return (int(field.contents()),) if field is not None else ()
+    for name in (GENERATION_CONFIG, CONFIG_NAME):
+        path = artifact / name
+        value = read_json(path, name).get("eos_token_id") if path.is_file() else None
+        if value is not None:
+            return tuple(value) if isinstance(value, list) else (int(value),)
+    return ()
 
 
 def verify(
@@ -56,14 +101,18 @@ def verify(
     force: bool = False,
     port: int | None = None,
     marlin: bool = True,
-    preflight_only: bool = False,
     dtype: str | None = None,
     on_event=lambda message: None,
     gates: dict | None = None,
+    no_reference: bool = False,
+    prompts: tuple[str, ...] = (),
+    max_tokens: int | None = None,
+    groups_file: Path | None = None,
 ) -> dict:
     """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
     ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's).
-    ``gates`` overrides the reference comparison's limits (min_token_agreement, max_logprob_delta)."""
+    ``gates`` overrides the reference comparison's limits (min_token_agreement, max_logprob_delta).
+    ``groups_file``: the guard of each engine appends its process group id there."""
     spec = ENGINES[engine]
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
@@ -71,56 +120,57 @@ def verify(
     table = _preflight(spec, config, tps, marlin)
     if dtype is not None and spec.dtype_flag is None:
         raise BadInput(f"{engine} serves a GGUF's own types; --dtype does not apply")
+    if reference is not None and no_reference:
+        raise BadInput("--reference and --no-reference exclude each other")
+    python = engine_python(spec, python)
+    check_installed(spec, python)
+    if port is not None and port_in_use(port):
+        raise BadInput(f"port {port} on 127.0.0.1 is already in use")
+    reference, missing = (Path(reference), "") if reference else (None, "not run: --no-reference") if no_reference \
+        else default_reference(artifact, kind)
+    if reference is not None and not (reference / CONFIG_NAME).exists():
+        raise BadInput(f"reference model not found: {reference}")
+    probing = Probing(kind=kind, eos_ids=eos_ids(artifact, spec), token_id_request=spec.token_id_request,
+                      no_reference=no_reference, missing_reference=missing, gates=gates or {})
+    if prompts:
+        probing = replace(probing, prompts=tuple(prompts))
+    if max_tokens:
+        probing = replace(probing, max_tokens=max_tokens)
     report = {
         "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": kind, "dtype": dtype,
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
+        "engine_version": engine_version(spec, python), "gates": gates or {},
+        "reference": str(reference) if reference else None, "reference_note": missing or None,
     }
     report_dir = Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute()
-    if preflight_only:
-        report["passed"] = not any(table.values())
-        report["reports"] = {k: str(v) for k, v in write_reports(report_dir, report).items()}
-        return report
-
-    ensure_gpu_engine(spec)
-    python = engine_python(spec, python)
-    check_installed(spec, python)
-    report["engine_version"] = engine_version(spec, python)
-    report["gates"] = gates or {}
-    if port is not None and port_in_use(port):
-        raise BadInput(f"port {port} on 127.0.0.1 is already in use")
-    reference = Path(reference) if reference else default_reference(artifact, kind)
-    if reference is not None and not (reference / "config.json").exists():
-        raise BadInput(f"reference model not found: {reference}")
-    report["reference"] = str(reference) if reference else None
     shutil.rmtree(report_dir / "logs", ignore_errors=True)
 
     with ThreadPoolExecutor(1) as pool:
         # the reference runs in transformers while the engine starts
         # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
         ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
-        pending_reference = pool.submit(Reference, reference, ref_dtype) if reference else None
+        pending = pool.submit(Reference, reference, ref_dtype, probing.prompts, probing.max_tokens) if reference else None
         for tp in tps:
             if table[tp] and not force:
                 report["runs"].append({"tp": tp, "checks": [Check("preflight", "failed", "; ".join(table[tp])).as_dict()]})
                 on_event(f"tp={tp}: refused by preflight: {'; '.join(table[tp])}")
                 continue
-            report["runs"].append(_serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, extra_args,
-                                                   report_dir, ready_timeout, pending_reference, kind, on_event, gates))
-    report["passed"] = all(c["status"] != "failed" for run in report["runs"] for c in run["checks"])
+            server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
+                            extra_args=extra_args, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log",
+                            ready_timeout=ready_timeout, groups_file=groups_file)
+            report["runs"].append(_serve_and_probe(server, pending, probing, on_event))
+    report["verdict"] = verdict([c for run in report["runs"] for c in run["checks"]]) if report["runs"] else "incomplete"
+    report["passed"] = report["verdict"] == "passed"
     report["finished"] = now()
     report["reports"] = {k: str(v) for k, v in write_reports(report_dir, report).items()}
     return report
 
 
-def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, extra_args, report_dir, ready_timeout,
-                     pending_reference, kind, on_event, gates) -> dict:
-    log = report_dir / "logs" / f"{spec.name}-tp{tp}.log"
-    server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
-                    extra_args=extra_args, log_path=log, ready_timeout=ready_timeout)
-    # the engine settings a user needs to reproduce this run (CPU vLLM's per-rank core binding at TP > 1)
-    settings = dict(spec.tp_env) if tp > 1 else {}
-    run = {"tp": tp, "argv": server.argv(), "env": settings, "log": str(log), "checks": []}
-    on_event(f"tp={tp}: starting {spec.name} (log {log})")
+def _serve_and_probe(server: Server, pending_reference, probing: Probing, on_event) -> dict:
+    tp = server.tp
+    run = {"tp": tp, "argv": server.argv(), "env": server.applied_env, "cpu_env": server.cpu_env,
+           "cpu_args": server.cpu_args, "log": str(server.log_path), "checks": []}
+    on_event(f"tp={tp}: starting {server.spec.name} (log {server.log_path})")
     t0 = time.perf_counter()
     try:
         with server:
@@ -128,12 +178,27 @@ def _serve_and_probe(spec, artifact, tp, python, port, max_model_len, dtype, ext
             on_event(f"tp={tp}: ready in {server.startup_seconds}s, probing")
             startup = Check("startup", "passed", f"ready in {server.startup_seconds}s", seconds=server.startup_seconds)
             ref = pending_reference.result() if pending_reference else None
-            client = Client(server.url, str(artifact), spec.request_extra)
-            run["checks"] = [startup.as_dict()] + [c.as_dict() for c in run_probes(client, ref, kind, gates)]
+            client = Client(server.url, str(server.model), server.spec.request_extra)
+            checks = run_probes(client, replace(probing, reference=ref))
+            _quote_engine_error(server, checks, run)
+            run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
     except EngineFailed as exc:
+        run["engine_error"] = server.first_error()
         run["checks"] = [Check("startup", "failed", str(exc), seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
+
+
+def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
+    """A probe answered 5xx or lost the connection: lead its failure with the engine's own first error line
+    from the log (the root cause, which the HTTP answer does not carry)."""
+    broken = [c for c in checks if c.status == "failed" and any(s in c.detail for s in ("HTTP 5", "Connection", "URLError",
+                                                                                       "RemoteDisconnected"))]
+    cause = server.first_error(server.ready_offset) if broken else None
+    if cause:
+        run["engine_error"] = cause
+        for c in broken:
+            c.detail = f"engine error: {cause} | {c.detail}"
 
 
 def _check_artifact(artifact: Path, spec: EngineSpec) -> dict | None:
@@ -160,6 +225,19 @@ def _preflight(spec: EngineSpec, config: dict | None, tps: list[int], marlin: bo
         raise BadInput(f"config.json lacks what the TP preflight needs: {exc}") from None
 
 
-def ensure_gpu_engine(spec: EngineSpec) -> None:
-    if spec.needs_gpu and shutil.which("nvidia-smi") is None:
-        raise EnvironmentProblem(f"{spec.name} needs a CUDA GPU and none is visible (no nvidia-smi)")
+def preflight_only(path: Path, engine: str, tps: list[int], marlin: bool = True) -> dict:
+    """Which TP sizes will load, from a config alone: ``path`` is a config.json, a folder holding one
+    (weights are not needed), or for llama.cpp a .gguf file. Starts nothing, writes nothing."""
+    spec = ENGINES[engine]
+    path = Path(path).absolute()
+    if spec.artifact == "gguf":
+        _check_artifact(path, spec)
+        config = None
+    else:
+        file = path if path.is_file() else path / CONFIG_NAME
+        if not file.is_file():
+            raise BadInput(f"no config.json at {path}")
+        config = read_json(file, CONFIG_NAME)
+    table = _preflight(spec, config, tps, marlin)
+    rows = [{"tp": tp, "loads": not reasons, "reasons": reasons} for tp, reasons in table.items()]
+    return {"path": str(path), "engine": engine, "marlin": marlin, "preflight": rows, "passed": all(r["loads"] for r in rows)}

@@ -1,0 +1,103 @@
+"""Exit codes and error lines that every command shares: internal errors (5, with the traceback in a log),
+memory (3, with the figures), the names users type for --method, and the README's synopses against the
+Click options."""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+
+import click
+import pytest
+import torch
+
+from conftest import ROOT, assert_one_line_error, run
+from workbench.cli import cli
+from workbench.errors import GIB, OutOfMemory, as_out_of_memory
+from workbench.quantize.recipe import METHOD_ALIASES, load, shipped
+
+
+def test_a_bug_exits_5_and_names_the_log_with_the_traceback(monkeypatch, tmp_path, llama):
+    import workbench.inspect
+
+    def broken(*args, **kwargs):
+        return 1 / 0
+
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(workbench.inspect, "inspect", broken)
+    result = run("inspect", llama)
+    assert_one_line_error(result, 5, "internal error (ZeroDivisionError: division by zero); this is a workbench bug, traceback in ")
+    log = result.stderr.strip().rsplit(" ", 1)[1]
+    assert log.startswith(str(tmp_path / "home" / "logs")) and "in broken" in open(log).read()
+
+
+def test_a_failed_allocation_is_out_of_memory_with_the_figures():
+    try:
+        torch.empty(2**50, dtype=torch.uint8)  # a real allocation the machine cannot make
+    except RuntimeError as exc:
+        oom = as_out_of_memory(exc, "loading x")
+    assert isinstance(oom, OutOfMemory) and oom.exit_code == 3
+    assert str(oom).startswith(f"out of memory loading x: needs ~{2**50 / GIB:.1f} GiB, ") and str(oom).endswith(" GiB available")
+    assert as_out_of_memory(ValueError("bad shape"), "x") is None
+
+
+def test_a_model_that_cannot_fit_is_refused_at_once_with_the_figures(llama, tmp_path):
+    """A checkpoint whose header declares 2^35 parameters (a sparse file: nothing is really stored)."""
+    model = tmp_path / "huge"
+    model.mkdir()
+    (model / "config.json").write_text((llama / "config.json").read_text())
+    header = json.dumps({"model.embed_tokens.weight": {"dtype": "BF16", "shape": [2**20, 2**15], "data_offsets": [0, 2**36]}}).encode()
+    with open(model / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2**36)
+    result = run("quantize", model, "--method", "fp8", "--out", tmp_path / "out")
+    assert_one_line_error(result, 3, "out of memory to quantize huge (34.36B parameters): needs ~288.0 GiB, ")
+    assert "GiB available" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_method_names_users_type():
+    for alias, recipe in METHOD_ALIASES.items():
+        assert load(alias, None).name == recipe
+    assert {"fp8", "fp8-dynamic", "gptq", "awq", "w8a8", "int8"} <= set(shipped())
+    help_text = run("quantize", "--help").output
+    for name in ("fp8-static (or fp8)", "gptq-w4a16 (or gptq)", "awq-w4a16 (or awq)", "w8a8-int8 (or w8a8 / int8)", "fp8-dynamic"):
+        assert name in " ".join(help_text.split()), name
+
+
+def _synopses() -> dict[str, set[str]]:
+    """Each `workbench ...` synopsis line in the README's code blocks (continuation lines joined): options."""
+    text = (ROOT / "README.md").read_text()
+    found: dict[str, set[str]] = {}
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        lines = block.replace("\\\n", " ").splitlines()
+        for i, line in enumerate(lines):
+            if not line.startswith("workbench "):
+                continue
+            while i + 1 < len(lines) and lines[i + 1].startswith(" "):  # a synopsis wrapped onto indented lines
+                i += 1
+                line += " " + lines[i]
+            words = line.split()
+            path = [w for w in words[1:4] if re.fullmatch(r"[a-z]+", w)]
+            found[" ".join(path)] = set(re.findall(r"(?<![\w=-])(--[a-z][a-z0-9-]*|-q)\b", line))
+    return found
+
+
+def _command(path: str) -> click.Command:
+    command = cli
+    for word in path.split():
+        command = command.commands[word]
+    return command
+
+
+def test_readme_synopses_match_the_click_options():
+    synopses = _synopses()
+    expected = {"merge", "quantize", "convert gguf", "verify", "inspect", "release", "engines list", "engines install"}
+    assert expected <= set(synopses), set(synopses)
+    for path in expected:
+        params = [p for p in _command(path).params if isinstance(p, click.Option)]
+        names = {o for p in params for o in p.opts}
+        written = synopses[path]
+        assert written <= names, (path, "in the README, not an option:", sorted(written - names))
+        missing = [p.opts[-1] for p in params if not set(p.opts) & written]
+        assert not missing, (path, "options the README's synopsis lacks:", missing)

