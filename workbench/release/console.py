@@ -53,7 +53,7 @@ class ConsoleObserver(Observer):
             self.live.update(self.task, completed=done, total=total)
 
     def stage_finished(self, result: StageResult) -> None:
-        took = f" in {result.seconds:.1f}s" if result.action in ("built", "failed") and result.seconds else ""
+        took = f" in {result.seconds:.1f}s" if result.action in ("built", "failed", "incomplete") and result.seconds else ""
         error = f": {result.error.splitlines()[0]}" if result.error else ""
         self._line(f"{result.id}: {result.action}{took}{error}")
 

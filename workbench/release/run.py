@@ -155,7 +155,7 @@ def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
             state = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError):
             return None, None
-        return state.get("key"), "ok" if state.get("passed") else "failed"
+        return state.get("key"), "ok" if state.get("passed") else state.get("verdict", "failed")
     if artifact_digest(stage.output) is None:
         return None, None
     last = (read_manifest(stage.output) or {}).get("steps", [{}])[-1]

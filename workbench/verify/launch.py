@@ -23,8 +23,10 @@ from ..engines import EngineSpec, engine_python, has_cuda_gpu, launch_defaults, 
 HOST = "127.0.0.1"
 GUARD = str(Path(__file__).with_name("guard.py"))
 GUARD_RECORD_ENV = "WORKBENCH_GUARD_RECORD"  # a file the guard appends its process group id to
-# A Python exception line, as engines log it (vLLM prefixes its workers' lines with "(EngineCore pid=N) ").
-_PREFIX = re.compile(r"^(?:\(\w+(?: pid=\d+)?\)\s*|\[rank\d+\]:\s*)+")
+# A Python exception line, as engines log it behind their prefixes: vLLM's process tag "(Worker pid=N) " and
+# log header "ERROR 11-22 06:21:17 [file.py:1063] ", SGLang's "[2026-11-22 06:21:17 TP0] ", torch's "[rank0]: ".
+_PREFIX = re.compile(r"^(?:\(\w+(?: pid=\d+)?\)\s*|\[rank\d+\]:\s*|(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:]+ \[[^\]]*\]\s*"
+                     r"|\[\d{4}-\d\d-\d\d [\d:]+[^\]]*\]\s*)+")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b:?( .*)?$")
 
 

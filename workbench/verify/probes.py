@@ -279,7 +279,7 @@ def _compare(probing: Probing, ask) -> Check:
         by_id = ids is not None
         if ids is None:
             ids = ref.text_ids(prompt, choice.get("text", ""))
-        equal += ids == ref.greedy_ids.get(prompt)
+        equal += [i for i in ids if i not in ref.eos_ids] == ref.greedy_ids.get(prompt)
         a, ref_lp = ref.score(prompt, ids)
         agree, scored = agree + a, scored + len(ids)
         if len(engine_lp) == len(ids) and (by_id or len(ids) == len(logprobs.get("tokens") or [])):

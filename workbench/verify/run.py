@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version
-from ..errors import BadInput
+from ..errors import BadInput, as_out_of_memory
 from ..manifest import now, read_manifest
 from .launch import EngineFailed, Server, port_in_use
 from .preflight import preflight, quant_of
@@ -177,9 +177,8 @@ def _serve_and_probe(server: Server, pending_reference, probing: Probing, on_eve
             run["startup_seconds"] = server.startup_seconds
             on_event(f"tp={tp}: ready in {server.startup_seconds}s, probing")
             startup = Check("startup", "passed", f"ready in {server.startup_seconds}s", seconds=server.startup_seconds)
-            ref = pending_reference.result() if pending_reference else None
             client = Client(server.url, str(server.model), server.spec.request_extra)
-            checks = run_probes(client, replace(probing, reference=ref))
+            checks = run_probes(client, _with_reference(probing, pending_reference))
             _quote_engine_error(server, checks, run)
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
     except EngineFailed as exc:
@@ -187,6 +186,19 @@ def _serve_and_probe(server: Server, pending_reference, probing: Probing, on_eve
         run["checks"] = [Check("startup", "failed", str(exc), seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
+
+
+def _with_reference(probing: Probing, pending) -> Probing:
+    """The probing with its loaded reference; a reference that cannot be loaded leaves the comparison
+    incomplete, with the reason."""
+    if pending is None:
+        return probing
+    try:
+        return replace(probing, reference=pending.result())
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a model it cannot build
+        oom = as_out_of_memory(exc, "loading the reference model")
+        why = str(oom) if oom else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return replace(probing, missing_reference=f"the reference model could not be loaded: {why}")
 
 
 def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
