@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default: the release of the project's own trained fixture model
 # and LoRA adapter (built from the Python standard library's source text, cached after the first run),
-# as examples/fixture-release.yaml says: merge -> FP8-static + INT8 W8A8 + GGUF Q8_0 -> verify on vLLM
-# (TP=1 and TP=2) and llama.cpp. Outputs, model cards and reports land in ./out/release; a second run
+# as examples/fixture-release.yaml says: merge -> FP8-static + INT8 W8A8 + GGUF Q8_0 -> verify on vLLM and
+# SGLang (TP=1 and TP=2) and llama.cpp. Outputs, model cards and reports land in ./out/release; a second run
 # finds every stage cached. Extra arguments go to `workbench release` (e.g. --dry-run, --force, -q).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,7 +2,7 @@
 # Installs the workbench into ./.venv and, through `workbench engines install`, the serving engines into
 # their own environments under $WORKBENCH_HOME/engines (default ~/.cache/workbench). Idempotent: a
 # finished environment is kept.
-#   scripts/setup.sh            workbench + vLLM + llama.cpp
+#   scripts/setup.sh            workbench + vLLM + SGLang + llama.cpp
 #   scripts/setup.sh --no-engines
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +27,5 @@ log "workbench: $(.venv/bin/workbench --version)"
 if [ "$engines" = 1 ]; then
   # llama.cpp compiles from the sdist for this CPU: ~12 minutes on 2 cores the first time, then pip's
   # wheel cache makes it quick
-  .venv/bin/workbench engines install vllm llamacpp
+  .venv/bin/workbench engines install vllm sglang llamacpp
 fi

@@ -52,8 +52,8 @@ def test_installed_wheel_quantizes_converts_and_verifies(wheel_venv, llama, tmp_
         return result
 
     # run from outside the checkout: nothing may come from the source tree
-    assert str(ROOT) not in call("--version").stdout + subprocess.run(
-        [str(bin_dir / "python"), "-c", "import workbench; print(workbench.__file__)"], capture_output=True, text=True).stdout
+    assert str(ROOT) not in subprocess.run([str(bin_dir / "python"), "-c", "import workbench; print(workbench.__file__)"],
+                                           capture_output=True, text=True, cwd=tmp_path, env=env).stdout
     quantized = json.loads(call("quantize", llama, "--method", "fp8", "--samples", "8", "--seq-len", "64", "--out",
                                 tmp_path / "fp8", "--json").stdout)
     assert quantized["options"]["recipe"] == "fp8-static" and quantized["status"] == "ok"

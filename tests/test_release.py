@@ -72,7 +72,7 @@ def write_release(tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
     (lambda d: d["artifacts"]["fp8"].update({"from": "mergd"}), "artifact 'fp8' is made from 'mergd', which is not defined"),
-    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[3]: artifact 'awq' is not defined"),
+    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[4]: artifact 'awq' is not defined"),
     (lambda d: d["verify"].append({"artifact": "merged", "engine": "tgi"}), "unknown engine 'tgi'"),
     (lambda d: d["verify"].append({"artifact": "q8_0", "engine": "vllm"}), "vllm serves a model folder; 'q8_0' is a .gguf"),
     (lambda d: d["artifacts"]["fp8"]["quantize"].update(smaples=3), "artifacts.fp8.quantize: unknown key 'smaples'"),
@@ -90,7 +90,8 @@ def write_release(tmp_path: Path, edit) -> Path:
     (lambda d: d["verify"][0].update(tp=[0]), "tp must be a positive integer"),
     (lambda d: d["verify"].append(dict(d["verify"][0])), "stage id 'verify-merged-vllm' is taken"),
     (lambda d: d["artifacts"]["merged"]["merge"].update(dtype="int3"), "dtype must be one of auto, bf16, fp16, fp32"),
-    (lambda d: d["artifacts"]["fp8"].pop("require"), "artifacts.fp8 must be served (the default) but no verify entry names it"),
+    (lambda d: [d["artifacts"]["fp8"].pop(k) for k in ("require", "reason")],
+     "artifacts.fp8 must be served (the default) but no verify entry names it"),
     (lambda d: d["artifacts"]["fp8"].pop("reason"), "artifacts.fp8: `require: checked` needs a `reason`"),
     (lambda d: d["artifacts"]["fp8"].update(require="ready"), "require must be one of served, checked, got 'ready'"),
     (lambda d: d["artifacts"]["merged"].update(reason="x"), "artifacts.merged: `reason` goes with `require: checked`"),
@@ -117,8 +118,8 @@ def test_dry_run_of_a_fresh_release_runs_everything_and_writes_nothing(tmp_path)
     result = run("release", RELEASE_FILE, "--out", out, "--dry-run", "--json")
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert [p["id"] for p in plan] == ["merged", "fp8", "w8a8", "q8_0", "verify-merged-vllm", "verify-w8a8-vllm",
-                                       "verify-q8_0-llamacpp"]
+    assert [p["id"] for p in plan] == ["merged", "fp8", "w8a8", "q8_0", "verify-merged-vllm", "verify-merged-sglang",
+                                       "verify-w8a8-vllm", "verify-q8_0-llamacpp"]
     assert all(p["run"] for p in plan)
     assert plan[0]["reason"] == "no finished output" and plan[1]["reason"] == "decided after merged is built"
     assert not out.exists()
@@ -150,7 +151,7 @@ def released(tmp_path_factory):
 def test_release_end_to_end(released, figures):
     out, index, seconds = released
     assert index["passed"] and index["exit_code"] == 0, json.dumps(index["stages"], indent=2)
-    assert [s["action"] for s in index["stages"]] == ["built"] * 7
+    assert [s["action"] for s in index["stages"]] == ["built"] * 8
     a = index["artifacts"]
     # served only where an engine loaded it; FP8 (no CPU kernels) is checked, with the release file's reason
     assert {i: x["state"] for i, x in a.items()} == {"merged": "served", "fp8": "checked", "w8a8": "served", "q8_0": "served"}
@@ -162,12 +163,13 @@ def test_release_end_to_end(released, figures):
     assert a["fp8"]["quality"]["top1_agreement"] >= 0.95 and a["fp8"]["quality"]["ppl_delta"] <= 0.01
     # every verify matrix cell ran on the real engine and compared with the reference
     runs = {(v["engine"], r["tp"]): r for x in a.values() for v in x["verifications"] for r in v["runs"]}
-    assert set(runs) == {("vllm", 1), ("vllm", 2), ("llamacpp", 1)}
+    assert set(runs) == {("vllm", 1), ("vllm", 2), ("sglang", 1), ("sglang", 2), ("llamacpp", 1)}
     cells = {(artifact, v["engine"], r["tp"]): r for artifact, x in a.items() for v in x["verifications"] for r in v["runs"]}
-    assert set(cells) == {("merged", "vllm", 1), ("merged", "vllm", 2), ("w8a8", "vllm", 1), ("q8_0", "llamacpp", 1)}
+    assert set(cells) == {("merged", "vllm", 1), ("merged", "vllm", 2), ("merged", "sglang", 1), ("merged", "sglang", 2),
+                          ("w8a8", "vllm", 1), ("q8_0", "llamacpp", 1)}
     for cell, r in cells.items():
         assert r["passed"] and r["checks"]["reference"] == "passed" and r["token_agreement"] >= 0.9, (cell, r)
-    assert index["engines"]["vllm"] and index["engines"]["llamacpp"]
+    assert index["engines"]["vllm"] and index["engines"]["sglang"] == "0.5.15" and index["engines"]["llamacpp"]
     for (artifact, engine, tp), r in cells.items():
         figures[f"release {artifact} on {engine} tp={tp}"] = {"token_agreement": r["token_agreement"],
                                                               "max_logprob_delta": r["max_logprob_delta"]}
@@ -201,6 +203,8 @@ def test_model_cards_and_manifests(released):
     on_cpu = body.split("On CPU", 1)[1]  # this machine's settings, apart
     assert "VLLM_CPU_KVCACHE_SPACE=1" in on_cpu and "VLLM_CPU_OMP_THREADS_BIND=" in on_cpu
     assert "VLLM_CPU" not in body.split("On CPU", 1)[0]
+    assert "python -m sglang.launch_server --model-path tiny-llama-lora-merged --tp 2\n" in body  # no KV cap: CPU only
+    assert "SGLANG_USE_CPU_ENGINE=1" in on_cpu and "--max-total-tokens 65536" in on_cpu
     meta, body = _card(out / "tiny-llama-lora-fp8" / "README.md")
     assert meta["base_model"] == "tiny-llama-lora-merged" and meta["base_model_relation"] == "quantized"
     assert meta["quantization"]["quant_method"] == "fp8" and meta["quantization"]["scheme"] == "static"
@@ -213,10 +217,12 @@ def test_model_cards_and_manifests(released):
     assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf\n" in body
     # verification results in the artifact's own manifest, which still checks out file by file
     manifest = json.loads((out / "tiny-llama-lora-merged" / "workbench.json").read_text())
-    assert [r["tp"] for r in manifest["verifications"][0]["runs"]] == [1, 2] and "README.md" in manifest["files"]
+    assert [(v["engine"], [r["tp"] for r in v["runs"]]) for v in manifest["verifications"]] == [("vllm", [1, 2]), ("sglang", [1, 2])]
+    assert "README.md" in manifest["files"]
     assert manifest["steps"][-1]["release"]["stage"] == "merged"
     shown = run("inspect", out / "tiny-llama-lora-merged")
-    assert "served by vllm 0.32.0 tp=2: passed" in shown.output and "state         served: served by vllm tp=1,2" in shown.output
+    assert "served by vllm 0.32.0 tp=2: passed" in shown.output and "served by sglang 0.5.15 tp=2: passed" in shown.output
+    assert "state         served: served by vllm tp=1,2; sglang tp=1,2" in shown.output
     assert "state         checked: vllm-cpu 0.32 has no FP8" in run("inspect", out / "tiny-llama-lora-fp8").output
     for folder in ("tiny-llama-lora-merged", "tiny-llama-lora-fp8", "tiny-llama-lora-w8a8", "tiny-llama-lora-GGUF/tiny-llama-lora-Q8_0.gguf"):
         result = run("inspect", out / folder, "--check")
@@ -247,7 +253,7 @@ def test_second_run_is_all_cached_and_only_force_redoes(released):
     shard = out / "tiny-llama-lora-merged" / "model-00001-of-00003.safetensors"
     written = shard.stat().st_mtime_ns
     again = release_json(RELEASE_FILE, "--out", out)
-    assert [s["action"] for s in again["stages"]] == ["cached"] * 7 and again["passed"]
+    assert [s["action"] for s in again["stages"]] == ["cached"] * 8 and again["passed"]
     assert artifact_hashes(out) == before and shard.stat().st_mtime_ns == written
     redo = release_json(RELEASE_FILE, "--out", out, "--only", "verify-q8_0-llamacpp", "--force")
     actions = {s["id"]: s["action"] for s in redo["stages"]}
@@ -291,7 +297,9 @@ verify:
     by_id = {s["id"]: s for s in index["stages"]}
     assert by_id["fp8"]["action"] == "failed" and "quality gates failed: min_top1" in by_id["fp8"]["error"]
     assert by_id["verify-fp8-vllm"]["action"] == "blocked" and by_id["f16"]["action"] == "built"
-    assert not index["artifacts"]["fp8"]["ready"] and index["artifacts"]["f16"]["ready"]
+    fp8, f16 = index["artifacts"]["fp8"], index["artifacts"]["f16"]
+    assert fp8["state"] == "failed" and "quality gates failed" in fp8["state_reason"] and not fp8["ready"]
+    assert f16["state"] == "checked" and f16["state_reason"] == "not verified in this test" and f16["meets_requirement"]
     assert 'failures="1"' in (tmp_path / "out" / "reports" / "junit.xml").read_text()
     assert "fp8: failed" in result.stderr and "FAILED: release strict" in result.stderr
     assert Path(by_id["fp8"]["log"]).read_text().count("FAILED: quality gates failed") == 1

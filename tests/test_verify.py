@@ -210,8 +210,9 @@ def test_server_crash_at_start_reports_the_log(merged, tmp_path, copy_of):
 ALL_PROBES = {"startup", "models", "completion", "chat", "streaming", "stop", "eos", "reference"}
 
 
-def verify_report(merged, tmp_path, name, *args):
-    result = run("verify", merged, "--server", "vllm", "--max-model-len", "512", EAGER, "--report", tmp_path / name, *args)
+def verify_report(merged, tmp_path, name, *args, server="vllm"):
+    extra = [EAGER] if server == "vllm" else []
+    result = run("verify", merged, "--server", server, "--max-model-len", "512", *extra, "--report", tmp_path / name, *args)
     report = json.loads((tmp_path / name / "report.json").read_text())
     assert result.exit_code == 0, result.output + result.stderr
     for r in report["runs"]:
@@ -367,14 +368,49 @@ def test_engine_error_is_quoted_when_requests_fail(fixture_root, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_sglang_real_run_where_it_is_installed(merged, tmp_path):
+def test_sglang_tp1_and_tp2_on_this_cpu(merged, tmp_path, figures):
+    """SGLang 0.5.15's CPU engine at TP=1 and TP=2 (gloo all-reduce, one core per rank), every probe, its
+    tokens (by id, from its native API) scored by the reference."""
+    report = verify_report(merged, tmp_path, "sglang", "--tp", "1,2", server="sglang")
+    assert [r["tp"] for r in report["runs"]] == [1, 2]
+    tp2 = report["runs"][1]
+    assert tp2["cpu_env"]["SGLANG_USE_CPU_ENGINE"] == "1" and "SGLANG_NCCL_SO_PATH" in tp2["cpu_env"]
+    for r in report["runs"]:
+        metrics = next(c for c in r["checks"] if c["name"] == "reference")["metrics"]
+        assert metrics["scored_by"] == "token id"
+        figures[f"verify sglang-cpu TP={r['tp']} bfloat16, merged fixture"] = {"startup_s": r["startup_seconds"], **metrics}
+
+
+def _sglang_parses(argv: list[str], python: str) -> tuple[int, list[str], str]:
+    """SGLang's own argument parser (it also reads the model's config) on a server command line: (exit code,
+    [tp_size, nnodes, node_rank, dist_init_addr], stderr). Its device resolution needs an accelerator or the
+    CPU engine switch, so the switch is set: the flags are what is checked."""
+    code = "import sys; from sglang.srt.server_args import prepare_server_args; a = prepare_server_args(sys.argv[1:]); " \
+           "print('PARSED', a.tp_size, a.nnodes, a.node_rank, a.dist_init_addr)"
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
+    done = subprocess.run([python, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=env)
+    parsed = next((line.split()[1:] for line in done.stdout.splitlines() if line.startswith("PARSED ")), [])
+    return done.returncode, parsed, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_sglang_gpu_command_lines_pass_its_own_parser(merged):
     from workbench.engines import engine_python
 
     python = engine_python(ENGINES["sglang"])
     if subprocess.run([python, "-c", "import sglang"], capture_output=True).returncode != 0:
         pytest.skip("SGLang is not installed here (workbench engines install sglang)")
-    result = run("verify", merged, "--server", "sglang", "--tp", "1", "--report", tmp_path / "r")
-    assert result.exit_code == 0, result.output + result.stderr
+    for tp in (1, 2, 8):  # the launch as a GPU machine gets it: no CPU-only settings
+        argv = Server(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
+        code, parsed, err = _sglang_parses(argv, python)
+        assert code == 0 and parsed[0] == str(tp), (argv, err[-500:])
+    for rank, command in enumerate(multinode_commands(ENGINES["sglang"], str(merged), 8, 2)):
+        argv = command.splitlines()[1].split()[3:]  # after "python -m sglang.launch_server"
+        code, parsed, err = _sglang_parses(argv, python)
+        assert code == 0 and parsed == ["16", "2", str(rank), "HEAD_IP:5000"], err[-500:]
+    code, _, err = _sglang_parses(["--model-path", str(merged), "--tensor-parallel-sise", "2"], python)
+    assert code == 2 and "unrecognized arguments: --tensor-parallel-sise 2" in err  # the parser does refuse
 
 
 def test_ctrl_c_during_start_up_leaves_no_process(merged, tmp_path):

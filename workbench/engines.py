@@ -45,9 +45,12 @@ class EngineSpec:
     thread_bind_env: str | None = None  # per-rank core binding ("0|1") at tp > 1 without a GPU
     threads_flag: str | None = None  # set to the CPUs this process may use, unless the user gave it
     request_extra: dict = field(default_factory=dict)  # sent with every generation request
-    token_id_request: dict | None = None  # asks for generated tokens as ids (None: the engine has no way)
+    # how the reference comparison gets the generated token ids: "openai" (its /v1/completions returns them
+    # as "token_id:N" strings), "generate" (SGLang's native /generate returns output_ids), None (text only)
+    token_ids: str | None = None
     cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
     socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
+    max_port: int = 65535  # the highest port it may be given
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -74,7 +77,7 @@ ENGINES: dict[str, EngineSpec] = {
         # CPU vLLM binds OpenMP threads per rank; its default binding asks for one NUMA node per rank
         thread_bind_env="VLLM_CPU_OMP_THREADS_BIND",
         # tokens come back as "token_id:N", so replies cut inside a UTF-8 character are scored exactly
-        token_id_request={"return_tokens_as_token_ids": True},
+        token_ids="openai",
         # kept across runs: a warm compile cache starts vLLM faster
         cache_env={"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"},
         socket_dir_env="VLLM_RPC_BASE_PATH",
@@ -99,7 +102,11 @@ ENGINES: dict[str, EngineSpec] = {
         cpu_args=("--max-total-tokens", "65536"),
         # a NCCL library that does not exist makes TP fall back to gloo (the CUDA torch ships libnccl)
         cpu_tp_env={"SGLANG_NCCL_SO_PATH": "/nonexistent/libnccl.so"},
+        # it also binds a gRPC port at --port + 10000 and refuses one above 65535
+        max_port=55535,
         thread_bind_env="SGLANG_CPU_OMP_THREADS_BIND",
+        # its OpenAI API returns token texts only; the native API returns the ids
+        token_ids="generate",
     ),
     "llamacpp": EngineSpec(
         name="llamacpp",

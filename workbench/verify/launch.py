@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -30,10 +31,17 @@ _PREFIX = re.compile(r"^(?:\(\w+(?: pid=\d+)?\)\s*|\[rank\d+\]:\s*|(?:DEBUG|INFO
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b:?( .*)?$")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def free_port(highest: int = 65535) -> int:
+    """A port on 127.0.0.1 that nothing listens on, at most ``highest``."""
+    rng = random.Random()
+    for _ in range(1000):
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, 0 if highest >= 65535 else rng.randint(20000, highest)))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise EnvironmentProblem(f"no free port on {HOST} up to {highest}")
 
 
 def port_in_use(port: int) -> bool:
@@ -61,19 +69,21 @@ class Server:
         log_path: Path | None = None,
         ready_timeout: float = 600.0,
         groups_file: Path | None = None,
+        gpu: bool | None = None,
     ):
         self.spec = spec
         self.model = Path(model)
         self.tp = tp
         self.python = engine_python(spec, python)
-        self.port = port or free_port()
+        self.port = port or free_port(spec.max_port)
         self.max_model_len = max_model_len
         self.dtype = dtype
         self.extra_args = tuple(extra_args)
         self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"{spec.name}-", suffix=".log")[1])
         self.ready_timeout = ready_timeout
         self.groups_file = groups_file
-        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, tp, self.extra_args, os.environ, has_cuda_gpu())
+        gpu = has_cuda_gpu() if gpu is None else gpu  # False: add the settings a CPU-only machine needs
+        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, tp, self.extra_args, os.environ, gpu)
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
         self.ready_offset = 0  # the log's size when the engine became ready: later errors come from the probes

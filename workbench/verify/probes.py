@@ -146,7 +146,7 @@ class Probing:
     prompts: tuple[str, ...] = PROMPTS
     max_tokens: int = MAX_TOKENS
     eos_ids: tuple[int, ...] = ()  # the artifact's end-of-sequence ids (generation_config, config or GGUF)
-    token_id_request: dict | None = None  # how this engine returns token ids (None: it returns text only)
+    token_ids: str | None = None  # how this engine returns token ids (engines.py; None: it returns text only)
     reference: Reference | None = None
     no_reference: bool = False  # the user turned the comparison off (--no-reference)
     missing_reference: str = ""  # why there is no reference, when the user did not turn it off
@@ -163,11 +163,24 @@ def stop_string(text: str) -> tuple[str, int] | None:
     return None
 
 
-def _engine_token_ids(logprobs: dict) -> list[int] | None:
+def _ask_tokens(client: Client, probing: Probing, prompt: str) -> tuple[list[int] | None, list[float], str, int]:
+    """The engine's greedy reply: (its token ids, or None when the engine returns text only; the logprob of
+    each token; the text; how many tokens the engine says it made)."""
+    if probing.token_ids == "generate":  # SGLang's native API
+        r = client.post("/generate", {"text": prompt, "return_logprob": True,
+                                      "sampling_params": {"max_new_tokens": probing.max_tokens, "temperature": 0}})
+        logprobs = [float(entry[0]) for entry in r["meta_info"]["output_token_logprobs"]]
+        return [int(i) for i in r["output_ids"]], logprobs, r["text"], len(logprobs)
+    extra = {"return_tokens_as_token_ids": True} if probing.token_ids == "openai" else {}
+    body = {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0, "logprobs": 1, **extra}
+    choice = client.post("/v1/completions", body)["choices"][0]
+    logprobs = choice.get("logprobs") or {}
     tokens = logprobs.get("tokens") or []
-    if not tokens or not all(isinstance(t, str) and t.startswith(TOKEN_ID_PREFIX) for t in tokens):
-        return None
-    return [int(t[len(TOKEN_ID_PREFIX):]) for t in tokens]
+    values = [x for x in (logprobs.get("token_logprobs") or []) if x is not None]
+    ids = None
+    if tokens and all(isinstance(t, str) and t.startswith(TOKEN_ID_PREFIX) for t in tokens):
+        ids = [int(t[len(TOKEN_ID_PREFIX):]) for t in tokens]
+    return ids, values, choice.get("text", ""), len(tokens)
 
 
 def run_probes(client: Client, probing: Probing) -> list[Check]:
@@ -258,7 +271,7 @@ def run_probes(client: Client, probing: Probing) -> list[Check]:
             if probing.no_reference:
                 return Check("reference", "skipped", "not run: --no-reference")
             return Check("reference", "incomplete", probing.missing_reference or "no reference model")
-        return _compare(probing, lambda prompt: greedy(prompt, logprobs=1, **(probing.token_id_request or {})))
+        return _compare(probing, lambda prompt: _ask_tokens(client, probing, prompt))
 
     return checks
 
@@ -272,17 +285,14 @@ def _compare(probing: Probing, ask) -> Check:
     deltas: list[float] = []
     unmatched = []  # prompts whose engine tokens could not be identified, so no logprob was compared
     for prompt in probing.prompts:
-        choice = ask(prompt)
-        logprobs = choice.get("logprobs") or {}
-        engine_lp = [x for x in (logprobs.get("token_logprobs") or []) if x is not None]
-        ids = _engine_token_ids(logprobs)
+        ids, engine_lp, text, made = ask(prompt)
         by_id = ids is not None
         if ids is None:
-            ids = ref.text_ids(prompt, choice.get("text", ""))
+            ids = ref.text_ids(prompt, text)
         equal += [i for i in ids if i not in ref.eos_ids] == ref.greedy_ids.get(prompt)
         a, ref_lp = ref.score(prompt, ids)
         agree, scored = agree + a, scored + len(ids)
-        if len(engine_lp) == len(ids) and (by_id or len(ids) == len(logprobs.get("tokens") or [])):
+        if len(engine_lp) == len(ids) and (by_id or len(ids) == made):
             deltas += [abs(x - y) for x, y in zip(engine_lp, ref_lp)]
         else:
             unmatched.append(prompt)

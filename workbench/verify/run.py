@@ -130,7 +130,7 @@ def verify(
         else default_reference(artifact, kind)
     if reference is not None and not (reference / CONFIG_NAME).exists():
         raise BadInput(f"reference model not found: {reference}")
-    probing = Probing(kind=kind, eos_ids=eos_ids(artifact, spec), token_id_request=spec.token_id_request,
+    probing = Probing(kind=kind, eos_ids=eos_ids(artifact, spec), token_ids=spec.token_ids,
                       no_reference=no_reference, missing_reference=missing, gates=gates or {})
     if prompts:
         probing = replace(probing, prompts=tuple(prompts))
