@@ -381,16 +381,26 @@ def test_sglang_tp1_and_tp2_on_this_cpu(merged, tmp_path, figures):
         figures[f"verify sglang-cpu TP={r['tp']} bfloat16, merged fixture"] = {"startup_s": r["startup_seconds"], **metrics}
 
 
-def _sglang_parses(argv: list[str], python: str) -> tuple[int, list[str], str]:
-    """SGLang's own argument parser (it also reads the model's config) on a server command line: (exit code,
-    [tp_size, nnodes, node_rank, dist_init_addr], stderr). Its device resolution needs an accelerator or the
-    CPU engine switch, so the switch is set: the flags are what is checked."""
-    code = "import sys; from sglang.srt.server_args import prepare_server_args; a = prepare_server_args(sys.argv[1:]); " \
-           "print('PARSED', a.tp_size, a.nnodes, a.node_rank, a.dist_init_addr)"
+# Parses each command line given as a JSON list with SGLang's own parser (which also reads the model's
+# config), one line of output each: the exit code, then tp_size, nnodes, node_rank, dist_init_addr.
+PARSE = """
+import json, sys
+from sglang.srt.server_args import prepare_server_args
+for argv in json.loads(sys.argv[1]):
+    try:
+        a = prepare_server_args(argv)
+        print("PARSED 0", a.tp_size, a.nnodes, a.node_rank, a.dist_init_addr, flush=True)
+    except SystemExit as exc:
+        print("PARSED", exc.code, flush=True)
+"""
+
+
+def _sglang_parses(argvs: list[list[str]], python: str) -> tuple[list[list[str]], str]:
+    """([exit code, tp_size, nnodes, node_rank, dist_init_addr] per command line, stderr). Device resolution
+    needs an accelerator or the CPU engine switch, so the switch is set: the flags are what is checked."""
     env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1"}
-    done = subprocess.run([python, "-c", code, *argv], capture_output=True, text=True, timeout=300, env=env)
-    parsed = next((line.split()[1:] for line in done.stdout.splitlines() if line.startswith("PARSED ")), [])
-    return done.returncode, parsed, done.stderr
+    done = subprocess.run([python, "-c", PARSE, json.dumps(argvs)], capture_output=True, text=True, timeout=600, env=env)
+    return [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("PARSED ")], done.stderr
 
 
 @pytest.mark.slow
@@ -401,16 +411,15 @@ def test_sglang_gpu_command_lines_pass_its_own_parser(merged):
     python = engine_python(ENGINES["sglang"])
     if subprocess.run([python, "-c", "import sglang"], capture_output=True).returncode != 0:
         pytest.skip("SGLang is not installed here (workbench engines install sglang)")
-    for tp in (1, 2, 8):  # the launch as a GPU machine gets it: no CPU-only settings
-        argv = Server(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
-        code, parsed, err = _sglang_parses(argv, python)
-        assert code == 0 and parsed[0] == str(tp), (argv, err[-500:])
-    for rank, command in enumerate(multinode_commands(ENGINES["sglang"], str(merged), 8, 2)):
-        argv = command.splitlines()[1].split()[3:]  # after "python -m sglang.launch_server"
-        code, parsed, err = _sglang_parses(argv, python)
-        assert code == 0 and parsed == ["16", "2", str(rank), "HEAD_IP:5000"], err[-500:]
-    code, _, err = _sglang_parses(["--model-path", str(merged), "--tensor-parallel-sise", "2"], python)
-    assert code == 2 and "unrecognized arguments: --tensor-parallel-sise 2" in err  # the parser does refuse
+    tps = (1, 2, 8)  # launched as a GPU machine gets it: no CPU-only settings
+    launches = [Server(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
+                for tp in tps]
+    nodes = [c.splitlines()[1].split()[3:] for c in multinode_commands(ENGINES["sglang"], str(merged), 8, 2)]
+    typo = ["--model-path", str(merged), "--tensor-parallel-sise", "2"]
+    parsed, err = _sglang_parses([*launches, *nodes, typo], python)
+    assert [p[:2] for p in parsed[:3]] == [["0", str(tp)] for tp in tps], err[-800:]
+    assert parsed[3:5] == [["0", "16", "2", str(rank), "HEAD_IP:5000"] for rank in (0, 1)], err[-800:]
+    assert parsed[5] == ["2"] and "unrecognized arguments: --tensor-parallel-sise 2" in err  # the parser does refuse
 
 
 def test_ctrl_c_during_start_up_leaves_no_process(merged, tmp_path):
