@@ -303,6 +303,7 @@ def test_llamacpp_on_a_gguf_with_its_source_as_reference(llama, tmp_path, figure
     assert report["kind"] == "gguf-full" and report["reference"] == str(llama)  # found through the GGUF's manifest
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     assert all(c["status"] == "passed" for c in checks.values()), checks
+    assert checks["reference"]["metrics"]["scored_by"] == "text"  # llama.cpp's server returns no token ids
     figures["verify llama.cpp F16 GGUF vs its source in transformers"] = {
         "startup_s": report["runs"][0]["startup_seconds"], **checks["reference"]["metrics"]}
 

@@ -284,9 +284,11 @@ def _compare(probing: Probing, ask) -> Check:
     equal = agree = scored = 0
     deltas: list[float] = []
     unmatched = []  # prompts whose engine tokens could not be identified, so no logprob was compared
+    from_text = 0  # replies the engine gave as text only, re-tokenized by the reference
     for prompt in probing.prompts:
         ids, engine_lp, text, made = ask(prompt)
         by_id = ids is not None
+        from_text += not by_id
         if ids is None:
             ids = ref.text_ids(prompt, text)
         equal += [i for i in ids if i not in ref.eos_ids] == ref.greedy_ids.get(prompt)
@@ -299,7 +301,7 @@ def _compare(probing: Probing, ask) -> Check:
     token_agreement = agree / max(scored, 1)
     metrics = {"greedy_token_agreement": equal / len(probing.prompts), "token_agreement": round(token_agreement, 4),
                "tokens_scored": scored, "max_logprob_delta": round(max(deltas), 5) if deltas else None,
-               "logprob_gate_prompts": len(probing.prompts) - len(unmatched), "scored_by": "token id" if not unmatched else "text"}
+               "logprob_gate_prompts": len(probing.prompts) - len(unmatched), "scored_by": "text" if from_text else "token id"}
     agreement_ok = token_agreement >= min_agree
     delta_ok = not deltas or max(deltas) <= max_delta
     detail = (f"{agree}/{scored} tokens are the reference's top-1 (min {min_agree:.0%} for {probing.kind}), "
