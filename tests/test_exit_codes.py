@@ -9,7 +9,6 @@ import re
 import struct
 
 import click
-import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, run
