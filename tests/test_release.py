@@ -72,7 +72,10 @@ def write_release(tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
     (lambda d: d["artifacts"]["fp8"].update({"from": "mergd"}), "artifact 'fp8' is made from 'mergd', which is not defined"),
-    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[4]: artifact 'awq' is not defined"),
+    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[5]: artifact 'awq' is not defined"),
+    (lambda d: d["verify"].append({"artifact": "adapter", "engine": "llamacpp"}), "llamacpp does not serve adapters unmerged"),
+    (lambda d: d["verify"][-1].update(dp=0), "dp must be a positive integer"),
+    (lambda d: d["artifacts"].update(adapter={"gguf": "f16"}), "(and not 'source' or 'adapter')"),
     (lambda d: d["verify"].append({"artifact": "merged", "engine": "tgi"}), "unknown engine 'tgi'"),
     (lambda d: d["verify"].append({"artifact": "q8_0", "engine": "vllm"}), "vllm serves a model folder; 'q8_0' is a .gguf"),
     (lambda d: d["artifacts"]["fp8"]["quantize"].update(smaples=3), "artifacts.fp8.quantize: unknown key 'smaples'"),
@@ -119,7 +122,7 @@ def test_dry_run_of_a_fresh_release_runs_everything_and_writes_nothing(tmp_path)
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
     assert [p["id"] for p in plan] == ["merged", "fp8", "w8a8", "q8_0", "verify-merged-vllm", "verify-merged-sglang",
-                                       "verify-w8a8-vllm", "verify-q8_0-llamacpp"]
+                                       "verify-w8a8-vllm", "verify-q8_0-llamacpp", "verify-adapter-vllm"]
     assert all(p["run"] for p in plan)
     assert plan[0]["reason"] == "no finished output" and plan[1]["reason"] == "decided after merged is built"
     assert not out.exists()
@@ -151,7 +154,7 @@ def released(tmp_path_factory):
 def test_release_end_to_end(released, figures):
     out, index, seconds = released
     assert index["passed"] and index["exit_code"] == 0, json.dumps(index["stages"], indent=2)
-    assert [s["action"] for s in index["stages"]] == ["built"] * 8
+    assert [s["action"] for s in index["stages"]] == ["built"] * 9
     a = index["artifacts"]
     # served only where an engine loaded it; FP8 (no CPU kernels) is checked, with the release file's reason
     assert {i: x["state"] for i, x in a.items()} == {"merged": "served", "fp8": "checked", "w8a8": "served", "q8_0": "served"}
@@ -180,6 +183,16 @@ def test_release_end_to_end(released, figures):
     assert 'name="build" tests="4" failures="0"' in junit and "verify-merged-vllm: vllm tp=2" in junit
     assert "| merged | merge | ok |" in (out / "reports" / "summary.md").read_text()
     assert json.loads((out / "release.json").read_text())["artifacts"].keys() == a.keys()
+    # the adapter served unmerged by vLLM at DP=2, scored by peft; concurrent replies equal the ones sent alone
+    unmerged = json.loads((out / "reports" / "verify-adapter-vllm" / "report.json").read_text())
+    checks = {c["name"]: c for c in unmerged["runs"][0]["checks"]}
+    assert unmerged["verdict"] == "passed" and unmerged["dp"] == 2 and "--lora-modules" in unmerged["runs"][0]["argv"]
+    lora, load = checks["reference:tiny-llama-lora"]["metrics"], checks["concurrency"]["metrics"]
+    assert lora["token_agreement"] >= 0.95 and load["identical_replies"] == 8
+    # the adapter changes the replies, so agreeing with peft proves the engine applied it
+    assert checks["adapter:tiny-llama-lora"]["detail"].split(": ", 1)[1] != checks["completion"]["detail"].split(": ", 1)[1]
+    figures["release adapter unmerged on vllm dp=2 vs peft"] = {"startup_s": unmerged["runs"][0]["startup_seconds"], **lora}
+    figures["release concurrency vllm dp=2, 8 requests"] = load
 
 
 def _card(path: Path) -> tuple[dict, str]:
@@ -214,7 +227,7 @@ def test_model_cards_and_manifests(released):
     meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
     meta, body = _card(out / "tiny-llama-lora-GGUF" / "README.md")
-    assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf\n" in body
+    assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf --interrupt_requests False\n" in body
     # verification results in the artifact's own manifest, which still checks out file by file
     manifest = json.loads((out / "tiny-llama-lora-merged" / "workbench.json").read_text())
     assert [(v["engine"], [r["tp"] for r in v["runs"]]) for v in manifest["verifications"]] == [("vllm", [1, 2]), ("sglang", [1, 2])]

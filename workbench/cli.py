@@ -257,6 +257,16 @@ def _tp_list(value: str) -> list[int]:
                    "Required, except with --preflight-only (default: vLLM's rules).")
 @click.option("--tp", "tps", default="1", show_default=True, callback=lambda c, p, v: _tp_list(v),
               help="Tensor-parallel sizes to verify, comma-separated (one server start each).")
+@click.option("--pp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pipeline-parallel size of every run (vllm --pipeline-parallel-size, sglang --pp-size).")
+@click.option("--dp", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Data-parallel size of every run (vllm --data-parallel-size, sglang --dp-size).")
+@click.option("--adapter", "adapters", multiple=True, metavar="NAME=PATH",
+              help="Serve this LoRA adapter unmerged beside ARTIFACT, the base (repeatable; vllm, sglang). Each is "
+                   "probed by name and compared with peft (base + adapter); one the engine cannot serve fails the "
+                   "pre-check with the reason (DoRA, modules_to_save, resized vocabulary, rank, target modules).")
+@click.option("--concurrency", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Requests sent at once by the concurrency probe (0: no probe).")
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Model to compare greedy output with (transformers). Default: the artifact itself when it is "
                    "full precision, else the source in its workbench.json; without one the verdict is incomplete (exit 4).")
@@ -285,17 +295,20 @@ def _tp_list(value: str) -> list[int]:
 @click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report (with --preflight-only: one row per TP) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
-def verify(artifact, engine, tps, reference, no_reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args,
+def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args,
            prompts, max_tokens, port, force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta,
            as_json, quiet):
     """Prove ARTIFACT loads and generates on a real engine under each TP size.
 
     Runs a static TP preflight (heads, KV heads, per-rank shapes against quantization group size, Marlin
     tiles and FP8 blocks), then for each TP starts the engine on 127.0.0.1 in its own process group and
-    probes it through the OpenAI API: /v1/models, greedy completions, a chat completion with the chat
-    template, streaming (chunks equal the plain text), a stop string taken from the model's own reply,
-    EOS, and the reference comparison (the engine's tokens, by id, scored by the reference model). The
-    engine's process group is always killed. A check that could not run is never a pass.
+    probes it through the OpenAI API: /v1/models, greedy completions, streaming (chunks equal the plain
+    text), a stop string taken from the model's own reply, EOS, the reference comparison (the engine's
+    tokens, by id, scored by the reference model); chat turns (the prompt the template gives, one BOS, the
+    template's special tokens single, every end-of-turn token ends a turn); for a rope-scaled model a
+    prompt past the original context; N concurrent requests equal to the same requests sent alone, with
+    throughput and latency. With --adapter, each LoRA adapter is served unmerged and compared with peft.
+    The engine's process group is always killed. A check that could not run is never a pass.
 
     \b
     Exit codes: 0 passed, 1 the artifact failed a check, 2 bad input, 3 engine missing or broken,
@@ -305,7 +318,7 @@ def verify(artifact, engine, tps, reference, no_reference, engine_python, report
     from .verify.run import preflight_only as run_preflight, verify as run_verify
 
     if preflight_only:
-        result = run_preflight(artifact, engine or "vllm", tps, not no_marlin)
+        result = run_preflight(artifact, engine or "vllm", tps, not no_marlin, pp)
         if as_json:
             click.echo(json.dumps(result, indent=2))
         else:
@@ -321,7 +334,8 @@ def verify(artifact, engine, tps, reference, no_reference, engine_python, report
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     gates = {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta)) if v is not None}
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
-                        force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens)
+                        force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens,
+                        pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -329,9 +343,10 @@ def verify(artifact, engine, tps, reference, no_reference, engine_python, report
             click.echo(f"preflight tp={tp}: " + ("loads" if not reasons else "refused: " + "; ".join(reasons)))
         for run in report["runs"]:
             for c in run["checks"]:
-                click.echo(f"tp={run['tp']} {c['name']:10} {c['status']:10} {c['detail'].splitlines()[0] if c['detail'] else ''}")
+                click.echo(f"{run.get('layout', 'tp=' + str(run['tp']))} {c['name']:14} {c['status']:10} {c['detail'].splitlines()[0] if c['detail'] else ''}")
         click.echo(f"reports: {report['reports']['markdown']}")
-    click.echo(f"{report['verdict'].upper()}: {report['artifact']} on {engine} tp={','.join(map(str, tps))}", err=as_json)
+    layout = "".join(f" {axis}={n}" for axis, n in (("pp", pp), ("dp", dp)) if n > 1)
+    click.echo(f"{report['verdict'].upper()}: {report['artifact']} on {engine} tp={','.join(map(str, tps))}{layout}", err=as_json)
     sys.exit(VERDICT_EXIT[report["verdict"]])
 
 

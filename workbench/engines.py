@@ -24,12 +24,32 @@ INSTALLED_MARKER = ".installed"
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """How an engine serves LoRA adapters unmerged, and what it refuses (read from its source)."""
+
+    enable_flag: str
+    paths_flag: str  # one flag followed by NAME=PATH items
+    rank_flag: str
+    targets: frozenset[str]  # module names it can put an adapter on
+    ranks: tuple[int, ...] = ()  # the --max-lora-rank values it accepts (empty: any)
+    request_model: str = "{adapter}"  # the OpenAI "model" that selects an adapter; {base} is the served model
+    generate_field: str | None = None  # the native /generate field naming the adapter
+
+
+# Module names LoRA adapters target in the decoder families both engines serve (separate and fused).
+DECODER_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                             "qkv_proj", "gate_up_proj"})
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     name: str
     module: str  # run as: <python> -m <module>
     artifact: str  # "hf" (a model folder) or "gguf" (a .gguf file)
     model_flag: str
     tp_flag: str | None  # None: the engine has no tensor parallelism
+    pp_flag: str | None  # pipeline parallel size (None: none)
+    dp_flag: str | None  # data parallel size (None: none)
     max_len_flag: str
     ready_path: str
     python_env: str  # environment variable naming the engine's interpreter
@@ -39,10 +59,13 @@ class EngineSpec:
     remove_after_install: tuple[str, ...] = ()
     dtype_flag: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # defaults on every machine
+    args: tuple[str, ...] = ()  # flags added on every machine, unless the user gave them
     cpu_env: dict[str, str] = field(default_factory=dict)  # defaults when no CUDA GPU is visible
     cpu_args: tuple[str, ...] = ()  # flags added when no CUDA GPU is visible, unless the user gave them
     cpu_tp_env: dict[str, str] = field(default_factory=dict)  # defaults at tp > 1 without a GPU
-    thread_bind_env: str | None = None  # per-rank core binding ("0|1") at tp > 1 without a GPU
+    thread_bind_env: str | None = None  # per-rank core binding ("0|1") with several ranks and no GPU
+    # the parallel axes whose ranks that binding covers; with another axis > 1 the engine binds by itself
+    bind_axes: tuple[str, ...] = ("tp",)
     threads_flag: str | None = None  # set to the CPUs this process may use, unless the user gave it
     request_extra: dict = field(default_factory=dict)  # sent with every generation request
     # how the reference comparison gets the generated token ids: "openai" (its /v1/completions returns them
@@ -51,6 +74,9 @@ class EngineSpec:
     cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
     socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
     max_port: int = 65535  # the highest port it may be given
+    lora: LoraSpec | None = None  # None: it cannot serve adapters unmerged
+    # its tokenizer over HTTP: "openai" (POST /tokenize with prompt or messages), "llamacpp" (/extras/tokenize)
+    tokenize: str | None = None
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -61,6 +87,8 @@ ENGINES: dict[str, EngineSpec] = {
         artifact="hf",
         model_flag="--model",
         tp_flag="--tensor-parallel-size",
+        pp_flag="--pipeline-parallel-size",
+        dp_flag="--data-parallel-size",
         max_len_flag="--max-model-len",
         dtype_flag="--dtype",
         ready_path="/v1/models",
@@ -76,11 +104,16 @@ ENGINES: dict[str, EngineSpec] = {
         cpu_tp_env={"VLLM_HOST_IP": "127.0.0.1"},
         # CPU vLLM binds OpenMP threads per rank; its default binding asks for one NUMA node per rank
         thread_bind_env="VLLM_CPU_OMP_THREADS_BIND",
+        bind_axes=("tp", "pp", "dp"),
         # tokens come back as "token_id:N", so replies cut inside a UTF-8 character are scored exactly
         token_ids="openai",
         # kept across runs: a warm compile cache starts vLLM faster
         cache_env={"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"},
         socket_dir_env="VLLM_RPC_BASE_PATH",
+        # vllm/config/lora.py MaxLoRARanks; vllm/lora/peft_helper.py refuses DoRA, bias, modules_to_save
+        lora=LoraSpec("--enable-lora", "--lora-modules", "--max-lora-rank", DECODER_LINEARS,
+                      ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512)),
+        tokenize="openai",
     ),
     "sglang": EngineSpec(
         name="sglang",
@@ -88,6 +121,8 @@ ENGINES: dict[str, EngineSpec] = {
         artifact="hf",
         model_flag="--model-path",
         tp_flag="--tp",
+        pp_flag="--pp-size",
+        dp_flag="--dp-size",
         max_len_flag="--context-length",
         dtype_flag="--dtype",
         ready_path="/health",
@@ -107,6 +142,10 @@ ENGINES: dict[str, EngineSpec] = {
         thread_bind_env="SGLANG_CPU_OMP_THREADS_BIND",
         # its OpenAI API returns token texts only; the native API returns the ids
         token_ids="generate",
+        # the OpenAI API selects an adapter as "base:adapter", the native API by lora_path
+        lora=LoraSpec("--enable-lora", "--lora-paths", "--max-lora-rank", DECODER_LINEARS,
+                      request_model="{base}:{adapter}", generate_field="lora_path"),
+        tokenize="openai",
     ),
     "llamacpp": EngineSpec(
         name="llamacpp",
@@ -114,6 +153,8 @@ ENGINES: dict[str, EngineSpec] = {
         artifact="gguf",
         model_flag="--model",
         tp_flag=None,
+        pp_flag=None,
+        dp_flag=None,
         max_len_flag="--n_ctx",
         ready_path="/v1/models",
         python_env="WORKBENCH_LLAMACPP_PYTHON",
@@ -122,8 +163,12 @@ ENGINES: dict[str, EngineSpec] = {
         requirements=("llama-cpp-python[server]==0.3.36",),
         user_command="python -m llama_cpp.server --model {model}",
         threads_flag="--n_threads",
+        # by default a new request interrupts a streaming one, which then ends early: concurrent clients
+        # get cut replies (measured by the concurrency probe: 5/8 equal to the same requests sent alone)
+        args=("--interrupt_requests", "False"),
         # its default repeat_penalty 1.1 changes greedy output
         request_extra={"repeat_penalty": 1.0},
+        tokenize="llamacpp",
     ),
 }
 
@@ -190,12 +235,28 @@ def usable_cpus() -> list[int]:
 def thread_binding(tp: int, cpus: list[int]) -> str:
     """One contiguous group of cores per rank, in the engines' "0,1|2,3" form."""
     if len(cpus) < tp:
-        raise EnvironmentProblem(f"tp {tp} on CPU binds at least one core per rank; this process may use {len(cpus)} CPU(s)")
+        raise EnvironmentProblem(f"{tp} ranks on CPU bind at least one core each; this process may use {len(cpus)} CPU(s)")
     per_rank = len(cpus) // tp
     return "|".join(",".join(map(str, cpus[r * per_rank:(r + 1) * per_rank])) for r in range(tp))
 
 
-def launch_defaults(spec: EngineSpec, tp: int, extra_args: tuple[str, ...], environ: dict[str, str],
+@dataclass(frozen=True)
+class Layout:
+    """How a model is spread over processes: tensor, pipeline and data parallel sizes."""
+
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+
+    @property
+    def ranks(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def label(self) -> str:
+        return ",".join(f"{axis}={n}" for axis, n in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp)) if n > 1 or axis == "tp")
+
+
+def launch_defaults(spec: EngineSpec, layout: Layout, extra_args: tuple[str, ...], environ: dict[str, str],
                     gpu: bool) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """(generic env, CPU-only env, CPU-only args) the workbench adds for a launch: each only where the user's
     environment or arguments do not already set it."""
@@ -204,10 +265,11 @@ def launch_defaults(spec: EngineSpec, tp: int, extra_args: tuple[str, ...], envi
     args: list[str] = []
     if not gpu:
         cpu_env.update(spec.cpu_env)
-        if tp > 1:
+        if layout.ranks > 1:
             cpu_env.update(spec.cpu_tp_env)
-            if spec.thread_bind_env:
-                cpu_env[spec.thread_bind_env] = thread_binding(tp, usable_cpus())
+            sizes = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
+            if spec.thread_bind_env and all(axis in spec.bind_axes for axis, n in sizes.items() if n > 1):
+                cpu_env[spec.thread_bind_env] = thread_binding(layout.ranks, usable_cpus())
         cpu_env = {k: v for k, v in cpu_env.items() if k not in environ}
         given = set(extra_args)
         for flag, value in zip(spec.cpu_args[::2], spec.cpu_args[1::2]):

@@ -25,7 +25,7 @@ from ..checkpoint import replace_file, sha256_file
 from ..errors import INCOMPLETE, INTERNAL, ArtifactFailed, BadInput, Incomplete, WorkbenchError, as_out_of_memory
 from ..manifest import folder_digest, now, read_manifest, tool_versions
 from ..engines import ENGINES, engine_python, engine_version
-from .spec import SOURCE, Release, Stage
+from .spec import SOURCE, UNMERGED, Release, Stage
 
 MARKER = "stage.json"  # written last into a verify stage's report folder
 CARD = "README.md"
@@ -97,6 +97,8 @@ class Keys:
     def input_digest(self, artifact_id: str) -> str | None:
         if artifact_id == SOURCE:
             return self.source_digest("base")
+        if artifact_id == UNMERGED:
+            return self.source_digest("adapter")
         return artifact_digest(self.release.stage(artifact_id).output)
 
     def key(self, stage: Stage) -> str | None:
@@ -182,7 +184,7 @@ def select(release: Release, only: tuple[str, ...]) -> set[str]:
         raise BadInput(f"--only {unknown[0]!r} matches no stage (stages: {', '.join(s.id for s in release.stages)})")
     for stage in reversed(release.stages):
         if stage.id in chosen:
-            chosen.update(n for n in stage.needs if n != SOURCE)
+            chosen.update(n for n in stage.needs if n not in (SOURCE, UNMERGED))
     return chosen
 
 
@@ -351,7 +353,8 @@ def _run_verify(release, stage, key, event, progress) -> None:
     shutil.rmtree(stage.output, ignore_errors=True)  # a killed run's partial report is never trusted
     report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], report_dir=stage.output, ready_timeout=o["timeout"],
                     max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
-                    gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS)
+                    gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS, pp=o["pp"], dp=o["dp"],
+                    adapters=tuple(o["adapters"]), concurrency=o["concurrency"])
     replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "verdict": report["verdict"],
                                                     "finished": now(), "workbench": __version__}, indent=2))
     if report["passed"]:

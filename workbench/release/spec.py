@@ -38,8 +38,10 @@ MERGE = {"dtype": (str,), "max_shard_size": (str, int)}
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration": (str,), "field": (str,),
             "ignore": (list,), "format": (str,), "gates": (dict,)}
-VERIFY = {"artifact": (str,), "engine": (str,), "tp": (int, list), "dtype": (str,), "max_model_len": (int,),
-          "extra_args": (list,), "timeout": (int, float), "gates": (dict,), "id": (str,)}
+VERIFY = {"artifact": (str,), "engine": (str,), "tp": (int, list), "pp": (int,), "dp": (int,), "concurrency": (int,),
+          "dtype": (str,), "max_model_len": (int,), "extra_args": (list,), "timeout": (int, float), "gates": (dict,),
+          "id": (str,)}
+UNMERGED = "adapter"  # a verify target: the release's adapter served unmerged on its base
 GATES = {k: (int, float) for k in (*QUANTIZE_GATES, *VERIFY_GATES)}
 
 
@@ -164,8 +166,8 @@ def _requirement(spec: dict, at: str) -> dict:
 
 def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types) -> Stage:
     at = f"{where}: artifacts.{artifact_id}"
-    if artifact_id == SOURCE or not artifact_id.replace("-", "").replace("_", "").isalnum():
-        raise BadInput(f"{at}: ids are letters, digits, - and _ (and not {SOURCE!r})")
+    if artifact_id in (SOURCE, UNMERGED) or not artifact_id.replace("-", "").replace("_", "").isalnum():
+        raise BadInput(f"{at}: ids are letters, digits, - and _ (and not {SOURCE!r} or {UNMERGED!r})")
     if not isinstance(spec, dict):
         raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
     check_types(spec, ARTIFACT, at)
@@ -227,13 +229,17 @@ def _verify_stages(release: Release, entries: list, defaults: dict, where: str) 
             if key not in entry:
                 raise BadInput(f"{at}: missing key {key!r}")
         target = entry["artifact"]
-        if target not in by_id:
-            raise BadInput(f"{at}: artifact {target!r} is not defined (defined: {', '.join(by_id)})")
+        if target == UNMERGED and release.adapter is None:
+            raise BadInput(f"{at}: artifact {UNMERGED!r} serves the release's adapter unmerged; the file names no adapter")
+        if target not in by_id and target != UNMERGED:
+            raise BadInput(f"{at}: artifact {target!r} is not defined (defined: {', '.join(by_id)}, or {UNMERGED!r})")
         engine = entry["engine"]
         if engine not in ENGINES:
             raise BadInput(f"{at}: unknown engine {engine!r} (known: {', '.join(ENGINES)})")
+        if target == UNMERGED and ENGINES[engine].lora is None:
+            raise BadInput(f"{at}: {engine} does not serve adapters unmerged")
         wants_gguf = ENGINES[engine].artifact == "gguf"
-        if wants_gguf != (by_id[target].kind == "gguf"):
+        if target != UNMERGED and wants_gguf != (by_id[target].kind == "gguf"):
             raise BadInput(f"{at}: {engine} serves {'a .gguf' if wants_gguf else 'a model folder'}; "
                            f"{target!r} is {'a .gguf' if by_id[target].kind == 'gguf' else 'a model folder'}")
         tps = entry.get("tp", 1)
@@ -247,10 +253,16 @@ def _verify_stages(release: Release, entries: list, defaults: dict, where: str) 
         if stage_id in seen:
             raise BadInput(f"{at}: stage id {stage_id!r} is taken; give this entry its own id")
         seen.add(stage_id)
+        for key in ("pp", "dp"):
+            if entry.get(key, 1) < 1:
+                raise BadInput(f"{at}: {key} must be a positive integer")
         options = {
-            "engine": engine, "tp": tps, "dtype": entry.get("dtype"), "max_model_len": entry.get("max_model_len"),
+            "engine": engine, "tp": tps, "pp": entry.get("pp", 1), "dp": entry.get("dp", 1),
+            "concurrency": entry.get("concurrency", 8), "dtype": entry.get("dtype"), "max_model_len": entry.get("max_model_len"),
+            "adapters": [f"{release.name}={release.adapter}"] if target == UNMERGED else [],
             "extra_args": list(extra), "timeout": float(entry.get("timeout", 600)),
             "gates": {**{k: v for k, v in defaults.items() if k in VERIFY_GATES},
                       **_gates(entry.get("gates"), VERIFY_GATES, f"{at}.gates")},
         }
-        release.stages.append(Stage(stage_id, "verify", (target,), options, release.output / "reports" / stage_id))
+        needs = (SOURCE, UNMERGED) if target == UNMERGED else (target,)
+        release.stages.append(Stage(stage_id, "verify", needs, options, release.output / "reports" / stage_id))

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
-from ..engines import EngineSpec, engine_python, has_cuda_gpu, launch_defaults, workbench_home
+from ..engines import EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, workbench_home
 
 HOST = "127.0.0.1"
 GUARD = str(Path(__file__).with_name("guard.py"))
@@ -70,10 +70,17 @@ class Server:
         ready_timeout: float = 600.0,
         groups_file: Path | None = None,
         gpu: bool | None = None,
+        pp: int = 1,
+        dp: int = 1,
+        adapters: dict[str, Path] | None = None,
+        lora_rank: int | None = None,
     ):
         self.spec = spec
         self.model = Path(model)
         self.tp = tp
+        self.layout = Layout(tp, pp, dp)
+        self.adapters = dict(adapters or {})  # served unmerged: name -> adapter folder
+        self.lora_rank = lora_rank
         self.python = engine_python(spec, python)
         self.port = port or free_port(spec.max_port)
         self.max_model_len = max_model_len
@@ -83,7 +90,7 @@ class Server:
         self.ready_timeout = ready_timeout
         self.groups_file = groups_file
         gpu = has_cuda_gpu() if gpu is None else gpu  # False: add the settings a CPU-only machine needs
-        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, tp, self.extra_args, os.environ, gpu)
+        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, self.layout, self.extra_args, os.environ, gpu)
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
         self.ready_offset = 0  # the log's size when the engine became ready: later errors come from the probes
@@ -96,13 +103,20 @@ class Server:
     def argv(self) -> list[str]:
         s = self.spec
         argv = [self.python, "-m", s.module, s.model_flag, str(self.model), "--host", HOST, "--port", str(self.port)]
-        if s.tp_flag and self.tp > 1:
-            argv += [s.tp_flag, str(self.tp)]
+        for flag, size in ((s.tp_flag, self.tp), (s.pp_flag, self.layout.pp), (s.dp_flag, self.layout.dp)):
+            if flag and size > 1:
+                argv += [flag, str(size)]
+        if self.adapters:
+            lora = s.lora
+            argv += [lora.enable_flag, lora.paths_flag, *(f"{name}={path}" for name, path in self.adapters.items())]
+            if self.lora_rank:
+                argv += [lora.rank_flag, str(self.lora_rank)]
         if s.max_len_flag and self.max_model_len:
             argv += [s.max_len_flag, str(self.max_model_len)]
         if s.dtype_flag and self.dtype:
             argv += [s.dtype_flag, self.dtype]
-        return argv + self.cpu_args + list(self.extra_args)
+        defaults = [x for flag, value in zip(s.args[::2], s.args[1::2]) if flag not in self.extra_args for x in (flag, value)]
+        return argv + defaults + self.cpu_args + list(self.extra_args)
 
     @property
     def applied_env(self) -> dict[str, str]:

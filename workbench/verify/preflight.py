@@ -122,7 +122,13 @@ def check_tp(shape: Shape, quant: Quant, tp: int, marlin: bool = True) -> list[s
     return reasons
 
 
-def preflight(config: dict, tps: list[int], marlin: bool = True) -> dict[int, list[str]]:
-    """{tp: reasons it cannot load} for each TP size (empty list: it loads)."""
+def check_pp(config: dict, pp: int) -> list[str]:
+    """Pipeline stages each take whole decoder layers: at least one layer per stage."""
+    layers = int(config.get("text_config", config)["num_hidden_layers"])
+    return [f"num_hidden_layers {layers} is fewer than pp {pp} pipeline stages"] if pp > layers else []
+
+
+def preflight(config: dict, tps: list[int], marlin: bool = True, pp: int = 1) -> dict[int, list[str]]:
+    """{tp: reasons it cannot load} for each TP size at pipeline size ``pp`` (empty list: it loads)."""
     shape, quant = shape_of(config), quant_of(config)
-    return {tp: check_tp(shape, quant, tp, marlin) for tp in tps}
+    return {tp: check_tp(shape, quant, tp, marlin) + check_pp(config, pp) for tp in tps}

@@ -22,7 +22,7 @@ PROMPTS = (
     "    for i in range(",
     "# Copyright",
 )
-CHAT_MESSAGES = [{"role": "user", "content": "Write a function that parses a file."}]
+CHAT_MESSAGES = [{"role": "user", "content": "Write a function that parses a file."}]  # the chat probes' turn
 MAX_TOKENS = 24
 # Gates of the reference comparison, by artifact kind. The engine's greedy continuation is scored
 # teacher-forced by the reference: the fraction of its tokens that are also the reference's top-1, and
@@ -55,7 +55,8 @@ class Reference:
     """The reference model in transformers: its greedy continuations of the prompts, its chat prompt
     length, and teacher-forced scoring of another model's tokens."""
 
-    def __init__(self, model_dir: Path, dtype: str = "auto", prompts: tuple[str, ...] = PROMPTS, max_tokens: int = MAX_TOKENS):
+    def __init__(self, model_dir: Path, dtype: str = "auto", prompts: tuple[str, ...] = PROMPTS, max_tokens: int = MAX_TOKENS,
+                 adapter: Path | None = None):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,13 +67,15 @@ class Reference:
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+        if adapter is not None:  # peft applies the adapter the way it was trained: the unmerged reference
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(self.model, adapter).eval()
         eos = self.model.generation_config.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [self.tok.eos_token_id]
         self.max_tokens = max_tokens
         with torch.inference_mode():
             self.greedy_ids = {p: self._greedy(p) for p in prompts}
-        chat = self.tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True, tokenize=True)
-        self.chat_prompt_tokens = len(chat["input_ids"] if isinstance(chat, dict) or hasattr(chat, "input_ids") else chat)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tok(prompt).input_ids
@@ -151,6 +154,10 @@ class Probing:
     no_reference: bool = False  # the user turned the comparison off (--no-reference)
     missing_reference: str = ""  # why there is no reference, when the user did not turn it off
     gates: dict = field(default_factory=dict)
+    generate_extra: dict = field(default_factory=dict)  # sent with native /generate requests (e.g. an adapter's name)
+
+    def min_agreement(self) -> float:
+        return self.gates.get("min_token_agreement", MIN_TOKEN_AGREEMENT[self.kind])
 
 
 def stop_string(text: str) -> tuple[str, int] | None:
@@ -167,7 +174,7 @@ def _ask_tokens(client: Client, probing: Probing, prompt: str) -> tuple[list[int
     """The engine's greedy reply: (its token ids, or None when the engine returns text only; the logprob of
     each token; the text; how many tokens the engine says it made)."""
     if probing.token_ids == "generate":  # SGLang's native API
-        r = client.post("/generate", {"text": prompt, "return_logprob": True,
+        r = client.post("/generate", {"text": prompt, "return_logprob": True, **probing.generate_extra,
                                       "sampling_params": {"max_new_tokens": probing.max_tokens, "temperature": 0}})
         logprobs = [float(entry[0]) for entry in r["meta_info"]["output_token_logprobs"]]
         return [int(i) for i in r["output_ids"]], logprobs, r["text"], len(logprobs)
@@ -183,19 +190,35 @@ def _ask_tokens(client: Client, probing: Probing, prompt: str) -> tuple[list[int
     return ids, values, choice.get("text", ""), len(tokens)
 
 
+def guarded(name: str, fn) -> Check:
+    """Run one probe, timed; a probe that breaks is a failed check with the reason, never an exception."""
+    t0 = time.perf_counter()
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 - whatever broke is the probe's finding
+        result = Check(name, "failed", f"{type(exc).__name__}: {exc}")
+    result.seconds = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def reference_check(client: Client, probing: Probing, name: str = "reference") -> Check:
+    """The engine's greedy tokens for the probing's prompts, scored by its reference model."""
+    if probing.reference is None:
+        if probing.no_reference:
+            return Check(name, "skipped", "not run: --no-reference")
+        return Check(name, "incomplete", probing.missing_reference or "no reference model")
+    check = _compare(probing, lambda prompt: _ask_tokens(client, probing, prompt))
+    check.name = name
+    return check
+
+
 def run_probes(client: Client, probing: Probing) -> list[Check]:
-    """All probes against one running server; each probe's failure is recorded, never raised."""
+    """The base probes against one running server; each probe's failure is recorded, never raised."""
     checks: list[Check] = []
-    ref = probing.reference
 
     def probe(name):
         def wrap(fn):
-            t0 = time.perf_counter()
-            try:
-                result = fn()
-            except Exception as exc:  # a probe that breaks is a failed check, with the reason
-                result = Check(name, "failed", f"{type(exc).__name__}: {exc}")
-            result.seconds = round(time.perf_counter() - t0, 3)
+            result = guarded(name, fn)
             checks.append(result)
             return result
         return wrap
@@ -218,17 +241,6 @@ def run_probes(client: Client, probing: Probing) -> list[Check]:
         empty = [p for p, text in replies.items() if not text]
         return Check("completion", "failed" if empty else "passed",
                      f"{len(replies) - len(empty)}/{len(replies)} prompts answered: {replies[probing.prompts[0]][:60]!r}")
-
-    @probe("chat")
-    def _chat():
-        r = client.post("/v1/chat/completions", {"messages": CHAT_MESSAGES, "max_tokens": probing.max_tokens, "temperature": 0})
-        prompt_tokens = r.get("usage", {}).get("prompt_tokens")
-        content = r["choices"][0]["message"].get("content")
-        if ref is not None and prompt_tokens != ref.chat_prompt_tokens:
-            return Check("chat", "failed", f"prompt has {prompt_tokens} tokens, the chat template gives {ref.chat_prompt_tokens}")
-        ok = isinstance(content, str) and r["choices"][0].get("finish_reason") in ("stop", "length")
-        compared = "chat template applied" if ref is not None else "template length not compared: no reference"
-        return Check("chat", "passed" if ok else "failed", f"{prompt_tokens} prompt tokens ({compared}): {str(content)[:60]!r}")
 
     @probe("streaming")
     def _streaming():
@@ -265,21 +277,14 @@ def run_probes(client: Client, probing: Probing) -> list[Check]:
         ok = choice.get("finish_reason") == "stop" and (tokens or 0) <= 1
         return Check("eos", "passed" if ok else "failed", f"EOS id {eos}: finish_reason={choice.get('finish_reason')} after {tokens} token(s)")
 
-    @probe("reference")
-    def _reference():
-        if ref is None:
-            if probing.no_reference:
-                return Check("reference", "skipped", "not run: --no-reference")
-            return Check("reference", "incomplete", probing.missing_reference or "no reference model")
-        return _compare(probing, lambda prompt: _ask_tokens(client, probing, prompt))
-
+    probe("reference")(lambda: reference_check(client, probing))
     return checks
 
 
 def _compare(probing: Probing, ask) -> Check:
     """Teacher-forced agreement of the engine's greedy tokens with the reference, and their logprob deltas."""
     ref = probing.reference
-    min_agree = probing.gates.get("min_token_agreement", MIN_TOKEN_AGREEMENT[probing.kind])
+    min_agree = probing.min_agreement()
     max_delta = probing.gates.get("max_logprob_delta", MAX_LOGPROB_DELTA[probing.kind])
     equal = agree = scored = 0
     deltas: list[float] = []

@@ -17,9 +17,12 @@ from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version
 from ..errors import BadInput, as_out_of_memory
 from ..manifest import now, read_manifest
+from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
+from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens
 from .launch import EngineFailed, Server, port_in_use
+from .load import probe_concurrency
 from .preflight import preflight, quant_of
-from .probes import Check, Client, Probing, Reference, run_probes, verdict
+from .probes import Check, Client, Probing, Reference, guarded, reference_check, run_probes, verdict
 from .report import write_reports
 
 # quantization method -> artifact kind (which tolerances apply)
@@ -108,16 +111,24 @@ def verify(
     prompts: tuple[str, ...] = (),
     max_tokens: int | None = None,
     groups_file: Path | None = None,
+    pp: int = 1,
+    dp: int = 1,
+    adapters: tuple[str, ...] = (),
+    concurrency: int = 8,
 ) -> dict:
     """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
     ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's).
     ``gates`` overrides the reference comparison's limits (min_token_agreement, max_logprob_delta).
-    ``groups_file``: the guard of each engine appends its process group id there."""
+    ``groups_file``: the guard of each engine appends its process group id there.
+    ``pp``/``dp``: pipeline and data parallel sizes of every run. ``adapters``: NAME=PATH LoRA adapters
+    served unmerged beside the base ``artifact``, each compared with peft (base + that adapter)."""
     spec = ENGINES[engine]
+    _check_engine_options(spec, pp, dp, adapters)
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
     kind = artifact_kind(artifact, spec, config)
-    table = _preflight(spec, config, tps, marlin)
+    table = _preflight(spec, config, tps, marlin, pp)
+    lora = _check_adapters(spec, adapters, config, kind)
     if dtype is not None and spec.dtype_flag is None:
         raise BadInput(f"{engine} serves a GGUF's own types; --dtype does not apply")
     if reference is not None and no_reference:
@@ -136,29 +147,43 @@ def verify(
         probing = replace(probing, prompts=tuple(prompts))
     if max_tokens:
         probing = replace(probing, max_tokens=max_tokens)
+    facts = _chat_facts(artifact, spec, config, reference)
     report = {
         "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": kind, "dtype": dtype,
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
         "reference": str(reference) if reference else None, "reference_note": missing or None,
+        "pp": pp, "dp": dp, "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
+        "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
     report_dir = Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute()
     shutil.rmtree(report_dir / "logs", ignore_errors=True)
 
+    served = {a.name: a.path for a in lora if not a.reasons}
     with ThreadPoolExecutor(1) as pool:
-        # the reference runs in transformers while the engine starts
+        # the references run in transformers while the engine starts
         # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
         ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
-        pending = pool.submit(Reference, reference, ref_dtype, probing.prompts, probing.max_tokens) if reference else None
+        ref_prompts = probing.prompts + ((facts.long_prompt,) if facts.long_prompt else ())
+        pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path)
+                   for name, path in {None: None, **served}.items()} if reference else {}
         for tp in tps:
+            refused = [a for a in lora if a.reasons]
+            if refused and not force:
+                report["runs"].append({"tp": tp, "checks": [_refused_adapter(a) for a in refused]})
+                on_event(f"tp={tp}: not started: {len(refused)} adapter(s) cannot be served unmerged")
+                continue
             if table[tp] and not force:
                 report["runs"].append({"tp": tp, "checks": [Check("preflight", "failed", "; ".join(table[tp])).as_dict()]})
                 on_event(f"tp={tp}: refused by preflight: {'; '.join(table[tp])}")
                 continue
             server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
                             extra_args=extra_args, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log",
-                            ready_timeout=ready_timeout, groups_file=groups_file)
-            report["runs"].append(_serve_and_probe(server, pending, probing, on_event))
+                            ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp, adapters=served,
+                            lora_rank=engine_rank(spec, list(lora)) if served else None)
+            run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
+            run["checks"] += [_refused_adapter(a) for a in lora if a.reasons]
+            report["runs"].append(run)
     report["verdict"] = verdict([c for run in report["runs"] for c in run["checks"]]) if report["runs"] else "incomplete"
     report["passed"] = report["verdict"] == "passed"
     report["finished"] = now()
@@ -166,19 +191,22 @@ def verify(
     return report
 
 
-def _serve_and_probe(server: Server, pending_reference, probing: Probing, on_event) -> dict:
+def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int, on_event) -> dict:
     tp = server.tp
-    run = {"tp": tp, "argv": server.argv(), "env": server.applied_env, "cpu_env": server.cpu_env,
-           "cpu_args": server.cpu_args, "log": str(server.log_path), "checks": []}
-    on_event(f"tp={tp}: starting {server.spec.name} (log {server.log_path})")
+    run = {"tp": tp, "layout": server.layout.label(), "argv": server.argv(), "env": server.applied_env,
+           "cpu_env": server.cpu_env, "cpu_args": server.cpu_args, "log": str(server.log_path), "checks": []}
+    on_event(f"{server.layout.label()}: starting {server.spec.name} (log {server.log_path})")
     t0 = time.perf_counter()
     try:
         with server:
             run["startup_seconds"] = server.startup_seconds
-            on_event(f"tp={tp}: ready in {server.startup_seconds}s, probing")
+            on_event(f"{server.layout.label()}: ready in {server.startup_seconds}s, probing")
             startup = Check("startup", "passed", f"ready in {server.startup_seconds}s", seconds=server.startup_seconds)
             client = Client(server.url, str(server.model), server.spec.request_extra)
-            checks = run_probes(client, _with_reference(probing, pending_reference))
+            base = _with_reference(probing, pending.get(None))
+            checks = run_probes(client, base) + _serving_checks(client, server, base, facts, concurrency)
+            for name in server.adapters:
+                checks += _adapter_checks(server, name, _with_reference(probing, pending.get(name)))
             _quote_engine_error(server, checks, run)
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
     except EngineFailed as exc:
@@ -186,6 +214,46 @@ def _serve_and_probe(server: Server, pending_reference, probing: Probing, on_eve
         run["checks"] = [Check("startup", "failed", str(exc), seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
+
+
+def _serving_checks(client: Client, server: Server, probing: Probing, facts: ChatFacts, concurrency: int) -> list[Check]:
+    """The chat-turn probes, the long-context probe of a rope-scaled model, and the concurrency probe."""
+    checks = [guarded("chat", lambda: probe_chat(client, facts, probing.max_tokens)),
+              guarded("end-of-turn", lambda: probe_end_of_turn(client, facts)),
+              guarded("special-tokens", lambda: probe_special_tokens(client, facts, server.spec.tokenize))
+              if facts.source else Check("special-tokens", "skipped" if probing.no_reference else "incomplete",
+                                         "no tokenizer files to compare with: a GGUF's come from its source model")]
+    if facts.long_prompt:
+        long = replace(probing, prompts=(facts.long_prompt,))
+        checks.append(guarded("long-context", lambda: reference_check(client, long, "long-context")))
+        checks[-1].detail = f"{facts.long_note}; {checks[-1].detail}"
+    if concurrency > 0:
+        checks.append(guarded("concurrency", lambda: probe_concurrency(client, probing.prompts, probing.max_tokens,
+                                                                      probing.min_agreement(), concurrency)))
+    return checks
+
+
+def _refused_adapter(adapter: Adapter) -> dict:
+    return Check(f"adapter:{adapter.name}", "failed", "cannot be served unmerged: " + "; ".join(adapter.reasons) +
+                 " (merge it with `workbench merge`)").as_dict()
+
+
+def _adapter_checks(server: Server, name: str, probing: Probing) -> list[Check]:
+    """An adapter served unmerged: the engine lists and answers it by name, and its tokens match peft's."""
+    spec = server.spec
+    client = Client(server.url, request_model(spec, str(server.model), name), spec.request_extra)
+    if spec.lora.generate_field:
+        probing = replace(probing, generate_extra={spec.lora.generate_field: name})
+
+    def answers() -> Check:
+        listed = [m.get("id") for m in client.get("/v1/models").get("data", [])]
+        if spec.lora.request_model == "{adapter}" and name not in listed:
+            return Check(f"adapter:{name}", "failed", f"not among the served models {listed}")
+        text = client.post("/v1/completions", {"prompt": probing.prompts[0], "max_tokens": probing.max_tokens,
+                                               "temperature": 0})["choices"][0].get("text", "")
+        return Check(f"adapter:{name}", "passed" if text else "failed", f"served as {client.model!r}: {text[:60]!r}")
+
+    return [guarded(f"adapter:{name}", answers), guarded(f"reference:{name}", lambda: reference_check(client, probing, f"reference:{name}"))]
 
 
 def _with_reference(probing: Probing, pending) -> Probing:
@@ -226,18 +294,57 @@ def _check_artifact(artifact: Path, spec: EngineSpec) -> dict | None:
     return Checkpoint(artifact).config
 
 
-def _preflight(spec: EngineSpec, config: dict | None, tps: list[int], marlin: bool) -> dict[int, list[str]]:
+def _check_engine_options(spec: EngineSpec, pp: int, dp: int, adapters: tuple[str, ...]) -> None:
+    """Options the engine has no use for are bad input, before anything else is read."""
+    if pp < 1 or dp < 1:
+        raise BadInput(f"parallel sizes must be positive: pp {pp}, dp {dp}")
+    for flag, size, what in ((spec.pp_flag, pp, "pipeline"), (spec.dp_flag, dp, "data")):
+        if size > 1 and flag is None:
+            raise BadInput(f"{spec.name} has no {what} parallelism")
+    if adapters and spec.lora is None:
+        raise BadInput(f"{spec.name} does not serve adapters unmerged; use --server vllm or sglang, or merge them")
+
+
+def _preflight(spec: EngineSpec, config: dict | None, tps: list[int], marlin: bool, pp: int = 1) -> dict[int, list[str]]:
     if any(tp < 1 for tp in tps):
         raise BadInput(f"TP sizes must be positive: {tps}")
     if spec.tp_flag is None:
         return {tp: [] if tp == 1 else [f"{spec.name} has no tensor parallelism"] for tp in tps}
     try:
-        return preflight(config, tps, marlin)
+        return preflight(config, tps, marlin, pp)
     except (KeyError, ValueError, TypeError) as exc:
         raise BadInput(f"config.json lacks what the TP preflight needs: {exc}") from None
 
 
-def preflight_only(path: Path, engine: str, tps: list[int], marlin: bool = True) -> dict:
+def _check_adapters(spec: EngineSpec, items: tuple[str, ...], config: dict | None, kind: str) -> list[Adapter]:
+    if not items:
+        return []
+    if kind != "full":
+        raise BadInput("adapters are served beside a full-precision base model; this artifact is quantized")
+    return [check_adapter(name, path, spec, config or {}) for name, path in parse_adapters(items).items()]
+
+
+def _chat_facts(artifact: Path, spec: EngineSpec, config: dict | None, reference: Path | None) -> ChatFacts:
+    """From the artifact's tokenizer files (a GGUF: its source's, plus the GGUF's own end ids)."""
+    if spec.artifact == "gguf":
+        return chat_facts(reference, config or _config_of(reference), gguf_stops=_gguf_stops(artifact))
+    return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
+
+
+def _config_of(folder: Path | None) -> dict:
+    return read_json(folder / CONFIG_NAME, CONFIG_NAME) if folder is not None and (folder / CONFIG_NAME).is_file() else {}
+
+
+def _gguf_stops(path: Path) -> dict[int, str]:
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    names = {"tokenizer.ggml.eos_token_id": "GGUF eos", "tokenizer.ggml.eot_token_id": "GGUF end of turn",
+             "tokenizer.ggml.eom_token_id": "GGUF end of message"}
+    return {int(fields[key].contents()): why for key, why in names.items() if key in fields}
+
+
+def preflight_only(path: Path, engine: str, tps: list[int], marlin: bool = True, pp: int = 1) -> dict:
     """Which TP sizes will load, from a config alone: ``path`` is a config.json, a folder holding one
     (weights are not needed), or for llama.cpp a .gguf file. Starts nothing, writes nothing."""
     spec = ENGINES[engine]
@@ -250,6 +357,6 @@ def preflight_only(path: Path, engine: str, tps: list[int], marlin: bool = True)
         if not file.is_file():
             raise BadInput(f"no config.json at {path}")
         config = read_json(file, CONFIG_NAME)
-    table = _preflight(spec, config, tps, marlin)
+    table = _preflight(spec, config, tps, marlin, pp)
     rows = [{"tp": tp, "loads": not reasons, "reasons": reasons} for tp, reasons in table.items()]
     return {"path": str(path), "engine": engine, "marlin": marlin, "preflight": rows, "passed": all(r["loads"] for r in rows)}
