@@ -26,6 +26,7 @@ pip_q .venv/bin/pip install -q -e ".[test]"
 log "workbench: $(.venv/bin/workbench --version)"
 if [ "$engines" = 1 ]; then
   # llama.cpp compiles from the sdist for this CPU: ~12 minutes on 2 cores the first time, then pip's
-  # wheel cache makes it quick
-  .venv/bin/workbench engines install vllm sglang llamacpp
+  # wheel cache makes it quick. LMDeploy serves on NVIDIA GPUs only: without one it gets only what its
+  # command-line parser needs (~2 minutes), so the tests check its command lines with its own parser.
+  .venv/bin/workbench engines install vllm sglang llamacpp lmdeploy
 fi

@@ -463,6 +463,43 @@ def test_sglang_gpu_command_lines_pass_its_own_parser(merged, llama_lora):
     assert parsed[7][0] == "0" and parsed[7][5:7] == ["2", "2"], err[-800:]
 
 
+# LMDeploy's own parser (lmdeploy/cli): one line per command line given as a JSON list.
+LMDEPLOY_PARSE = """
+import json, sys
+from lmdeploy.cli.cli import CLI
+from lmdeploy.cli.serve import SubCliServe
+SubCliServe.add_parsers()
+for argv in json.loads(sys.argv[1]):
+    try:
+        a = CLI.parser.parse_args(argv)
+        print("PARSED 0", a.command, a.model_path, a.tp, a.dp, a.session_len, a.dtype, a.server_name, a.server_port,
+              ",".join(a.adapters or []) or "-", flush=True)
+    except SystemExit as exc:
+        print("PARSED", exc.code, flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_lmdeploy_command_lines_pass_its_own_parser_and_cpu_is_refused_with_its_error(merged, llama_lora):
+    """LMDeploy 0.18 serves on NVIDIA GPUs only (measured here: `Found no NVIDIA driver`): verify refuses on this
+    machine with that error, and the command lines it would run on a GPU are checked by LMDeploy's parser."""
+    from workbench.engines import engine_python
+
+    result = run("verify", merged, "--server", "lmdeploy")
+    assert_one_line_error(result, 3, "lmdeploy serves on NVIDIA GPUs only; without one it fails with `RuntimeError: Found no NVIDIA driver")
+    python = engine_python(ENGINES["lmdeploy"])
+    lines = [Server(ENGINES["lmdeploy"], merged, tp=tp, dp=dp, python=python, port=23333, max_model_len=4096, dtype="bfloat16",
+                    adapters=adapters, gpu=True).argv()[3:]
+             for tp, dp, adapters in ((1, 1, None), (2, 2, {"ad": llama_lora}))]
+    typo = [*lines[0], "--tensor-parallel-size", "2"]
+    done = subprocess.run([python, "-c", LMDEPLOY_PARSE, json.dumps([*lines, typo])], capture_output=True, text=True, timeout=300)
+    parsed = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("PARSED ")]
+    assert parsed[0] == ["0", "serve", str(merged), "1", "1", "4096", "bfloat16", "127.0.0.1", "23333", "-"], done.stderr[-800:]
+    assert parsed[1][3:5] == ["2", "2"] and parsed[1][-1] == f"ad={llama_lora}", done.stderr[-800:]
+    assert parsed[2] == ["2"] and "unrecognized arguments: --tensor-parallel-size 2" in done.stderr  # it does refuse
+
+
 def test_ctrl_c_during_start_up_leaves_no_process(merged, tmp_path):
     import signal
     import time

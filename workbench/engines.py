@@ -27,9 +27,9 @@ INSTALLED_MARKER = ".installed"
 class LoraSpec:
     """How an engine serves LoRA adapters unmerged, and what it refuses (read from its source)."""
 
-    enable_flag: str
+    enable_flag: str | None  # None: the adapters flag alone enables LoRA
     paths_flag: str  # one flag followed by NAME=PATH items
-    rank_flag: str
+    rank_flag: str | None  # None: the engine reads the ranks from the adapters
     targets: frozenset[str]  # module names it can put an adapter on
     ranks: tuple[int, ...] = ()  # the --max-lora-rank values it accepts (empty: any)
     request_model: str = "{adapter}"  # the OpenAI "model" that selects an adapter; {base} is the served model
@@ -46,7 +46,7 @@ class EngineSpec:
     name: str
     module: str  # run as: <python> -m <module>
     artifact: str  # "hf" (a model folder) or "gguf" (a .gguf file)
-    model_flag: str
+    model_flag: str | None  # None: the model is a positional argument (after the subcommand)
     tp_flag: str | None  # None: the engine has no tensor parallelism
     pp_flag: str | None  # pipeline parallel size (None: none)
     dp_flag: str | None  # data parallel size (None: none)
@@ -56,6 +56,13 @@ class EngineSpec:
     folder: str  # its environment under $WORKBENCH_HOME/engines
     requirements: tuple[str, ...]  # pip requirements of that environment
     user_command: str  # how users start it, for model cards; {model} is the model's published name
+    subcommand: tuple[str, ...] = ()  # after `-m module`, before the model
+    host_flag: str = "--host"
+    port_flag: str = "--port"
+    # pip argument lists installed instead of `requirements` on a machine without an NVIDIA GPU (an engine
+    # that cannot serve there gets only what its command-line parser needs, so its command lines are checked)
+    cpu_requirements: tuple[tuple[str, ...], ...] = ()
+    gpu_only: str = ""  # the engine's own error on a machine without an NVIDIA GPU (measured); verify refuses there
     remove_after_install: tuple[str, ...] = ()
     dtype_flag: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # defaults on every machine
@@ -170,7 +177,44 @@ ENGINES: dict[str, EngineSpec] = {
         request_extra={"repeat_penalty": 1.0},
         tokenize="llamacpp",
     ),
+    "lmdeploy": EngineSpec(
+        name="lmdeploy",
+        module="lmdeploy",
+        subcommand=("serve", "api_server"),
+        artifact="hf",
+        model_flag=None,
+        host_flag="--server-name",
+        port_flag="--server-port",
+        tp_flag="--tp",
+        pp_flag=None,
+        dp_flag="--dp",
+        max_len_flag="--session-len",
+        dtype_flag="--dtype",
+        ready_path="/v1/models",
+        python_env="WORKBENCH_LMDEPLOY_PYTHON",
+        folder="lmdeploy-0.18.0",
+        requirements=("lmdeploy==0.18.0",),  # with its CUDA torch: 291 s, 7.7 GB here
+        # its parser imports torch and transformers; lmdeploy pins torch<=2.12.1, the CPU wheel here is 2.13.0
+        cpu_requirements=(("--no-deps", "lmdeploy==0.18.0"),
+                          ("torch==2.13.0", "transformers", "pydantic", "mmengine-lite", "pybase64", "shortuuid",
+                           "pillow", "psutil", "requests", "rich", "termcolor")),
+        gpu_only="`RuntimeError: Found no NVIDIA driver on your system` (lmdeploy 0.18.0, PyTorch and TurboMind "
+                 "backends; `--device` offers cuda, ascend, maca, camb)",
+        user_command="lmdeploy serve api_server {model}",
+        lora=LoraSpec(None, "--adapters", None, DECODER_LINEARS),
+    ),
 }
+
+
+def model_args(spec: EngineSpec, model: str) -> list[str]:
+    """What follows `python -m module`: the subcommand and the model."""
+    return [*spec.subcommand, *([spec.model_flag] if spec.model_flag else []), model]
+
+
+def gpu_only_refusal(spec: EngineSpec) -> str | None:
+    if spec.gpu_only and not has_cuda_gpu():
+        return f"{spec.name} serves on NVIDIA GPUs only; without one it fails with {spec.gpu_only}"
+    return None
 
 
 def workbench_home() -> Path:
@@ -292,11 +336,14 @@ def install(spec: EngineSpec, on_line=lambda line: None, python: str | None = No
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     log_path = folder.with_name(folder.name + ".install.log")
+    if spec.cpu_requirements and not has_cuda_gpu():
+        on_line(f"{spec.name}: no NVIDIA GPU, so only its command-line parser is installed ({gpu_only_refusal(spec)})")
     on_line(f"{spec.name}: installing {' '.join(spec.requirements)} into {folder} (log {log_path})")
     pip = str(folder / "bin" / "pip")
+    pip_steps = spec.cpu_requirements if spec.cpu_requirements and not has_cuda_gpu() else (spec.requirements,)
     steps = [
         [python or sys.executable, "-m", "venv", str(folder)],
-        [pip, "install", *spec.requirements],
+        *([pip, "install", *requirements] for requirements in pip_steps),
         *([[pip, "uninstall", "-y", *spec.remove_after_install]] if spec.remove_after_install else []),
         [str(folder / "bin" / "python"), "-c", f"import {spec.module}"],
     ]

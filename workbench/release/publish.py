@@ -17,7 +17,7 @@ from .. import __version__
 from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
 from ..errors import INCOMPLETE
 from ..manifest import manifest_path, now, read_manifest
-from ..engines import ENGINES
+from ..engines import ENGINES, model_args
 from .run import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
 
@@ -145,8 +145,8 @@ def _flags(engine: str, argv: list[str], drop: list[str]) -> list[str]:
     """The flags after the model in a verification's argv, without the private --host/--port and the
     flag/value pairs in ``drop``."""
     spec = ENGINES[engine]
-    rest = argv[argv.index(spec.model_flag) + 2:]
-    dropped = {"--host", "--port", *drop[::2]}
+    rest = argv[3 + len(model_args(spec, "")):]  # argv: python -m module <subcommand and model> flags...
+    dropped = {spec.host_flag, spec.port_flag, *drop[::2]}
     out, i = [], 0
     while i < len(rest):
         if rest[i] in dropped:
@@ -168,7 +168,7 @@ def cpu_command(engine: str, argv: list[str], model_name: str, cpu_env: dict[str
     """The command exactly as it ran here on the CPU, with the settings the workbench added."""
     spec = ENGINES[engine]
     env = [f"{k}={shlex.quote(v)}" for k, v in cpu_env.items()]
-    return " ".join([*env, "python", "-m", spec.module, spec.model_flag, model_name, *map(shlex.quote, _flags(engine, argv, []))])
+    return " ".join([*env, "python", "-m", spec.module, *model_args(spec, model_name), *map(shlex.quote, _flags(engine, argv, []))])
 
 
 def _front_matter(release: Release, stage: Stage) -> dict:

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
-from ..engines import EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, workbench_home
+from ..engines import EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, model_args, workbench_home
 
 HOST = "127.0.0.1"
 GUARD = str(Path(__file__).with_name("guard.py"))
@@ -102,14 +102,15 @@ class Server:
 
     def argv(self) -> list[str]:
         s = self.spec
-        argv = [self.python, "-m", s.module, s.model_flag, str(self.model), "--host", HOST, "--port", str(self.port)]
+        argv = [self.python, "-m", s.module, *model_args(s, str(self.model)), s.host_flag, HOST, s.port_flag, str(self.port)]
         for flag, size in ((s.tp_flag, self.tp), (s.pp_flag, self.layout.pp), (s.dp_flag, self.layout.dp)):
             if flag and size > 1:
                 argv += [flag, str(size)]
         if self.adapters:
             lora = s.lora
-            argv += [lora.enable_flag, lora.paths_flag, *(f"{name}={path}" for name, path in self.adapters.items())]
-            if self.lora_rank:
+            argv += [*([lora.enable_flag] if lora.enable_flag else []), lora.paths_flag,
+                     *(f"{name}={path}" for name, path in self.adapters.items())]
+            if self.lora_rank and lora.rank_flag:
                 argv += [lora.rank_flag, str(self.lora_rank)]
         if s.max_len_flag and self.max_model_len:
             argv += [s.max_len_flag, str(self.max_model_len)]

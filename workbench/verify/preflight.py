@@ -124,6 +124,8 @@ def check_tp(shape: Shape, quant: Quant, tp: int, marlin: bool = True) -> list[s
 
 def check_pp(config: dict, pp: int) -> list[str]:
     """Pipeline stages each take whole decoder layers: at least one layer per stage."""
+    if pp == 1:
+        return []
     layers = int(config.get("text_config", config)["num_hidden_layers"])
     return [f"num_hidden_layers {layers} is fewer than pp {pp} pipeline stages"] if pp > layers else []
 

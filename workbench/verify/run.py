@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
-from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version
-from ..errors import BadInput, as_out_of_memory
+from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version, gpu_only_refusal
+from ..errors import BadInput, EnvironmentProblem, as_out_of_memory
 from ..manifest import now, read_manifest
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens
@@ -303,6 +303,9 @@ def _check_engine_options(spec: EngineSpec, pp: int, dp: int, adapters: tuple[st
             raise BadInput(f"{spec.name} has no {what} parallelism")
     if adapters and spec.lora is None:
         raise BadInput(f"{spec.name} does not serve adapters unmerged; use --server vllm or sglang, or merge them")
+    refusal = gpu_only_refusal(spec)
+    if refusal:
+        raise EnvironmentProblem(refusal)
 
 
 def _preflight(spec: EngineSpec, config: dict | None, tps: list[int], marlin: bool, pp: int = 1) -> dict[int, list[str]]:
