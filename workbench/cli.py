@@ -369,6 +369,8 @@ def engines_list(as_json):
     for r in rows:
         state = f"{r['version']}" if r["installed"] else "not installed"
         click.echo(f"{r['engine']:9} {state:14} {r['python']}  ({r['found_through']})")
+        if not r["serves_here"]:
+            click.echo(f"{'':9} {r['why_not']}")
 
 
 @engines.command("install")

@@ -373,7 +373,8 @@ def installed() -> list[dict]:
         source = ("$" + spec.python_env if explicit
                   else "workbench engines install" if python != sys.executable else "this Python")
         rows.append({"engine": spec.name, "installed": version is not None, "version": version, "python": python,
-                     "found_through": source, "folder": str(managed_folder(spec))})
+                     "found_through": source, "folder": str(managed_folder(spec)),
+                     "serves_here": gpu_only_refusal(spec) is None, "why_not": gpu_only_refusal(spec)})
     return rows
 
 
