@@ -336,6 +336,9 @@ def test_quantized_gguf_without_its_source_is_incomplete_not_passed(llama, tmp_p
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     assert checks["reference"]["status"] == "incomplete" and "the source in its manifest is not there" in checks["reference"]["detail"]
     assert all(c["status"] == "passed" for n, c in checks.items() if n != "reference"), checks
+    # the chat facts come from the GGUF's own metadata: its template's end of turn, its special tokens
+    assert "4 (the template's end of turn <|im_end|>)" in checks["end-of-turn"]["detail"]
+    assert "the template's length" in checks["chat"]["detail"] and "<|im_end|>" in checks["special-tokens"]["detail"]
     assert 'errors="1"' in (tmp_path / "r" / "junit.xml").read_text()
     result = run("verify", gguf_file, "--server", "llamacpp", "--no-reference", "--report", tmp_path / "r2")
     report = json.loads((tmp_path / "r2" / "report.json").read_text())

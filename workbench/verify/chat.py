@@ -64,17 +64,25 @@ def long_prompt(tok, original: int) -> str:
     return text + PROMPTS[0]
 
 
-def chat_facts(tokenizer_dir: Path | None, config: dict | None, generation_eos: tuple[int, ...] = (),
-               gguf_stops: dict[int, str] | None = None) -> ChatFacts:
-    """The facts from a tokenizer folder (the artifact, or a GGUF's source) and the artifact's own EOS ids."""
-    stops = {i: "generation_config eos" for i in generation_eos}
-    stops.update(gguf_stops or {})
-    if tokenizer_dir is None:
-        return ChatFacts(stop_ids=stops)
+def load_tokenizer(source: Path):
+    """transformers' tokenizer of a model folder, or the one a GGUF file carries in its metadata."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if tok.eos_token_id is not None:
+    if source.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    return AutoTokenizer.from_pretrained(source)
+
+
+def chat_facts(tokenizer_source: Path | None, config: dict | None, generation_eos: tuple[int, ...] = (),
+               gguf_stops: dict[int, str] | None = None) -> ChatFacts:
+    """The facts from a tokenizer (a model folder, or a GGUF file's own metadata) and the artifact's own EOS
+    ids (a GGUF's from its header: transformers' reading of a GGUF's EOS is not relied on)."""
+    stops = {i: "generation_config eos" for i in generation_eos}
+    stops.update(gguf_stops or {})
+    if tokenizer_source is None:
+        return ChatFacts(stop_ids=stops)
+    tok = load_tokenizer(tokenizer_source)
+    if tok.eos_token_id is not None and gguf_stops is None:
         stops.setdefault(tok.eos_token_id, "tokenizer eos")
     specials, end = ({}, None) if tok.chat_template is None else _template_tokens(tok)
     if end is not None:
@@ -82,7 +90,7 @@ def chat_facts(tokenizer_dir: Path | None, config: dict | None, generation_eos: 
     chat_ids = () if tok.chat_template is None else tuple(_ids(tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True)))
     original, note = rope_original(config or {})
     return ChatFacts(stop_ids=stops, chat_ids=chat_ids, bos_id=tok.bos_token_id, specials=specials,
-                     long_prompt=long_prompt(tok, original) if original else None, long_note=note, source=str(tokenizer_dir))
+                     long_prompt=long_prompt(tok, original) if original else None, long_note=note, source=str(tokenizer_source))
 
 
 # ---------------------------------------------------------------- probes

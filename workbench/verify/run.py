@@ -222,7 +222,8 @@ def _serving_checks(client: Client, server: Server, probing: Probing, facts: Cha
               guarded("end-of-turn", lambda: probe_end_of_turn(client, facts)),
               guarded("special-tokens", lambda: probe_special_tokens(client, facts, server.spec.tokenize))
               if facts.source else Check("special-tokens", "skipped" if probing.no_reference else "incomplete",
-                                         "no tokenizer files to compare with: a GGUF's come from its source model")]
+                                         "no tokenizer to compare with: transformers cannot read this GGUF's, "
+                                         "and its source model is not there")]
     if facts.long_prompt:
         long = replace(probing, prompts=(facts.long_prompt,))
         checks.append(guarded("long-context", lambda: reference_check(client, long, "long-context")))
@@ -328,10 +329,15 @@ def _check_adapters(spec: EngineSpec, items: tuple[str, ...], config: dict | Non
 
 
 def _chat_facts(artifact: Path, spec: EngineSpec, config: dict | None, reference: Path | None) -> ChatFacts:
-    """From the artifact's tokenizer files (a GGUF: its source's, plus the GGUF's own end ids)."""
-    if spec.artifact == "gguf":
-        return chat_facts(reference, config or _config_of(reference), gguf_stops=_gguf_stops(artifact))
-    return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
+    """From the artifact's own tokenizer (a GGUF: the one in its metadata, else its source's, and the end ids
+    in its header)."""
+    if spec.artifact != "gguf":
+        return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
+    stops, config = _gguf_stops(artifact), config or _config_of(reference)
+    try:
+        return chat_facts(artifact, config, gguf_stops=stops)
+    except Exception:  # noqa: BLE001 - transformers reads the tokenizer of some GGUF architectures only
+        return chat_facts(reference, config, gguf_stops=stops)
 
 
 def _config_of(folder: Path | None) -> dict:
