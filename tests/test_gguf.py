@@ -252,3 +252,31 @@ def test_other_architectures_in_llamacpp(fixture_root, tmp_path, heldout_blocks,
     m = compare_logits(ref, torch.from_numpy(run_llamacpp(out, blocks=heldout_blocks[:2])["logits"]))
     figures[f"gguf {arch} (random weights) F32 llama.cpp vs transformers"] = m
     assert m["max_rel_error"] < 1e-3 and m["top1_agreement"] >= 0.99
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_k_quants_report_their_real_bits_per_weight_and_fallbacks(converted, llama, tmp_path, figures):
+    """After llama.cpp's quantize the file is read back: its real bits per weight, and each matrix stored in
+    another type because its rows do not fit the K-quant block of 256 (here ffn_down, rows of 320)."""
+    from transformers import AutoConfig
+
+    from workbench.manifest import read_manifest
+
+    fixture = next(converted.glob("*Q4_K_M.gguf"))
+    census = read_manifest(fixture)["steps"][-1]["metrics"]
+    assert census["fallbacks"] == [] and census["tensor_types"]["Q4_K"] > 0 and 4.5 < census["bits_per_weight"] < 8
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=2048, hidden_size=256, intermediate_size=320, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model_dir = tmp_path / "odd"
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model_dir / name).write_bytes((llama / name).read_bytes())
+    out = tmp_path / "odd-Q4_K_M.gguf"
+    assert run("convert", "gguf", model_dir, "--outtype", "q4_k_m", "--out", out, "-q").exit_code == 0
+    odd = read_manifest(out)["steps"][-1]["metrics"]
+    assert sorted(f["tensor"] for f in odd["fallbacks"]) == ["blk.0.ffn_down.weight", "blk.1.ffn_down.weight"]
+    assert all(f["type"] != "Q4_K" and "rows of 320 are not a multiple of Q4_K's block of 256" in f["why"] for f in odd["fallbacks"])
+    figures["gguf Q4_K_M real bits per weight"] = {"fixture": census["bits_per_weight"], "ffn_320_rows": odd["bits_per_weight"],
+                                                   "fallback_type": odd["fallbacks"][0]["type"]}

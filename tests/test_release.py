@@ -228,6 +228,7 @@ def test_model_cards_and_manifests(released):
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
     meta, body = _card(out / "tiny-llama-lora-GGUF" / "README.md")
     assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf --interrupt_requests False\n" in body
+    assert "bits per weight over all tensors; every matrix in the file type's own types" in body
     # verification results in the artifact's own manifest, which still checks out file by file
     manifest = json.loads((out / "tiny-llama-lora-merged" / "workbench.json").read_text())
     assert [(v["engine"], [r["tp"] for r in v["runs"]]) for v in manifest["verifications"]] == [("vllm", [1, 2]), ("sglang", [1, 2])]

@@ -329,7 +329,7 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
             "inputs": {"model": input_digest.result()}, "options": {"outtype": outtype, "out": str(path)},
             "versions": tool_versions(),
             "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
-                        "pre_tokenizer": plan.pre_tokenizer},
+                        "pre_tokenizer": plan.pre_tokenizer, **quant_census(content, OUTTYPES[outtype].label)},
             "warnings": plan.warnings, "status": "ok", **extra,
         }
         write_file_manifest(path, step, parent=model_dir, sha256=sha256, content=content)
@@ -419,6 +419,34 @@ def convert_lora_adapter(
             "metrics": {"lora_pairs": len(pairs) // 2, "alpha": alpha, "bytes": path.stat().st_size}, "status": "ok"}
     write_file_manifest(path, step, parent=None)
     return {"output": str(path), **step}
+
+
+def _base_type(label: str) -> gguf.GGMLQuantizationType:
+    """The tensor type a file type is named after: Q4_K_M -> Q4_K, Q8_0 -> Q8_0."""
+    for name in (label, label.rsplit("_", 1)[0]):
+        if name in gguf.GGMLQuantizationType.__members__:
+            return gguf.GGMLQuantizationType[name]
+    raise ValueError(f"no tensor type for file type {label}")
+
+
+def quant_census(path: Path, label: str) -> dict:
+    """What a GGUF really holds, read back from the file: bits per weight over all tensors, how many tensors
+    of each type, and the matrices llama.cpp stored in another type because their rows are not a multiple of
+    the file type's block (K-quants: 256), so a "Q4_K_M" file is not silently 6 bits per weight."""
+    base = _base_type(label)
+    block = gguf.GGML_QUANT_SIZES[base][0]
+    elements = size = 0
+    types: dict[str, int] = {}
+    fallbacks = []
+    for t in gguf.GGUFReader(path).tensors:
+        elements, size = elements + int(t.n_elements), size + int(t.n_bytes)
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+        row = int(t.shape[0])  # gguf-py lists dimensions innermost first: the row length
+        if len(t.shape) >= 2 and row % block:
+            fallbacks.append({"tensor": t.name, "type": t.tensor_type.name,
+                              "why": f"rows of {row} are not a multiple of {base.name}'s block of {block}"})
+    return {"bits_per_weight": round(8 * size / max(elements, 1), 3), "tensor_types": types, "fallbacks": fallbacks,
+            "fallback_tensors": len(fallbacks)}
 
 
 def gguf_metadata(path: Path) -> dict:

@@ -201,6 +201,11 @@ def _quality_lines(stage: Stage, quality: dict) -> list[str]:
                 f"({quality['ppl_delta']:+.2%}) |",
                 f"| mean KL divergence (nats) | | {quality['mean_kl']:.2e} |",
                 f"| top-1 agreement | | {quality['top1_agreement']:.2%} |"]
+    if stage.kind == "gguf" and "bits_per_weight" in quality:
+        fallbacks = quality.get("fallback_tensors", 0)
+        return [f"Read back from the file: {quality['bits_per_weight']:.2f} bits per weight over all tensors; "
+                + (f"{fallbacks} matrices stored in another type (rows not a multiple of the type's block: "
+                   "listed in workbench.json)." if fallbacks else "every matrix in the file type's own types.")]
     if stage.kind == "merge" and "self_check_max_rel_error" in quality:
         return [f"Merge self-check: {quality['self_check_modules']} modules, largest relative error "
                 f"{quality['self_check_max_rel_error']:.2e} of the written weights against W·x + s·B(A·x)."]
