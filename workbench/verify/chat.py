@@ -123,6 +123,8 @@ def probe_special_tokens(client: Client, facts: ChatFacts, api: str | None) -> C
     """Each special token the chat template writes is one token, the same id, in the engine's tokenizer."""
     if api is None:
         return Check("special-tokens", "incomplete", "the engine has no tokenizer endpoint")
+    if not facts.chat_ids:
+        return Check("special-tokens", "incomplete", "the artifact has no chat template to take special tokens from")
     if not facts.specials:
         return Check("special-tokens", "passed", "the chat template writes no special tokens")
     split = []
