@@ -160,6 +160,7 @@ def verify(
     shutil.rmtree(report_dir / "logs", ignore_errors=True)
 
     served = {a.name: a.path for a in lora if not a.reasons}
+    refused = [a for a in lora if a.reasons]
     with ThreadPoolExecutor(1) as pool:
         # the references run in transformers while the engine starts
         # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
@@ -168,7 +169,6 @@ def verify(
         pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path)
                    for name, path in {None: None, **served}.items()} if reference else {}
         for tp in tps:
-            refused = [a for a in lora if a.reasons]
             if refused and not force:
                 report["runs"].append({"tp": tp, "checks": [_refused_adapter(a) for a in refused]})
                 on_event(f"tp={tp}: not started: {len(refused)} adapter(s) cannot be served unmerged")
@@ -180,9 +180,9 @@ def verify(
             server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
                             extra_args=extra_args, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log",
                             ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp, adapters=served,
-                            lora_rank=engine_rank(spec, list(lora)) if served else None)
+                            lora_rank=engine_rank(spec, [a for a in lora if not a.reasons]) if served else None)
             run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
-            run["checks"] += [_refused_adapter(a) for a in lora if a.reasons]
+            run["checks"] += [_refused_adapter(a) for a in refused]
             report["runs"].append(run)
     report["verdict"] = verdict([c for run in report["runs"] for c in run["checks"]]) if report["runs"] else "incomplete"
     report["passed"] = report["verdict"] == "passed"
