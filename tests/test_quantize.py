@@ -81,16 +81,23 @@ def test_emulation_uses_vllms_fused_scales(fp8_static, llama):
     """q/k/v (and gate/up) share the largest input_scale, and every shard is re-quantized to the largest weight_scale."""
     got = tensors(fp8_static)
     model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
-    assert fp8.emulate(model, lambda n: got.get(n)) == 28
-    attn = model.model.layers[1].self_attn
-    names = [f"model.layers.1.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
-    max_in = max(float(got[n + ".input_scale"]) for n in names)
-    max_w = max(float(got[n + ".weight_scale"]) for n in names)
-    assert all(float(getattr(attn, p).act_scale) == max_in for p in ("q_proj", "k_proj", "v_proj"))
-    k = got["model.layers.1.self_attn.k_proj.weight"].float() * got["model.layers.1.self_attn.k_proj.weight_scale"]
-    expected = (k / max_w).to(torch.float8_e4m3fn).float() * max_w
-    assert torch.equal(attn.k_proj.weight_eff, expected)
-    assert float(model.model.layers[1].mlp.down_proj.act_scale) == float(got["model.layers.1.mlp.down_proj.input_scale"])
+    layer = model.model.layers[1]
+    prefix = "model.layers.1."
+    written = {n.removeprefix(prefix): fp8.Quantized(got[n + ".weight"], got[n + ".weight_scale"], got[n + ".input_scale"])
+               for n in (prefix + m for m, _ in layer.named_modules() if m.endswith("_proj"))}
+    attn = layer.self_attn
+    original_k = attn.k_proj
+    with fp8.emulated(layer, written) as swapped:
+        assert swapped == 7
+        names = [f"{prefix}self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")]
+        max_in = max(float(got[n + ".input_scale"]) for n in names)
+        max_w = max(float(got[n + ".weight_scale"]) for n in names)
+        assert all(float(getattr(attn, p).act_scale) == max_in for p in ("q_proj", "k_proj", "v_proj"))
+        k = got[prefix + "self_attn.k_proj.weight"].float() * got[prefix + "self_attn.k_proj.weight_scale"]
+        expected = (k / max_w).to(torch.float8_e4m3fn).float() * max_w
+        assert torch.equal(attn.k_proj.weight_fp8.float() * attn.k_proj.scale, expected)
+        assert float(layer.mlp.down_proj.act_scale) == float(got[prefix + "mlp.down_proj.input_scale"])
+    assert attn.k_proj is original_k  # put back on exit
 
 
 def test_fp8_dynamic_has_no_input_scales(qwen2, tmp_path, figures):

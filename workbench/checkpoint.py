@@ -115,6 +115,14 @@ class TensorStore:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+    @property
+    def parameters(self) -> int:
+        return sum(numel(info.shape) for info in self.tensors.values())
+
     def names_in(self, file: Path) -> list[str]:
         """Tensor names of one file, in on-disk order (sequential reads)."""
         return [n for n, info in self.tensors.items() if info.file == file]
@@ -129,6 +137,34 @@ class TensorStore:
             if f.readinto(buf) != info.nbytes:
                 raise BadInput(f"truncated safetensors file {info.file}")
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor (its first dimension), reading only their bytes."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        stop = min(stop, info.shape[0])
+        buf = bytearray(max(stop - start, 0) * row_bytes)
+        with open(info.file, "rb") as f:
+            f.seek(info.offset + start * row_bytes)
+            if f.readinto(buf) != len(buf):
+                raise BadInput(f"truncated safetensors file {info.file}")
+        return torch.frombuffer(buf, dtype=info.dtype).reshape((stop - start, *info.shape[1:])) if buf else \
+            torch.empty((0, *info.shape[1:]), dtype=info.dtype)
+
+    def take(self, name: str, indices: list[int]) -> torch.Tensor:
+        """The given rows of a tensor, in the given order, reading only those rows (an embedding lookup)."""
+        info = self.tensors[name]
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        out = torch.empty((len(indices), *info.shape[1:]), dtype=info.dtype)
+        flat = out.view(len(indices), -1).view(torch.uint8).numpy()
+        with open(info.file, "rb") as f:
+            for i, row in enumerate(indices):
+                if not 0 <= row < info.shape[0]:
+                    raise BadInput(f"row {row} outside {name} ({info.shape[0]} rows)")
+                f.seek(info.offset + row * row_bytes)
+                if f.readinto(memoryview(flat[i])) != row_bytes:
+                    raise BadInput(f"truncated safetensors file {info.file}")
+        return out
 
 
 def _read_header(file: Path) -> list[TensorInfo]:

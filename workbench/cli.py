@@ -174,9 +174,9 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
                  "ignore": list(ignore) or None, "format": fmt}
     gates = {k: v for k, v in (("max_ppl_delta", max_ppl_delta), ("max_kl", max_kl), ("min_top1", min_top1)) if v is not None}
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
-    bar, on_samples = _progress(not quiet and not as_json, "calibration samples")
+    bar, on_layers = _progress(not quiet and not as_json, "decoder layers")
     with bar:
-        step = run_quantize(model, method, recipe_path, overrides, out, force, gates, say, on_progress=on_samples)
+        step = run_quantize(model, method, recipe_path, overrides, out, force, gates, say, on_progress=on_layers)
     m = step["metrics"]
     if as_json:
         click.echo(json.dumps(step, indent=2))

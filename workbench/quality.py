@@ -28,35 +28,90 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str
 
 @torch.inference_mode()
 def model_logits(model, blocks: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """Logits of a transformers/peft causal LM on token blocks, in float32."""
+    """Logits of a transformers/peft causal LM on token blocks, in float32 (tests compare small models)."""
     model.eval()
     return torch.cat([model(input_ids=b).logits.float() for b in blocks.split(batch)])
 
 
 @torch.inference_mode()
-def compare_with_reference(reference_logits: torch.Tensor, candidate, blocks: torch.Tensor, batch: int = 2) -> dict[str, float]:
-    """A model against stored reference logits on the same token blocks, batch by batch (memory: the stored
-    float32 logits and a few batches, not every logit in float64 at once): perplexity of both, mean
-    KL(reference || candidate), top-1 agreement, max relative error."""
-    candidate.eval()
-    sums = {"kl": 0.0, "top1": 0, "nll_ref": 0.0, "nll_cand": 0.0, "max_diff": 0.0, "max_ref": 0.0}
-    for start in range(0, blocks.shape[0], batch):
-        chunk = blocks[start:start + batch]
-        ref = reference_logits[start:start + batch].double()
-        cand = candidate(input_ids=chunk).logits.double()
-        log_p, log_q = torch.log_softmax(ref, -1), torch.log_softmax(cand, -1)
-        sums["kl"] += float((log_p.exp() * (log_p - log_q)).sum())
-        sums["top1"] += int((ref.argmax(-1) == cand.argmax(-1)).sum())
-        target = chunk[:, 1:, None]
-        sums["nll_ref"] -= float(log_p[:, :-1].gather(-1, target).sum())
-        sums["nll_cand"] -= float(log_q[:, :-1].gather(-1, target).sum())
-        sums["max_diff"] = max(sums["max_diff"], float((ref - cand).abs().max()))
-        sums["max_ref"] = max(sums["max_ref"], float(ref.abs().max()))
-    positions, predicted = blocks.numel(), blocks.shape[0] * (blocks.shape[1] - 1)
-    return {
-        "ppl_source": math.exp(sums["nll_ref"] / predicted),
-        "ppl_quantized": math.exp(sums["nll_cand"] / predicted),
-        "mean_kl": sums["kl"] / positions,
-        "top1_agreement": sums["top1"] / positions,
-        "max_rel_error": sums["max_diff"] / max(sums["max_ref"], 1e-30),
-    }
+def compare_final_hidden(runner, reference: torch.Tensor, candidate: torch.Tensor, blocks: torch.Tensor) -> dict[str, float]:
+    """Quality figures of a candidate against the reference on token ``blocks`` from both models' final
+    normed hidden states [positions, hidden], through the runner's (shared, unquantized) lm_head a block of
+    rows at a time: perplexity of both, mean KL(reference || candidate), top-1 agreement, max relative
+    logit error."""
+    stats = PairStats(blocks.numel(), next_token_targets(blocks))
+    for start, (a, b) in runner.logits(reference, candidate):
+        stats.add(start, a, b)
+    return stats.report()
+
+
+class VocabStats:
+    """Per-position statistics of next-token distributions seen one vocabulary block at a time (float64):
+    the log-sum-exp (kept online), the argmax, and the logit of each position's target id (-1: none)."""
+
+    def __init__(self, positions: int, targets: torch.Tensor | None = None):
+        self.max = torch.full((positions,), -math.inf, dtype=torch.float64)
+        self.sum = torch.zeros(positions, dtype=torch.float64)
+        self.argmax = torch.zeros(positions, dtype=torch.long)
+        self.targets = targets if targets is not None else torch.full((positions,), -1, dtype=torch.long)
+        self.target_logit = torch.full((positions,), math.nan, dtype=torch.float64)
+
+    def add(self, start: int, logits: torch.Tensor) -> torch.Tensor:
+        """Fold in logits [positions, block] of ids start..; returns the previous running max."""
+        block_max, block_arg = logits.max(-1)
+        before = self.max
+        self.argmax = torch.where(block_max > before, block_arg + start, self.argmax)
+        self.max = torch.maximum(before, block_max)
+        self.sum = self.sum * torch.exp(before - self.max) + torch.exp(logits - self.max[:, None]).sum(-1)
+        inside = (self.targets >= start) & (self.targets < start + logits.shape[1])
+        rows = inside.nonzero().squeeze(-1)
+        self.target_logit[rows] = logits[rows, self.targets[rows] - start]
+        return before
+
+    @property
+    def lse(self) -> torch.Tensor:
+        return self.max + torch.log(self.sum)
+
+    def target_logprob(self) -> torch.Tensor:
+        return self.target_logit - self.lse
+
+
+class PairStats:
+    """A reference and a candidate model on the same positions, one vocabulary block at a time: each one's
+    VocabStats, KL(reference || candidate) and the largest |logit difference|, never the whole logits."""
+
+    def __init__(self, positions: int, targets: torch.Tensor | None = None):
+        self.ref, self.cand = VocabStats(positions, targets), VocabStats(positions, targets)
+        self.weighted_diff = torch.zeros(positions, dtype=torch.float64)  # sum exp(a - max_a) * (a - b)
+        self.max_diff = self.max_ref = 0.0
+
+    def add(self, start: int, ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> None:
+        a, b = ref_logits.double(), cand_logits.double()
+        before = self.ref.add(start, a)
+        self.cand.add(start, b)
+        self.weighted_diff = self.weighted_diff * torch.exp(before - self.ref.max) + \
+            (torch.exp(a - self.ref.max[:, None]) * (a - b)).sum(-1)
+        self.max_diff = max(self.max_diff, float((a - b).abs().max()))
+        self.max_ref = max(self.max_ref, float(a.abs().max()))
+
+    def kl(self) -> torch.Tensor:
+        return self.weighted_diff / self.ref.sum - self.ref.lse + self.cand.lse
+
+    def report(self) -> dict[str, float]:
+        """Perplexity of both over the positions with a target, mean KL, top-1 agreement, max relative error."""
+        scored = self.ref.targets >= 0
+        predicted = int(scored.sum())
+        return {
+            "ppl_source": math.exp(float(-self.ref.target_logprob()[scored].sum()) / predicted),
+            "ppl_quantized": math.exp(float(-self.cand.target_logprob()[scored].sum()) / predicted),
+            "mean_kl": float(self.kl().mean()),
+            "top1_agreement": float((self.ref.argmax == self.cand.argmax).double().mean()),
+            "max_rel_error": self.max_diff / max(self.max_ref, 1e-30),
+        }
+
+
+def next_token_targets(blocks: torch.Tensor) -> torch.Tensor:
+    """Per position of token blocks [n, tokens], flattened: the id that follows it, -1 at each block's end."""
+    targets = torch.full_like(blocks, -1)
+    targets[:, :-1] = blocks[:, 1:]
+    return targets.reshape(-1)

@@ -14,6 +14,8 @@ from ..errors import BadInput
 from .recipe import Calibration
 
 EVALUATION_EVERY = 10  # every 10th standard-library module is evaluation text, the rest calibration text
+EVALUATION_BLOCKS, EVALUATION_SEQ_LEN = 16, 256  # the quality report's held-out text: 4096 tokens
+EVALUATION_TOKENS = EVALUATION_BLOCKS * EVALUATION_SEQ_LEN
 
 
 def default_text(split: str) -> str:
@@ -73,7 +75,7 @@ def calibration_samples(tokenizer, cal: Calibration) -> torch.Tensor:
     return token_windows(tokenizer, load_texts(cal.data, cal.field), cal.samples, cal.seq_len, cal.seed, cal.chat_template)
 
 
-def evaluation_blocks(tokenizer, blocks: int = 16, seq_len: int = 256) -> torch.Tensor:
+def evaluation_blocks(tokenizer, blocks: int = EVALUATION_BLOCKS, seq_len: int = EVALUATION_SEQ_LEN) -> torch.Tensor:
     """Held-out text for the quality report: consecutive blocks of the default evaluation split."""
     ids = tokenizer(default_text("evaluation"), add_special_tokens=False).input_ids
     n = min(blocks, len(ids) // seq_len)

@@ -89,13 +89,17 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
     log.unlink()
 
 
-def compare_written(folder: Path, reference_logits: torch.Tensor, blocks: torch.Tensor) -> dict[str, float]:
-    """The written artifact (loaded in transformers, float32: compressed-tensors decompresses it) against the
-    source's logits; its loading output is captured."""
+def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks: torch.Tensor) -> dict[str, float]:
+    """The written artifact (loaded whole in transformers, float32: compressed-tensors decompresses it, as
+    llm-compressor held the whole model anyway) against the source's final hidden states from the layer
+    runner, through the same unquantized lm_head; its loading output is captured."""
     from transformers import AutoModelForCausalLM
 
-    from ..quality import compare_with_reference
+    from ..quality import compare_final_hidden
 
     with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        return compare_with_reference(reference_logits, model, blocks)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        hidden = torch.cat([model.get_decoder()(input_ids=b).last_hidden_state for b in blocks.split(4)])
+    del model
+    return compare_final_hidden(runner, reference_hidden, hidden.reshape(-1, hidden.shape[-1]), blocks)

@@ -5,12 +5,15 @@ input over the calibration set / 448.
 
 The format does not load correctly in transformers on CPU, so quality is measured on an emulation with
 vLLM's load-time semantics: the shards of a fused layer (q/k/v, gate/up) are re-quantized to the largest
-weight_scale of the group and share the largest input_scale.
+weight_scale of the group and share the largest input_scale. Calibration, writing and the emulated
+quality report happen in one walk through the layer runner (quantize/walk.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -49,35 +52,29 @@ def resolve_targets(names: list[str], ignore: list[str]) -> tuple[list[str], lis
     return [n for n in names if n not in ignored], ignored, warnings
 
 
-@torch.inference_mode()
-def calibrate(model: nn.Module, targets: list[str], samples: torch.Tensor, batch: int = 8,
-              on_samples: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """amax of each target layer's input over the calibration samples (``on_samples(done, total)`` after each batch)."""
+@contextlib.contextmanager
+def input_amax(module: nn.Module, targets: list[str]) -> Iterator[dict[str, float]]:
+    """While open, the running amax of each target submodule's input (its calibration statistic)."""
     amax = dict.fromkeys(targets, 0.0)
-    modules = dict(model.named_modules())
 
     def hook(name):
         def record(_module, args):
             amax[name] = max(amax[name], float(args[0].abs().amax()))
         return record
 
-    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in targets]
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook(n)) for n in targets]
     try:
-        for i, chunk in enumerate(samples.split(batch)):
-            model(input_ids=chunk)
-            if on_samples:
-                on_samples(min((i + 1) * batch, len(samples)), len(samples))
+        yield amax
     finally:
         for h in handles:
             h.remove()
-    return amax
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(float8_e4m3fn weight, float32 scalar scale) with per-tensor scale amax / 448."""
     w = weight.float()
     scale = (w.abs().amax() / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
-    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale.reshape(())
+    return (w / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale.reshape(())
 
 
 def input_scale(amax: float) -> torch.Tensor:
@@ -86,42 +83,62 @@ def input_scale(amax: float) -> torch.Tensor:
 
 class EmulatedFP8Linear(nn.Module):
     """What vLLM computes for one FP8 layer: fp8 activations (static scale, or dynamic per-tensor) times
-    fp8 weights, accumulated in float32, rescaled."""
+    fp8 weights, accumulated in float32, rescaled. Holds the fp8 weight (1 byte per parameter) and
+    dequantizes it per call."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, act_scale: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, act_scale: torch.Tensor | None):
         super().__init__()
-        self.weight_eff = weight  # dequantized float32 weight after vLLM's fused re-quantization
+        self.weight_fp8, self.scale = weight, scale  # after vLLM's fused re-quantization
         self.bias = bias
         self.act_scale = act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         scale = self.act_scale if self.act_scale is not None else (xf.abs().amax() / FP8_MAX).clamp_min(1e-12)
-        xq = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
-        y = xq @ self.weight_eff.T
+        xq = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+        y = xq @ (self.weight_fp8.float() * self.scale).T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
 
 
-def emulate(model: nn.Module, read) -> int:
-    """Swap every FP8 layer of ``model`` (whose tensors ``read(name)`` returns from the written artifact, or
-    None when absent) for its vLLM emulation; returns the number of layers swapped."""
-    modules = linear_modules(model)
-    layers = {n: m for n, m in modules.items() if read(n + ".weight_scale") is not None}
+@dataclass
+class Quantized:
+    """One layer as written: fp8 weight, weight scale, static input scale (None: dynamic)."""
+
+    weight: torch.Tensor
+    scale: torch.Tensor
+    input_scale: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def emulated(module: nn.Module, written: dict[str, Quantized]):
+    """While open, the written FP8 layers of ``module`` (by submodule name) are swapped for their vLLM
+    emulation, with vLLM's load-time semantics: the shards of a fused layer are re-quantized to the
+    group's largest weight scale and share its largest input scale. The replaced layers' own weights are
+    dropped (the caller's runner reloads them); the layers are put back on exit."""
+    from ..runner import LayerRunner
+
     groups: dict[str, list[str]] = {}
-    for n in layers:
+    for n in written:
         groups.setdefault(fused_group(n), []).append(n)
+    swapped = []
     for members in groups.values():
-        scales = {n: read(n + ".weight_scale").float() for n in members}
-        max_scale = max(scales.values())
-        inputs = [read(n + ".input_scale") for n in members]
+        max_scale = max(written[n].scale.float() for n in members)
+        inputs = [written[n].input_scale for n in members]
         act = max(s.float() for s in inputs) if inputs[0] is not None else None
         for n in members:
-            dq = read(n + ".weight").float() * scales[n]
-            # vLLM re-quantizes each shard to the group's largest scale
-            w_eff = (dq / max_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).float() * max_scale
+            dq = written[n].weight.float() * written[n].scale.float()
+            requantized = (dq / max_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
             parent, _, leaf = n.rpartition(".")
-            owner = model.get_submodule(parent) if parent else model
-            setattr(owner, leaf, EmulatedFP8Linear(w_eff, layers[n].bias, act))
-    return len(layers)
+            owner = module.get_submodule(parent) if parent else module
+            original = getattr(owner, leaf)
+            bias = original.bias.detach().clone() if original.bias is not None else None
+            LayerRunner.unload(original)
+            setattr(owner, leaf, EmulatedFP8Linear(requantized, max_scale, bias, act))
+            swapped.append((owner, leaf, original))
+    try:
+        yield len(swapped)
+    finally:
+        for owner, leaf, original in swapped:
+            setattr(owner, leaf, original)

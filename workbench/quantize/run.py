@@ -10,15 +10,14 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import (
-    CONFIG_NAME, Checkpoint, PlannedTensor, StreamedWriter, TensorStore, atomic_output_dir, copy_side_files, numel,
-    plan_shards, write_json,
+    CONFIG_NAME, Checkpoint, atomic_output_dir, copy_side_files, write_json,
 )
 from ..errors import BadInput, as_out_of_memory, check_fits
 from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
-from ..quality import compare_with_reference, model_logits
-from . import compressor, fp8
-from .calibration import calibration_samples, evaluation_blocks
+from ..runner import Estimate, LayerRunner, estimate
+from . import compressor, fp8, walk
+from .calibration import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
 from .recipe import NEEDS_CALIBRATION, Recipe, load
 
 # Quality gates by recipe: quantized vs. source on 4096 held-out tokens, with a margin over what the trained
@@ -33,9 +32,6 @@ DEFAULT_GATES = {
     "w8a8-int8": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
 }
 FALLBACK_GATES = {"max_ppl_delta": 0.05, "max_kl": 0.05, "min_top1": 0.9}
-# Peak memory per parameter: the source in float32 for calibration and the report, plus float32 copies of
-# the emulated weights (measured 9.6 GiB at 1.1B parameters).
-PEAK_BYTES_PER_PARAMETER = 9
 
 
 def default_output(model: Path, recipe: Recipe) -> Path:
@@ -56,7 +52,7 @@ def quantize(
 ) -> dict:
     """Returns the manifest step; its status is "failed" when a quality gate failed (the artifact is kept).
     ``record``'s fields are added to the step; ``on_progress(done, total)`` follows the calibration samples."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     quiet_transformers()
     recipe = load(method, recipe_path)
@@ -71,17 +67,12 @@ def quantize(
     if out.exists() and not force:
         raise BadInput(f"output exists: {out} (use --force to replace it)")
     arch = (source.config.get("architectures") or ["?"])[0]
-    parameters = sum(numel(info.shape) for info in source.store.tensors.values())
-    check_fits(f"to quantize {model_dir.name} ({parameters / 1e9:.2f}B parameters)", parameters * PEAK_BYTES_PER_PARAMETER)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    except Exception as exc:  # transformers raises many types for a model it cannot build
-        oom = as_out_of_memory(exc, f"loading {model_dir.name} in float32 for calibration")
-        if oom is not None:
-            raise oom from None
-        raise BadInput(f"{arch} cannot be loaded by transformers for calibration: {str(exc).splitlines()[0]}") from None
-    names = list(fp8.linear_modules(model))
+    needs = quantize_estimate(source, recipe)
+    on_event(f"estimated: {needs.describe()}")
+    check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    runner = LayerRunner(model_dir)
+    names = list(fp8.linear_modules(runner.model))
     targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
     if not targets:
         raise BadInput(f"{arch} has no torch.nn.Linear layer to quantize with {recipe.method} besides the ignored "
@@ -89,6 +80,7 @@ def quantize(
     absent = [n for n in targets if n + ".weight" not in source.store]
     if absent:
         raise BadInput(f"{absent[0]} has no weight of its own in the checkpoint (tied?); add it to the ignore list")
+    walk.check_targets(runner, targets)
     for w in warnings:
         on_event(f"warning: {w}")
 
@@ -98,38 +90,36 @@ def quantize(
     if recipe.calibration is not None and (recipe.method, recipe.scheme) in NEEDS_CALIBRATION:
         samples = calibration_samples(tokenizer, recipe.calibration)
     blocks = evaluation_blocks(tokenizer)
-    t = time.perf_counter()
-    reference = model_logits(model, blocks)
-    phases["reference_logits"] = time.perf_counter() - t
 
     with atomic_output_dir(out, force) as tmp:
         t = time.perf_counter()
-        if recipe.format == "fp8":  # the seed's format, our own code
-            amax = {}
-            if samples is not None:
-                on_event(f"calibrating {len(targets)} layers on {samples.shape[0]} samples x {samples.shape[1]} tokens")
-                amax = fp8.calibrate(model, targets, samples, on_samples=on_progress)
-            sha = _write(source, recipe, targets, amax, tmp)
+        if recipe.format == "fp8":  # the seed's format, our own code, in one walk through the layer runner
+            calibrating = f"calibrating on {samples.shape[0]} samples x {samples.shape[1]} tokens, " if samples is not None else ""
+            on_event(f"{len(targets)} layers: {calibrating}writing and evaluating, one decoder layer at a time")
+            try:
+                sha, measured = walk.quantize_fp8(runner, source, targets, recipe.scheme, samples, blocks, tmp, on_progress)
+            except Exception as exc:
+                raise as_out_of_memory(exc, f"quantizing {model_dir.name}") or exc from None
             config = dict(source.config)
             config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": recipe.scheme, "ignored_layers": ignored}
             write_json(tmp / CONFIG_NAME, config)
-            phases["quantize"] = time.perf_counter() - t
-            on_event("evaluating the written artifact with vLLM's fp8 semantics")
-            t = time.perf_counter()
-            written = TensorStore(sorted(tmp.glob("*.safetensors")))
-            swapped = fp8.emulate(model, lambda n: written.get(n) if n in written else None)
-            measured = compare_with_reference(reference, model, blocks)
+            swapped = len(targets)
         else:  # llm-compressor -> compressed-tensors
-            del model  # llm-compressor loads its own copy in the checkpoint's dtype: free the float32 one first
+            on_event("source on the evaluation text, layer by layer")
+            reference = runner.streams(blocks)
+            runner.walk(reference)
+            reference_hidden = runner.normed(torch.cat([s.hidden for s in reference]))
+            phases["reference"] = time.perf_counter() - t
             on_event(f"llm-compressor {recipe.method} {recipe.scheme} on {len(targets)} layers")
+            t = time.perf_counter()
             with torch_threads(1):  # measured here: calibration under contention runs ~4x slower with 2 threads
                 compressor.run_oneshot(model_dir, replace(recipe, ignore=ignored), samples, tmp)
             sha, swapped = {}, len(targets)
             phases["quantize"] = time.perf_counter() - t
             on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
             t = time.perf_counter()
-            measured = compressor.compare_written(tmp, reference, blocks)
-        phases["quantized_logits"] = time.perf_counter() - t
+            measured = compressor.compare_written(tmp, runner, reference_hidden, blocks)
+        phases["quantize_and_report" if recipe.format == "fp8" else "quantized_report"] = time.perf_counter() - t
         copy_side_files([(model_dir, n) for n in source.side_files() if not (tmp / n).exists()], tmp)
         (tmp / "recipe.yaml").write_text(recipe.source)
         quality = _quality(measured, blocks)
@@ -151,33 +141,17 @@ def quantize(
     return {"output": str(out.absolute()), **step}
 
 
-def _write(source: Checkpoint, recipe: Recipe, targets: list[str], amax: dict[str, float], folder: Path) -> dict[str, str]:
-    """Stream the checkpoint: target weights become fp8 + scales, everything else is copied."""
-    weights = {n + ".weight": n for n in targets}
-    plan: list[PlannedTensor] = []
-    for file in source.weight_files:
-        for name in source.store.names_in(file):
-            info = source.store.tensors[name]
-            if name in weights:
-                plan.append(PlannedTensor(name, fp8.FP8, info.shape))
-                plan.append(PlannedTensor(weights[name] + ".weight_scale", torch.float32, ()))
-                if recipe.scheme == "static":
-                    plan.append(PlannedTensor(weights[name] + ".input_scale", torch.float32, ()))
-            else:
-                plan.append(PlannedTensor(name, info.dtype, info.shape))
-    writer = StreamedWriter(folder, plan_shards(plan, source.largest_file_bytes))
-    for file in source.weight_files:
-        for name in source.store.names_in(file):
-            tensor = source.store.get(name)
-            if name not in weights:
-                writer.write(name, tensor)
-                continue
-            q, scale = fp8.quantize_weight(tensor)
-            writer.write(name, q)
-            writer.write(weights[name] + ".weight_scale", scale)
-            if recipe.scheme == "static":
-                writer.write(weights[name] + ".input_scale", fp8.input_scale(amax[weights[name]]))
-    return writer.sha256
+def quantize_estimate(source: Checkpoint, recipe: Recipe) -> Estimate:
+    """FP8: one walk over the calibration and the evaluation tokens (the source and its emulation), with an
+    fp8 copy of the layer. llm-compressor: it loads the whole model in its dtype; then the written model is
+    loaded whole in float32 for the report."""
+    cal = recipe.calibration.samples * recipe.calibration.seq_len if recipe.calibration else 0
+    tokens = EVALUATION_TOKENS
+    if recipe.format == "fp8":
+        return estimate(source, tokens, passes=2 + cal / tokens, extra_layer_bytes=1)
+    walked = estimate(source, tokens, passes=1 + cal / tokens)
+    whole = source.store.total_bytes + 2 * source.store.parameters * 4
+    return Estimate(max(walked.peak_bytes, whole), walked.seconds * 3)
 
 
 def _quality(m: dict, blocks: torch.Tensor) -> dict:

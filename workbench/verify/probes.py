@@ -52,38 +52,65 @@ def verdict(checks: list[dict]) -> str:
 
 
 class Reference:
-    """The reference model in transformers: its greedy continuations of the prompts, its chat prompt
-    length, and teacher-forced scoring of another model's tokens."""
+    """The reference model, run layer by layer (runner.py): its greedy continuations of the prompts (with
+    the logprob of each token) and teacher-forced scoring of another model's tokens."""
 
     def __init__(self, model_dir: Path, dtype: str = "auto", prompts: tuple[str, ...] = PROMPTS, max_tokens: int = MAX_TOKENS,
                  adapter: Path | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer, GenerationConfig
 
-        from ..hf import quiet_transformers
+        from ..checkpoint import Checkpoint
+        from ..runner import LayerRunner
 
-        quiet_transformers()
         self.torch = torch
         self.tok = AutoTokenizer.from_pretrained(model_dir)
-        torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
-        if adapter is not None:  # peft applies the adapter the way it was trained: the unmerged reference
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.model, adapter).eval()
-        eos = self.model.generation_config.eos_token_id
+        compute = Checkpoint(model_dir).dtype if dtype == "auto" else getattr(torch, dtype)
+        # an adapter is folded in on the fly in float32: peft's unmerged forward pass, as trained
+        self.runner = LayerRunner(model_dir, adapter=adapter, dtype=compute)
+        try:
+            eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+        except OSError:  # no generation_config.json
+            eos = self.runner.config.eos_token_id
         self.eos_ids = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [self.tok.eos_token_id]
         self.max_tokens = max_tokens
-        with torch.inference_mode():
-            self.greedy_ids = {p: self._greedy(p) for p in prompts}
+        generated = self._generate(list(prompts))
+        self._generated = dict(zip(prompts, generated))  # (ids incl. a final EOS, their logprobs)
+        self.greedy_ids = {p: [t for t in ids if t not in self.eos_ids] for p, (ids, _) in self._generated.items()}
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tok(prompt).input_ids
 
-    def _greedy(self, prompt: str) -> list[int]:
-        ids = self.torch.tensor([self.prompt_ids(prompt)])
-        out = self.model.generate(ids, do_sample=False, max_new_tokens=self.max_tokens, pad_token_id=self.tok.pad_token_id)
-        return [int(t) for t in out[0, ids.shape[1]:] if int(t) not in self.eos_ids]
+    def _generate(self, prompts: list[str]) -> list[tuple[list[int], list[float]]]:
+        """Greedy continuations of all prompts at once: one walk through the layers per new token, each
+        prompt with its own KV cache."""
+        from transformers import DynamicCache
+
+        from ..quality import VocabStats
+
+        torch, runner = self.torch, self.runner
+        caches = [DynamicCache(config=runner.config) for _ in prompts]
+        pending = [torch.tensor([self.prompt_ids(p)]) for p in prompts]
+        out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
+        active = list(range(len(prompts)))
+        with torch.inference_mode():
+            for _ in range(self.max_tokens):
+                if not active:
+                    break
+                streams = [runner.stream(pending[i], caches[i]) for i in active]
+                runner.walk(streams)
+                stats = VocabStats(len(active))
+                for start, (block,) in runner.logits(runner.normed(torch.cat([s.hidden[:, -1] for s in streams]))):
+                    stats.add(start, block.double())
+                logprobs = (stats.max - stats.lse).tolist()
+                for j, i in enumerate(list(active)):
+                    token = int(stats.argmax[j])
+                    out[i][0].append(token)
+                    out[i][1].append(logprobs[j])
+                    pending[i] = torch.tensor([[token]])
+                    if token in self.eos_ids:
+                        active.remove(i)
+        return out
 
     def text_ids(self, prompt: str, text: str) -> list[int]:
         """Token ids for an engine that returns only text: the reference's own greedy ids when the text is
@@ -93,17 +120,37 @@ class Reference:
             return own
         return self.tok(text, add_special_tokens=False).input_ids
 
-    def score(self, prompt: str, ids: list[int]) -> tuple[int, list[float]]:
-        """(how many of ``ids`` are the reference's top-1 after the prompt and the ids before them, the
-        reference's logprob of each id)."""
-        torch = self.torch
-        prompt_ids = self.prompt_ids(prompt)
-        full = prompt_ids + list(ids)
+    def score(self, pairs: list[tuple[str, list[int]]]) -> list[tuple[int, list[float]]]:
+        """Per (prompt, ids): how many of ``ids`` are the reference's top-1 after the prompt and the ids
+        before them, and the reference's logprob of each id. Ids that are the reference's own greedy
+        continuation are scored from its generation; the rest in one teacher-forced walk."""
+        from ..quality import VocabStats
+
+        torch, runner = self.torch, self.runner
+        results: list[tuple[int, list[float]] | None] = []
+        forced = []
+        for prompt, ids in pairs:
+            own_ids, own_lp = self._generated.get(prompt, ([], []))
+            if list(ids) == own_ids[: len(ids)]:
+                results.append((len(ids), own_lp[: len(ids)]))
+            else:
+                results.append(None)
+                forced.append((len(results) - 1, self.prompt_ids(prompt), list(ids)))
+        if not forced:
+            return results
         with torch.inference_mode():
-            logp = torch.log_softmax(self.model(input_ids=torch.tensor([full])).logits[0].float(), -1)
-        positions = range(len(prompt_ids), len(full))
-        agree = sum(int(logp[j - 1].argmax()) == full[j] for j in positions)
-        return agree, [float(logp[j - 1, full[j]]) for j in positions]
+            streams = [runner.stream(torch.tensor([p + ids])) for _, p, ids in forced]
+            runner.walk(streams)
+            hidden = torch.cat([s.hidden[0, len(p) - 1: len(p) + len(ids) - 1] for s, (_, p, ids) in zip(streams, forced)])
+            targets = torch.tensor([t for _, _, ids in forced for t in ids], dtype=torch.long)
+            stats = VocabStats(len(targets), targets)
+            for start, (block,) in runner.logits(runner.normed(hidden)):
+                stats.add(start, block.double())
+        agree, logprobs, at = (stats.argmax == targets).tolist(), stats.target_logprob().tolist(), 0
+        for index, _, ids in forced:
+            results[index] = (sum(agree[at: at + len(ids)]), logprobs[at: at + len(ids)])
+            at += len(ids)
+        return results
 
 
 class Client:
@@ -290,14 +337,15 @@ def _compare(probing: Probing, ask) -> Check:
     deltas: list[float] = []
     unmatched = []  # prompts whose engine tokens could not be identified, so no logprob was compared
     from_text = 0  # replies the engine gave as text only, re-tokenized by the reference
+    answers = []
     for prompt in probing.prompts:
         ids, engine_lp, text, made = ask(prompt)
         by_id = ids is not None
         from_text += not by_id
-        if ids is None:
-            ids = ref.text_ids(prompt, text)
+        answers.append((prompt, ids if by_id else ref.text_ids(prompt, text), engine_lp, by_id, made))
+    scores = ref.score([(prompt, ids) for prompt, ids, *_ in answers])
+    for (prompt, ids, engine_lp, by_id, made), (a, ref_lp) in zip(answers, scores):
         equal += [i for i in ids if i not in ref.eos_ids] == ref.greedy_ids.get(prompt)
-        a, ref_lp = ref.score(prompt, ids)
         agree, scored = agree + a, scored + len(ids)
         if len(engine_lp) == len(ids) and (by_id or len(ids) == made):
             deltas += [abs(x - y) for x, y in zip(engine_lp, ref_lp)]

@@ -1,0 +1,103 @@
+"""FP8 in one walk through the layer runner: per decoder layer, calibrate its input scales on the
+calibration samples, run the source on the evaluation text, write the layer's fp8 tensors, then run the
+emulation of exactly what was written on the same text. Peak memory: one layer, its fp8 copy, the hidden
+states; the report keeps per-position statistics only (quality.PairStats), never the logits."""
+
+from __future__ import annotations
+
+import torch
+
+from ..checkpoint import Checkpoint, PlannedTensor, StreamedWriter, plan_shards
+from ..errors import BadInput
+from ..quality import compare_final_hidden
+from ..runner import LayerRunner
+from . import fp8
+
+
+def layer_of(runner: LayerRunner, name: str) -> int | None:
+    """The decoder layer a checkpoint tensor belongs to, or None (embeddings, final norm, lm_head)."""
+    head = runner.layers_prefix + "."
+    if not name.startswith(head):
+        return None
+    index = name[len(head):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
+
+
+def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], scheme: str) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
+    """Write order (tensors outside the layers first, then layer by layer) and the planned tensors."""
+    weights = {t + ".weight" for t in targets}
+    outside, by_layer = [], {}
+    for file in source.weight_files:
+        for name in source.store.names_in(file):
+            index = layer_of(runner, name)
+            (outside if index is None else by_layer.setdefault(index, [])).append(name)
+    planned = []
+    for name in outside + [n for i in sorted(by_layer) for n in by_layer[i]]:
+        info = source.store.tensors[name]
+        if name not in weights:
+            planned.append(PlannedTensor(name, info.dtype, info.shape))
+            continue
+        module = name.removesuffix(".weight")
+        planned += [PlannedTensor(name, fp8.FP8, info.shape), PlannedTensor(module + ".weight_scale", torch.float32, ())]
+        if scheme == "static":
+            planned.append(PlannedTensor(module + ".input_scale", torch.float32, ()))
+    return outside, by_layer, planned
+
+
+def check_targets(runner: LayerRunner, targets: list[str]) -> None:
+    outside = [t for t in targets if layer_of(runner, t + ".weight") is None]
+    if outside:
+        raise BadInput(f"{outside[0]} is outside the decoder layers: vLLM's fp8 format keeps embeddings and lm_head "
+                       "unquantized; add it to the ignore list")
+
+
+@torch.inference_mode()
+def quantize_fp8(runner: LayerRunner, source: Checkpoint, targets: list[str], scheme: str, samples: torch.Tensor | None,
+                 blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict]:
+    """Write the fp8 checkpoint's weights into ``folder``; returns (sha256 per file, quality figures of the
+    emulated artifact against the source on ``blocks``)."""
+    check_targets(runner, targets)
+    outside, by_layer, planned = plan(source, runner, targets, scheme)
+    writer = StreamedWriter(folder, plan_shards(planned, source.largest_file_bytes))
+    for name in outside:
+        writer.write(name, source.store.get(name))
+    calibration = runner.streams(samples) if samples is not None else []
+    reference = runner.streams(blocks)
+    candidate = [s.fork() for s in reference]
+    weights = {t + ".weight" for t in targets}
+    for i in range(runner.num_layers):
+        prefix = runner.layer_prefix(i) + "."
+        local = [t.removeprefix(prefix) for t in targets if t.startswith(prefix)]
+        with runner.layer(i) as layer:
+            with fp8.input_amax(layer, local) as amax:
+                for s in calibration:
+                    runner.forward(layer, i, s)
+            for s in reference:
+                runner.forward(layer, i, s)
+            written = _write_layer(layer, by_layer.get(i, []), prefix, weights, amax, scheme, source, writer)
+            with fp8.emulated(layer, written):
+                for s in candidate:
+                    runner.forward(layer, i, s)
+        if on_layer:
+            on_layer(i + 1, runner.num_layers)
+    final = [runner.normed(torch.cat([s.hidden for s in streams])) for streams in (reference, candidate)]
+    return writer.sha256, compare_final_hidden(runner, *final, blocks)
+
+
+def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float], scheme: str,
+                 source: Checkpoint, writer: StreamedWriter) -> dict[str, fp8.Quantized]:
+    """Write one layer's tensors in plan order: targets as fp8 + scales, the rest copied."""
+    written = {}
+    for name in names:
+        if name not in weights:
+            writer.write(name, source.store.get(name))
+            continue
+        module = name.removeprefix(prefix).removesuffix(".weight")
+        q, scale = fp8.quantize_weight(layer.get_submodule(module).weight)
+        act = fp8.input_scale(amax[module]) if scheme == "static" else None
+        writer.write(name, q)
+        writer.write(name.removesuffix("weight") + "weight_scale", scale)
+        if act is not None:
+            writer.write(name.removesuffix("weight") + "input_scale", act)
+        written[module] = fp8.Quantized(q, scale, act)
+    return written

@@ -1,0 +1,350 @@
+"""The one place that runs a model: layer by layer from its checkpoint, in bounded memory.
+
+The model is built by transformers with its parameters on the meta device (no memory); a decoder layer's
+weights are read from the checkpoint through the project's tensor store when it runs and dropped after,
+and every sample goes through that layer before the next one is read. Embedding rows are read for the
+tokens in use only, lm_head a block of rows at a time, so peak memory is about one layer plus the hidden
+states, whatever the depth. The model's own forward (run once per batch with every layer replaced by a
+recorder) computes what each layer is given: scaled embeddings, masks per attention type, rotary
+embeddings, the KV cache; so each family's forward code is transformers', not a copy.
+
+Why not accelerate's disk offload: it pages weights in per forward call, so N sample batches read the
+checkpoint N times; llm-compressor's sequential pipeline walks layer by layer but only inside its own
+oneshot, with the whole model in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpoint, numel
+from .errors import BadInput
+
+COMPUTE_DTYPE = torch.float32
+HEAD_ROWS = 4096  # lm_head rows per block
+STREAM_BATCH = 4  # sequences that go through a layer together
+BASE_RSS = int(0.8 * 2**30)  # torch + transformers imported, measured here: ~0.7 GiB
+LAYER_NAME = re.compile(r"(.*\.layers\.\d+)\.")  # a decoder layer's tensors in an HF checkpoint
+
+
+def compute_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Weights:
+    """A checkpoint's tensors by name, or a base with a LoRA adapter folded in on the fly in float32 (the
+    math of ``workbench merge``, which equals peft's unmerged forward pass)."""
+
+    def __init__(self, model_dir: Path, adapter: Path | None = None):
+        from .merge import plan_merge
+
+        self.checkpoint = Checkpoint(model_dir)
+        self.store = self.checkpoint.store
+        self.plan = plan_merge(model_dir, adapter, "fp32") if adapter else None
+        self.outputs = {o.name: o for o in self.plan.outputs} if self.plan else {}
+        self.config = self.plan.config if self.plan else self.checkpoint.config
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.outputs or name in self.store
+
+    def _merged(self, name: str) -> torch.Tensor | None:
+        from .merge import merged_tensor
+
+        o = self.outputs.get(name)
+        if o is None or (o.delta is None and not o.from_adapter):
+            return None
+        shape = (self.plan.adapter if o.from_adapter else self.store).tensors[o.source].shape
+        return merged_tensor(o, self.plan, {}, torch.empty(numel(shape)))
+
+    def get(self, name: str) -> torch.Tensor:
+        merged = self._merged(name)
+        return merged if merged is not None else self.store.get(self._source(name))
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        merged = self._merged(name)
+        return merged[start:stop] if merged is not None else self.store.rows(self._source(name), start, stop)
+
+    def take(self, name: str, indices: list[int]) -> torch.Tensor:
+        merged = self._merged(name)
+        return merged[indices] if merged is not None else self.store.take(self._source(name), indices)
+
+    def _source(self, name: str) -> str:
+        o = self.outputs.get(name)
+        return o.source if o is not None else name
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index`` during the model's forward: records what the model gives the
+    layer and passes the hidden states through; the last one stops the forward."""
+
+    def __init__(self, layer: nn.Module, index: int, last: bool, sink: list):
+        super().__init__()
+        self.__dict__["_layer"] = layer  # not a submodule: attribute reads (e.g. attention_type) fall through
+        self.index, self.last, self.sink = index, last, sink
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise BadInput(f"{type(self._layer).__name__} is called with positional arguments; the layer runner needs keywords")
+        self.sink.append((hidden_states, kwargs))
+        if self.last:
+            raise _Recorded
+        return hidden_states
+
+
+class _Recorded(Exception):
+    pass
+
+
+@dataclass
+class Stream:
+    """A batch of sequences on its way through the model: its hidden states and, per layer, the keyword
+    arguments the model passes that layer (masks, rotary embeddings, cache)."""
+
+    hidden: torch.Tensor
+    layer_kwargs: list[dict]
+    cache: object = None
+    ids: torch.Tensor = field(default=None, repr=False)
+
+    def fork(self) -> "Stream":
+        return Stream(self.hidden.clone(), self.layer_kwargs, self.cache, self.ids)
+
+
+class LayerRunner:
+    """One causal LM, run a decoder layer at a time from its checkpoint."""
+
+    def __init__(self, model_dir: Path, adapter: Path | None = None, dtype: torch.dtype = COMPUTE_DTYPE,
+                 device: torch.device | None = None):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .hf import quiet_transformers
+
+        quiet_transformers()
+        self.weights = Weights(Path(model_dir), adapter)
+        config = AutoConfig.from_pretrained(model_dir)
+        for key in ("tie_word_embeddings", "vocab_size"):  # what an adapter changes
+            if key in self.weights.config:
+                setattr(config, key, self.weights.config[key])
+        self.config, self.dtype, self.device = config, dtype, device or compute_device()
+        try:
+            with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
+                self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config)).eval()
+        except Exception as exc:  # transformers raises many types for a model it cannot build
+            raise BadInput(f"transformers cannot build {config.architectures}: {str(exc).splitlines()[0]}") from None
+        self.base = self.model.get_decoder()
+        self.layers = list(self.base.layers)
+        names = {id(m): n for n, m in self.model.named_modules()}
+        self.layers_prefix = names[id(self.base.layers)]
+        self.embed_name = names[id(self.base.get_input_embeddings())] + ".weight"
+        self.norm_prefix = names[id(self.base.norm)]
+        self.head = self.model.get_output_embeddings()
+        head_name = names[id(self.head)] + ".weight"
+        tied = getattr(self.model, "_tied_weights_keys", None) or {}
+        self.head_name = head_name if head_name in self.weights else tied.get(head_name, head_name) if isinstance(tied, dict) else self.embed_name
+        self.softcap = getattr(config.get_text_config(), "final_logit_softcapping", None)
+        self.device_buffers()
+
+    def device_buffers(self) -> None:
+        if self.device.type != "cpu":
+            for module in self.model.modules():
+                for name, buf in list(module.named_buffers(recurse=False)):
+                    module._buffers[name] = buf.to(self.device)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_prefix(self, index: int) -> str:
+        return f"{self.layers_prefix}.{index}"
+
+    # --- weights in and out
+
+    def _load(self, module: nn.Module, prefix: str) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, param in list(module.named_parameters()):
+            full = f"{prefix}.{name}"
+            if full not in self.weights:
+                raise BadInput(f"{full} is not in the checkpoint: the layer runner cannot map "
+                               f"{self.config.architectures[0]}'s weights")
+            value = self.weights.get(full)
+            if tuple(value.shape) != tuple(param.shape):
+                raise BadInput(f"{full} has shape {tuple(value.shape)} in the checkpoint, the config says {tuple(param.shape)}")
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=self.dtype)
+
+    @staticmethod
+    def unload(module: nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, _ in list(module.named_parameters()):
+            set_module_tensor_to_device(module, name, "meta")
+
+    @contextlib.contextmanager
+    def layer(self, index: int) -> Iterator[nn.Module]:
+        """Decoder layer ``index`` with its weights, dropped again on exit."""
+        module = self.layers[index]
+        try:
+            self._load(module, self.layer_prefix(index))
+            yield module
+        finally:
+            self.unload(module)
+
+    # --- running
+
+    def stream(self, ids: torch.Tensor, cache=None) -> Stream:
+        """Token ids [batch, tokens] embedded and ready for layer 0 (with ``cache``, a DynamicCache, the
+        tokens follow what the cache holds)."""
+        unique, inverse = ids.unique(return_inverse=True)
+        table = self.weights.take(self.embed_name, unique.tolist()).to(self.device, self.dtype)
+        embed = self.base.get_input_embeddings()
+        meta, padding = embed.weight, getattr(embed, "padding_idx", None)
+        # the embedding's own forward (Gemma's scales it) on the rows in use; padding_idx only affects gradients
+        embed.weight, embed.padding_idx = nn.Parameter(table, requires_grad=False), None
+        try:
+            embeds = embed(inverse.to(self.device))
+        finally:
+            embed.weight, embed.padding_idx = meta, padding
+        sink: list = []
+        self.base.layers = nn.ModuleList(_Recorder(layer, i, i == len(self.layers) - 1, sink) for i, layer in enumerate(self.layers))
+        try:
+            self.base(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None)
+        except _Recorded:
+            pass
+        finally:
+            self.base.layers = nn.ModuleList(self.layers)
+        return Stream(sink[0][0], [kwargs for _, kwargs in sink], cache, ids)
+
+    def streams(self, ids: torch.Tensor, batch: int = STREAM_BATCH) -> list[Stream]:
+        return [self.stream(chunk) for chunk in ids.split(batch)]
+
+    def forward(self, layer: nn.Module, index: int, stream: Stream) -> None:
+        out = layer(stream.hidden, **stream.layer_kwargs[index])
+        stream.hidden = out[0] if isinstance(out, tuple) else out
+
+    @torch.inference_mode()
+    def walk(self, streams: list[Stream], on_layer=None) -> None:
+        """Every stream through every layer, a layer's weights read once."""
+        for i in range(self.num_layers):
+            with self.layer(i) as layer:
+                for s in streams:
+                    self.forward(layer, i, s)
+            if on_layer:
+                on_layer(i + 1, self.num_layers)
+
+    @torch.inference_mode()
+    def normed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm applied to hidden states [..., hidden], flattened to [positions, hidden]."""
+        with self.loaded(self.base.norm, self.norm_prefix):
+            return self.base.norm(hidden).reshape(-1, hidden.shape[-1])
+
+    @contextlib.contextmanager
+    def loaded(self, module: nn.Module, prefix: str):
+        try:
+            self._load(module, prefix)
+            yield module
+        finally:
+            self.unload(module)
+
+    @torch.inference_mode()
+    def logits(self, *normed: torch.Tensor, rows: int = HEAD_ROWS) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(first vocabulary id, [float32 logits [positions, block] per input]) for lm_head a block of rows
+        at a time: each block is read once for all inputs."""
+        vocab = self.head.weight.shape[0]
+        bias = self.weights.get(self.head_name.removesuffix("weight") + "bias") \
+            if getattr(self.head, "bias", None) is not None else None
+        for start in range(0, vocab, rows):
+            w = self.weights.rows(self.head_name, start, start + rows).to(self.device, self.dtype)
+            out = []
+            for h in normed:
+                block = (h @ w.T).float()
+                if bias is not None:
+                    block += bias[start:start + rows].to(block)
+                if self.softcap:
+                    block = torch.tanh(block / self.softcap) * self.softcap
+                out.append(block)
+            yield start, out
+
+
+def attention_for(config) -> str:
+    """eager where sdpa would drop a feature of the model: transformers' sdpa path skips attention logit
+    softcapping (Gemma 2), which eager applies."""
+    return "eager" if getattr(config.get_text_config(), "attn_logit_softcapping", None) else "sdpa"
+
+
+# --- estimates, before a run
+
+
+@dataclass
+class Estimate:
+    peak_bytes: int
+    seconds: float
+
+    def describe(self) -> str:
+        return f"~{self.peak_bytes / 2**30:.1f} GiB peak memory, ~{_duration(self.seconds)}"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def layer_shapes(checkpoint: Checkpoint) -> tuple[int, int]:
+    """(parameters of the largest decoder layer, of its largest matrix), from the checkpoint's header."""
+    per_layer: dict[str, int] = {}
+    largest = 0
+    for name, info in checkpoint.store.tensors.items():
+        found = LAYER_NAME.match(name)
+        if found:
+            per_layer[found.group(1)] = per_layer.get(found.group(1), 0) + numel(info.shape)
+            largest = max(largest, numel(info.shape))
+    return max(per_layer.values(), default=0), largest
+
+
+def estimate(checkpoint: Checkpoint, tokens: int, passes: float, extra_layer_bytes: float = 0.0,
+             stream_tokens: int = STREAM_BATCH * 256) -> Estimate:
+    """Peak memory and time of a walk over ``tokens`` tokens run ``passes`` times (forward-equivalents).
+    Memory: one layer in the compute dtype, ``extra_layer_bytes`` per layer parameter (e.g. an fp8 copy),
+    two transient copies of its largest matrix, the activations of one stream, every hidden state, the
+    lm_head block; time: the FLOPs at this machine's measured matmul speed."""
+    cfg = checkpoint.config.get("text_config", checkpoint.config)
+    layer, largest = layer_shapes(checkpoint)
+    hidden = int(cfg.get("hidden_size", 0))
+    widest = max(int(cfg.get("intermediate_size", 0) or 0), int(cfg.get("moe_intermediate_size", 0) or 0), hidden)
+    vocab = int(cfg.get("vocab_size", 0))
+    size = COMPUTE_DTYPE.itemsize
+    peak = (BASE_RSS + layer * (size + extra_layer_bytes) + 2 * largest * size + 4 * stream_tokens * widest * size
+            + 3 * tokens * hidden * size + HEAD_ROWS * hidden * size + 2 * min(tokens, 4096) * HEAD_ROWS * 8)
+    layers = int(cfg.get("num_hidden_layers", 1))
+    flops = 2 * (layer * layers + vocab * hidden) * tokens * passes
+    return Estimate(int(peak), flops / matmul_speed())
+
+
+_SPEED: list[float] = []
+
+
+def matmul_speed() -> float:
+    """FLOP/s of a float32 matmul on this machine (measured once, ~0.1 s)."""
+    if not _SPEED:
+        device = compute_device()
+        a = torch.randn(1024, 1024, device=device)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(8):
+            a @ a
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        _SPEED.append(8 * 2 * 1024**3 / (time.perf_counter() - t0))
+    return _SPEED[0]
