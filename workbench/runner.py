@@ -32,6 +32,7 @@ COMPUTE_DTYPE = torch.float32
 HEAD_ROWS = 4096  # lm_head rows per block
 STREAM_BATCH = 4  # sequences that go through a layer together
 BASE_RSS = int(0.8 * 2**30)  # torch + transformers imported, measured here: ~0.7 GiB
+FINAL_NORMS = ("norm", "ln_f", "final_layernorm")  # the decoder's last norm, by family
 LAYER_NAME = re.compile(r"(.*\.layers\.\d+)\.")  # a decoder layer's tensors in an HF checkpoint
 
 
@@ -146,11 +147,13 @@ class LayerRunner:
         except Exception as exc:  # transformers raises many types for a model it cannot build
             raise BadInput(f"transformers cannot build {config.architectures}: {str(exc).splitlines()[0]}") from None
         self.base = self.model.get_decoder()
-        self.layers = list(self.base.layers)
+        self.layers_attr, layers = _decoder_layers(self.base, config)
+        self.layers = list(layers)
         names = {id(m): n for n, m in self.model.named_modules()}
-        self.layers_prefix = names[id(self.base.layers)]
+        self.layers_prefix = names[id(layers)]
         self.embed_name = names[id(self.base.get_input_embeddings())] + ".weight"
-        self.norm_prefix = names[id(self.base.norm)]
+        self.norm = next((getattr(self.base, a) for a in FINAL_NORMS if isinstance(getattr(self.base, a, None), nn.Module)), None)
+        self.norm_prefix = names.get(id(self.norm))
         self.head = self.model.get_output_embeddings()
         head_name = names[id(self.head)] + ".weight"
         tied = getattr(self.model, "_tied_weights_keys", None) or {}
@@ -219,13 +222,14 @@ class LayerRunner:
         finally:
             embed.weight, embed.padding_idx = meta, padding
         sink: list = []
-        self.base.layers = nn.ModuleList(_Recorder(layer, i, i == len(self.layers) - 1, sink) for i, layer in enumerate(self.layers))
+        recorders = nn.ModuleList(_Recorder(layer, i, i == len(self.layers) - 1, sink) for i, layer in enumerate(self.layers))
+        setattr(self.base, self.layers_attr, recorders)
         try:
             self.base(inputs_embeds=embeds, past_key_values=cache, use_cache=cache is not None)
         except _Recorded:
             pass
         finally:
-            self.base.layers = nn.ModuleList(self.layers)
+            setattr(self.base, self.layers_attr, nn.ModuleList(self.layers))
         return Stream(sink[0][0], [kwargs for _, kwargs in sink], cache, ids)
 
     def streams(self, ids: torch.Tensor, batch: int = STREAM_BATCH) -> list[Stream]:
@@ -248,8 +252,10 @@ class LayerRunner:
     @torch.inference_mode()
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm applied to hidden states [..., hidden], flattened to [positions, hidden]."""
-        with self.loaded(self.base.norm, self.norm_prefix):
-            return self.base.norm(hidden).reshape(-1, hidden.shape[-1])
+        if self.norm is None:
+            raise BadInput(f"the layer runner knows no final norm of {self.config.architectures[0]} ({', '.join(FINAL_NORMS)})")
+        with self.loaded(self.norm, self.norm_prefix):
+            return self.norm(hidden).reshape(-1, hidden.shape[-1])
 
     @contextlib.contextmanager
     def loaded(self, module: nn.Module, prefix: str):
@@ -277,6 +283,15 @@ class LayerRunner:
                     block = torch.tanh(block / self.softcap) * self.softcap
                 out.append(block)
             yield start, out
+
+
+def _decoder_layers(base: nn.Module, config) -> tuple[str, nn.ModuleList]:
+    """The decoder's list of layers: its ModuleList with one entry per hidden layer."""
+    count = config.get_text_config().num_hidden_layers
+    for name, child in base.named_children():
+        if isinstance(child, nn.ModuleList) and len(child) == count:
+            return name, child
+    raise BadInput(f"the layer runner finds no list of {count} decoder layers in {type(base).__name__}")
 
 
 def attention_for(config) -> str:

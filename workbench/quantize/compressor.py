@@ -99,7 +99,13 @@ def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks
 
     with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    finals: list[torch.Tensor] = []  # the decoder's output (after its final norm), through the whole model's
+    # forward: compressed-tensors decompresses on the model's own call
+    hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: finals.append(out.last_hidden_state))
     with torch.inference_mode():
-        hidden = torch.cat([model.get_decoder()(input_ids=b).last_hidden_state for b in blocks.split(4)])
+        for b in blocks.split(4):
+            model(input_ids=b)
+    hook.remove()
     del model
+    hidden = torch.cat(finals)
     return compare_final_hidden(runner, reference_hidden, hidden.reshape(-1, hidden.shape[-1]), blocks)

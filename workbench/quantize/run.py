@@ -68,7 +68,6 @@ def quantize(
         raise BadInput(f"output exists: {out} (use --force to replace it)")
     arch = (source.config.get("architectures") or ["?"])[0]
     needs = quantize_estimate(source, recipe)
-    on_event(f"estimated: {needs.describe()}")
     check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     runner = LayerRunner(model_dir)
@@ -90,6 +89,7 @@ def quantize(
     if recipe.calibration is not None and (recipe.method, recipe.scheme) in NEEDS_CALIBRATION:
         samples = calibration_samples(tokenizer, recipe.calibration)
     blocks = evaluation_blocks(tokenizer)
+    on_event(f"estimated: {needs.describe()}")
 
     with atomic_output_dir(out, force) as tmp:
         t = time.perf_counter()
