@@ -43,14 +43,15 @@ def save(path: Path | None, summary: dict) -> None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def synthetic_model_with_tokenizer() -> Path:
-    """The synthetic 1.1B Llama (scripts/make_synthetic.py) with the fixture tokenizer copied in (2048 tokens,
-    padded to its 32000 by the tools). Both are made in child processes: the caller stays small."""
+def synthetic_model_with_tokenizer(shape: str = "tinyllama-1.1b") -> Path:
+    """A synthetic Llama (scripts/make_synthetic.py; its adapter beside it) with the fixture tokenizer copied
+    in (2048 tokens, the rest of the vocabulary unused). Both are made in child processes: the caller stays
+    small."""
     def path_from(script: str, *args: str) -> str:
         done = subprocess.run([sys.executable, str(HERE / script), *args], check=True, capture_output=True, text=True)
         return done.stdout.split()[0 if script == "make_synthetic.py" else -1]
 
-    base = Path(path_from("make_synthetic.py"))
+    base = Path(path_from("make_synthetic.py", "--shape", shape))
     tokenizer = Path(path_from("fixtures.py", "--path")) / "tokenizer"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer / name).exists():

@@ -7,11 +7,14 @@ import datetime as _dt
 import hashlib
 import importlib.metadata
 import json
+import threading
 from pathlib import Path
 
-from .checkpoint import MANIFEST_NAME, sha256_file
+from .checkpoint import MANIFEST_NAME, replace_file, sha256_file
 
 FORMAT_VERSION = 1
+DIGEST_CACHE = "digests.json"
+_DIGESTS_LOCK = threading.Lock()
 # Libraries whose versions decide what an artifact contains.
 TRACKED_PACKAGES = (
     "workbench", "torch", "transformers", "peft", "safetensors", "tokenizers",
@@ -29,9 +32,38 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+def cached_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime_ns, inode) in $WORKBENCH_HOME/digests.json: a
+    cached release stage does not re-read gigabytes of unchanged inputs. ``inspect --check`` re-hashes."""
+    from .engines import workbench_home
+
+    st = path.stat()
+    key = str(path.resolve())
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+    cache_file = workbench_home() / DIGEST_CACHE
+    entry = _read_digests(cache_file).get(key)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return entry["sha256"]
+    digest = sha256_file(path)
+    with _DIGESTS_LOCK:  # input folders are hashed on worker threads
+        cache = _read_digests(cache_file)
+        cache[key] = {"stamp": stamp, "sha256": digest}
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(cache_file, json.dumps(cache))
+    return digest
+
+
+def _read_digests(cache_file: Path) -> dict:
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def folder_digest(folder: Path) -> dict:
-    """sha256 of every file of an input folder, and one digest over all of them."""
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
+    """sha256 of every file of an input folder (cached_sha256), and one digest over all of them."""
+    files = {p.name: cached_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
     return {"path": str(folder.resolve()), "sha256": combined, "files": files}
 

@@ -97,9 +97,10 @@ def quantize(
             calibrating = f"calibrating on {samples.shape[0]} samples x {samples.shape[1]} tokens, " if samples is not None else ""
             on_event(f"{len(targets)} layers: {calibrating}writing and evaluating, one decoder layer at a time")
             try:
-                sha, measured = walk.quantize_fp8(runner, source, targets, recipe.scheme, samples, blocks, tmp, on_progress)
+                sha, measured, walked = walk.quantize_fp8(runner, source, targets, recipe.scheme, samples, blocks, tmp, on_progress)
             except Exception as exc:
                 raise as_out_of_memory(exc, f"quantizing {model_dir.name}") or exc from None
+            phases.update(walked)
             config = dict(source.config)
             config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": recipe.scheme, "ignored_layers": ignored}
             write_json(tmp / CONFIG_NAME, config)
@@ -119,7 +120,8 @@ def quantize(
             on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
             t = time.perf_counter()
             measured = compressor.compare_written(tmp, runner, reference_hidden, blocks)
-        phases["quantize_and_report" if recipe.format == "fp8" else "quantized_report"] = time.perf_counter() - t
+        if recipe.format != "fp8":
+            phases["quantized_report"] = time.perf_counter() - t
         copy_side_files([(model_dir, n) for n in source.side_files() if not (tmp / n).exists()], tmp)
         (tmp / "recipe.yaml").write_text(recipe.source)
         quality = _quality(measured, blocks)

@@ -5,6 +5,9 @@ states; the report keeps per-position statistics only (quality.PairStats), never
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
 from ..checkpoint import Checkpoint, PlannedTensor, StreamedWriter, plan_shards
@@ -53,35 +56,60 @@ def check_targets(runner: LayerRunner, targets: list[str]) -> None:
 
 @torch.inference_mode()
 def quantize_fp8(runner: LayerRunner, source: Checkpoint, targets: list[str], scheme: str, samples: torch.Tensor | None,
-                 blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict]:
+                 blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict, dict[str, float]]:
     """Write the fp8 checkpoint's weights into ``folder``; returns (sha256 per file, quality figures of the
-    emulated artifact against the source on ``blocks``)."""
+    emulated artifact against the source on ``blocks``, seconds per phase)."""
     check_targets(runner, targets)
     outside, by_layer, planned = plan(source, runner, targets, scheme)
     writer = StreamedWriter(folder, plan_shards(planned, source.largest_file_bytes))
     for name in outside:
         writer.write(name, source.store.get(name))
-    calibration = runner.streams(samples) if samples is not None else []
-    reference = runner.streams(blocks)
-    candidate = [s.fork() for s in reference]
+    phases = dict.fromkeys(("read", "calibration", "source_eval", "write", "emulated_eval", "head"), 0.0)
+    clock = Clock(phases)
+    with clock("calibration"):
+        calibration = runner.streams(samples) if samples is not None else []
+    with clock("source_eval"):
+        reference = runner.streams(blocks)
+        candidate = [s.fork() for s in reference]
     weights = {t + ".weight" for t in targets}
     for i in range(runner.num_layers):
         prefix = runner.layer_prefix(i) + "."
         local = [t.removeprefix(prefix) for t in targets if t.startswith(prefix)]
+        loading = time.perf_counter()
         with runner.layer(i) as layer:
-            with fp8.input_amax(layer, local) as amax:
+            phases["read"] += time.perf_counter() - loading
+            with clock("calibration"), fp8.input_amax(layer, local) as amax:
                 for s in calibration:
                     runner.forward(layer, i, s)
-            for s in reference:
-                runner.forward(layer, i, s)
-            written = _write_layer(layer, by_layer.get(i, []), prefix, weights, amax, scheme, source, writer)
-            with fp8.emulated(layer, written):
+            with clock("source_eval"):
+                for s in reference:
+                    runner.forward(layer, i, s)
+            with clock("write"):
+                written = _write_layer(layer, by_layer.get(i, []), prefix, weights, amax, scheme, source, writer)
+            with clock("emulated_eval"), fp8.emulated(layer, written):
                 for s in candidate:
                     runner.forward(layer, i, s)
         if on_layer:
             on_layer(i + 1, runner.num_layers)
-    final = [runner.normed(torch.cat([s.hidden for s in streams])) for streams in (reference, candidate)]
-    return writer.sha256, compare_final_hidden(runner, *final, blocks)
+    with clock("head"):
+        final = [runner.normed(torch.cat([s.hidden for s in streams])) for streams in (reference, candidate)]
+        quality = compare_final_hidden(runner, *final, blocks)
+    return writer.sha256, quality, phases
+
+
+class Clock:
+    """Seconds per phase: ``with clock(name):`` adds the block's time to ``phases[name]``."""
+
+    def __init__(self, phases: dict[str, float]):
+        self.phases = phases
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] += time.perf_counter() - t0
 
 
 def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float], scheme: str,

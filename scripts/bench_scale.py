@@ -1,0 +1,114 @@
+"""Benchmark at real sizes: a Llama-3.1-8B-shaped synthetic checkpoint (its real config, random bf16
+weights, ~16 GB) and an r=16 LoRA through every verb that reads a whole model, each in its own process
+(wall time, peak RSS), beside llm-compressor's FP8 oneshot on the same model and samples; then a release
+of the merge run twice (the second fully cached). With --shape llama-70b-slice: four layers of a 70B's
+width, FP8 with its report only.
+
+    .venv/bin/python scripts/bench_scale.py [--shape llama-3.1-8b] [--samples 16] [--seq-len 128] [--json F]
+
+Needs ~40 GB free disk for the 8B (each output is removed once measured). Targets (issue 12): FP8 with its
+report <= 4 GiB peak (70B slice: 8 GiB), merge <= 1.5 GiB, verify reference <= 4 GiB, cached re-run <= 5 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_quantize import LLMCOMPRESSOR_FP8  # noqa: E402
+from benchlib import measure, save, synthetic_model_with_tokenizer, warm  # noqa: E402
+
+WORKBENCH = str(Path(sys.executable).with_name("workbench"))
+NO_GATES = ("--max-ppl-delta", "1e9", "--max-kl", "1e9", "--min-top1", "0")  # random weights: quality means nothing
+REFERENCE = """
+import sys
+from workbench.verify.probes import PROMPTS, Reference
+ref = Reference(sys.argv[1], "float32", PROMPTS, 24)
+# scoring: the reference's own tokens (from its generation) and a changed continuation (one teacher-forced walk)
+ref.score([(p, ref.greedy_ids[p][:8] + [13, 13]) for p in PROMPTS])
+"""
+RELEASE = """name: bench-scale
+base: {base}
+adapter: {adapter}
+output: {out}
+artifacts:
+  merged:
+    merge: {{dtype: auto}}
+"""
+
+
+def attempt(name: str, argv: list[str], results: dict) -> None:
+    """Measure one contender; a failure (e.g. out of memory) is recorded as its result."""
+    try:
+        results[name] = measure(argv)
+    except SystemExit as exc:
+        results[name] = {"failed": str(exc).splitlines()[-1][-300:]}
+    print(f"{name}: {results[name]}", flush=True)
+
+
+def run_8b(base: Path, adapter: Path, work: Path, samples: str, seq_len: str, results: dict) -> None:
+    attempt("merge", [WORKBENCH, "merge", str(base), str(adapter), "--out", str(work / "merged"), "-q"], results)
+    shutil.rmtree(work / "merged", ignore_errors=True)
+    fp8(base, work, samples, seq_len, results)
+    warm(base)
+    attempt("llm-compressor FP8 oneshot + save", [sys.executable, "-c", LLMCOMPRESSOR_FP8, str(HERE.parent), str(base),
+                                                  str(work / "lc"), samples, seq_len], results)
+    shutil.rmtree(work / "lc", ignore_errors=True)
+    attempt("convert gguf q8_0", [WORKBENCH, "convert", "gguf", str(base), "--outtype", "q8_0", "--out", str(work / "q8.gguf"), "-q"], results)
+    for p in work.glob("q8.gguf*"):
+        p.unlink()
+    attempt("verify reference (float32)", [sys.executable, "-c", REFERENCE, str(base)], results)
+    release = work / "release.yaml"
+    release.write_text(RELEASE.format(base=base, adapter=adapter, out=work / "release"))
+    attempt("release (merge)", [WORKBENCH, "release", str(release), "-q"], results)
+    attempt("release re-run, fully cached", [WORKBENCH, "release", str(release), "-q"], results)
+    shutil.rmtree(work / "release", ignore_errors=True)
+
+
+def fp8(base: Path, work: Path, samples: str, seq_len: str, results: dict) -> None:
+    warm(base)
+    attempt("quantize fp8 + report", [WORKBENCH, "quantize", str(base), "--method", "fp8", "--samples", samples,
+                                      "--seq-len", seq_len, "--out", str(work / "fp8"), "-q", *NO_GATES], results)
+    manifest = work / "fp8" / "workbench.json"
+    if manifest.exists():
+        results["quantize fp8 + report"]["phase_seconds"] = json.loads(manifest.read_text())["steps"][-1]["metrics"]["phase_seconds"]
+    shutil.rmtree(work / "fp8", ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "llama-70b-slice"])
+    parser.add_argument("--samples", default="16")
+    parser.add_argument("--seq-len", default="128")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    base = synthetic_model_with_tokenizer(args.shape)
+    adapter = base.with_name(base.name + "-lora-r16")
+    work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=base.parent))
+    results: dict = {}
+    try:
+        if args.shape == "llama-3.1-8b":
+            run_8b(base, adapter, work, args.samples, args.seq_len, results)
+        else:
+            fp8(base, work, args.samples, args.seq_len, results)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ours, theirs = results.get("quantize fp8 + report", {}), results.get("llm-compressor FP8 oneshot + save", {})
+    if "seconds" in ours and "seconds" in theirs:
+        phases = ours.get("phase_seconds", {})
+        report = phases.get("source_eval", 0) + phases.get("emulated_eval", 0) + phases.get("head", 0)
+        results["fp8 time ratio (with report)"] = round(ours["seconds"] / theirs["seconds"], 3)
+        results["fp8 time ratio (without the report's passes)"] = round((ours["seconds"] - report) / theirs["seconds"], 3)
+    save(args.json, {"shape": args.shape, "calibration": f"{args.samples} x {args.seq_len}", "results": results})
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The layer runner: its numbers equal transformers' whole-model forward, its statistics equal those of
+the whole logits, and its peak memory does not grow with depth."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from workbench.quality import PairStats, compare_logits, next_token_targets
+from workbench.runner import LayerRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_synthetic  # noqa: E402
+
+
+def test_walk_equals_the_whole_model(llama, qwen2):
+    ids = torch.randint(0, 2000, (5, 48), generator=torch.Generator().manual_seed(0))
+    for model_dir in (llama, qwen2):
+        with torch.inference_mode():
+            whole = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        runner = LayerRunner(model_dir)
+        streams = runner.streams(ids, batch=2)
+        runner.walk(streams)
+        normed = runner.normed(torch.cat([s.hidden for s in streams]))
+        walked = torch.cat([block for _, (block,) in runner.logits(normed, rows=300)], -1).view_as(whole)
+        assert torch.allclose(walked, whole, atol=1e-5, rtol=0), model_dir.name
+
+
+def test_statistics_by_vocabulary_block_equal_those_of_the_whole_logits():
+    gen = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 20, 1000, generator=gen) * 4
+    cand = ref + 0.1 * torch.randn(ref.shape, generator=gen)
+    ids = torch.randint(0, 1000, (3, 20), generator=gen)
+    stats = PairStats(60, next_token_targets(ids))
+    for start in range(0, 1000, 77):
+        stats.add(start, ref.view(60, -1)[:, start:start + 77], cand.view(60, -1)[:, start:start + 77])
+    got, whole = stats.report(), compare_logits(ref, cand)
+    for key in ("mean_kl", "top1_agreement", "max_rel_error"):
+        assert got[key] == pytest.approx(whole[key], rel=1e-9), key
+    log_p = torch.log_softmax(ref.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])
+    assert got["ppl_source"] == pytest.approx(float(torch.exp(-log_p.mean())), rel=1e-9)
+
+
+def _peak_rss_of_quantize(model: Path, out: Path) -> int:
+    """Peak RSS (bytes) of `workbench quantize --method fp8` on ``model``, in its own process."""
+    argv = [str(Path(sys.executable).with_name("workbench")), "quantize", str(model), "--method", "fp8", "--samples", "8",
+            "--seq-len", "64", "--out", str(out), "-q", "--max-ppl-delta", "1e9", "--max-kl", "1e9", "--min-top1", "0"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, proc.stderr.read().decode()[-2000:]
+    return usage.ru_maxrss * 1024
+
+
+@pytest.mark.slow
+def test_peak_memory_does_not_grow_with_depth(fixture_root, tmp_path):
+    """The same width at 2 and 8 decoder layers: 6 more layers are 400 MB more in float32 (the old
+    whole-model path held ~9 bytes per parameter: +900 MB); the walk holds one layer at a time."""
+    shape = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 8, "num_key_value_heads": 8,
+             "vocab_size": 2048, "rope_theta": 10000.0, "max_position_embeddings": 512}
+    peaks = {}
+    for layers in (2, 8):
+        model = tmp_path / f"depth-{layers}"
+        model.mkdir()
+        config = make_synthetic.llama_config(**shape, num_hidden_layers=layers)
+        make_synthetic.write_base(model, config)
+        for p in (fixture_root / "tokenizer").iterdir():
+            shutil.copy2(p, model / p.name)
+        peaks[layers] = _peak_rss_of_quantize(model, tmp_path / f"fp8-{layers}")
+    layer_fp32 = sum(o * i for o, i in make_synthetic.projections(make_synthetic.llama_config(**shape)).values()) * 4
+    assert peaks[8] - peaks[2] < layer_fp32, (peaks, layer_fp32)
