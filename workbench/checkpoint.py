@@ -267,6 +267,26 @@ def side_files(folder: Path) -> list[str]:
     )
 
 
+def return_freed_memory() -> None:
+    """Make freed tensors go back to the OS. glibc serves blocks below its dynamic mmap threshold (which
+    grows to 32 MiB after the first large free) from the heap, where fragmentation keeps them resident:
+    measured +55 MB RSS per decoder layer walked (1024 wide) and a 2.4 GiB merge of an 8B model. A fixed
+    1 MiB threshold maps every large block on its own and unmaps it at free. No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except OSError:
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -349,10 +369,10 @@ class StreamedWriter:
 
     ``write`` must be called once per planned tensor, in plan order; each call streams the bytes to disk.
     File hashes are computed on a worker thread (hashlib releases the GIL), overlapping the caller's work;
-    at most a few tensors wait for it.
+    at most PENDING_BYTES (plus the latest part) wait for it.
     """
 
-    PENDING_HASHES = 3
+    PENDING_BYTES = 256 << 20
 
     def __init__(self, folder: Path, shards: list[list[PlannedTensor]]):
         self.folder = folder
@@ -366,25 +386,40 @@ class StreamedWriter:
         self._hash = None
         self._shard = -1
         self._hasher = ThreadPoolExecutor(1)
-        self._pending: deque[Future] = deque()
+        self._pending: deque[tuple[Future, int]] = deque()
+        self._pending_bytes = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.write_parts(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def write_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts) -> None:
+        """Write one planned tensor from ``parts``, consecutive blocks of rows (never the whole at once)."""
         shard, planned = self._order[self._next]
-        if name != planned.name or tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
-            raise RuntimeError(
-                f"writer got {name} {tensor.dtype} {tuple(tensor.shape)}, planned "
-                f"{planned.name} {planned.dtype} {planned.shape}"
-            )
+        if name != planned.name or dtype != planned.dtype or shape != planned.shape:
+            raise RuntimeError(f"writer got {name} {dtype} {shape}, planned {planned.name} {planned.dtype} {planned.shape}")
         if shard != self._shard:
             self._finish_file()
             self._start_file(shard)
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
-        self._hash_later(data)
+        written = 0
+        for part in parts:
+            data = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._file.write(memoryview(data))
+            self._hash_later(data)
+            written += data.nbytes
+        if written != planned.nbytes:
+            raise RuntimeError(f"writer got {written} bytes for {name}, planned {planned.nbytes}")
         self._next += 1
         if self._next == len(self._order):
             self._finish_file()
             self._write_index()
+
+    def copy(self, store: "TensorStore", name: str, source: str | None = None, rows_per_part: int = 4096) -> None:
+        """Copy a tensor unchanged from ``store`` (its ``source`` name), a block of rows at a time."""
+        info = store.tensors[source or name]
+        count = info.shape[0] if info.shape else 1
+        parts = (store.rows(info.name, r, r + rows_per_part) for r in range(0, count, rows_per_part)) if info.shape \
+            else [store.get(info.name)]
+        self.write_parts(name, info.dtype, info.shape, parts)
 
     def _start_file(self, shard: int) -> None:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -402,15 +437,21 @@ class StreamedWriter:
             self._hash_later(part)
 
     def _hash_later(self, data) -> None:
-        self._pending.append(self._hasher.submit(self._hash.update, memoryview(data)))
-        while len(self._pending) > self.PENDING_HASHES:
-            self._pending.popleft().result()
+        """Hash on the worker; the caller waits while more than PENDING_BYTES (which the queue keeps alive) wait."""
+        view = memoryview(data)
+        self._pending.append((self._hasher.submit(self._hash.update, view), view.nbytes))
+        self._pending_bytes += view.nbytes
+        while len(self._pending) > 1 and self._pending_bytes > self.PENDING_BYTES:
+            future, size = self._pending.popleft()
+            future.result()
+            self._pending_bytes -= size
 
     def _finish_file(self) -> None:
         if self._file is not None:
             self._file.close()
             while self._pending:
-                self._pending.popleft().result()
+                self._pending.popleft()[0].result()
+            self._pending_bytes = 0
             self.sha256[self.file_names[self._shard]] = self._hash.hexdigest()
             self._file = None
         if self.complete:

@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .checkpoint import parse_size
+from .checkpoint import parse_size, return_freed_memory
 from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_out_of_memory
 from .quantize.recipe import method_help
 
@@ -82,6 +82,7 @@ def cli():
     Exit codes: 0 ok, 1 an artifact failed a check, 2 bad input (nothing written), 3 an engine, tool or
     memory is missing, 4 incomplete (a required check could not run), 5 internal error (traceback in a log).
     """
+    return_freed_memory()
 
 
 def _progress(enabled: bool, label: str):

@@ -410,8 +410,12 @@ def run_merge(
         digests = [pool.submit(folder_digest, p) for p in (plan.base.path, plan.adapter_dir)]
         writer = StreamedWriter(tmp, shards)
         workspace = torch.empty(max((p.nbytes // p.dtype.itemsize for o, p in zip(plan.outputs, planned) if o.delta), default=0))
-        for i, o in enumerate(plan.outputs):
-            writer.write(o.name, merged_tensor(o, plan, probe, workspace))
+        for i, o, p in zip(range(len(planned)), plan.outputs, planned):
+            store = plan.adapter if o.from_adapter else plan.base.store
+            if o.delta is None and store.tensors[o.source].dtype == p.dtype:
+                writer.copy(store, o.name, o.source)  # unchanged: a block of rows at a time
+            else:
+                writer.write(o.name, merged_tensor(o, plan, probe, workspace))
             if on_tensor:
                 on_tensor(i + 1, len(plan.outputs))
         write_json(tmp / CONFIG_NAME, plan.config)

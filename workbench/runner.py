@@ -25,7 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, numel
+from .checkpoint import Checkpoint, numel, return_freed_memory
 from .errors import BadInput
 
 COMPUTE_DTYPE = torch.float32
@@ -135,6 +135,7 @@ class LayerRunner:
         from .hf import quiet_transformers
 
         quiet_transformers()
+        return_freed_memory()
         self.weights = Weights(Path(model_dir), adapter)
         config = AutoConfig.from_pretrained(model_dir)
         for key in ("tie_word_embeddings", "vocab_size"):  # what an adapter changes

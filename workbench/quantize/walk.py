@@ -63,7 +63,7 @@ def quantize_fp8(runner: LayerRunner, source: Checkpoint, targets: list[str], sc
     outside, by_layer, planned = plan(source, runner, targets, scheme)
     writer = StreamedWriter(folder, plan_shards(planned, source.largest_file_bytes))
     for name in outside:
-        writer.write(name, source.store.get(name))
+        writer.copy(source.store, name)
     phases = dict.fromkeys(("read", "calibration", "source_eval", "write", "emulated_eval", "head"), 0.0)
     clock = Clock(phases)
     with clock("calibration"):
@@ -118,7 +118,7 @@ def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: 
     written = {}
     for name in names:
         if name not in weights:
-            writer.write(name, source.store.get(name))
+            writer.copy(source.store, name)
             continue
         module = name.removeprefix(prefix).removesuffix(".weight")
         q, scale = fp8.quantize_weight(layer.get_submodule(module).weight)
