@@ -60,3 +60,27 @@ def test_check_without_a_manifest(llama, copy_of):
     result = run("inspect", model, "--check")
     assert result.exit_code == 2 and "no manifest to check against" in result.stderr
     assert run("inspect", model.parent / "nope").exit_code == 2
+
+
+def test_input_digests_are_cached_by_stat_and_check_rehashes(merged, tmp_path):
+    """A file changed in place with its size, mtime_ns and inode kept is not re-read by folder_digest (that
+    is the cache: a cached release stage reads no weights); `inspect --check` re-hashes and sees it."""
+    import os
+
+    from workbench.checkpoint import sha256_file
+    from workbench.manifest import folder_digest
+
+    shard = sorted(merged.glob("model-*.safetensors"))[0]
+    before = folder_digest(merged)["files"][shard.name]
+    assert before == sha256_file(shard)
+    st = shard.stat()
+    with open(shard, "r+b") as f:  # same inode, same size
+        f.seek(-10, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-10, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert folder_digest(merged)["files"][shard.name] == before  # from the cache
+    assert run("inspect", merged, "--check").exit_code == 1
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # a new mtime: hashed again
+    assert folder_digest(merged)["files"][shard.name] == sha256_file(shard) != before

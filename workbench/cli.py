@@ -458,10 +458,11 @@ def release(file, out, only, force, dry_run, as_json, quiet):
         decisions = plan(spec, tuple(only), force)
         if as_json:
             click.echo(json.dumps([{"id": d.stage.id, "kind": d.stage.kind, "run": d.run, "reason": d.reason,
-                                    "key": d.key, "output": str(d.stage.output)} for d in decisions], indent=2))
+                                    "key": d.key, "output": str(d.stage.output), "estimate": d.estimate} for d in decisions], indent=2))
             return
         for d in decisions:
-            click.echo(f"{'run ' if d.run else 'skip'}  {d.stage.id:28} {d.stage.kind:9} {d.reason}")
+            click.echo(f"{'run ' if d.run else 'skip'}  {d.stage.id:28} {d.stage.kind:9} {d.reason}"
+                       + (f" ({d.estimate})" if d.estimate else ""))
         return
     # --json alone: nothing but the index; with -q also one line per stage on stderr
     observer = ConsoleObserver(quiet or as_json, silent=as_json and not quiet)

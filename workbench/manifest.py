@@ -46,7 +46,7 @@ def cached_sha256(path: Path) -> str:
         return entry["sha256"]
     digest = sha256_file(path)
     with _DIGESTS_LOCK:  # input folders are hashed on worker threads
-        cache = _read_digests(cache_file)
+        cache = {k: v for k, v in _read_digests(cache_file).items() if Path(k).exists()}  # forget deleted files
         cache[key] = {"stamp": stamp, "sha256": digest}
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         replace_file(cache_file, json.dumps(cache))

@@ -31,6 +31,7 @@ from .errors import BadInput
 COMPUTE_DTYPE = torch.float32
 HEAD_ROWS = 4096  # lm_head rows per block
 STREAM_BATCH = 4  # sequences that go through a layer together
+READ_BYTES_PER_SECOND = 1.0e9  # a walk's checkpoint reads (page cache or local NVMe), for the time estimate
 BASE_RSS = int(0.8 * 2**30)  # torch + transformers imported, measured here: ~0.7 GiB
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm")  # the decoder's last norm, by family
 LAYER_NAME = re.compile(r"(.*\.layers\.\d+)\.")  # a decoder layer's tensors in an HF checkpoint
@@ -329,12 +330,13 @@ def layer_shapes(checkpoint: Checkpoint) -> tuple[int, int]:
     return max(per_layer.values(), default=0), largest
 
 
-def estimate(checkpoint: Checkpoint, tokens: int, passes: float, extra_layer_bytes: float = 0.0,
+def estimate(checkpoint: Checkpoint, tokens: int, passes: float, walks: int = 1, extra_layer_bytes: float = 0.0,
              stream_tokens: int = STREAM_BATCH * 256) -> Estimate:
-    """Peak memory and time of a walk over ``tokens`` tokens run ``passes`` times (forward-equivalents).
-    Memory: one layer in the compute dtype, ``extra_layer_bytes`` per layer parameter (e.g. an fp8 copy),
-    two transient copies of its largest matrix, the activations of one stream, every hidden state, the
-    lm_head block; time: the FLOPs at this machine's measured matmul speed."""
+    """Peak memory and time of ``walks`` walks through the model over ``tokens`` tokens in all, run ``passes``
+    times (forward-equivalents). Memory: one layer in the compute dtype, ``extra_layer_bytes`` per layer
+    parameter (e.g. an fp8 copy), two transient copies of its largest matrix, the activations of one
+    stream, every hidden state, the lm_head block; time: the FLOPs at this machine's measured matmul speed
+    plus each walk's read of the checkpoint."""
     cfg = checkpoint.config.get("text_config", checkpoint.config)
     layer, largest = layer_shapes(checkpoint)
     hidden = int(cfg.get("hidden_size", 0))
@@ -345,7 +347,7 @@ def estimate(checkpoint: Checkpoint, tokens: int, passes: float, extra_layer_byt
             + 3 * tokens * hidden * size + HEAD_ROWS * hidden * size + 2 * min(tokens, 4096) * HEAD_ROWS * 8)
     layers = int(cfg.get("num_hidden_layers", 1))
     flops = 2 * (layer * layers + vocab * hidden) * tokens * passes
-    return Estimate(int(peak), flops / matmul_speed())
+    return Estimate(int(peak), flops / matmul_speed() + walks * checkpoint.store.total_bytes / READ_BYTES_PER_SECOND)
 
 
 _SPEED: list[float] = []

@@ -50,6 +50,7 @@ class Decision:
     run: bool
     reason: str
     key: str | None = None
+    estimate: str | None = None  # peak memory and time of a stage that runs a model
 
 
 @dataclass
@@ -225,8 +226,25 @@ def plan(release: Release, only: tuple[str, ...] = (), force: bool = False) -> l
         d = decide(release, keys, stage, stage.id in forced, rebuilt)
         if d.run:
             rebuilt.add(stage.id)
+            d.estimate = stage_estimate(release, stage)
         decisions.append(d)
     return decisions
+
+
+def stage_estimate(release: Release, stage: Stage) -> str | None:
+    """A model-running stage's estimate, from the base's header (a merge keeps its shapes)."""
+    from ..checkpoint import Checkpoint
+    from ..quantize.recipe import load
+    from ..quantize.run import quantize_estimate
+    from ..verify.probes import MAX_TOKENS, PROMPTS, reference_estimate
+
+    if stage.kind == "quantize":
+        o = stage.options
+        recipe = load(o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None).with_overrides(**o["overrides"])
+        return quantize_estimate(Checkpoint(release.base), recipe).describe()
+    if stage.kind == "verify":
+        return "reference " + reference_estimate(release.base, PROMPTS, MAX_TOKENS).describe()
+    return None
 
 
 # ---------------------------------------------------------------- running

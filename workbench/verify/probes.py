@@ -51,6 +51,18 @@ def verdict(checks: list[dict]) -> str:
     return "failed" if "failed" in statuses else "incomplete" if "incomplete" in statuses else "passed"
 
 
+def reference_estimate(model_dir: Path, prompts: tuple[str, ...], max_tokens: int):
+    """Peak memory and time of a Reference: one walk per generated token, then one teacher-forced walk."""
+    from ..checkpoint import Checkpoint
+    from ..runner import estimate
+
+    tokens = len(prompts) * (PROMPT_TOKENS_GUESS + max_tokens)
+    return estimate(Checkpoint(model_dir), tokens, passes=2, walks=max_tokens + 1)
+
+
+PROMPT_TOKENS_GUESS = 32  # for the estimate: the probes' prompts are short
+
+
 class Reference:
     """The reference model, run layer by layer (runner.py): its greedy continuations of the prompts (with
     the logprob of each token) and teacher-forced scoring of another model's tokens."""

@@ -15,14 +15,14 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version, gpu_only_refusal
-from ..errors import BadInput, EnvironmentProblem, as_out_of_memory
+from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..manifest import now, read_manifest
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens
 from .launch import EngineFailed, Server, port_in_use
 from .load import probe_concurrency
 from .preflight import preflight, quant_of
-from .probes import Check, Client, Probing, Reference, guarded, reference_check, run_probes, verdict
+from .probes import Check, Client, Probing, Reference, guarded, reference_check, reference_estimate, run_probes, verdict
 from .report import write_reports
 
 # quantization method -> artifact kind (which tolerances apply)
@@ -166,6 +166,11 @@ def verify(
         # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
         ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
         ref_prompts = probing.prompts + ((facts.long_prompt,) if facts.long_prompt else ())
+        if reference:
+            needs = reference_estimate(reference, ref_prompts, probing.max_tokens)
+            report["reference_estimate"] = {"peak_gib": round(needs.peak_bytes / 2**30, 2), "seconds": round(needs.seconds, 1)}
+            on_event(f"reference model, layer by layer: estimated {needs.describe()} per model")
+            check_fits(f"for the reference model {reference.name}", needs.peak_bytes)
         pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path)
                    for name, path in {None: None, **served}.items()} if reference else {}
         for tp in tps:
