@@ -402,7 +402,7 @@ class StreamedWriter:
             self._start_file(shard)
         written = 0
         for part in parts:
-            data = part.contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = part.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
             self._file.write(memoryview(data))
             self._hash_later(data)
             written += data.nbytes

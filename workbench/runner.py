@@ -269,8 +269,8 @@ class LayerRunner:
 
     @torch.inference_mode()
     def logits(self, *normed: torch.Tensor, rows: int = HEAD_ROWS) -> Iterator[tuple[int, list[torch.Tensor]]]:
-        """(first vocabulary id, [float32 logits [positions, block] per input]) for lm_head a block of rows
-        at a time: each block is read once for all inputs."""
+        """(first vocabulary id, [float32 logits [positions, block] per input], on the CPU) for lm_head a
+        block of rows at a time: each block is read once for all inputs."""
         vocab = self.head.weight.shape[0]
         bias = self.weights.get(self.head_name.removesuffix("weight") + "bias") \
             if getattr(self.head, "bias", None) is not None else None
@@ -283,7 +283,7 @@ class LayerRunner:
                     block += bias[start:start + rows].to(block)
                 if self.softcap:
                     block = torch.tanh(block / self.softcap) * self.softcap
-                out.append(block)
+                out.append(block.cpu())  # the statistics are kept on the CPU
             yield start, out
 
 
