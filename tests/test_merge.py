@@ -157,3 +157,41 @@ def test_bf16_output_keeps_top1(llama, llama_lora, tmp_path, heldout_blocks, fig
     figures["merge bf16 vs peft fp32: trained LoRA"] = m
     assert m["top1_agreement"] >= 0.97
     assert step["metrics"]["self_check_max_rel_error"] < 1e-2  # bf16 rounding, ~2^-8
+
+
+# ---------------------------------------------------------------- QLoRA: the base as training saw it
+
+def qlora_reference(base, adapter, blocks, quant_type: str, double_quant: bool):
+    """peft's unmerged forward on the base loaded 4-bit by transformers + bitsandbytes (float32 compute)."""
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                                bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base, quantization_config=config, device_map="cpu", dtype=torch.float32)
+    return model_logits(PeftModel.from_pretrained(model, adapter), blocks)
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", True), ("fp4", False)])
+def test_qlora_merge_equals_peft_on_the_4bit_base(llama, llama_lora, tmp_path, heldout_blocks, figures, quant_type, double_quant):
+    ref = qlora_reference(llama, llama_lora, heldout_blocks, quant_type, double_quant)
+    flags = ("--base-quant", quant_type, *(("--double-quant",) if double_quant else ()))
+    faithful = compare_logits(ref, merged_logits(llama, llama_lora, tmp_path / "qlora", heldout_blocks, *flags))
+    plain = compare_logits(ref, merged_logits(llama, llama_lora, tmp_path / "plain", heldout_blocks, "--base-quant", "none"))
+    label = f"{quant_type}{' + double quant' if double_quant else ''}"
+    figures[f"QLoRA merge ({label}) vs peft on the bitsandbytes 4-bit base"] = faithful
+    figures[f"plain merge vs peft on the bitsandbytes 4-bit base ({label})"] = plain
+    assert faithful["top1_agreement"] == 1.0 and faithful["max_rel_error"] < MAX_REL_ERROR_FP32
+    assert plain["mean_kl"] > 100 * max(faithful["mean_kl"], 1e-12) and plain["max_rel_error"] > 10 * faithful["max_rel_error"]
+    step = json.loads((tmp_path / "qlora" / "workbench.json").read_text())["steps"][-1]
+    assert step["options"]["base_quant"].startswith(quant_type) and step["metrics"]["base_weights_requantized"] == 28
+
+
+def test_a_4bit_base_named_by_the_adapter_is_merged_as_trained_with_a_warning(llama, llama_lora, copy_of, tmp_path):
+    adapter = copy_of(llama_lora, "unsloth-style")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "unsloth/llama-3-8b-bnb-4bit"}))
+    result = run("merge", llama, adapter, "--out", tmp_path / "m", "-q")
+    assert result.exit_code == 0 and "a 4-bit base: merged onto the base quantized to nf4 + double quantization" in result.stderr
+    step = json.loads((tmp_path / "m" / "workbench.json").read_text())["steps"][-1]
+    assert step["options"]["base_quant"] == "nf4 + double quantization (bitsandbytes, block 64)"
+    assert run("merge", llama, llama_lora, "--out", tmp_path / "x", "--double-quant").exit_code == 2

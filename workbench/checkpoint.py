@@ -65,6 +65,8 @@ TOKENIZER_FILES = (
 CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 GENERATION_CONFIG = "generation_config.json"
 
+LAYER_NAME = re.compile(r"(.*\.layers\.\d+)\.")  # a decoder layer's tensors in an HF checkpoint
+
 # Never copied as side files: weights and the files that describe them.
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|ckpt|h5|msgpack)$|.*\.index\.json$")
 _NOT_SIDE_FILES = {CONFIG_NAME, MANIFEST_NAME, "adapter_config.json"}

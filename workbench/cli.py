@@ -105,10 +105,16 @@ def _progress(enabled: bool, label: str):
 @click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
               help="dtype of the merged weights; auto keeps the base's. The merge itself is always float32.")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 2GB. Default: the base's largest shard.")
+@click.option("--base-quant", type=click.Choice(["auto", "none", "nf4", "fp4"]), default="auto", show_default=True,
+              help="QLoRA: the base as training saw it. nf4/fp4: every decoder Linear weight is quantized and "
+                   "dequantized by bitsandbytes (block 64) before the LoRA update is added. auto: NF4 with double "
+                   "quantization when the adapter's base name says 4-bit (with a warning), else none.")
+@click.option("--double-quant", is_flag=True, help="With --base-quant nf4/fp4: the block scales were double-quantized "
+                                                   "(bnb_4bit_use_double_quant).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest step as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
-def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
+def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, force, as_json, quiet):
     """Fold a LoRA ADAPTER (peft folder) into its BASE model, streamed tensor by tensor.
 
     Handles LoRA, rsLoRA, DoRA, rank/alpha patterns, regex targets, layers_to_transform,
@@ -119,7 +125,9 @@ def merge(base, adapter, out, dtype, max_shard_size, force, as_json, quiet):
     from .merge import default_output, plan_merge, run_merge
 
     shard_bytes = parse_size(max_shard_size)
-    plan = plan_merge(base, adapter, dtype)
+    if double_quant and base_quant not in ("nf4", "fp4"):
+        raise click.UsageError("--double-quant needs --base-quant nf4 or fp4")
+    plan = plan_merge(base, adapter, dtype, base_quant, double_quant)
     for warning in plan.warnings:
         click.echo(f"warning: {warning}", err=True)
     out = out or default_output(adapter)

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .checkpoint import (
+    LAYER_NAME,
     CHAT_TEMPLATE_FILES,
     CONFIG_DTYPES,
     CONFIG_NAME,
@@ -47,6 +48,35 @@ OUTPUT_EMBEDDING = "lm_head.weight"
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# An adapter whose recorded base name says 4-bit bitsandbytes was trained QLoRA (Unsloth's "-bnb-4bit"
+# bases are NF4 with double quantization).
+FOUR_BIT_BASE = re.compile(r"bnb[-_]?4bit|4bit", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class BaseQuant:
+    """The base as QLoRA training saw it: every Linear weight of the decoder layers quantized to 4 bits by
+    bitsandbytes, as transformers' BitsAndBytesConfig loads it (block size 64; double quantization of the
+    block scales optional; lm_head and embeddings stay unquantized)."""
+
+    quant_type: str  # "nf4" | "fp4"
+    double_quant: bool
+    blocksize: int = 64
+
+    def covers(self, name: str, shape: tuple[int, ...]) -> bool:
+        return len(shape) == 2 and name.endswith(".weight") and LAYER_NAME.match(name) is not None
+
+    def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
+        """Quantize with bitsandbytes exactly as at load time, dequantize in float32."""
+        import bitsandbytes.functional as bnb
+
+        packed, state = bnb.quantize_4bit(weight, blocksize=self.blocksize, quant_type=self.quant_type,
+                                          compress_statistics=self.double_quant)
+        state.dtype = torch.float32
+        return bnb.dequantize_4bit(packed, state)
+
+    def describe(self) -> str:
+        return f"{self.quant_type}{' + double quantization' if self.double_quant else ''} (bitsandbytes, block {self.blocksize})"
 
 # Adapter tensor suffix -> (role, layer kind). Anything else in the adapter is a whole replacement tensor
 # (modules_to_save, or the embedding copies peft saves beside embedding LoRA).
@@ -123,6 +153,13 @@ class MergePlan:
     config: dict
     side_files: list[tuple[Path, str]]
     warnings: list[str] = field(default_factory=list)
+    base_quant: BaseQuant | None = None
+
+    def requantized(self, o: "OutputTensor") -> bool:
+        """Whether this output's base weight goes through the QLoRA round trip first."""
+        if self.base_quant is None or o.from_adapter:
+            return False
+        return self.base_quant.covers(o.source, self.base.store.tensors[o.source].shape)
 
     @property
     def deltas(self) -> list[Delta]:
@@ -182,7 +219,8 @@ def _targeted(cfg: dict, module: str) -> bool:
     return False
 
 
-def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto") -> MergePlan:
+def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quant: str = "auto",
+               double_quant: bool = False) -> MergePlan:
     """Read headers and configs, check that the adapter fits the base, and decide every output tensor.
 
     Reads no weights except the few small adapter tensors; writes nothing.
@@ -321,7 +359,21 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto") -> MergeP
     if named and Path(named).name not in (base_dir.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name):
         warnings.append(f"the adapter names its base {named!r}, not {base_dir.resolve().name!r}")
 
-    return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings)
+    quant = _base_quant(base_quant, double_quant, named, warnings)
+    return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings, quant)
+
+
+def _base_quant(choice: str, double_quant: bool, named: str | None, warnings: list[str]) -> BaseQuant | None:
+    """--base-quant: nf4/fp4 as given; none; auto: NF4 + double quantization when the adapter's recorded
+    base name says 4-bit (a guess from a name, so it warns)."""
+    if choice in ("nf4", "fp4"):
+        return BaseQuant(choice, double_quant)
+    if choice == "auto" and named and FOUR_BIT_BASE.search(named):
+        quant = BaseQuant("nf4", True)
+        warnings.append(f"the adapter was trained on {named!r}, a 4-bit base: merged onto the base quantized to "
+                        f"{quant.describe()} as in training; --base-quant none merges onto the full-precision weights")
+        return quant
+    return None
 
 
 def _shape(o: OutputTensor, base: Checkpoint, adapter: TensorStore) -> tuple[int, ...]:
@@ -354,6 +406,8 @@ def merged_tensor(o: OutputTensor, plan: MergePlan, probe: dict, workspace: torc
     Records a probe check in ``probe``."""
     store = plan.adapter if o.from_adapter else plan.base.store
     weight = store.get(o.source)
+    if plan.requantized(o):
+        weight = plan.base_quant.round_trip(weight)
     d = o.delta
     if d is None:
         return weight.to(plan.dtype) if weight.is_floating_point() else weight
@@ -412,7 +466,7 @@ def run_merge(
         workspace = torch.empty(max((p.nbytes // p.dtype.itemsize for o, p in zip(plan.outputs, planned) if o.delta), default=0))
         for i, o, p in zip(range(len(planned)), plan.outputs, planned):
             store = plan.adapter if o.from_adapter else plan.base.store
-            if o.delta is None and store.tensors[o.source].dtype == p.dtype:
+            if o.delta is None and store.tensors[o.source].dtype == p.dtype and not plan.requantized(o):
                 writer.copy(store, o.name, o.source)  # unchanged: a block of rows at a time
             else:
                 writer.write(o.name, merged_tensor(o, plan, probe, workspace))
@@ -426,13 +480,15 @@ def run_merge(
             "started": started,
             "seconds": round(time.perf_counter() - t0, 3),
             "inputs": {k: {"path": v["path"], "sha256": v["sha256"], "files": v["files"]} for k, v in inputs.items()},
-            "options": {**(options or {}), "dtype": str(plan.dtype).removeprefix("torch.")},
+            "options": {**(options or {}), "dtype": str(plan.dtype).removeprefix("torch."),
+                        "base_quant": plan.base_quant.describe() if plan.base_quant else None},
             "versions": tool_versions(),
             "metrics": {
                 "tensors_written": len(plan.outputs),
                 "lora_modules_merged": len(plan.deltas),
                 "dora_modules": sum(1 for d in plan.deltas if d.magnitude),
                 "tensors_replaced": sum(1 for o in plan.outputs if o.from_adapter),
+                "base_weights_requantized": sum(1 for o in plan.outputs if plan.requantized(o)),
                 "shards": len(shards),
                 "self_check_modules": probe.get("modules", 0),
                 "self_check_max_rel_error": probe.get("max_rel_error", 0.0),

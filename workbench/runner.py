@@ -16,7 +16,6 @@ oneshot, with the whole model in memory.
 from __future__ import annotations
 
 import contextlib
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .checkpoint import Checkpoint, numel, return_freed_memory
+from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
 from .errors import BadInput
 
 COMPUTE_DTYPE = torch.float32
@@ -34,7 +33,6 @@ STREAM_BATCH = 4  # sequences that go through a layer together
 READ_BYTES_PER_SECOND = 1.0e9  # a walk's checkpoint reads (page cache or local NVMe), for the time estimate
 BASE_RSS = int(0.8 * 2**30)  # torch + transformers imported, measured here: ~0.7 GiB
 FINAL_NORMS = ("norm", "ln_f", "final_layernorm")  # the decoder's last norm, by family
-LAYER_NAME = re.compile(r"(.*\.layers\.\d+)\.")  # a decoder layer's tensors in an HF checkpoint
 
 
 def compute_device() -> torch.device:
@@ -50,7 +48,8 @@ class Weights:
 
         self.checkpoint = Checkpoint(model_dir)
         self.store = self.checkpoint.store
-        self.plan = plan_merge(model_dir, adapter, "fp32") if adapter else None
+        # the engine serves the adapter on the full-precision base: no QLoRA base quantization here
+        self.plan = plan_merge(model_dir, adapter, "fp32", base_quant="none") if adapter else None
         self.outputs = {o.name: o for o in self.plan.outputs} if self.plan else {}
         self.config = self.plan.config if self.plan else self.checkpoint.config
 
