@@ -336,7 +336,8 @@ def _record(release: Release, stage: Stage, key: str) -> dict:
 def _run_merge(release, stage, key, event, progress) -> None:
     from ..merge import plan_merge, run_merge
 
-    plan = plan_merge(release.base, release.adapter, stage.options["dtype"])
+    o = stage.options
+    plan = plan_merge(release.base, release.adapter, o["dtype"], o.get("base_quant", "auto"), o.get("double_quant", False))
     for warning in plan.warnings:
         event(f"warning: {warning}")
     event(f"merging {len(plan.deltas)} LoRA modules into {len(plan.outputs)} tensors")

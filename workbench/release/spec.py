@@ -34,7 +34,8 @@ ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,
 # what an artifact must end as for the release to pass: served (an engine loaded it and every check passed)
 # or checked (built and quality-gated; the reason it is not served is stated)
 REQUIREMENTS = ("served", "checked")
-MERGE = {"dtype": (str,), "max_shard_size": (str, int)}
+MERGE = {"dtype": (str,), "max_shard_size": (str, int), "base_quant": (str,), "double_quant": (bool,)}
+MERGE_BASE_QUANTS = ("auto", "none", "nf4", "fp4")
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration": (str,), "field": (str,),
             "ignore": (list,), "format": (str,), "gates": (dict,)}
@@ -185,6 +186,11 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         if dtype not in MERGE_DTYPES:
             raise BadInput(f"{at}.merge: dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
         options = {"dtype": dtype, "max_shard_bytes": parse_size(spec["merge"].get("max_shard_size"))}
+        base_quant = spec["merge"].get("base_quant")
+        if base_quant is not None:  # only when given: existing release keys stay valid
+            if base_quant not in MERGE_BASE_QUANTS:
+                raise BadInput(f"{at}.merge: base_quant must be one of {', '.join(MERGE_BASE_QUANTS)}, got {base_quant!r}")
+            options.update(base_quant=base_quant, double_quant=bool(spec["merge"].get("double_quant", False)))
         return Stage(artifact_id, kind, (SOURCE,), options, release.output / f"{release.name}-{artifact_id}")
     source = spec.get("from", default_from)
     if any(s.id == source and s.kind == "gguf" for s in release.stages):
