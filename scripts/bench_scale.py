@@ -4,7 +4,7 @@ weights, ~16 GB) and an r=16 LoRA through every verb that reads a whole model, e
 of the merge run twice (the second fully cached). With --shape llama-70b-slice: four layers of a 70B's
 width, FP8 with its report only.
 
-    .venv/bin/python scripts/bench_scale.py [--shape llama-3.1-8b] [--samples 16] [--seq-len 128] [--json F]
+    .venv/bin/python scripts/bench_scale.py [--shape llama-3.1-8b] [--layers N] [--samples 16] [--seq-len 128] [--json F]
 
 Needs ~40 GB free disk for the 8B (each output is removed once measured). Targets (issue 12): FP8 with its
 report <= 4 GiB peak (70B slice: 8 GiB), merge <= 1.5 GiB, verify reference <= 4 GiB, cached re-run <= 5 s.
@@ -87,14 +87,16 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "llama-70b-slice"])
     parser.add_argument("--samples", default="16")
     parser.add_argument("--seq-len", default="128")
+    parser.add_argument("--layers", type=int, help="FP8 only, on the shape's width with this many layers (peak memory "
+                                                   "does not depend on depth: tests/test_runner.py)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    base = synthetic_model_with_tokenizer(args.shape)
+    base = synthetic_model_with_tokenizer(args.shape, args.layers)
     adapter = base.with_name(base.name + "-lora-r16")
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=base.parent))
     results: dict = {}
     try:
-        if args.shape == "llama-3.1-8b":
+        if args.shape == "llama-3.1-8b" and not args.layers:
             run_8b(base, adapter, work, args.samples, args.seq_len, results)
         else:
             fp8(base, work, args.samples, args.seq_len, results)
@@ -106,7 +108,7 @@ def main() -> None:
         report = phases.get("source_eval", 0) + phases.get("emulated_eval", 0) + phases.get("head", 0)
         results["fp8 time ratio (with report)"] = round(ours["seconds"] / theirs["seconds"], 3)
         results["fp8 time ratio (without the report's passes)"] = round((ours["seconds"] - report) / theirs["seconds"], 3)
-    save(args.json, {"shape": args.shape, "calibration": f"{args.samples} x {args.seq_len}", "results": results})
+    save(args.json, {"shape": args.shape, "layers": args.layers, "calibration": f"{args.samples} x {args.seq_len}", "results": results})
     print(json.dumps(results, indent=2))
 
 

@@ -43,7 +43,7 @@ def save(path: Path | None, summary: dict) -> None:
         path.write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def synthetic_model_with_tokenizer(shape: str = "tinyllama-1.1b") -> Path:
+def synthetic_model_with_tokenizer(shape: str = "tinyllama-1.1b", layers: int | None = None) -> Path:
     """A synthetic Llama (scripts/make_synthetic.py; its adapter beside it) with the fixture tokenizer copied
     in (2048 tokens, the rest of the vocabulary unused). Both are made in child processes: the caller stays
     small."""
@@ -51,7 +51,7 @@ def synthetic_model_with_tokenizer(shape: str = "tinyllama-1.1b") -> Path:
         done = subprocess.run([sys.executable, str(HERE / script), *args], check=True, capture_output=True, text=True)
         return done.stdout.split()[0 if script == "make_synthetic.py" else -1]
 
-    base = Path(path_from("make_synthetic.py", "--shape", shape))
+    base = Path(path_from("make_synthetic.py", "--shape", shape, *(("--layers", str(layers)) if layers else ())))
     tokenizer = Path(path_from("fixtures.py", "--path")) / "tokenizer"
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (tokenizer / name).exists():

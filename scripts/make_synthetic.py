@@ -94,11 +94,13 @@ def write_adapter(folder: Path, base: Path, config: dict) -> None:
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
-def ensure(root: Path, shape: str = "tinyllama-1.1b") -> tuple[Path, Path]:
-    """The base and its r=16 adapter for a shape, made once (a folder is complete when it has .complete)."""
-    config = llama_config(**SHAPES[shape])
+def ensure(root: Path, shape: str = "tinyllama-1.1b", layers: int | None = None) -> tuple[Path, Path]:
+    """The base and its r=16 adapter for a shape (optionally with fewer layers: the same width, for peak
+    memory, which does not depend on depth), made once (a folder is complete when it has .complete)."""
+    config = llama_config(**{**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})})
     shard = SHARD_BYTES if shape == "tinyllama-1.1b" else 10 * SHARD_BYTES
-    base, adapter = root / f"synthetic-{shape}", root / f"synthetic-{shape}-lora-r{LORA_RANK}"
+    name = f"synthetic-{shape}" + (f"-{layers}-layers" if layers else "")
+    base, adapter = root / name, root / f"{name}-lora-r{LORA_RANK}"
     for folder, make in ((base, lambda f: write_base(f, config, shard)), (adapter, lambda f: write_adapter(f, base, config))):
         if not (folder / ".complete").exists():
             shutil.rmtree(folder, ignore_errors=True)
@@ -116,7 +118,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=default_root())
     parser.add_argument("--shape", choices=list(SHAPES), default="tinyllama-1.1b")
+    parser.add_argument("--layers", type=int, help="fewer decoder layers than the shape has (same width)")
     args = parser.parse_args()
-    base, adapter = ensure(args.root, args.shape)
+    base, adapter = ensure(args.root, args.shape, args.layers)
     print(base)
     print(adapter)
