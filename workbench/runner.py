@@ -16,6 +16,7 @@ oneshot, with the whole model in memory.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,10 @@ class _Recorded(Exception):
     pass
 
 
+class Cancelled(Exception):
+    """A walk stopped because its cancel event was set."""
+
+
 @dataclass
 class Stream:
     """A batch of sequences on its way through the model: its hidden states and, per layer, the keyword
@@ -128,7 +133,7 @@ class LayerRunner:
     """One causal LM, run a decoder layer at a time from its checkpoint."""
 
     def __init__(self, model_dir: Path, adapter: Path | None = None, dtype: torch.dtype = COMPUTE_DTYPE,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, cancel: threading.Event | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -142,6 +147,7 @@ class LayerRunner:
             if key in self.weights.config:
                 setattr(config, key, self.weights.config[key])
         self.config, self.dtype, self.device = config, dtype, device or compute_device()
+        self.cancel = cancel  # set by another thread (Ctrl-C): the walk stops at the next layer
         try:
             with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config)).eval()
@@ -201,6 +207,8 @@ class LayerRunner:
     def layer(self, index: int) -> Iterator[nn.Module]:
         """Decoder layer ``index`` with its weights, dropped again on exit."""
         module = self.layers[index]
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("the model run was cancelled")
         try:
             self._load(module, self.layer_prefix(index))
             yield module

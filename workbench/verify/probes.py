@@ -68,7 +68,7 @@ class Reference:
     the logprob of each token) and teacher-forced scoring of another model's tokens."""
 
     def __init__(self, model_dir: Path, dtype: str = "auto", prompts: tuple[str, ...] = PROMPTS, max_tokens: int = MAX_TOKENS,
-                 adapter: Path | None = None):
+                 adapter: Path | None = None, cancel=None):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -79,7 +79,7 @@ class Reference:
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         compute = Checkpoint(model_dir).dtype if dtype == "auto" else getattr(torch, dtype)
         # an adapter is folded in on the fly in float32: peft's unmerged forward pass, as trained
-        self.runner = LayerRunner(model_dir, adapter=adapter, dtype=compute)
+        self.runner = LayerRunner(model_dir, adapter=adapter, dtype=compute, cancel=cancel)
         try:
             eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
         except OSError:  # no generation_config.json

@@ -6,7 +6,9 @@ not run (exit 4), e.g. a quantized artifact whose source model is not there to c
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -161,8 +163,9 @@ def verify(
 
     served = {a.name: a.path for a in lora if not a.reasons}
     refused = [a for a in lora if a.reasons]
-    with ThreadPoolExecutor(1) as pool:
-        # the references run in transformers while the engine starts
+    cancel = threading.Event()  # set on the way out (Ctrl-C, an error): a running reference stops at its next layer
+    with ThreadPoolExecutor(1) as pool, _setting_on_exit(cancel):
+        # the references run, layer by layer, while the engine starts
         # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
         ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
         ref_prompts = probing.prompts + ((facts.long_prompt,) if facts.long_prompt else ())
@@ -171,7 +174,7 @@ def verify(
             report["reference_estimate"] = {"peak_gib": round(needs.peak_bytes / 2**30, 2), "seconds": round(needs.seconds, 1)}
             on_event(f"reference model, layer by layer: estimated {needs.describe()} per model")
             check_fits(f"for the reference model {reference.name}", needs.peak_bytes)
-        pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path)
+        pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel)
                    for name, path in {None: None, **served}.items()} if reference else {}
         for tp in tps:
             if refused and not force:
@@ -194,6 +197,16 @@ def verify(
     report["finished"] = now()
     report["reports"] = {k: str(v) for k, v in write_reports(report_dir, report).items()}
     return report
+
+
+@contextlib.contextmanager
+def _setting_on_exit(event: threading.Event):
+    """Set ``event`` when the block is left by an exception (KeyboardInterrupt included)."""
+    try:
+        yield
+    except BaseException:
+        event.set()
+        raise
 
 
 def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int, on_event) -> dict:
