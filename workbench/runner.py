@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -123,10 +123,9 @@ class Stream:
     hidden: torch.Tensor
     layer_kwargs: list[dict]
     cache: object = None
-    ids: torch.Tensor = field(default=None, repr=False)
 
     def fork(self) -> "Stream":
-        return Stream(self.hidden.clone(), self.layer_kwargs, self.cache, self.ids)
+        return Stream(self.hidden.clone(), self.layer_kwargs, self.cache)
 
 
 class LayerRunner:
@@ -239,7 +238,7 @@ class LayerRunner:
             pass
         finally:
             setattr(self.base, self.layers_attr, nn.ModuleList(self.layers))
-        return Stream(sink[0][0], [kwargs for _, kwargs in sink], cache, ids)
+        return Stream(sink[0][0], [kwargs for _, kwargs in sink], cache)
 
     def streams(self, ids: torch.Tensor, batch: int = STREAM_BATCH) -> list[Stream]:
         return [self.stream(chunk) for chunk in ids.split(batch)]
