@@ -53,33 +53,48 @@ def attempt(name: str, argv: list[str], results: dict) -> None:
     print(f"{name}: {results[name]}", flush=True)
 
 
-def run_8b(base: Path, adapter: Path, work: Path, samples: str, seq_len: str, results: dict) -> None:
-    attempt("merge", [WORKBENCH, "merge", str(base), str(adapter), "--out", str(work / "merged"), "-q"], results)
-    shutil.rmtree(work / "merged", ignore_errors=True)
-    fp8(base, work, samples, seq_len, results)
-    warm(base)
-    attempt("llm-compressor FP8 oneshot + save", [sys.executable, "-c", LLMCOMPRESSOR_FP8, str(HERE.parent), str(base),
-                                                  str(work / "lc"), samples, seq_len], results)
-    shutil.rmtree(work / "lc", ignore_errors=True)
-    attempt("convert gguf q8_0", [WORKBENCH, "convert", "gguf", str(base), "--outtype", "q8_0", "--out", str(work / "q8.gguf"), "-q"], results)
-    for p in work.glob("q8.gguf*"):
+def merge(ctx: dict, results: dict) -> None:
+    attempt("merge", [WORKBENCH, "merge", str(ctx["base"]), str(ctx["adapter"]), "--out", str(ctx["work"] / "merged"), "-q"], results)
+    shutil.rmtree(ctx["work"] / "merged", ignore_errors=True)
+
+
+def fp8(ctx: dict, results: dict) -> None:
+    warm(ctx["base"])
+    out = ctx["work"] / "fp8"
+    attempt("quantize fp8 + report", [WORKBENCH, "quantize", str(ctx["base"]), "--method", "fp8", "--samples", ctx["samples"],
+                                      "--seq-len", ctx["seq_len"], "--out", str(out), "-q", *NO_GATES], results)
+    if (out / "workbench.json").exists():
+        results["quantize fp8 + report"]["phase_seconds"] = json.loads((out / "workbench.json").read_text())["steps"][-1]["metrics"]["phase_seconds"]
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def llmcompressor(ctx: dict, results: dict) -> None:
+    warm(ctx["base"])
+    attempt("llm-compressor FP8 oneshot + save", [sys.executable, "-c", LLMCOMPRESSOR_FP8, str(HERE.parent), str(ctx["base"]),
+                                                  str(ctx["work"] / "lc"), ctx["samples"], ctx["seq_len"]], results)
+    shutil.rmtree(ctx["work"] / "lc", ignore_errors=True)
+
+
+def gguf(ctx: dict, results: dict) -> None:
+    attempt("convert gguf q8_0", [WORKBENCH, "convert", "gguf", str(ctx["base"]), "--outtype", "q8_0",
+                                  "--out", str(ctx["work"] / "q8.gguf"), "-q"], results)
+    for p in ctx["work"].glob("q8.gguf*"):
         p.unlink()
-    attempt("verify reference (float32)", [sys.executable, "-c", REFERENCE, str(base)], results)
-    release = work / "release.yaml"
-    release.write_text(RELEASE.format(base=base, adapter=adapter, out=work / "release"))
-    attempt("release (merge)", [WORKBENCH, "release", str(release), "-q"], results)
-    attempt("release re-run, fully cached", [WORKBENCH, "release", str(release), "-q"], results)
-    shutil.rmtree(work / "release", ignore_errors=True)
 
 
-def fp8(base: Path, work: Path, samples: str, seq_len: str, results: dict) -> None:
-    warm(base)
-    attempt("quantize fp8 + report", [WORKBENCH, "quantize", str(base), "--method", "fp8", "--samples", samples,
-                                      "--seq-len", seq_len, "--out", str(work / "fp8"), "-q", *NO_GATES], results)
-    manifest = work / "fp8" / "workbench.json"
-    if manifest.exists():
-        results["quantize fp8 + report"]["phase_seconds"] = json.loads(manifest.read_text())["steps"][-1]["metrics"]["phase_seconds"]
-    shutil.rmtree(work / "fp8", ignore_errors=True)
+def reference(ctx: dict, results: dict) -> None:
+    attempt("verify reference (float32)", [sys.executable, "-c", REFERENCE, str(ctx["base"])], results)
+
+
+def release(ctx: dict, results: dict) -> None:
+    spec = ctx["work"] / "release.yaml"
+    spec.write_text(RELEASE.format(base=ctx["base"], adapter=ctx["adapter"], out=ctx["work"] / "release"))
+    attempt("release (merge)", [WORKBENCH, "release", str(spec), "-q"], results)
+    attempt("release re-run, fully cached", [WORKBENCH, "release", str(spec), "-q"], results)
+    shutil.rmtree(ctx["work"] / "release", ignore_errors=True)
+
+
+CONTENDERS = {"merge": merge, "fp8": fp8, "llm-compressor": llmcompressor, "gguf": gguf, "reference": reference, "release": release}
 
 
 def main() -> None:
@@ -87,19 +102,21 @@ def main() -> None:
     parser.add_argument("--shape", default="llama-3.1-8b", choices=["llama-3.1-8b", "llama-70b-slice"])
     parser.add_argument("--samples", default="16")
     parser.add_argument("--seq-len", default="128")
-    parser.add_argument("--layers", type=int, help="FP8 only, on the shape's width with this many layers (peak memory "
-                                                   "does not depend on depth: tests/test_runner.py)")
+    parser.add_argument("--layers", type=int, help="the shape's width with this many layers (peak memory does not "
+                                                   "depend on depth: tests/test_runner.py)")
+    parser.add_argument("--only", action="append", choices=list(CONTENDERS),
+                        help="run these contenders (repeatable; default: all for the 8B, fp8 for a slice or --layers)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     base = synthetic_model_with_tokenizer(args.shape, args.layers)
     adapter = base.with_name(base.name + "-lora-r16")
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=base.parent))
     results: dict = {}
+    only = args.only or (list(CONTENDERS) if args.shape == "llama-3.1-8b" and not args.layers else ["fp8"])
+    ctx = {"base": base, "adapter": adapter, "work": work, "samples": args.samples, "seq_len": args.seq_len}
     try:
-        if args.shape == "llama-3.1-8b" and not args.layers:
-            run_8b(base, adapter, work, args.samples, args.seq_len, results)
-        else:
-            fp8(base, work, args.samples, args.seq_len, results)
+        for name in only:
+            CONTENDERS[name](ctx, results)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     ours, theirs = results.get("quantize fp8 + report", {}), results.get("llm-compressor FP8 oneshot + save", {})
