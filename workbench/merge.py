@@ -39,6 +39,7 @@ from .checkpoint import (
 from .errors import BadInput
 from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
+from .quantize.bnb import Bnb4bit
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -54,29 +55,14 @@ FOUR_BIT_BASE = re.compile(r"bnb[-_]?4bit|4bit", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class BaseQuant:
+class BaseQuant(Bnb4bit):
     """The base as QLoRA training saw it: every Linear weight of the decoder layers quantized to 4 bits by
     bitsandbytes, as transformers' BitsAndBytesConfig loads it (block size 64; double quantization of the
     block scales optional; lm_head and embeddings stay unquantized)."""
 
-    quant_type: str  # "nf4" | "fp4"
-    double_quant: bool
-    blocksize: int = 64
-
     def covers(self, name: str, shape: tuple[int, ...]) -> bool:
         return len(shape) == 2 and name.endswith(".weight") and LAYER_NAME.match(name) is not None
 
-    def round_trip(self, weight: torch.Tensor) -> torch.Tensor:
-        """Quantize with bitsandbytes exactly as at load time, dequantize in float32."""
-        import bitsandbytes.functional as bnb
-
-        packed, state = bnb.quantize_4bit(weight, blocksize=self.blocksize, quant_type=self.quant_type,
-                                          compress_statistics=self.double_quant)
-        state.dtype = torch.float32
-        return bnb.dequantize_4bit(packed, state)
-
-    def describe(self) -> str:
-        return f"{self.quant_type}{' + double quantization' if self.double_quant else ''} (bitsandbytes, block {self.blocksize})"
 
 # Adapter tensor suffix -> (role, layer kind). Anything else in the adapter is a whole replacement tensor
 # (modules_to_save, or the embedding copies peft saves beside embedding LoRA).

@@ -18,6 +18,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from ..checkpoint import PlannedTensor
 from ..errors import BadInput
 
 FP8 = torch.float8_e4m3fn
@@ -109,6 +110,34 @@ class Quantized:
     weight: torch.Tensor
     scale: torch.Tensor
     input_scale: torch.Tensor | None
+
+
+class Codec:
+    """vLLM's fp8 format in the one-walk quantizer (quantize/walk.py)."""
+
+    extra_layer_bytes = 1  # the layer's fp8 copy, per parameter
+
+    def __init__(self, scheme: str):
+        self.scheme = scheme
+        self.calibrates = scheme == "static"
+
+    def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
+        module = name.removesuffix(".weight")
+        scales = ["weight_scale", "input_scale"] if self.calibrates else ["weight_scale"]
+        return [PlannedTensor(name, FP8, shape), *(PlannedTensor(f"{module}.{s}", torch.float32, ()) for s in scales)]
+
+    def quantize(self, name: str, weight: torch.Tensor, amax: float) -> tuple[dict[str, torch.Tensor], "Quantized"]:
+        q, scale = quantize_weight(weight)
+        act = input_scale(amax) if self.calibrates else None
+        module = name.removesuffix(".weight")
+        tensors = {name: q, f"{module}.weight_scale": scale, **({f"{module}.input_scale": act} if act is not None else {})}
+        return tensors, Quantized(q, scale, act)
+
+    def emulated(self, layer: nn.Module, written: dict[str, "Quantized"]):
+        return emulated(layer, written)
+
+    def quantization_config(self, ignored: list[str], compute_dtype: str) -> dict:
+        return {"quant_method": "fp8", "activation_scheme": self.scheme, "ignored_layers": ignored}
 
 
 @contextlib.contextmanager

@@ -35,6 +35,7 @@ class Recipe:
     format: str = "fp8"
     actorder: str | None = "static"  # GPTQ activation ordering
     smoothing_strength: float = 0.8  # SmoothQuant, for w8a8
+    double_quant: bool = True  # bitsandbytes: quantize the block scales too (QLoRA's default)
     name: str = ""
     source: str = ""  # the YAML text, copied into the artifact
 
@@ -52,7 +53,7 @@ class Recipe:
 # key -> accepted types
 SCHEMA = {
     "method": (str,), "scheme": (str,), "targets": (list,), "ignore": (list,), "calibration": (dict,),
-    "format": (str,), "actorder": (str, type(None)), "smoothing_strength": (float, int),
+    "format": (str,), "actorder": (str, type(None)), "smoothing_strength": (float, int), "double_quant": (bool,),
 }
 # method -> (schemes, formats); the first format is the default. Only FP8 has the seed's own "fp8" format.
 METHODS = {
@@ -60,6 +61,7 @@ METHODS = {
     "gptq": (("w4a16",), ("compressed-tensors",)),
     "awq": (("w4a16",), ("compressed-tensors",)),
     "w8a8": (("w8a8",), ("compressed-tensors",)),
+    "bnb": (("nf4", "fp4"), ("bitsandbytes",)),
 }
 NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8")}
 CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_len": (int,), "seed": (int,), "chat_template": (bool,)}

@@ -1,7 +1,9 @@
-"""FP8 in one walk through the layer runner: per decoder layer, calibrate its input scales on the
-calibration samples, run the source on the evaluation text, write the layer's fp8 tensors, then run the
-emulation of exactly what was written on the same text. Peak memory: one layer, its fp8 copy, the hidden
-states; the report keeps per-position statistics only (quality.PairStats), never the logits."""
+"""Quantization in one walk through the layer runner, for the formats written by the workbench's own code
+(a codec: fp8.Codec, bnb.Codec): per decoder layer, calibrate its input scales on the calibration samples
+(when the codec needs them), run the source on the evaluation text, write the layer's quantized tensors,
+then run what exactly was written (the codec's emulation) on the same text. Peak memory: one layer, its
+quantized copy, the hidden states; the report keeps per-position statistics only (quality.PairStats),
+never the logits."""
 
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ def layer_of(runner: LayerRunner, name: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
-def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], scheme: str) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
+def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
     """Write order (tensors outside the layers first, then layer by layer) and the planned tensors."""
     weights = {t + ".weight" for t in targets}
     outside, by_layer = [], {}
@@ -40,34 +42,31 @@ def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], scheme: st
         if name not in weights:
             planned.append(PlannedTensor(name, info.dtype, info.shape))
             continue
-        module = name.removesuffix(".weight")
-        planned += [PlannedTensor(name, fp8.FP8, info.shape), PlannedTensor(module + ".weight_scale", torch.float32, ())]
-        if scheme == "static":
-            planned.append(PlannedTensor(module + ".input_scale", torch.float32, ()))
+        planned += codec.planned(name, info.shape)
     return outside, by_layer, planned
 
 
 def check_targets(runner: LayerRunner, targets: list[str]) -> None:
     outside = [t for t in targets if layer_of(runner, t + ".weight") is None]
     if outside:
-        raise BadInput(f"{outside[0]} is outside the decoder layers: vLLM's fp8 format keeps embeddings and lm_head "
-                       "unquantized; add it to the ignore list")
+        raise BadInput(f"{outside[0]} is outside the decoder layers: the workbench's formats keep embeddings and "
+                       "lm_head unquantized; add it to the ignore list")
 
 
 @torch.inference_mode()
-def quantize_fp8(runner: LayerRunner, source: Checkpoint, targets: list[str], scheme: str, samples: torch.Tensor | None,
-                 blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict, dict[str, float]]:
-    """Write the fp8 checkpoint's weights into ``folder``; returns (sha256 per file, quality figures of the
-    emulated artifact against the source on ``blocks``, seconds per phase)."""
+def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str], codec, samples: torch.Tensor | None,
+                    blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict, dict[str, float]]:
+    """Write the quantized checkpoint's weights into ``folder``; returns (sha256 per file, quality figures of
+    the emulated artifact against the source on ``blocks``, seconds per phase)."""
     check_targets(runner, targets)
-    outside, by_layer, planned = plan(source, runner, targets, scheme)
+    outside, by_layer, planned = plan(source, runner, targets, codec)
     writer = StreamedWriter(folder, plan_shards(planned, source.largest_file_bytes))
     for name in outside:
         writer.copy(source.store, name)
     phases = dict.fromkeys(("read", "calibration", "source_eval", "write", "emulated_eval", "head"), 0.0)
     clock = Clock(phases)
     with clock("calibration"):
-        calibration = runner.streams(samples) if samples is not None else []
+        calibration = runner.streams(samples) if samples is not None and codec.calibrates else []
     with clock("source_eval"):
         reference = runner.streams(blocks)
         candidate = [s.fork() for s in reference]
@@ -85,8 +84,8 @@ def quantize_fp8(runner: LayerRunner, source: Checkpoint, targets: list[str], sc
                 for s in reference:
                     runner.forward(layer, i, s)
             with clock("write"):
-                written = _write_layer(layer, by_layer.get(i, []), prefix, weights, amax, scheme, source, writer)
-            with clock("emulated_eval"), fp8.emulated(layer, written):
+                written = _write_layer(layer, by_layer.get(i, []), prefix, weights, amax, codec, source, writer)
+            with clock("emulated_eval"), codec.emulated(layer, written):
                 for s in candidate:
                     runner.forward(layer, i, s)
         if on_layer:
@@ -112,20 +111,18 @@ class Clock:
             self.phases[name] += time.perf_counter() - t0
 
 
-def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float], scheme: str,
-                 source: Checkpoint, writer: StreamedWriter) -> dict[str, fp8.Quantized]:
-    """Write one layer's tensors in plan order: targets as fp8 + scales, the rest copied."""
+def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float], codec,
+                 source: Checkpoint, writer: StreamedWriter) -> dict:
+    """Write one layer's tensors in plan order: targets through the codec (from the weight in the
+    checkpoint's dtype), the rest copied. Returns the codec's record of each target, by module name."""
     written = {}
     for name in names:
         if name not in weights:
             writer.copy(source.store, name)
             continue
         module = name.removeprefix(prefix).removesuffix(".weight")
-        q, scale = fp8.quantize_weight(layer.get_submodule(module).weight)
-        act = fp8.input_scale(amax[module]) if scheme == "static" else None
-        writer.write(name, q)
-        writer.write(name.removesuffix("weight") + "weight_scale", scale)
-        if act is not None:
-            writer.write(name.removesuffix("weight") + "input_scale", act)
-        written[module] = fp8.Quantized(q, scale, act)
+        weight = layer.get_submodule(module).weight.to(source.store.tensors[name].dtype)
+        tensors, written[module] = codec.quantize(name, weight, amax[module])
+        for tensor_name, tensor in tensors.items():
+            writer.write(tensor_name, tensor)
     return written

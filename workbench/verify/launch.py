@@ -239,8 +239,11 @@ class Server:
 def first_error_line(log: str) -> str | None:
     """The first exception line (``RuntimeError: ...``) of an engine log, else its first ERROR line."""
     lines = [_PREFIX.sub("", line).strip() for line in log.splitlines()]
-    for line in lines:
+    for i, line in enumerate(lines):
         if _EXCEPTION.match(line):
+            if "validation error" in line:  # pydantic names the failed check on the next lines
+                detail = next((d for d in lines[i + 1:i + 3] if "error," in d), None)
+                line = f"{line}: {detail}" if detail else line
             return line[:400]
     return next((line[:400] for line in lines if "ERROR" in line), None)
 

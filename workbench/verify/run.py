@@ -30,7 +30,7 @@ from .report import write_reports
 # quantization method -> artifact kind (which tolerances apply)
 KIND_BY_METHOD = {
     "fp8": "fp8", "compressed-tensors-fp8": "fp8", "gptq": "int4", "awq": "int4",
-    "compressed-tensors-wna16": "int4", "compressed-tensors": "int8",
+    "compressed-tensors-wna16": "int4", "compressed-tensors": "int8", "bitsandbytes": "int4",
 }
 # GGUF file types (llama.cpp's LlamaFileType names) that are full precision or 8-bit; the rest are low-bit
 GGUF_FULL_TYPES = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
