@@ -210,8 +210,13 @@ def convert():
 @convert.command("gguf")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--outtype", "outtypes", multiple=True, default=("f16",), show_default=True,
-              help="f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, ... (llama.cpp's quantize "
-                   "on one F16 pass). Repeatable or comma-separated.")
+              help="f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, iq4_xs, iq3_xxs, ... (llama.cpp's "
+                   "quantize on one F16 pass). Repeatable or comma-separated.")
+@click.option("--imatrix", "imatrix_data", is_flag=False, flag_value="default",
+              help="Compute llama.cpp's importance matrix on calibration text (a .txt/.jsonl file; alone: the embedded "
+                   "default) and quantize with it. Needed by iq3_xxs and the IQ2/IQ1 types.")
+@click.option("--imatrix-samples", type=int, default=32, show_default=True, help="Importance matrix: chunks of text.")
+@click.option("--imatrix-seq-len", type=int, default=512, show_default=True, help="Importance matrix: tokens per chunk.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output .gguf file (one outtype) or folder. Default: MODEL's folder, named MODEL-<TYPE>.gguf.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
@@ -221,15 +226,18 @@ def convert():
               "Default: $WORKBENCH_LLAMACPP_PYTHON, else the one scripts/setup.sh installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
-def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, as_json, quiet):
+def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_data, imatrix_samples, imatrix_seq_len,
+                 as_json, quiet):
     """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, or with
     --adapter a LoRA adapter of it to a llama.cpp LoRA GGUF.
 
     Streams one tensor at a time. Writes llama.cpp's full metadata: architecture and hyper-parameters,
     tokenizer (tokens, types, merges, special ids, chat template, pre-tokenizer recognised from its split
-    pattern). Each output gets a sidecar manifest, FILE.gguf.workbench.json.
+    pattern). Each output gets a sidecar manifest, FILE.gguf.workbench.json, with its real bits per weight
+    and the tensors llama.cpp stored in another type.
     """
     from .convert.gguf import convert_gguf as run_convert, convert_lora_adapter, parse_outtypes
+    from .quantize.recipe import Calibration
 
     types = parse_outtypes(list(outtypes))
     if adapter is not None:
@@ -241,7 +249,8 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, as_json,
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     bar, on_tensor = _progress(not quiet and not as_json, "converting")
     with bar:
-        steps = run_convert(model, types, out, force, llamacpp_python, on_tensor, say)
+        imatrix = Calibration(imatrix_data, samples=imatrix_samples, seq_len=imatrix_seq_len) if imatrix_data else None
+        steps = run_convert(model, types, out, force, llamacpp_python, on_tensor, say, imatrix=imatrix)
     if as_json:
         click.echo(json.dumps(steps, indent=2))
     elif not quiet:

@@ -29,17 +29,42 @@ from ..hf import quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.guard import set_parent_death_signal
 from ..engines import ENGINES, check_installed, engine_python
+from .imatrix import importance_matrix
+from ..quantize.recipe import Calibration
 from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
 QUANT_CHUNK_ELEMENTS = 1 << 20
 _QUANT_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 QK_NAMES = {"attn_q": "heads", "attn_k": "kv_heads"}
+# llama.cpp's quantize through llama-cpp-python's C API. With an importance matrix (argv[5]: JSON with the
+# .npz of per-tensor values and the metadata llama-quantize records): a NULL-terminated
+# llama_model_imatrix_data array, and the quantize.imatrix.* keys as kv overrides.
 QUANTIZE_SCRIPT = """
-import sys, llama_cpp
+import ctypes, json, sys
+import llama_cpp
 params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = int(sys.argv[3])
-params.nthread = int(sys.argv[4])
+params.ftype, params.nthread = int(sys.argv[3]), int(sys.argv[4])
+imatrix = json.loads(sys.argv[5])
+if imatrix:
+    import numpy as np
+    values = np.load(imatrix["path"])
+    arrays = {n: np.ascontiguousarray(values[n], dtype=np.float32) for n in values.files}
+    entries = (llama_cpp.llama_model_imatrix_data * (len(arrays) + 1))()
+    for entry, (name, data) in zip(entries, arrays.items()):
+        entry.name, entry.size = name.encode(), data.size
+        entry.data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
+    keys = [("quantize.imatrix.file", imatrix["file"]), ("quantize.imatrix.dataset", imatrix["dataset"]),
+            ("quantize.imatrix.entries_count", len(arrays)), ("quantize.imatrix.chunks_count", imatrix["chunks"])]
+    overrides = (llama_cpp.llama_model_kv_override * (len(keys) + 1))()
+    for o, (key, value) in zip(overrides, keys):
+        o.key = key.encode()
+        if isinstance(value, int):
+            o.tag, o.value.val_i64 = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, value
+        else:
+            o.tag, o.value.val_str = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, value.encode()[:127]
+    params.kv_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_kv_override))
 sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params))
 """
 
@@ -271,9 +296,9 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
     return digest
 
 
-def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int) -> None:
+def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int, imatrix: dict | None = None) -> None:
     ftype = int(OUTTYPES[outtype].file_type)
-    result = subprocess.run([python, "-c", QUANTIZE_SCRIPT, str(source), str(target), str(ftype), str(threads)],
+    result = subprocess.run([python, "-c", QUANTIZE_SCRIPT, str(source), str(target), str(ftype), str(threads), json.dumps(imatrix)],
                             capture_output=True, text=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
     if result.returncode != 0 or not target.exists():
         tail = "\n".join((result.stdout + result.stderr).splitlines()[-5:])
@@ -297,11 +322,14 @@ def convert_gguf(
     on_tensor: Callable[[int, int], None] | None = None,
     on_event: Callable[[str], None] = lambda message: None,
     record: dict | None = None,
+    imatrix: Calibration | None = None,
 ) -> list[dict]:
-    """Write one GGUF per outtype; returns one manifest step per file (``record``'s fields added to each)."""
+    """Write one GGUF per outtype; returns one manifest step per file (``record``'s fields added to each).
+    ``imatrix``: compute llama.cpp's importance matrix on this calibration text for its quantize types."""
     model_dir = Path(model_dir)
     plan = plan_conversion(model_dir)
     paths = output_paths(model_dir, outtypes, out)
+    check_imatrix_use(outtypes, imatrix)
     for path in paths.values():
         if path.exists() and not force:
             raise BadInput(f"output exists: {path} (use --force to replace it)")
@@ -317,16 +345,30 @@ def convert_gguf(
         # the input's hash overlaps the conversion (hashlib releases the GIL)
         input_digest = pool.submit(folder_digest, model_dir)
         _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event,
-                     record or {})
+                     record or {}, imatrix)
     return steps
 
 
-def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, extra) -> None:
+def check_imatrix_use(outtypes: list[str], imatrix: Calibration | None) -> None:
+    needing = [t for t in outtypes if OUTTYPES[t].needs_imatrix]
+    if needing and imatrix is None:
+        raise BadInput(f"llama.cpp makes {OUTTYPES[needing[0]].label} only with an importance matrix: add --imatrix")
+    if imatrix is not None and all(OUTTYPES[t].direct for t in outtypes):
+        raise BadInput("--imatrix applies to llama.cpp's quantize types (K- and IQ-quants, Q4_0...), not to "
+                       f"{', '.join(OUTTYPES[t].label for t in outtypes)}")
+
+
+def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, extra,
+                 imatrix_calibration) -> None:
+    imatrix_options = None
+
     def record(outtype: str, path: Path, content: Path, t0: float, started: str, sha256: str) -> None:
         """The sidecar manifest, written before the file is renamed into place (see write_file_manifest)."""
+        used = imatrix_options if not OUTTYPES[outtype].direct else None
         step = {
             "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
-            "inputs": {"model": input_digest.result()}, "options": {"outtype": outtype, "out": str(path)},
+            "inputs": {"model": input_digest.result()},
+            "options": {"outtype": outtype, "out": str(path), **({"imatrix": used} if used else {})},
             "versions": tool_versions(),
             "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
                         "pre_tokenizer": plan.pre_tokenizer, **quant_census(content, OUTTYPES[outtype].label)},
@@ -347,20 +389,34 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
         # one F16 pass feeds every llama.cpp quantization (a scratch file unless F16 was asked for)
         # named like a partial output of the first quantization, so a killed run's scratch is cleaned up
         first = paths[indirect[0]]
+        first.parent.mkdir(parents=True, exist_ok=True)
         scratch = None if f16_path else first.with_name(f".{first.name}.partial-f16-{os.getpid()}")
+        imatrix_file = first.with_name(f".{first.name}.partial-imatrix-{os.getpid()}.npz")
         try:
             if scratch is not None:
                 on_event("writing the F16 pass for llama.cpp's quantize")
                 write_direct(plan, "f16", scratch, name, on_tensor)
+            imatrix = None
+            if imatrix_calibration is not None:
+                cal = imatrix_calibration
+                on_event(f"importance matrix on {cal.samples} x {cal.seq_len} tokens of {cal.data}, layer by layer")
+                clock = time.perf_counter()
+                computed = importance_matrix(model_dir, {t.hf_name: t.gguf_name for t in plan.tensors}, cal)
+                computed.save(imatrix_file)
+                imatrix = {"path": str(imatrix_file), "file": "workbench (layer runner)", "dataset": cal.data,
+                           "chunks": computed.chunks}
+                imatrix_options = {"data": cal.data, "samples": cal.samples, "seq_len": cal.seq_len, "seed": cal.seed,
+                                   "entries": len(computed.values), "seconds": round(time.perf_counter() - clock, 2)}
             for outtype in indirect:
                 t0, started = time.perf_counter(), now()
                 on_event(f"llama.cpp quantize -> {paths[outtype].name}")
                 with atomic_output_file(paths[outtype], force) as tmp:
-                    quantize_with_llamacpp(f16_path or scratch, tmp, outtype, python, os.cpu_count() or 1)
+                    quantize_with_llamacpp(f16_path or scratch, tmp, outtype, python, os.cpu_count() or 1, imatrix)
                     record(outtype, paths[outtype], tmp, t0, started, sha256_file(tmp))
         finally:
             if scratch is not None:
                 scratch.unlink(missing_ok=True)
+            imatrix_file.unlink(missing_ok=True)
 
 
 ADAPTER_OUTTYPES = ("f32", "f16", "bf16")

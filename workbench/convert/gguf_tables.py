@@ -27,6 +27,7 @@ class OutType:
     file_type: gguf.LlamaFileType
     label: str  # in the output name
     direct: bool  # written by this converter; otherwise llama.cpp's quantize makes it from F16
+    needs_imatrix: bool = False  # llama.cpp refuses to make it without an importance matrix
 
 
 OUTTYPES: dict[str, OutType] = {
@@ -47,6 +48,17 @@ OUTTYPES: dict[str, OutType] = {
     "q5_k_s": OutType(gguf.LlamaFileType.MOSTLY_Q5_K_S, "Q5_K_S", False),
     "q5_k_m": OutType(gguf.LlamaFileType.MOSTLY_Q5_K_M, "Q5_K_M", False),
     "q6_k": OutType(gguf.LlamaFileType.MOSTLY_Q6_K, "Q6_K", False),
+    "iq4_nl": OutType(gguf.LlamaFileType.MOSTLY_IQ4_NL, "IQ4_NL", False),
+    "iq4_xs": OutType(gguf.LlamaFileType.MOSTLY_IQ4_XS, "IQ4_XS", False),
+    "iq3_s": OutType(gguf.LlamaFileType.MOSTLY_IQ3_S, "IQ3_S", False),
+    "iq3_m": OutType(gguf.LlamaFileType.MOSTLY_IQ3_M, "IQ3_M", False),
+    "iq3_xxs": OutType(gguf.LlamaFileType.MOSTLY_IQ3_XXS, "IQ3_XXS", False, needs_imatrix=True),
+    "iq2_m": OutType(gguf.LlamaFileType.MOSTLY_IQ2_M, "IQ2_M", False, needs_imatrix=True),
+    "iq2_s": OutType(gguf.LlamaFileType.MOSTLY_IQ2_S, "IQ2_S", False, needs_imatrix=True),
+    "iq2_xs": OutType(gguf.LlamaFileType.MOSTLY_IQ2_XS, "IQ2_XS", False, needs_imatrix=True),
+    "iq2_xxs": OutType(gguf.LlamaFileType.MOSTLY_IQ2_XXS, "IQ2_XXS", False, needs_imatrix=True),
+    "iq1_m": OutType(gguf.LlamaFileType.MOSTLY_IQ1_M, "IQ1_M", False, needs_imatrix=True),
+    "iq1_s": OutType(gguf.LlamaFileType.MOSTLY_IQ1_S, "IQ1_S", False, needs_imatrix=True),
 }
 
 # Byte-level BPE pre-tokenizer split patterns -> llama.cpp's pre-tokenizer name. llama.cpp's own converter

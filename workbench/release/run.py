@@ -17,7 +17,7 @@ import json
 import shutil
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import __version__
@@ -113,6 +113,8 @@ class Keys:
         extra = {}
         if stage.kind == "quantize":
             extra = _quantize_inputs(stage.options)
+        if stage.kind == "gguf" and stage.options.get("imatrix") not in (None, "default"):
+            extra = {"imatrix_sha256": _file_sha256(Path(stage.options["imatrix"]))}
         if stage.kind == "verify":
             extra = {"engine_version": self.engine(stage.options["engine"])}
         blob = {"kind": stage.kind, "options": stage.options, "inputs": inputs, "versions": self.versions, **extra}
@@ -360,9 +362,11 @@ def _run_quantize(release, stage, key, event, progress) -> None:
 
 def _run_gguf(release, stage, key, event, progress) -> None:
     from ..convert.gguf import convert_gguf
+    from ..convert.imatrix import DEFAULT_CALIBRATION
 
+    data = stage.options.get("imatrix")
     convert_gguf(_input_path(release, stage.needs[0]), [stage.options["outtype"]], stage.output, True, None, progress, event,
-                 _record(release, stage, key))
+                 _record(release, stage, key), imatrix=replace(DEFAULT_CALIBRATION, data=data) if data else None)
 
 
 def _run_verify(release, stage, key, event, progress) -> None:

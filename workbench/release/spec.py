@@ -30,7 +30,8 @@ TOP = {
     "artifacts": ((dict,), "artifacts to build, by id"),
     "verify": ((list,), "verify matrix"),
 }
-ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "require": (str,), "reason": (str,)}
+ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "imatrix": (str,), "require": (str,),
+            "reason": (str,)}
 # what an artifact must end as for the release to pass: served (an engine loaded it and every check passed)
 # or checked (built and quality-gated; the reason it is not served is stated)
 REQUIREMENTS = ("served", "checked")
@@ -171,6 +172,8 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         raise BadInput(f"{at}: ids are letters, digits, - and _ (and not {SOURCE!r} or {UNMERGED!r})")
     if not isinstance(spec, dict):
         raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
+    if "imatrix" in spec and "gguf" not in spec:
+        raise BadInput(f"{at}: imatrix goes with gguf")
     check_types(spec, ARTIFACT, at)
     kinds = [k for k in ("merge", "quantize", "gguf") if k in spec]
     if len(kinds) != 1:
@@ -220,7 +223,14 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         raise BadInput(f"{at}: {outtype} is already built by {gguf_types[outtype]!r} (one file per type in {release.gguf_folder.name})")
     gguf_types[outtype] = artifact_id
     path = release.gguf_folder / f"{release.name}-{OUTTYPES[outtype].label}.gguf"
-    return Stage(artifact_id, "gguf", (source,), {"outtype": outtype}, path)
+    imatrix = spec.get("imatrix")
+    if imatrix and imatrix != "default":
+        imatrix = str(_path(here, imatrix, f"{at}.imatrix"))
+    if OUTTYPES[outtype].needs_imatrix and not imatrix:
+        raise BadInput(f"{at}: llama.cpp makes {OUTTYPES[outtype].label} only with an importance matrix: add imatrix: default")
+    if imatrix and OUTTYPES[outtype].direct:
+        raise BadInput(f"{at}: imatrix applies to llama.cpp's quantize types, not to {OUTTYPES[outtype].label}")
+    return Stage(artifact_id, "gguf", (source,), {"outtype": outtype, **({"imatrix": imatrix} if imatrix else {})}, path)
 
 
 def _verify_stages(release: Release, entries: list, defaults: dict, where: str) -> None:
