@@ -41,6 +41,8 @@ output: {out}
 artifacts:
   merged:
     merge: {{dtype: auto}}
+    require: checked
+    reason: benchmark of the merge stage and its cache
 """
 
 

@@ -20,7 +20,7 @@ import llama_cpp
 request = json.load(open(sys.argv[1]))
 llm = llama_cpp.Llama(model_path=request["model"], lora_path=request["lora"], n_ctx=512, n_batch=512, logits_all=True,
                       n_threads=2, verbose=False)
-result = {"tokens": [llm.tokenize(t.encode(), add_bos=True, special=False) for t in request["texts"]], "greedy": []}
+result = {"tokens": [llm.tokenize(t.encode(), add_bos=True, special=request["special"]) for t in request["texts"]], "greedy": []}
 for prompt in request["prompts"]:
     out = llm.create_completion(prompt, max_tokens=request["max_tokens"], temperature=0.0, repeat_penalty=1.0, top_k=1)
     result["greedy"].append(out["choices"][0]["text"])
@@ -42,11 +42,13 @@ def llamacpp_python() -> str:
     return python
 
 
-def run_llamacpp(model: Path, blocks=(), texts=(), prompts=(), max_tokens: int = 24, lora: Path | None = None) -> dict:
+def run_llamacpp(model: Path, blocks=(), texts=(), prompts=(), max_tokens: int = 24, lora: Path | None = None,
+                 special: bool = False) -> dict:
+    """``special``: texts may hold special tokens (a rendered chat template), parsed as such."""
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "scores.npy")
         request = {"model": str(model), "lora": str(lora) if lora else None, "blocks": [list(map(int, b)) for b in blocks], "texts": list(texts),
-                   "prompts": list(prompts), "max_tokens": max_tokens, "out": out}
+                   "prompts": list(prompts), "max_tokens": max_tokens, "out": out, "special": special}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         done = subprocess.run([llamacpp_python(), "-c", SCRIPT, str(Path(tmp) / "request.json")], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]

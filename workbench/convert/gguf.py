@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -71,10 +72,11 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 @dataclass
 class Tensor:
-    hf_name: str
+    hf_name: str | None  # None: computed by the converter (``values``), not read from the checkpoint
     gguf_name: str
     shape: tuple[int, ...]
     permute_heads: int | None = None
+    values: torch.Tensor | None = None
 
 
 @dataclass
@@ -113,6 +115,9 @@ def plan_conversion(model_dir: Path) -> Plan:
     tokens, types, pre, add_bos, warnings = _vocab(Path(model_dir), hparams["vocab_size"])
     names = gguf.get_tensor_name_map(arch.gguf_arch, hparams["block_count"])
     tensors = []
+    if hparams["rope_type"] == "llama3":  # llama.cpp applies Llama 3's frequency scaling from a tensor
+        factors = llama3_rope_factors(hparams)
+        tensors.append(Tensor(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), values=factors))
     for file in model.weight_files:
         for name in model.store.names_in(file):
             if name.endswith(SKIPPED_TENSORS):
@@ -132,8 +137,8 @@ def _hparams(config: dict) -> dict:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear", "yarn"):
-        raise BadInput(f"rope scaling {rope_type!r} is not supported by this converter (default, linear, yarn)")
+    if rope_type not in ("default", "linear", "yarn", "llama3"):
+        raise BadInput(f"rope scaling {rope_type!r} is not supported by this converter (default, linear, yarn, llama3)")
     return {
         "context_length": config["max_position_embeddings"],
         "embedding_length": config["hidden_size"],
@@ -147,8 +152,24 @@ def _hparams(config: dict) -> dict:
         "rope_type": rope_type,
         "rope_factor": rope.get("factor"),
         "rope_original_context": rope.get("original_max_position_embeddings"),
+        "rope_low_freq_factor": rope.get("low_freq_factor", 1.0),
+        "rope_high_freq_factor": rope.get("high_freq_factor", 4.0),
         "vocab_size": config["vocab_size"],
     }
+
+
+def llama3_rope_factors(h: dict) -> torch.Tensor:
+    """Llama 3's rope frequency divisors per rotary pair, as llama.cpp reads them from ``rope_freqs``: 1 for
+    wavelengths under original_context / high_freq_factor, ``factor`` above original_context /
+    low_freq_factor, interpolated between; float32 throughout, as llama.cpp's converter computes them."""
+    dim, factor = h["head_dim"], float(h["rope_factor"] or 8.0)
+    low, high, context = h["rope_low_freq_factor"], h["rope_high_freq_factor"], h["rope_original_context"] or 8192
+    freqs = 1.0 / (h["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    wavelen = 2 * math.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    between = 1 / ((1 - smooth) / factor + smooth)
+    return torch.where(wavelen < context / high, torch.ones_like(wavelen),
+                       torch.where(wavelen > context / low, torch.full_like(wavelen, factor), between))
 
 
 def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str, bool, list[str]]:
@@ -283,7 +304,7 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, t in enumerate(plan.tensors):
-            data = plan.model.store.get(t.hf_name)
+            data = t.values if t.hf_name is None else plan.model.store.get(t.hf_name)
             if t.permute_heads:
                 data = _permute(data, t.permute_heads)
             w.write_tensor_data(_encode(data, outtype)[0])
@@ -401,7 +422,7 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
                 cal = imatrix_calibration
                 on_event(f"importance matrix on {cal.samples} x {cal.seq_len} tokens of {cal.data}, layer by layer")
                 clock = time.perf_counter()
-                computed = importance_matrix(model_dir, {t.hf_name: t.gguf_name for t in plan.tensors}, cal)
+                computed = importance_matrix(model_dir, {t.hf_name: t.gguf_name for t in plan.tensors if t.hf_name}, cal)
                 computed.save(imatrix_file)
                 imatrix = {"path": str(imatrix_file), "file": "workbench (layer runner)", "dataset": cal.data,
                            "chunks": computed.chunks}

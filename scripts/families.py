@@ -1,0 +1,156 @@
+"""Config-faithful tiny models of the families users fine-tune (issue 13), trained locally like the main
+fixtures (scripts/fixtures.py: same text, seeds and training loop) so that their logits mean something:
+each family's real config fields (rope scaling, tied embeddings, head_dim, ...) at small sizes, with the
+right kind of tokenizer trained here and the family's chat template and special tokens.
+
+    python scripts/families.py FAMILY [--path]      build (or reuse) one family's model and print its folder
+
+Each family is built on first use into $WORKBENCH_HOME/fixtures/families-<hash of this file and
+fixtures.py>/<family>, under a lock, and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import fixtures  # noqa: E402
+
+STEPS = 300
+# Llama 3's pre-tokenizer split (llama.cpp calls it llama-bpe): digits in groups of up to three
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    config: dict  # transformers config fields (model_type first), sizes small, the rest as the real models
+    tokenizer: str  # "llama-bpe"
+    bos: str
+    eos: str
+    specials: list[str]  # every special token, in id order after the learned vocabulary's first ids
+    chat_template: str
+    generation_eos: list[str] = field(default_factory=list)  # generation_config's eos_token_id list
+
+
+FAMILIES = {
+    # Llama 3.2 1B's shape rules: tied embeddings, 4 query heads per KV head, rope theta 500000 with llama3
+    # scaling (factor 32, original context 8192), an eos list in generation_config
+    "llama-3.2": Family(
+        config=dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072,
+                    rms_norm_eps=1e-5, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+        tokenizer="llama-bpe", bos="<|begin_of_text|>", eos="<|end_of_text|>",
+        specials=["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                  "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"],
+        chat_template=LLAMA3_CHAT_TEMPLATE, generation_eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
+    ),
+}
+
+
+def families_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    key = hashlib.sha256(Path(__file__).read_bytes() + (here / "fixtures.py").read_bytes()).hexdigest()[:12]
+    return fixtures.workbench_home() / "fixtures" / f"families-{key}"
+
+
+def build_tokenizer(family: Family, out: Path):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=fixtures.VOCAB_SIZE, special_tokens=family.specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(fixtures.corpus("train").splitlines(), trainer=trainer)
+    tok.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B",
+                                                       special_tokens=[(family.bos, tok.token_to_id(family.bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
+                                   additional_special_tokens=[s for s in family.specials if s not in (family.bos, family.eos)],
+                                   model_max_length=131072)
+    fast.chat_template = family.chat_template
+    fast.save_pretrained(out)
+    return fast
+
+
+def build(name: str, out: Path) -> dict:
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    family = FAMILIES[name]
+    tokenizer = build_tokenizer(family, out)
+    spec = dict(family.config)
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, **spec)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.manual_seed(fixtures.SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    heldout = fixtures.token_blocks(tokenizer, fixtures.corpus("heldout"), limit=64)
+    before = fixtures.perplexity(model, heldout)
+    print(f"{name}: training {STEPS} steps", flush=True)
+    fixtures.train(model, fixtures.token_blocks(tokenizer, fixtures.corpus("train")), STEPS, lr=3e-3)
+    after = fixtures.perplexity(model, heldout)
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos] or tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, do_sample=False)
+    model.to(torch.bfloat16).save_pretrained(out, max_shard_size=fixtures.SHARD_SIZE)
+    figures = {"heldout_ppl_untrained": round(before, 2), "heldout_ppl_trained_fp32": round(after, 2), "uniform_ppl": len(tokenizer)}
+    (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
+def ensure_family(name: str) -> Path:
+    """The family's model folder, built on first use."""
+    if name not in FAMILIES:
+        raise SystemExit(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    root = families_dir()
+    final = root / name
+    if (final / "figures.json").exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / "figures.json").exists():
+            return final
+        tmp = root / f"{name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            build(name, tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        os.rename(tmp, final)
+    return final
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("family", choices=list(FAMILIES))
+    parser.add_argument("--path", action="store_true", help="print only the folder")
+    args = parser.parse_args()
+    folder = ensure_family(args.family)
+    print(folder if args.path else f"{args.family}: {folder}\n{(folder / 'figures.json').read_text()}", end="\n" if args.path else "")
+
+
+if __name__ == "__main__":
+    main()
