@@ -255,9 +255,14 @@ def _encoded_info(shape: tuple[int, ...], outtype: str) -> tuple[tuple[int, ...]
 def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> None:
     h = plan.hparams
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name)
-    params = sum(int(np.prod(t.shape)) for t in plan.tensors)
-    w.add_size_label(gguf.size_label(params, 0, 0, 0))
+    # general.* as llama.cpp's converter writes them: gguf-py's metadata from the model card and the folder
+    # name (basename, version, size label, license, base models, tags)
+    params = sum(int(np.prod(t.shape)) for t in plan.tensors if t.hf_name)
+    logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
+    meta = gguf.Metadata.load(None, plan.model.path, None, params)
+    meta.name = meta.name or name
+    meta.size_label = meta.size_label or gguf.size_label(params, 0, 0, 0)
+    meta.set_gguf_meta_model(w)
     w.add_file_type(OUTTYPES[outtype].file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_context_length(h["context_length"])

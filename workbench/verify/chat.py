@@ -21,6 +21,7 @@ class ChatFacts:
     bos_id: int | None = None
     specials: dict[str, int] = field(default_factory=dict)  # special tokens the chat template writes -> id
     long_prompt: str | None = None  # longer than the original context of a rope-scaled model
+    original_context: int = 0  # that original context (0: not rope-scaled)
     long_note: str = ""  # the original and scaled context, or why there is no long probe
     source: str = ""  # the tokenizer the facts come from
 
@@ -90,7 +91,8 @@ def chat_facts(tokenizer_source: Path | None, config: dict | None, generation_eo
     chat_ids = () if tok.chat_template is None else tuple(_ids(tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True)))
     original, note = rope_original(config or {})
     return ChatFacts(stop_ids=stops, chat_ids=chat_ids, bos_id=tok.bos_token_id, specials=specials,
-                     long_prompt=long_prompt(tok, original) if original else None, long_note=note, source=str(tokenizer_source))
+                     long_prompt=long_prompt(tok, original) if original else None, original_context=original or 0,
+                     long_note=note, source=str(tokenizer_source))
 
 
 # ---------------------------------------------------------------- probes

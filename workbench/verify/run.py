@@ -242,7 +242,10 @@ def _serving_checks(client: Client, server: Server, probing: Probing, facts: Cha
               if facts.source else Check("special-tokens", "skipped" if probing.no_reference else "incomplete",
                                          "no tokenizer to compare with: transformers cannot read this GGUF's, "
                                          "and its source model is not there")]
-    if facts.long_prompt:
+    if facts.long_prompt and server.max_model_len and server.max_model_len <= facts.original_context:
+        checks.append(Check("long-context", "skipped", f"{facts.long_note}; not run: --max-model-len {server.max_model_len} "
+                                                       "keeps every request within the original context"))
+    elif facts.long_prompt:
         long = replace(probing, prompts=(facts.long_prompt,))
         checks.append(guarded("long-context", lambda: reference_check(client, long, "long-context")))
         checks[-1].detail = f"{facts.long_note}; {checks[-1].detail}"
