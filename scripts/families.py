@@ -12,11 +12,9 @@ fixtures.py>/<family>, under a lock, and renamed into place when complete.
 from __future__ import annotations
 
 import argparse
-import fcntl
 import hashlib
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,25 +120,7 @@ def ensure_family(name: str) -> Path:
     """The family's model folder, built on first use."""
     if name not in FAMILIES:
         raise SystemExit(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
-    root = families_dir()
-    final = root / name
-    if (final / "figures.json").exists():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / "figures.json").exists():
-            return final
-        tmp = root / f"{name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            build(name, tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        os.rename(tmp, final)
-    return final
+    return fixtures.build_once(families_dir() / name, lambda tmp: build(name, tmp))
 
 
 def main() -> None:

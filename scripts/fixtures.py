@@ -235,24 +235,29 @@ def build(root: Path) -> None:
 
 def ensure_fixtures() -> Path:
     """The fixture folder, built on first use."""
-    root = fixture_dir()
-    if (root / "figures.json").exists():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f"{root.name}.lock", "w") as lock:
+    return build_once(fixture_dir(), build)
+
+
+def build_once(final: Path, builder) -> Path:
+    """``final``, made by ``builder(tmp)`` into a temporary folder renamed into place, under a lock so that
+    parallel callers build it once; a folder with figures.json is complete."""
+    if (final / "figures.json").exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f"{final.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / "figures.json").exists():
-            return root
-        tmp = root.parent / f"{root.name}.partial-{os.getpid()}"
+        if (final / "figures.json").exists():
+            return final
+        tmp = final.parent / f"{final.name}.partial-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         try:
-            build(tmp)
+            builder(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        os.rename(tmp, root)
-    return root
+        os.rename(tmp, final)
+    return final
 
 
 def main() -> None:

@@ -27,12 +27,15 @@ def tensors(folder):
     return out
 
 
-@pytest.fixture(scope="module")
-def fp8_static(llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("q") / "llama-fp8"
-    result = run("quantize", llama, "--method", "fp8", "--out", out)
+def quantized(source, out, method):
+    result = run("quantize", source, "--method", method, "--out", out)
     assert result.exit_code == 0, result.output + result.stderr
     return out
+
+
+@pytest.fixture(scope="module")
+def fp8_static(llama, tmp_path_factory):
+    return quantized(llama, tmp_path_factory.mktemp("q") / "llama-fp8", "fp8")
 
 
 def test_fp8_static_writes_the_seed_format(llama, fp8_static, figures):
@@ -117,10 +120,7 @@ BNB_FP4_RECIPE = "method: bnb\nscheme: fp4\ndouble_quant: false\ntargets: [Linea
 
 @pytest.fixture(scope="module")
 def bnb_nf4(llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bnb") / "llama-bnb-nf4"
-    result = run("quantize", llama, "--method", "bnb-nf4", "--out", out)
-    assert result.exit_code == 0, result.output + result.stderr
-    return out
+    return quantized(llama, tmp_path_factory.mktemp("bnb") / "llama-bnb-nf4", "bnb-nf4")
 
 
 def test_bnb_nf4_is_what_transformers_saves_and_loads_back(llama, bnb_nf4, tmp_path, figures):
