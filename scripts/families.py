@@ -51,7 +51,7 @@ FAMILIES = {
     # Llama 3.2 1B's shape rules: tied embeddings, 4 query heads per KV head, rope theta 500000 with llama3
     # scaling (factor 32, original context 8192), an eos list in generation_config
     "llama-3.2": Family(
-        config=dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+        config=dict(model_type="llama", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
                     num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, max_position_embeddings=131072,
                     rms_norm_eps=1e-5, rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
