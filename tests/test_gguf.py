@@ -90,7 +90,7 @@ def test_metadata_round_trip(llama, qwen2, tmp_path):
         config = json.loads((model / "config.json").read_text())
         tok = AutoTokenizer.from_pretrained(model)
         expected = {
-            "general.architecture": arch, "general.type": "model", "general.name": model.name,
+            "general.architecture": arch, "general.type": "model", "general.name": {"llama": "Llama", "qwen2": "Qwen2"}[arch],  # gguf-py naming from the folder, as llama.cpp
             "general.file_type": int(gguf.LlamaFileType.MOSTLY_Q8_0), "general.quantization_version": gguf.GGML_QUANT_VERSION,
             f"{arch}.context_length": config["max_position_embeddings"], f"{arch}.embedding_length": config["hidden_size"],
             f"{arch}.feed_forward_length": config["intermediate_size"], f"{arch}.block_count": config["num_hidden_layers"],
@@ -324,3 +324,19 @@ def test_iq_types_that_need_an_imatrix_are_refused_without_one(llama, tmp_path):
     assert_one_line_error(run("convert", "gguf", llama, "--outtype", "q8_0", "--imatrix", "--out", tmp_path / "x.gguf"), 2,
                           "--imatrix applies to llama.cpp's quantize types")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_a_pre_tokenizer_llamacpp_does_not_name_is_refused_when_it_splits_differently(llama, copy_of, tmp_path):
+    """Single-digit splitting (as some tokenizers do) is no pattern llama.cpp names: written as its 'default'
+    pre-tokenizer, llama.cpp would tokenize differently from transformers, so nothing is written."""
+    model = copy_of(llama)
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r" ?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    assert_one_line_error(run("convert", "gguf", model, "--outtype", "f16", "--out", tmp_path / "out" / "m.gguf", "-q"), 2,
+                          "pre-tokenizer split pattern is not one llama.cpp knows")
+    assert not list((tmp_path / "out").glob("*"))

@@ -32,7 +32,7 @@ from ..verify.guard import set_parent_death_signal
 from ..engines import ENGINES, check_installed, engine_python
 from .imatrix import importance_matrix
 from ..quantize.recipe import Calibration
-from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS
+from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, TOKENIZER_PROBES
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
 QUANT_CHUNK_ELEMENTS = 1 << 20
@@ -87,7 +87,7 @@ class Plan:
     hparams: dict
     tokens: list[str]
     token_types: list[int]
-    pre_tokenizer: str
+    pre_tokenizer: str  # llama.cpp's name; DEFAULT_PRE_TOKENIZER when the pattern is not one it names
     add_bos: bool
     warnings: list[str] = field(default_factory=list)
 
@@ -198,9 +198,10 @@ def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str,
         pattern = GPT2_PATTERN
     warnings = []
     pre_name = PRE_TOKENIZERS.get(pattern)
-    if pre_name is None:
+    if pre_name is None:  # kept only if llama.cpp's tokenization of the written file proves equal (prove_tokenizer)
         pre_name = DEFAULT_PRE_TOKENIZER
-        warnings.append(f"unrecognised pre-tokenizer pattern; written as {pre_name!r}: llama.cpp may split text differently")
+        warnings.append(f"pre-tokenizer split pattern not one llama.cpp names; written as {pre_name!r} after llama.cpp "
+                        f"tokenized {len(TOKENIZER_PROBES)} probe texts as transformers does")
     tokens: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
     for added in tok.get("added_tokens", []):
         kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
@@ -322,6 +323,33 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
     return digest
 
 
+TOKENIZE_SCRIPT = """
+import json, sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=False) for t in json.loads(sys.argv[2])]))
+"""
+
+
+def prove_tokenizer(plan: Plan, path: Path, python: str) -> None:
+    """A pre-tokenizer llama.cpp does not name is written as its default; keep the file only if llama.cpp
+    tokenizes the probe texts (code, prose, digits, unicode, whitespace runs) exactly as transformers does."""
+    from transformers import AutoTokenizer
+
+    check_installed(ENGINES["llamacpp"], python)
+    done = subprocess.run([python, "-c", TOKENIZE_SCRIPT, str(path), json.dumps(TOKENIZER_PROBES)], capture_output=True,
+                          text=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
+    if done.returncode != 0:
+        raise EnvironmentProblem(f"llama.cpp could not read the written GGUF's tokenizer: {done.stderr.strip()[-300:]}")
+    theirs = json.loads(done.stdout.strip().splitlines()[-1])
+    hf = AutoTokenizer.from_pretrained(plan.model.path)
+    for text, got in zip(TOKENIZER_PROBES, theirs):
+        expected = hf(text, add_special_tokens=False).input_ids
+        if got != expected:
+            raise BadInput(f"the tokenizer's pre-tokenizer split pattern is not one llama.cpp knows, and with its "
+                           f"{DEFAULT_PRE_TOKENIZER!r} pre-tokenizer llama.cpp splits {text[:30]!r} differently "
+                           f"({len(got)} tokens vs transformers' {len(expected)}): not converted")
+
+
 def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int, imatrix: dict | None = None) -> None:
     ftype = int(OUTTYPES[outtype].file_type)
     result = subprocess.run([python, "-c", QUANTIZE_SCRIPT, str(source), str(target), str(ftype), str(threads), json.dumps(imatrix)],
@@ -361,7 +389,7 @@ def convert_gguf(
             raise BadInput(f"output exists: {path} (use --force to replace it)")
     indirect = [t for t in outtypes if not OUTTYPES[t].direct]
     python = None
-    if indirect:
+    if indirect or plan.pre_tokenizer == DEFAULT_PRE_TOKENIZER:  # llama.cpp's quantize, or the tokenizer proof
         spec = ENGINES["llamacpp"]
         python = engine_python(spec, llamacpp_python)
         check_installed(spec, python)
@@ -387,9 +415,14 @@ def check_imatrix_use(outtypes: list[str], imatrix: Calibration | None) -> None:
 def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, extra,
                  imatrix_calibration) -> None:
     imatrix_options = None
+    unproven = [plan.pre_tokenizer == DEFAULT_PRE_TOKENIZER]
 
     def record(outtype: str, path: Path, content: Path, t0: float, started: str, sha256: str) -> None:
-        """The sidecar manifest, written before the file is renamed into place (see write_file_manifest)."""
+        """The sidecar manifest, written before the file is renamed into place (see write_file_manifest);
+        the first file written proves an unnamed pre-tokenizer first (a failure leaves nothing)."""
+        if unproven[0]:
+            prove_tokenizer(plan, content, python)
+            unproven[0] = False
         used = imatrix_options if not OUTTYPES[outtype].direct else None
         step = {
             "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),

@@ -71,3 +71,11 @@ PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
 }
 DEFAULT_PRE_TOKENIZER = "default"
+# Texts llama.cpp must tokenize exactly as transformers before a pre-tokenizer it does not name is accepted.
+TOKENIZER_PROBES = [
+    "def f(x):\n    return x ** 2  # square\n",
+    "Prices: 12345 and 3.14159, 1e-9; year 2026, phone 555-0100.",
+    "Grüße, naïve café — 東京 and emoji 🙂 end",
+    "if __name__ == '__main__':\n\tmain()\r\n\n\n   spaces   and\ttabs",
+    "I'm sure they'll say it's OK, we've done THAT'S before.",
+]
