@@ -103,9 +103,9 @@ class Codec:
     def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
         return self.bnb.planned(name, shape)
 
-    def quantize(self, name: str, weight: torch.Tensor, amax: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """``weight`` in the checkpoint's dtype, as transformers quantizes it at load time."""
-        return self.bnb.tensors(name, weight)
+    def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """From the weight in the checkpoint's ``dtype``, as transformers quantizes it at load time."""
+        return self.bnb.tensors(name, weight.to(dtype))
 
     @contextlib.contextmanager
     def emulated(self, layer: nn.Module, written: dict[str, torch.Tensor]):

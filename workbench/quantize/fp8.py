@@ -97,7 +97,7 @@ class EmulatedFP8Linear(nn.Module):
         xf = x.float()
         scale = self.act_scale if self.act_scale is not None else (xf.abs().amax() / FP8_MAX).clamp_min(1e-12)
         xq = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
-        y = xq @ (self.weight_fp8.float() * self.scale).T
+        y = xq @ self.weight_fp8.float().mul_(self.scale).T  # in place: one float32 copy of the weight, not two
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
@@ -126,8 +126,8 @@ class Codec:
         scales = ["weight_scale", "input_scale"] if self.calibrates else ["weight_scale"]
         return [PlannedTensor(name, FP8, shape), *(PlannedTensor(f"{module}.{s}", torch.float32, ()) for s in scales)]
 
-    def quantize(self, name: str, weight: torch.Tensor, amax: float) -> tuple[dict[str, torch.Tensor], "Quantized"]:
-        q, scale = quantize_weight(weight)
+    def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], "Quantized"]:
+        q, scale = quantize_weight(weight)  # the compute-dtype weight holds the checkpoint's values exactly
         act = input_scale(amax) if self.calibrates else None
         module = name.removesuffix(".weight")
         tensors = {name: q, f"{module}.weight_scale": scale, **({f"{module}.input_scale": act} if act is not None else {})}
@@ -157,8 +157,8 @@ def emulated(module: nn.Module, written: dict[str, Quantized]):
         inputs = [written[n].input_scale for n in members]
         act = max(s.float() for s in inputs) if inputs[0] is not None else None
         for n in members:
-            dq = written[n].weight.float() * written[n].scale.float()
-            requantized = (dq / max_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
+            dq = written[n].weight.float().mul_(written[n].scale.float())
+            requantized = dq.div_(max_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
             parent, _, leaf = n.rpartition(".")
             owner = module.get_submodule(parent) if parent else module
             original = getattr(owner, leaf)

@@ -113,16 +113,16 @@ class Clock:
 
 def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float], codec,
                  source: Checkpoint, writer: StreamedWriter) -> dict:
-    """Write one layer's tensors in plan order: targets through the codec (from the weight in the
-    checkpoint's dtype), the rest copied. Returns the codec's record of each target, by module name."""
+    """Write one layer's tensors in plan order: targets through the codec (given the layer's weight and the
+    checkpoint's dtype of it), the rest copied. Returns the codec's record of each target, by module name."""
     written = {}
     for name in names:
         if name not in weights:
             writer.copy(source.store, name)
             continue
         module = name.removeprefix(prefix).removesuffix(".weight")
-        weight = layer.get_submodule(module).weight.to(source.store.tensors[name].dtype)
-        tensors, written[module] = codec.quantize(name, weight, amax[module])
+        weight = layer.get_submodule(module).weight
+        tensors, written[module] = codec.quantize(name, weight, amax[module], source.store.tensors[name].dtype)
         for tensor_name, tensor in tensors.items():
             writer.write(tensor_name, tensor)
     return written
