@@ -34,12 +34,19 @@ LLAMA3_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
+# Mistral v0.3's template without tools: [INST] turns, the reply closed by eos
+MISTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + '[/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
 
 
 @dataclass(frozen=True)
 class Family:
     config: dict  # transformers config fields (model_type first), sizes small, the rest as the real models
-    tokenizer: str  # "llama-bpe"
+    tokenizer: str  # "llama-bpe" (byte-level BPE, tokenizers) or "spm" (SentencePiece BPE with byte fallback)
     bos: str
     eos: str
     specials: list[str]  # every special token, in id order after the learned vocabulary's first ids
@@ -60,6 +67,18 @@ FAMILIES = {
                   "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>"],
         chat_template=LLAMA3_CHAT_TEMPLATE, generation_eos=["<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"],
     ),
+    # Mistral 7B v0.3's shape rules: untied, 4 query heads per KV head, head_dim set, rope theta 1e6, no
+    # sliding window; a SentencePiece BPE tokenizer with byte fallback, digits split, a dummy prefix, and
+    # control tokens after <unk> <s> </s>
+    "mistral-v0.3": Family(
+        config=dict(model_type="mistral", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, rope_theta=1000000.0,
+                    max_position_embeddings=32768, sliding_window=None, rms_norm_eps=1e-5),
+        tokenizer="spm", bos="<s>", eos="</s>",
+        specials=["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                  "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
+        chat_template=MISTRAL_CHAT_TEMPLATE,
+    ),
 }
 
 
@@ -70,6 +89,48 @@ def families_dir() -> Path:
 
 
 def build_tokenizer(family: Family, out: Path):
+    return (build_spm_tokenizer if family.tokenizer == "spm" else build_bpe_tokenizer)(family, out)
+
+
+def build_spm_tokenizer(family: Family, out: Path):
+    """Trained with the sentencepiece library as Llama 2 and Mistral were (BPE, byte fallback, split digits,
+    whitespace-only pieces, no normalization); transformers converts tokenizer.model to its tokenizer.json."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    unk, bos, eos, *control = family.specials
+    lines = [line for line in fixtures.corpus("train").splitlines() if line.strip()]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"), vocab_size=fixtures.VOCAB_SIZE, model_type="bpe",
+        byte_fallback=True, split_digits=True, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_piece=unk, bos_piece=bos, eos_piece=eos, control_symbols=control, character_coverage=0.9995,
+        max_sentence_length=100000, num_threads=2, minloglevel=2)
+    (out / "tokenizer.vocab").unlink()
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": unk, "add_bos_token": True,
+        "add_eos_token": False, "model_max_length": family.config["max_position_embeddings"]}))
+    fast = AutoTokenizer.from_pretrained(out, additional_special_tokens=control)
+    fast.chat_template = family.chat_template
+    fast.save_pretrained(out)
+    # as the real checkpoints ship them (converted by transformers 4): every piece of text, the first and each
+    # one after a special token, starts with "▁" (as SentencePiece and llama.cpp do); transformers 5's own
+    # conversion prepends it to the first piece only
+    pipeline = json.loads((out / "tokenizer.json").read_text())
+    pipeline["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    pipeline["pre_tokenizer"] = None
+    (out / "tokenizer.json").write_text(json.dumps(pipeline, ensure_ascii=False, indent=2) + "\n")
+    # llama.cpp's converter reads added tokens and add_bos_token from tokenizer_config.json
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    config["added_tokens_decoder"] = {str(t.pop("id")): t for t in added}
+    config.update(add_bos_token=True, add_eos_token=False)
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return fast
+
+
+def build_bpe_tokenizer(family: Family, out: Path):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 

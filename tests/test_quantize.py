@@ -62,6 +62,20 @@ def test_fp8_static_writes_the_seed_format(llama, fp8_static, figures):
         k: step["metrics"][k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")}
 
 
+def test_calibration_and_evaluation_start_with_bos_when_the_tokenizer_adds_one(llama, qwen2):
+    """The Llama fixture's tokenizer adds <s>, the Qwen2 one adds nothing (as the real ones): every sample and
+    held-out block begins as the engines' prompts do, so the activation outliers at BOS reach the scales."""
+    from workbench.quantize.calibration import evaluation_blocks
+
+    cal = load("fp8", None).calibration
+    for model, bos_first in ((llama, True), (qwen2, False)):
+        tok = AutoTokenizer.from_pretrained(model)
+        samples, blocks = calibration_samples(tok, cal), evaluation_blocks(tok)
+        assert samples.shape == (cal.samples, cal.seq_len) and blocks.shape[1] == 256
+        assert bool((samples[:, 0] == tok.bos_token_id).all()) is bos_first and bool((blocks[:, 0] == tok.bos_token_id).all()) is bos_first
+        assert int((samples[:, 1:] == tok.bos_token_id).sum()) == 0
+
+
 def test_input_scales_are_calibration_amax_over_448(llama, fp8_static):
     """Recomputed independently: the largest |input| of each layer over the recipe's calibration samples."""
     recipe = load("fp8", None)

@@ -13,6 +13,12 @@ def quiet_transformers() -> None:
     logging.set_verbosity_error()
 
 
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts an encoded text with its BOS (as the engines encode prompts)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run a block with ``n`` torch intra-op threads, restoring the previous count after."""

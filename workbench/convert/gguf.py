@@ -26,13 +26,14 @@ import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
 from ..errors import BadInput, EnvironmentProblem
-from ..hf import quiet_transformers
+from ..hf import adds_bos, quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.guard import set_parent_death_signal
 from ..engines import ENGINES, check_installed, engine_python
 from .imatrix import importance_matrix
 from ..quantize.recipe import Calibration
-from .gguf_tables import ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, TOKENIZER_PROBES
+from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
+                          TOKENIZER_PROBES)
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
 QUANT_CHUNK_ELEMENTS = 1 << 20
@@ -85,11 +86,11 @@ class Plan:
     arch_name: str
     tensors: list[Tensor]
     hparams: dict
-    tokens: list[str]
-    token_types: list[int]
-    pre_tokenizer: str  # llama.cpp's name; DEFAULT_PRE_TOKENIZER when the pattern is not one it names
-    add_bos: bool
-    warnings: list[str] = field(default_factory=list)
+    vocab: Vocab
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.vocab.warnings
 
 
 def parse_outtypes(values: list[str]) -> list[str]:
@@ -112,7 +113,7 @@ def plan_conversion(model_dir: Path) -> Plan:
                        "and pick a GGUF outtype for the quantization")
     arch = ARCHITECTURES[arch_name]
     hparams = _hparams(config)
-    tokens, types, pre, add_bos, warnings = _vocab(Path(model_dir), hparams["vocab_size"])
+    vocab = _vocab(Path(model_dir), hparams["vocab_size"])
     names = gguf.get_tensor_name_map(arch.gguf_arch, hparams["block_count"])
     tensors = []
     if hparams["rope_type"] == "llama3":  # llama.cpp applies Llama 3's frequency scaling from a tensor
@@ -129,7 +130,7 @@ def plan_conversion(model_dir: Path) -> Plan:
             permute = hparams["head_count" if QK_NAMES.get(role) == "heads" else "head_count_kv"] \
                 if arch.permute_qk and role in QK_NAMES else None
             tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute))
-    return Plan(model, arch_name, tensors, hparams, tokens, types, pre, add_bos, warnings)
+    return Plan(model, arch_name, tensors, hparams, vocab)
 
 
 def _hparams(config: dict) -> dict:
@@ -172,10 +173,23 @@ def llama3_rope_factors(h: dict) -> torch.Tensor:
                        torch.where(wavelen > context / low, torch.full_like(wavelen, factor), between))
 
 
-def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str, bool, list[str]]:
-    """Tokens and token types by id, llama.cpp's pre-tokenizer name, and whether a BOS is added: taken from
-    the tokenizer as transformers loads it (what vLLM and the reference use too). Some tokenizer classes
-    rebuild the tokenizer.json pipeline (transformers' Qwen2 class imposes its split regex and drops BOS)."""
+@dataclass
+class Vocab:
+    """The tokenizer as llama.cpp reads it."""
+    model: str  # llama.cpp's tokenizer model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    tokens: list[str]
+    types: list[int]
+    pre: str  # llama.cpp's pre-tokenizer name
+    add_bos: bool
+    proven: bool  # False: kept only if llama.cpp tokenizes the probe texts as transformers (prove_tokenizer)
+    scores: list[float] | None = None  # SentencePiece's piece scores (its merge order)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _vocab(model_dir: Path, vocab_size: int) -> Vocab:
+    """The tokenizer as transformers loads it (what vLLM and the reference use too): byte-level BPE from its
+    tokenizer.json, SentencePiece from tokenizer.model plus the tokens transformers adds. Some tokenizer
+    classes rebuild the tokenizer.json pipeline (transformers' Qwen2 class imposes its split regex and drops BOS)."""
     if not (model_dir / "tokenizer.json").is_file():
         raise BadInput(f"tokenizer missing: {model_dir / 'tokenizer.json'} (GGUF embeds the tokenizer; save it beside the model)")
     from transformers import AutoTokenizer
@@ -190,27 +204,64 @@ def _vocab(model_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str,
     pre = tok.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre else []
     byte_level = [s for s in steps if s.get("type") == "ByteLevel"]
-    if model.get("type") != "BPE" or not byte_level:
-        raise BadInput(f"tokenizer kind not supported (model {model.get('type')}, pre-tokenizer {pre.get('type')}): "
-                       "byte-level BPE tokenizers only")
+    if model.get("type") != "BPE":
+        raise BadInput(f"tokenizer kind not supported (model {model.get('type')}): BPE tokenizers only")
+    add_bos = adds_bos(hf)
+    if byte_level:
+        vocab = _byte_level_vocab(tok, steps, byte_level[0], vocab_size, add_bos)
+    elif (model_dir / "tokenizer.model").is_file():
+        vocab = _sentencepiece_vocab(model_dir / "tokenizer.model", tok, vocab_size, add_bos)
+    else:
+        raise BadInput(f"SentencePiece-style tokenizer (pre-tokenizer {pre.get('type')}) without its tokenizer.model: "
+                       "llama.cpp needs the SentencePiece scores; save tokenizer.model beside the model")
+    if len(vocab.tokens) > vocab_size:
+        raise BadInput(f"tokenizer has {len(vocab.tokens)} tokens but the model's vocab_size is {vocab_size}")
+    return vocab
+
+
+def _byte_level_vocab(tok: dict, steps: list[dict], byte_level: dict, vocab_size: int, add_bos: bool) -> Vocab:
     pattern = next((s["pattern"].get("Regex") for s in steps if s.get("type") == "Split" and isinstance(s.get("pattern"), dict)), None)
-    if pattern is None and byte_level[0].get("use_regex", True):
+    if pattern is None and byte_level.get("use_regex", True):
         pattern = GPT2_PATTERN
-    warnings = []
-    pre_name = PRE_TOKENIZERS.get(pattern)
-    if pre_name is None:  # kept only if llama.cpp's tokenization of the written file proves equal (prove_tokenizer)
-        pre_name = DEFAULT_PRE_TOKENIZER
-        warnings.append(f"pre-tokenizer split pattern not one llama.cpp names; written as {pre_name!r} after llama.cpp "
-                        f"tokenized {len(TOKENIZER_PROBES)} probe texts as transformers does")
-    tokens: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in model["vocab"].items()}
+    pre_name = PRE_TOKENIZERS.get(pattern, DEFAULT_PRE_TOKENIZER)
+    warnings = [] if pattern in PRE_TOKENIZERS else [
+        f"pre-tokenizer split pattern not one llama.cpp names; written as {pre_name!r} after llama.cpp "
+        f"tokenized {len(TOKENIZER_PROBES)} probe texts as transformers does"]
+    tokens: dict[int, tuple[str, int]] = {i: (t, gguf.TokenType.NORMAL) for t, i in tok["model"]["vocab"].items()}
     for added in tok.get("added_tokens", []):
-        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-        tokens[added["id"]] = (added["content"], kind)
+        tokens[added["id"]] = (added["content"], gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED)
     if max(tokens) >= vocab_size:
         raise BadInput(f"tokenizer has token id {max(tokens)} but the model's vocab_size is {vocab_size}")
     padded = [tokens.get(i, (f"[PAD{i}]", gguf.TokenType.UNUSED)) for i in range(vocab_size)]
-    add_bos = hf.bos_token_id is not None and hf("a").input_ids[:1] == [hf.bos_token_id]
-    return [t for t, _ in padded], [int(k) for _, k in padded], pre_name, add_bos, warnings
+    return Vocab("gpt2", [t for t, _ in padded], [int(k) for _, k in padded], pre_name, add_bos,
+                 proven=pattern in PRE_TOKENIZERS, warnings=warnings)
+
+
+def _sentencepiece_vocab(path: Path, tok: dict, vocab_size: int, add_bos: bool) -> Vocab:
+    """Pieces, scores and kinds as SentencePiece holds them (llama.cpp's SPM tokenizer merges by score);
+    transformers' added tokens over them with score -1000, as llama.cpp's converter does. Proven against
+    transformers like an unnamed pre-tokenizer: its tokenizer.json is a conversion of this model."""
+    from sentencepiece import SentencePieceProcessor
+
+    sp = SentencePieceProcessor(model_file=str(path))
+    if sp.vocab_size() > vocab_size:
+        raise BadInput(f"tokenizer.model has {sp.vocab_size()} pieces but the model's vocab_size is {vocab_size}")
+    tokens, scores = [f"[PAD{i}]" for i in range(vocab_size)], [-1000.0] * vocab_size
+    types = [int(gguf.TokenType.UNUSED)] * vocab_size
+    kinds = ((sp.IsUnknown, gguf.TokenType.UNKNOWN), (sp.IsControl, gguf.TokenType.CONTROL),
+             (sp.IsUnused, gguf.TokenType.UNUSED), (sp.IsByte, gguf.TokenType.BYTE))
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = int(next((kind for test, kind in kinds if test(i)), gguf.TokenType.NORMAL))
+    for added in tok.get("added_tokens", []):
+        i = added["id"]
+        if i >= vocab_size:
+            raise BadInput(f"tokenizer has token id {i} but the model's vocab_size is {vocab_size}")
+        special = added.get("special")
+        tokens[i] = added["content"] if special else added["content"].replace("\u2581", " ")
+        types[i] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
+        scores[i] = -1000.0
+    return Vocab("llama", tokens, types, DEFAULT_PRE_TOKENIZER, add_bos, proven=False, scores=scores)
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -285,14 +336,17 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
         w.add_rope_scaling_factor(h["rope_factor"])
         w.add_rope_scaling_orig_ctx_len(h["rope_original_context"])
     w.add_vocab_size(h["vocab_size"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(plan.pre_tokenizer)
-    w.add_token_list(plan.tokens)
-    w.add_token_types(plan.token_types)
+    vocab = plan.vocab
+    w.add_tokenizer_model(vocab.model)
+    w.add_tokenizer_pre(vocab.pre)
+    w.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        w.add_token_scores(vocab.scores)
+    w.add_token_types(vocab.types)
     # gguf-py logs every template detail it cannot map; the converter reports what matters itself
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-    special = gguf.SpecialVocab(plan.model.path, load_merges=True, n_vocab=h["vocab_size"])
-    special.add_special_token["bos"] = plan.add_bos  # what the tokenizer really does, always written
+    special = gguf.SpecialVocab(plan.model.path, load_merges=vocab.model == "gpt2", n_vocab=h["vocab_size"])
+    special.add_special_token["bos"] = vocab.add_bos  # what the tokenizer really does, always written
     special.add_to_gguf(w, quiet=True)
 
 
@@ -326,28 +380,33 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
 TOKENIZE_SCRIPT = """
 import json, sys, llama_cpp
 llm = llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
-print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=False) for t in json.loads(sys.argv[2])]))
+print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=special) for t, special in json.loads(sys.argv[2])]))
 """
 
 
 def prove_tokenizer(plan: Plan, path: Path, python: str) -> None:
-    """A pre-tokenizer llama.cpp does not name is written as its default; keep the file only if llama.cpp
-    tokenizes the probe texts (code, prose, digits, unicode, whitespace runs) exactly as transformers does."""
+    """Keep a file whose tokenizer llama.cpp does not know to be transformers' (an unnamed pre-tokenizer split,
+    written as its default; a SentencePiece model, which transformers runs as its own conversion) only if
+    llama.cpp tokenizes the probe texts (code, prose, digits, unicode, whitespace runs) exactly as transformers."""
     from transformers import AutoTokenizer
 
     check_installed(ENGINES["llamacpp"], python)
-    done = subprocess.run([python, "-c", TOKENIZE_SCRIPT, str(path), json.dumps(TOKENIZER_PROBES)], capture_output=True,
+    hf = AutoTokenizer.from_pretrained(plan.model.path)
+    # text after a special token too: llama.cpp's SentencePiece tokenizer starts every such piece with a space
+    marker = hf.eos_token or hf.bos_token
+    probes = [(t, False) for t in TOKENIZER_PROBES] + ([(marker + t, True) for t in SPECIAL_PROBES] if marker else [])
+    done = subprocess.run([python, "-c", TOKENIZE_SCRIPT, str(path), json.dumps(probes)], capture_output=True,
                           text=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
     if done.returncode != 0:
         raise EnvironmentProblem(f"llama.cpp could not read the written GGUF's tokenizer: {done.stderr.strip()[-300:]}")
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
-    hf = AutoTokenizer.from_pretrained(plan.model.path)
-    for text, got in zip(TOKENIZER_PROBES, theirs):
+    kind = ("SentencePiece" if plan.vocab.model == "llama" else
+            f"byte-level BPE with an unnamed split pattern, written as {plan.vocab.pre!r},")
+    for (text, _), got in zip(probes, theirs):
         expected = hf(text, add_special_tokens=False).input_ids
         if got != expected:
-            raise BadInput(f"the tokenizer's pre-tokenizer split pattern is not one llama.cpp knows, and with its "
-                           f"{DEFAULT_PRE_TOKENIZER!r} pre-tokenizer llama.cpp splits {text[:30]!r} differently "
-                           f"({len(got)} tokens vs transformers' {len(expected)}): not converted")
+            raise BadInput(f"llama.cpp's tokenizer for this {kind} tokenizer splits {text[:30]!r} differently from "
+                           f"transformers ({len(got)} tokens vs {len(expected)}): not converted")
 
 
 def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int, imatrix: dict | None = None) -> None:
@@ -389,7 +448,7 @@ def convert_gguf(
             raise BadInput(f"output exists: {path} (use --force to replace it)")
     indirect = [t for t in outtypes if not OUTTYPES[t].direct]
     python = None
-    if indirect or plan.pre_tokenizer == DEFAULT_PRE_TOKENIZER:  # llama.cpp's quantize, or the tokenizer proof
+    if indirect or not plan.vocab.proven:  # llama.cpp's quantize, or the tokenizer proof
         spec = ENGINES["llamacpp"]
         python = engine_python(spec, llamacpp_python)
         check_installed(spec, python)
@@ -415,7 +474,7 @@ def check_imatrix_use(outtypes: list[str], imatrix: Calibration | None) -> None:
 def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, extra,
                  imatrix_calibration) -> None:
     imatrix_options = None
-    unproven = [plan.pre_tokenizer == DEFAULT_PRE_TOKENIZER]
+    unproven = [not plan.vocab.proven]
 
     def record(outtype: str, path: Path, content: Path, t0: float, started: str, sha256: str) -> None:
         """The sidecar manifest, written before the file is renamed into place (see write_file_manifest);
@@ -430,7 +489,7 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
             "options": {"outtype": outtype, "out": str(path), **({"imatrix": used} if used else {})},
             "versions": tool_versions(),
             "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
-                        "pre_tokenizer": plan.pre_tokenizer, **quant_census(content, OUTTYPES[outtype].label)},
+                        "tokenizer": plan.vocab.model, "pre_tokenizer": plan.vocab.pre, **quant_census(content, OUTTYPES[outtype].label)},
             "warnings": plan.warnings, "status": "ok", **extra,
         }
         write_file_manifest(path, step, parent=model_dir, sha256=sha256, content=content)

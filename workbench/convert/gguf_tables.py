@@ -79,3 +79,5 @@ TOKENIZER_PROBES = [
     "if __name__ == '__main__':\n\tmain()\r\n\n\n   spaces   and\ttabs",
     "I'm sure they'll say it's OK, we've done THAT'S before.",
 ]
+# ... and each after a special token, parsed as one (chat templates put text right after them)
+SPECIAL_PROBES = ["Hello 12", " Hello"]

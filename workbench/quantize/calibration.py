@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInput
+from ..hf import adds_bos
 from .recipe import Calibration
 
 EVALUATION_EVERY = 10  # every 10th standard-library module is evaluation text, the rest calibration text
@@ -58,7 +59,8 @@ def load_texts(data: str, field: str) -> list[str]:
 
 def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed: int, chat_template: bool = False,
                   what: str = "calibration data") -> torch.Tensor:
-    """``samples`` windows of ``seq_len`` tokens from the texts joined by EOS, at seeded random offsets."""
+    """``samples`` windows of ``seq_len`` tokens from the texts joined by EOS, at seeded random offsets; each
+    starts with BOS when the tokenizer adds one (its activation outliers belong in the static scales)."""
     if chat_template:
         texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
     ids: list[int] = []
@@ -66,9 +68,14 @@ def token_windows(tokenizer, texts: list[str], samples: int, seq_len: int, seed:
         ids += tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     if len(ids) < seq_len + 1:
         raise BadInput(f"{what} too short: {len(ids)} tokens, a sample needs {seq_len}")
-    stream = torch.tensor(ids)
-    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=torch.Generator().manual_seed(seed))
-    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+    stream, bos = torch.tensor(ids), _bos(tokenizer)
+    width = seq_len - len(bos)
+    starts = torch.randint(0, len(ids) - width, (samples,), generator=torch.Generator().manual_seed(seed))
+    return torch.stack([torch.cat([bos, stream[s:s + width]]) for s in starts.tolist()])
+
+
+def _bos(tokenizer) -> torch.Tensor:
+    return torch.tensor([tokenizer.bos_token_id] if adds_bos(tokenizer) else [], dtype=torch.long)
 
 
 def calibration_samples(tokenizer, cal: Calibration) -> torch.Tensor:
@@ -76,7 +83,10 @@ def calibration_samples(tokenizer, cal: Calibration) -> torch.Tensor:
 
 
 def evaluation_blocks(tokenizer, blocks: int = EVALUATION_BLOCKS, seq_len: int = EVALUATION_SEQ_LEN) -> torch.Tensor:
-    """Held-out text for the quality report: consecutive blocks of the default evaluation split."""
+    """Held-out text for the quality report: consecutive blocks of the default evaluation split, each
+    starting with BOS when the tokenizer adds one."""
     ids = tokenizer(default_text("evaluation"), add_special_tokens=False).input_ids
-    n = min(blocks, len(ids) // seq_len)
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    bos = _bos(tokenizer)
+    width = seq_len - len(bos)
+    n = min(blocks, len(ids) // width)
+    return torch.cat([bos.expand(n, -1), torch.tensor(ids[: n * width]).view(n, width)], dim=1)

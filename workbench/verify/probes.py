@@ -126,11 +126,21 @@ class Reference:
 
     def text_ids(self, prompt: str, text: str) -> list[int]:
         """Token ids for an engine that returns only text: the reference's own greedy ids when the text is
-        its greedy text, else the text re-tokenized (which may merge tokens the engine generated apart)."""
+        its greedy text, else the text re-tokenized after the prompt (which may merge tokens the engine
+        generated apart)."""
         own = self.greedy_ids.get(prompt)
-        if own is not None and text == self.tok.decode(own, skip_special_tokens=True):
+        if own is not None and text == self.continuation_text(prompt, own):
             return own
-        return self.tok(text, add_special_tokens=False).input_ids
+        before = self.prompt_ids(prompt)
+        after = self.tok(prompt + text).input_ids
+        return after[len(before):] if after[:len(before)] == before else self.tok(text, add_special_tokens=False).input_ids
+
+    def continuation_text(self, prompt: str, ids: list[int]) -> str:
+        """``ids`` decoded after the prompt, as an engine's detokenizer does: a SentencePiece decoder drops
+        the leading space of a text decoded on its own ("▁Hello" alone is "Hello", after a prompt " Hello")."""
+        before = self.prompt_ids(prompt)
+        head, whole = (self.tok.decode(before + ids[:n], skip_special_tokens=True) for n in (0, len(ids)))
+        return whole[len(head):] if whole.startswith(head) else self.tok.decode(ids, skip_special_tokens=True)
 
     def score(self, pairs: list[tuple[str, list[int]]]) -> list[tuple[int, list[float]]]:
         """Per (prompt, ids): how many of ``ids`` are the reference's top-1 after the prompt and the ids
