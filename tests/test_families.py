@@ -201,3 +201,42 @@ def test_llama32_tp_preflight(llama32):
     rows = {r["tp"]: r for r in json.loads(result.output)["preflight"]}
     assert rows[1]["loads"] and rows[2]["loads"] and rows[4]["loads"]
     assert not rows[3]["loads"] and "num_attention_heads 8 not divisible by tp 3" in rows[3]["reasons"]
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    return family_builder.ensure_family("mistral-v0.3")
+
+
+def test_a_sentencepiece_continuation_keeps_its_leading_space(mistral):
+    """Decoded alone, SentencePiece drops the space of a leading "▁"; the engine's text keeps it, so the
+    reference decodes its continuation after the prompt, and re-tokenizes an engine's text there."""
+    from workbench.verify.probes import Reference
+
+    ref = Reference.__new__(Reference)  # the text side only: no model run
+    ref.tok, ref.greedy_ids = AutoTokenizer.from_pretrained(mistral), {}
+    prompt = "def f(x):"
+    ids = ref.tok(prompt + " return x").input_ids[len(ref.tok(prompt).input_ids):]
+    assert ref.tok.decode(ids, skip_special_tokens=True) == "return x"
+    assert ref.continuation_text(prompt, ids) == " return x" and ref.text_ids(prompt, " return x") == ids
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_mistral_gguf_served_by_llamacpp(mistral, family_gguf_mistral, tmp_path, figures):
+    """Scored by text (llama.cpp's server returns no token ids); the end of turn is the header's EOS (2),
+    which transformers' GGUF reader misnames."""
+    gguf_file = family_gguf_mistral / f"{mistral.name}-Q8_0.gguf"
+    result = run("verify", gguf_file, "--server", "llamacpp", "--reference", mistral, "--report", tmp_path / "r")
+    assert result.exit_code == 0, (result.output + result.stderr, (tmp_path / "r" / "summary.md").read_text())
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    assert checks["reference"]["metrics"]["scored_by"] == "text" and "2 (GGUF eos)" in checks["end-of-turn"]["detail"]
+    figures["mistral-v0.3 verify llama.cpp Q8_0 vs transformers"] = checks["reference"]["metrics"]
+
+
+@pytest.fixture(scope="module")
+def family_gguf_mistral(mistral, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf-mistral")
+    result = run("convert", "gguf", mistral, "--outtype", "q8_0", "--out", out, "-q")
+    assert result.exit_code == 0, result.output + result.stderr
+    return out

@@ -70,7 +70,16 @@ def load_tokenizer(source: Path):
     from transformers import AutoTokenizer
 
     if source.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        import gguf
+
+        tok = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+        # transformers misreads some files' special tokens (a SentencePiece file's EOS comes back as <s>):
+        # llama.cpp uses the ids in the header
+        fields = gguf.GGUFReader(source).fields
+        for role in ("bos", "eos"):
+            if (key := f"tokenizer.ggml.{role}_token_id") in fields:
+                setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(fields[key].contents())))
+        return tok
     return AutoTokenizer.from_pretrained(source)
 
 
