@@ -9,6 +9,7 @@ import re
 import struct
 
 import click
+import pytest
 import torch
 
 from conftest import ROOT, assert_one_line_error, run
@@ -103,3 +104,34 @@ def test_readme_synopses_match_the_click_options():
         assert written <= names, (path, "in the README, not an option:", sorted(written - names))
         missing = [p.opts[-1] for p in params if not set(p.opts) & written]
         assert not missing, (path, "options the README's synopsis lacks:", missing)
+
+
+UNHANDLED = {
+    # Qwen3-Next / Qwen3.5: Gated DeltaNet linear-attention layers between the attention layers
+    "hybrid": ({"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+                "layer_types": ["linear_attention", "linear_attention", "linear_attention", "full_attention"]},
+               "Qwen3NextForCausalLM has linear_attention layers"),
+    # a vision-language wrapper around a language model
+    "multimodal": ({"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3",
+                    "vision_config": {"model_type": "siglip_vision_model"}, "text_config": {"model_type": "gemma3_text"}},
+                   "Gemma3ForConditionalGeneration is a multimodal model (vision_config)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(UNHANDLED))
+def test_every_verb_refuses_a_model_kind_it_cannot_handle_in_one_line(kind, llama, llama_lora, copy_of, tmp_path):
+    """Weights of a real model under the config of a kind the workbench does not know: merge, quantize,
+    convert, verify and a release all refuse it up front, exit 2, writing nothing."""
+    fields, message = UNHANDLED[kind]
+    model = copy_of(llama, "model")
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **fields}))
+    (tmp_path / "release.yaml").write_text("name: r\nbase: model\nartifacts:\n  q8: {gguf: q8_0, require: checked, reason: none}\n")
+    calls = [("merge", model, llama_lora, "--out", tmp_path / "out"),
+             ("quantize", model, "--method", "fp8", "--out", tmp_path / "out"),
+             ("convert", "gguf", model, "--outtype", "f16", "--out", tmp_path / "out"),
+             ("verify", model, "--server", "vllm"),
+             ("release", tmp_path / "release.yaml", "--dry-run")]
+    for args in calls:
+        assert_one_line_error(run(*args), 2, f"not supported: {message}")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r-release").exists()

@@ -37,6 +37,7 @@ from .checkpoint import (
     write_json,
 )
 from .errors import BadInput
+from .families import check_handled
 from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
 from .quantize.bnb import Bnb4bit
@@ -214,6 +215,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
     cfg = load_adapter_config(adapter_dir)
     base = Checkpoint(base_dir)
+    check_handled(base.config, f"merge into {base_dir}")
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         other = "adapter_model.bin exists: re-save it with safe_serialization=True" if (adapter_dir / "adapter_model.bin").exists() else "missing"

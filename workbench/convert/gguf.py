@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
 from ..errors import BadInput, EnvironmentProblem
+from ..families import check_handled
 from ..hf import adds_bos, quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.guard import set_parent_death_signal
@@ -105,6 +106,7 @@ def plan_conversion(model_dir: Path) -> Plan:
     model = Checkpoint(model_dir)
     config = model.config
     arch_name = (config.get("architectures") or ["?"])[0]
+    check_handled(config, f"convert {model_dir} to GGUF")
     if arch_name not in ARCHITECTURES:
         raise BadInput(f"unsupported architecture {arch_name}; supported: {', '.join(ARCHITECTURES)}")
     if config.get("quantization_config"):

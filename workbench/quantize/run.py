@@ -13,6 +13,7 @@ from ..checkpoint import (
     CONFIG_NAME, Checkpoint, atomic_output_dir, copy_side_files, write_json,
 )
 from ..errors import BadInput, as_out_of_memory, check_fits
+from ..families import check_handled
 from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
 from ..runner import Estimate, LayerRunner, estimate
@@ -62,6 +63,7 @@ def quantize(
         recipe = recipe.with_overrides(**overrides)
     model_dir = Path(model_dir)
     source = Checkpoint(model_dir)
+    check_handled(source.config, f"quantize {model_dir}")
     if source.config.get("quantization_config"):
         raise BadInput(f"{model_dir} is already quantized ({source.config['quantization_config'].get('quant_method')}); "
                        "quantize the merged bf16/fp16 model")

@@ -4,6 +4,7 @@ file fails before anything runs. Paths in the file are relative to the file."""
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 from ..checkpoint import parse_size
 from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
+from ..families import check_handled
 from ..yamlfile import check_types, parse_mapping
 from ..engines import ENGINES
 
@@ -112,6 +114,8 @@ def load_release(file: Path, output: Path | None = None) -> Release:
             raise BadInput(f"{where}: missing key {key!r} ({TOP[key][1]})")
     here = file.parent
     base = _path(here, data["base"], f"{where}: base")
+    if (base / "config.json").is_file():  # a missing base is reported where it is read
+        check_handled(json.loads((base / "config.json").read_text()), f"{where}: base {base}")
     adapter = _path(here, data["adapter"], f"{where}: adapter") if data.get("adapter") else None
     release = Release(
         file=file, text=text, name=data["name"], base=base, adapter=adapter,

@@ -18,6 +18,7 @@ from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version, gpu_only_refusal
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
+from ..families import check_handled
 from ..manifest import now, read_manifest
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens
@@ -313,7 +314,9 @@ def _check_artifact(artifact: Path, spec: EngineSpec) -> dict | None:
         return None
     if artifact.is_file():
         raise BadInput(f"{spec.name} serves a model folder, not a file: {artifact}")
-    return Checkpoint(artifact).config
+    config = Checkpoint(artifact).config
+    check_handled(config, f"verify {artifact}")
+    return config
 
 
 def _check_engine_options(spec: EngineSpec, pp: int, dp: int, adapters: tuple[str, ...]) -> None:
