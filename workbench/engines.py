@@ -57,6 +57,7 @@ class EngineSpec:
     requirements: tuple[str, ...]  # pip requirements of that environment
     user_command: str  # how users start it, for model cards; {model} is the model's published name
     subcommand: tuple[str, ...] = ()  # after `-m module`, before the model
+    default_max_len: int | None = None  # the context the engine serves without max_len_flag (None: the model's)
     host_flag: str = "--host"
     port_flag: str = "--port"
     # pip argument lists installed instead of `requirements` on a machine without an NVIDIA GPU (an engine
@@ -163,6 +164,7 @@ ENGINES: dict[str, EngineSpec] = {
         pp_flag=None,
         dp_flag=None,
         max_len_flag="--n_ctx",
+        default_max_len=2048,  # llama_cpp.server's n_ctx default
         ready_path="/v1/models",
         python_env="WORKBENCH_LLAMACPP_PYTHON",
         folder="llama-cpp-python-0.3.36",

@@ -243,9 +243,11 @@ def _serving_checks(client: Client, server: Server, probing: Probing, facts: Cha
               if facts.source else Check("special-tokens", "skipped" if probing.no_reference else "incomplete",
                                          "no tokenizer to compare with: transformers cannot read this GGUF's, "
                                          "and its source model is not there")]
-    if facts.long_prompt and server.max_model_len and server.max_model_len <= facts.original_context:
-        checks.append(Check("long-context", "skipped", f"{facts.long_note}; not run: --max-model-len {server.max_model_len} "
-                                                       "keeps every request within the original context"))
+    served_len = server.max_model_len or server.spec.default_max_len
+    if facts.long_prompt and served_len and served_len <= facts.original_context:
+        why = f"--max-model-len {served_len}" if server.max_model_len else f"{server.spec.name}'s default context of {served_len}"
+        checks.append(Check("long-context", "skipped", f"{facts.long_note}; not run: {why} keeps every request within "
+                                                       "the original context"))
     elif facts.long_prompt:
         long = replace(probing, prompts=(facts.long_prompt,))
         checks.append(guarded("long-context", lambda: reference_check(client, long, "long-context")))
