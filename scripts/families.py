@@ -42,6 +42,14 @@ MISTRAL_CHAT_TEMPLATE = (
     "{% endfor %}"
 )
 
+GEMMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -52,6 +60,9 @@ class Family:
     specials: list[str]  # every special token, in id order after the learned vocabulary's first ids
     chat_template: str
     generation_eos: list[str] = field(default_factory=list)  # generation_config's eos_token_id list
+    # SentencePiece: the trainer's ids of the reserved pieces (named by ``specials`` in id order), whether it
+    # adds a dummy prefix ("▁" before the text), and the transformers tokenizer class
+    spm: dict = field(default_factory=dict)
 
 
 FAMILIES = {
@@ -78,6 +89,21 @@ FAMILIES = {
         specials=["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
                   "[TOOL_RESULTS]", "[/TOOL_RESULTS]"],
         chat_template=MISTRAL_CHAT_TEMPLATE,
+        spm=dict(ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), add_dummy_prefix=True, tokenizer_class="LlamaTokenizer"),
+    ),
+    # Gemma 2 2B's shape rules: head_dim (64) apart from hidden/heads (32), query scaled by head_dim, logit
+    # softcapping of attention (50) and output (30), sliding-window layers alternating with global ones
+    # (window 64 here, so the 128-token test blocks use it), tied, GELU-tanh, norms stored as weight - 1;
+    # SentencePiece without a dummy prefix, <pad> <eos> <bos> <unk> first, turns closed by <end_of_turn>
+    "gemma-2": Family(
+        config=dict(model_type="gemma2", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True,
+                    max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh"),
+        tokenizer="spm", bos="<bos>", eos="<eos>",
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
+        chat_template=GEMMA_CHAT_TEMPLATE, generation_eos=["<eos>", "<end_of_turn>"],
+        spm=dict(ids=dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), add_dummy_prefix=False, tokenizer_class="GemmaTokenizer"),
     ),
 }
 
@@ -93,32 +119,37 @@ def build_tokenizer(family: Family, out: Path):
 
 
 def build_spm_tokenizer(family: Family, out: Path):
-    """Trained with the sentencepiece library as Llama 2 and Mistral were (BPE, byte fallback, split digits,
-    whitespace-only pieces, no normalization); transformers converts tokenizer.model to its tokenizer.json."""
+    """Trained with the sentencepiece library as Llama 2, Mistral and Gemma were (BPE, byte fallback, split
+    digits, whitespace-only pieces, no normalization); transformers converts tokenizer.model to its
+    tokenizer.json."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
-    unk, bos, eos, *control = family.specials
+    ids, prefix = family.spm["ids"], family.spm["add_dummy_prefix"]
+    reserved = {key.removesuffix("_id"): family.specials[i] for key, i in ids.items() if i >= 0}
+    control = family.specials[len(reserved):]
     lines = [line for line in fixtures.corpus("train").splitlines() if line.strip()]
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"), vocab_size=fixtures.VOCAB_SIZE, model_type="bpe",
-        byte_fallback=True, split_digits=True, add_dummy_prefix=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        unk_piece=unk, bos_piece=bos, eos_piece=eos, control_symbols=control, character_coverage=0.9995,
+        byte_fallback=True, split_digits=True, add_dummy_prefix=prefix, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, normalization_rule_name="identity", **ids,
+        **{f"{role}_piece": piece for role, piece in reserved.items()}, control_symbols=control, character_coverage=0.9995,
         max_sentence_length=100000, num_threads=2, minloglevel=2)
     (out / "tokenizer.vocab").unlink()
+    names = {f"{role}_token": piece for role, piece in reserved.items()}
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": bos, "eos_token": eos, "unk_token": unk, "add_bos_token": True,
-        "add_eos_token": False, "model_max_length": family.config["max_position_embeddings"]}))
+        "tokenizer_class": family.spm["tokenizer_class"], **names, "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": family.config["max_position_embeddings"]}))
     fast = AutoTokenizer.from_pretrained(out, additional_special_tokens=control)
     fast.chat_template = family.chat_template
     fast.save_pretrained(out)
-    # as the real checkpoints ship them (converted by transformers 4): every piece of text, the first and each
-    # one after a special token, starts with "▁" (as SentencePiece and llama.cpp do); transformers 5's own
-    # conversion prepends it to the first piece only
+    # as the real checkpoints ship them (converted by transformers 4): spaces become "▁" and, with a dummy
+    # prefix, every piece of text, the first and each one after a special token, starts with "▁" (as
+    # SentencePiece and llama.cpp do); transformers 5's own conversion prepends it to the first piece only
     pipeline = json.loads((out / "tokenizer.json").read_text())
-    pipeline["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    replace = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+    pipeline["normalizer"] = ({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"}, replace]}
+                              if prefix else replace)
     pipeline["pre_tokenizer"] = None
     (out / "tokenizer.json").write_text(json.dumps(pipeline, ensure_ascii=False, indent=2) + "\n")
     # llama.cpp's converter reads added tokens and add_bos_token from tokenizer_config.json

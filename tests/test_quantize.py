@@ -356,3 +356,22 @@ def test_output_exists_without_force(llama, tmp_path):
     (tmp_path / "q").mkdir()
     result = run("quantize", llama, "--method", "fp8", "--out", tmp_path / "q")
     assert result.exit_code == 2 and "use --force" in result.stderr and list((tmp_path / "q").iterdir()) == []
+
+
+@pytest.mark.parametrize("method", ["fp8", "gptq"])
+def test_moe_experts_held_as_3d_parameters_are_refused_not_left_unquantized(method, fixture_root, tmp_path):
+    """transformers 5 holds a Qwen3-MoE layer's experts as two stacked 3-D parameters, not nn.Linear: a
+    quantizer that targets Linear layers would leave them (most of the weights) in bf16."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
+                                  num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  head_dim=16, vocab_size=2048)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
+    for p in (fixture_root / "tokenizer").iterdir():
+        shutil.copy2(p, tmp_path / "moe" / p.name)
+    assert_one_line_error(run("quantize", tmp_path / "moe", "--method", method, "--out", tmp_path / "q"), 2,
+                          "Qwen3MoeForCausalLM holds its experts as stacked 3-D parameters (model.layers.0.mlp.experts.gate_up_proj, 4 in all)")
+    assert not (tmp_path / "q").exists()

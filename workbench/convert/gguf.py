@@ -79,6 +79,7 @@ class Tensor:
     shape: tuple[int, ...]
     permute_heads: int | None = None
     values: torch.Tensor | None = None
+    offset: float = 0.0  # added in float32 (Gemma's norms)
 
 
 @dataclass
@@ -131,7 +132,8 @@ def plan_conversion(model_dir: Path) -> Plan:
             role = gname.split(".")[2] if gname.startswith("blk.") else None
             permute = hparams["head_count" if QK_NAMES.get(role) == "heads" else "head_count_kv"] \
                 if arch.permute_qk and role in QK_NAMES else None
-            tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute))
+            offset = arch.norm_offset if name.endswith("norm.weight") else 0.0
+            tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute, offset=offset))
     return Plan(model, arch_name, tensors, hparams, vocab)
 
 
@@ -185,6 +187,7 @@ class Vocab:
     add_bos: bool
     proven: bool  # False: kept only if llama.cpp tokenizes the probe texts as transformers (prove_tokenizer)
     scores: list[float] | None = None  # SentencePiece's piece scores (its merge order)
+    space_prefix: bool = False  # SentencePiece: text starts with "▁" (a dummy prefix)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -212,7 +215,8 @@ def _vocab(model_dir: Path, vocab_size: int) -> Vocab:
     if byte_level:
         vocab = _byte_level_vocab(tok, steps, byte_level[0], vocab_size, add_bos)
     elif (model_dir / "tokenizer.model").is_file():
-        vocab = _sentencepiece_vocab(model_dir / "tokenizer.model", tok, vocab_size, add_bos)
+        first = hf.convert_ids_to_tokens(hf("a", add_special_tokens=False).input_ids)[0]
+        vocab = _sentencepiece_vocab(model_dir / "tokenizer.model", tok, vocab_size, add_bos, first.startswith("\u2581"))
     else:
         raise BadInput(f"SentencePiece-style tokenizer (pre-tokenizer {pre.get('type')}) without its tokenizer.model: "
                        "llama.cpp needs the SentencePiece scores; save tokenizer.model beside the model")
@@ -239,7 +243,7 @@ def _byte_level_vocab(tok: dict, steps: list[dict], byte_level: dict, vocab_size
                  proven=pattern in PRE_TOKENIZERS, warnings=warnings)
 
 
-def _sentencepiece_vocab(path: Path, tok: dict, vocab_size: int, add_bos: bool) -> Vocab:
+def _sentencepiece_vocab(path: Path, tok: dict, vocab_size: int, add_bos: bool, space_prefix: bool) -> Vocab:
     """Pieces, scores and kinds as SentencePiece holds them (llama.cpp's SPM tokenizer merges by score);
     transformers' added tokens over them with score -1000, as llama.cpp's converter does. Proven against
     transformers like an unnamed pre-tokenizer: its tokenizer.json is a conversion of this model."""
@@ -263,7 +267,8 @@ def _sentencepiece_vocab(path: Path, tok: dict, vocab_size: int, add_bos: bool) 
         tokens[i] = added["content"] if special else added["content"].replace("\u2581", " ")
         types[i] = int(gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)
         scores[i] = -1000.0
-    return Vocab("llama", tokens, types, DEFAULT_PRE_TOKENIZER, add_bos, proven=False, scores=scores)
+    return Vocab("llama", tokens, types, DEFAULT_PRE_TOKENIZER, add_bos, proven=False, scores=scores,
+                 space_prefix=space_prefix)
 
 
 def _permute(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -337,6 +342,8 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(h["rope_factor"])
         w.add_rope_scaling_orig_ctx_len(h["rope_original_context"])
+    for field_name, method in ARCHITECTURES[plan.arch_name].extra_keys:
+        getattr(w, method)(plan.model.config[field_name])
     w.add_vocab_size(h["vocab_size"])
     vocab = plan.vocab
     w.add_tokenizer_model(vocab.model)
@@ -344,6 +351,7 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     w.add_token_list(vocab.tokens)
     if vocab.scores is not None:
         w.add_token_scores(vocab.scores)
+        w.add_add_space_prefix(vocab.space_prefix)
     w.add_token_types(vocab.types)
     # gguf-py logs every template detail it cannot map; the converter reports what matters itself
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
@@ -369,6 +377,8 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
             data = t.values if t.hf_name is None else plan.model.store.get(t.hf_name)
             if t.permute_heads:
                 data = _permute(data, t.permute_heads)
+            if t.offset:  # in float32: llama.cpp's converter adds it in the checkpoint's dtype, rounding to bf16
+                data = data.float() + t.offset
             w.write_tensor_data(_encode(data, outtype)[0])
             w.fout[0].flush()  # let the hasher follow
             if on_tensor:

@@ -12,13 +12,20 @@ class Arch:
     gguf_arch: gguf.MODEL_ARCH
     # Llama-family checkpoints store Q/K rows in HF's rotate-half order; GGML's rope wants them interleaved.
     permute_qk: bool
+    # added to every norm weight: Gemma stores w and multiplies by (1 + w), llama.cpp by the weight itself
+    norm_offset: float = 0.0
+    # config fields written as GGUF keys: (config field, gguf-py writer method)
+    extra_keys: tuple[tuple[str, str], ...] = ()
 
 
+GEMMA2_KEYS = (("attn_logit_softcapping", "add_attn_logit_softcapping"),
+               ("final_logit_softcapping", "add_final_logit_softcapping"), ("sliding_window", "add_sliding_window"))
 ARCHITECTURES: dict[str, Arch] = {
     "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "MistralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
     "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+    "Gemma2ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_offset=1.0, extra_keys=GEMMA2_KEYS),
 }
 
 

@@ -31,6 +31,11 @@ def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
+def stacked_experts(model: nn.Module) -> list[str]:
+    """Parameters holding all experts of a MoE layer in one 3-D tensor (transformers 5's fused experts)."""
+    return [name for name, p in model.named_parameters() if p.dim() == 3]
+
+
 def fused_group(name: str) -> str:
     parent, _, leaf = name.rpartition(".")
     return f"{parent}.{FUSED[leaf]}" if leaf in FUSED else name

@@ -75,6 +75,10 @@ def quantize(
     check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     runner = LayerRunner(model_dir)
+    stacked = fp8.stacked_experts(runner.model)
+    if stacked:  # not nn.Linear: they would stay unquantized, most of the model, with the report still passing
+        raise BadInput(f"{arch} holds its experts as stacked 3-D parameters ({stacked[0]}, {len(stacked)} in all): "
+                       f"quantizing MoE experts is not supported yet (issue 13); nothing written")
     names = list(fp8.linear_modules(runner.model))
     targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
     if not targets:
