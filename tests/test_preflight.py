@@ -69,3 +69,26 @@ def test_w8a8_int8_has_no_group_constraint():
         "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "strategy": "channel"},
                     "input_activations": {"num_bits": 8, "type": "int", "dynamic": True}}})
     assert preflight(config, [2, 4, 8])[8] == []
+
+
+QWEN3_30B_A3B_LIKE = {"hidden_size": 2048, "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128,
+                      "intermediate_size": 6144, "moe_intermediate_size": 768, "num_experts": 128,
+                      "num_experts_per_tok": 8, "decoder_sparse_step": 1, "mlp_only_layers": []}
+MIXTRAL_8X7B_LIKE = {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+                     "num_local_experts": 8, "num_experts_per_tok": 2}
+
+
+def test_moe_experts_split_their_own_intermediate_size():
+    """Qwen3-30B-A3B's FP8 release (blocks of 128): each expert's 768 split 4 ways is 192 per rank, which
+    vLLM refuses ('not divisible by weight quantization block_n'); its dense intermediate_size (6144) is used
+    by no layer and is not checked. Mixtral's experts use intermediate_size."""
+    table = preflight(with_quant(QWEN3_30B_A3B_LIKE, quant_method="fp8", weight_block_size=[128, 128]), [1, 2, 4, 8])
+    assert table[1] == [] and table[2] == []
+    assert "experts.gate_up_proj: per-rank output 192 not a multiple of FP8 block_n 128" in table[4]
+    assert "experts.down_proj: per-rank input 96 not a multiple of FP8 block_k 128" in table[8]
+    assert not [r for r in table[4] + table[8] if r.startswith(("gate_proj", "up_proj", "down_proj"))]
+    mixtral = preflight(with_quant(MIXTRAL_8X7B_LIKE, quant_method="gptq", bits=4, group_size=128), [1, 2, 4, 8, 16])
+    assert all(not reasons for reasons in mixtral.values())  # 14336 / 16 = 896 = 7 groups of 128
+    mixtral_groups_of_256 = preflight(with_quant(MIXTRAL_8X7B_LIKE, quant_method="gptq", bits=4, group_size=256), [8, 16], marlin=False)
+    assert mixtral_groups_of_256[8] == [] and len(mixtral_groups_of_256[16]) == 1
+    assert mixtral_groups_of_256[16][0].startswith("experts.down_proj: per-rank input 896 not a multiple of group_size 256")

@@ -12,15 +12,36 @@ from dataclasses import dataclass
 
 # Layers by how TP splits them: column-parallel split their output features, row-parallel their input.
 # (name, parallel style, in features, out features) as functions of the config.
-LAYERS = (
+ATTENTION = (
     ("q_proj", "column", lambda c: c.hidden, lambda c: c.heads * c.head_dim),
     ("k_proj", "column", lambda c: c.hidden, lambda c: c.kv_heads * c.head_dim),
     ("v_proj", "column", lambda c: c.hidden, lambda c: c.kv_heads * c.head_dim),
     ("o_proj", "row", lambda c: c.heads * c.head_dim, lambda c: c.hidden),
+)
+DENSE_MLP = (
     ("gate_proj", "column", lambda c: c.hidden, lambda c: c.intermediate),
     ("up_proj", "column", lambda c: c.hidden, lambda c: c.intermediate),
     ("down_proj", "row", lambda c: c.intermediate, lambda c: c.hidden),
 )
+# vLLM's fused MoE without expert parallelism: every expert's intermediate is split across the ranks
+EXPERTS = (
+    ("experts.gate_up_proj", "column", lambda c: c.hidden, lambda c: c.expert_intermediate),
+    ("experts.down_proj", "row", lambda c: c.expert_intermediate, lambda c: c.hidden),
+)
+SHARED_EXPERT = (
+    ("shared_expert.gate_up_proj", "column", lambda c: c.hidden, lambda c: c.shared_intermediate),
+    ("shared_expert.down_proj", "row", lambda c: c.shared_intermediate, lambda c: c.hidden),
+)
+# config keys for the number of routed experts and their intermediate size, by family
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
+EXPERT_INTERMEDIATE_KEYS = ("moe_intermediate_size",)  # Mixtral's experts use intermediate_size
+
+
+def layers_of(shape: Shape) -> tuple:
+    if not shape.experts:
+        return ATTENTION + DENSE_MLP
+    return ATTENTION + (DENSE_MLP if shape.dense_layers else ()) + EXPERTS + (SHARED_EXPERT if shape.shared_intermediate else ())
+
 
 # Marlin (vLLM's GPU kernel for GPTQ/AWQ/wNa16): per-rank output a multiple of min_thread_n, input of min_thread_k.
 MARLIN_MIN_THREAD_N = 64
@@ -36,6 +57,10 @@ class Shape:
     kv_heads: int
     head_dim: int
     intermediate: int
+    experts: int = 0  # routed experts (0: a dense model)
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    dense_layers: bool = True  # a MoE model with some dense MLP layers (intermediate_size)
 
 
 @dataclass(frozen=True)
@@ -49,12 +74,21 @@ def shape_of(config: dict) -> Shape:
     text = config.get("text_config", config)
     heads = int(text["num_attention_heads"])
     hidden = int(text["hidden_size"])
+    experts = int(next((text[k] for k in EXPERT_COUNT_KEYS if text.get(k)), 0))
+    intermediate = int(text["intermediate_size"])
+    expert_intermediate = int(next((text[k] for k in EXPERT_INTERMEDIATE_KEYS if text.get(k)), intermediate))
+    # Qwen MoE: dense MLPs in mlp_only_layers and off the decoder_sparse_step; Mixtral: none
+    dense = bool(text.get("mlp_only_layers")) or int(text.get("decoder_sparse_step") or 1) > 1 or bool(text.get("first_k_dense_replace"))
     return Shape(
         hidden=hidden,
         heads=heads,
         kv_heads=int(text.get("num_key_value_heads") or heads),
         head_dim=int(text.get("head_dim") or hidden // heads),
-        intermediate=int(text["intermediate_size"]),
+        intermediate=intermediate,
+        experts=experts,
+        expert_intermediate=expert_intermediate if experts else 0,
+        shared_intermediate=int(text.get("shared_expert_intermediate_size") or 0) if experts else 0,
+        dense_layers=dense,
     )
 
 
@@ -89,7 +123,7 @@ def check_tp(shape: Shape, quant: Quant, tp: int, marlin: bool = True) -> list[s
         reasons.append(f"num_key_value_heads {shape.kv_heads} not divisible by tp {tp}")
     if reasons:
         return reasons
-    for name, style, in_of, out_of in LAYERS:
+    for name, style, in_of, out_of in layers_of(shape):
         n_in, n_out = in_of(shape), out_of(shape)
         if name in ("k_proj", "v_proj") and tp > shape.kv_heads:
             rank_in, rank_out = n_in, shape.head_dim  # one replicated KV head per rank
