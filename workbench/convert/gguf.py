@@ -377,7 +377,7 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
             data = t.values if t.hf_name is None else plan.model.store.get(t.hf_name)
             if t.permute_heads:
                 data = _permute(data, t.permute_heads)
-            if t.offset:  # in float32: llama.cpp's converter adds it in the checkpoint's dtype, rounding to bf16
+            if t.offset:  # in float32, as llama.cpp's converter does (bf16 would round 1 + w to 2^-8)
                 data = data.float() + t.offset
             w.write_tensor_data(_encode(data, outtype)[0])
             w.fout[0].flush()  # let the hasher follow
