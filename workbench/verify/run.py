@@ -355,11 +355,14 @@ def _check_adapters(spec: EngineSpec, items: tuple[str, ...], config: dict | Non
 
 
 def _chat_facts(artifact: Path, spec: EngineSpec, config: dict | None, reference: Path | None) -> ChatFacts:
-    """From the artifact's own tokenizer (a GGUF: the one in its metadata, else its source's, and the end ids
-    in its header)."""
+    """From the artifact's own tokenizer; a GGUF: its source's when the reference folder has one (transformers
+    rebuilds a GGUF's SentencePiece tokenizer without its merge order: 27 tokens where llama.cpp and the
+    source make 20), else the one in its metadata; the end ids from its header either way."""
     if spec.artifact != "gguf":
         return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
     stops, config = _gguf_stops(artifact), config or _config_of(reference)
+    if reference is not None and (reference / "tokenizer.json").is_file():
+        return chat_facts(reference, config, gguf_stops=stops)
     try:
         return chat_facts(artifact, config, gguf_stops=stops)
     except Exception:  # noqa: BLE001 - transformers reads the tokenizer of some GGUF architectures only
