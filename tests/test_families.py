@@ -220,7 +220,7 @@ def test_served_by_vllm(family, model, tmp_path, figures):
 
 
 def test_tp_preflight(model):
-    """8 query heads, 2 KV heads (Llama 3.2 and Mistral alike): TP=4 replicates each KV head on two ranks;
+    """8 query heads, 2 KV heads (Llama 3.2, Mistral) or 4 (Gemma 2): TP=4 splits or replicates them evenly;
     TP=3 splits nothing evenly."""
     result = run("verify", model, "--preflight-only", "--tp", "1,2,3,4", "--json")
     rows = {r["tp"]: r for r in json.loads(result.output)["preflight"]}

@@ -252,7 +252,7 @@ def _sentencepiece_vocab(path: Path, tok: dict, vocab_size: int, add_bos: bool, 
     sp = SentencePieceProcessor(model_file=str(path))
     if sp.vocab_size() > vocab_size:
         raise BadInput(f"tokenizer.model has {sp.vocab_size()} pieces but the model's vocab_size is {vocab_size}")
-    tokens, scores = [f"[PAD{i}]" for i in range(vocab_size)], [-1000.0] * vocab_size
+    tokens, scores = [f"[PAD{i}]" for i in range(vocab_size)], [-10000.0] * vocab_size  # as llama.cpp pads
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     kinds = ((sp.IsUnknown, gguf.TokenType.UNKNOWN), (sp.IsControl, gguf.TokenType.CONTROL),
              (sp.IsUnused, gguf.TokenType.UNUSED), (sp.IsByte, gguf.TokenType.BYTE))
