@@ -50,6 +50,15 @@ GEMMA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant|>\\n' + message['content'] + '<|end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
 
 @dataclass(frozen=True)
 class Family:
@@ -63,6 +72,9 @@ class Family:
     # SentencePiece: the trainer's ids of the reserved pieces (named by ``specials`` in id order), whether it
     # adds a dummy prefix ("▁" before the text), and the transformers tokenizer class
     spm: dict = field(default_factory=dict)
+    added: list[str] = field(default_factory=list)  # special tokens added after the learned vocabulary (Phi-3's)
+    pad: str | None = None  # the pad token, when not one of the reserved pieces
+    vocab_multiple: int = 1  # the embedding's rows rounded up to this (Phi-3: 32064 for 32011 tokens)
 
 
 FAMILIES = {
@@ -105,6 +117,18 @@ FAMILIES = {
         chat_template=GEMMA_CHAT_TEMPLATE, generation_eos=["<eos>", "<end_of_turn>"],
         spm=dict(ids=dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), add_dummy_prefix=False, tokenizer_class="GemmaTokenizer"),
     ),
+    # Phi-3 mini 4k's shape rules: fused qkv_proj and gate_up_proj, as many KV heads as query heads, a sliding
+    # window in the config, untied; Llama 2's SentencePiece tokenizer with Phi-3's chat tokens added after it,
+    # <|endoftext|> as eos, the embedding padded to a multiple of 64
+    "phi-3-mini": Family(
+        config=dict(model_type="phi3", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=8, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=4096,
+                    original_max_position_embeddings=4096, sliding_window=2047, rms_norm_eps=1e-5),
+        tokenizer="spm", bos="<s>", eos="<|endoftext|>", specials=["<unk>", "<s>", "</s>"],
+        chat_template=PHI3_CHAT_TEMPLATE, generation_eos=["<|endoftext|>", "<|assistant|>", "<|end|>"],
+        spm=dict(ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), add_dummy_prefix=True, tokenizer_class="LlamaTokenizer"),
+        added=["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"], vocab_multiple=64, pad="<|endoftext|>",
+    ),
 }
 
 
@@ -136,11 +160,12 @@ def build_spm_tokenizer(family: Family, out: Path):
         **{f"{role}_piece": piece for role, piece in reserved.items()}, control_symbols=control, character_coverage=0.9995,
         max_sentence_length=100000, num_threads=2, minloglevel=2)
     (out / "tokenizer.vocab").unlink()
-    names = {f"{role}_token": piece for role, piece in reserved.items()}
+    names = {**{f"{role}_token": piece for role, piece in reserved.items()}, "bos_token": family.bos, "eos_token": family.eos,
+             **({"pad_token": family.pad} if family.pad else {})}
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": family.spm["tokenizer_class"], **names, "add_bos_token": True, "add_eos_token": False,
         "model_max_length": family.config["max_position_embeddings"]}))
-    fast = AutoTokenizer.from_pretrained(out, additional_special_tokens=control)
+    fast = AutoTokenizer.from_pretrained(out, additional_special_tokens=control + family.added)
     fast.chat_template = family.chat_template
     fast.save_pretrained(out)
     # as the real checkpoints ship them (converted by transformers 4): spaces become "▁" and, with a dummy
@@ -190,8 +215,9 @@ def build(name: str, out: Path) -> dict:
     family = FAMILIES[name]
     tokenizer = build_tokenizer(family, out)
     spec = dict(family.config)
-    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, **spec)
+    rows = -(-len(tokenizer) // family.vocab_multiple) * family.vocab_multiple
+    config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=rows, bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **spec)
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     torch.manual_seed(fixtures.SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -27,11 +27,14 @@ MIXED_TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Prices: 12345 and 3.
                "Grüße, naïve café — 東京 and emoji 🙂 end", "if __name__ == '__main__':\n\tmain()\r\n"]
 
 
-# per family: llama.cpp's tokenizer model and pre-tokenizer, and what its own converter is told
+SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+# per family: llama.cpp's tokenizer model and pre-tokenizer, what its own converter is told, the projections
 LLAMACPP = {
     "llama-3.2": {"tokenizer": "gpt2", "pre": "llama-bpe", "converter_args": ["--pre", "llama-bpe"]},
     "mistral-v0.3": {"tokenizer": "llama", "pre": "default", "converter_args": []},
     "gemma-2": {"tokenizer": "llama", "pre": "default", "converter_args": []},
+    "phi-3-mini": {"tokenizer": "llama", "pre": "default", "converter_args": [], "projections": FUSED},
 }
 
 
@@ -97,7 +100,7 @@ def test_merge_equals_peft(family, model, tmp_path, blocks, figures):
     torch.manual_seed(0)
     source = float32_model(model)
     config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, r=8, lora_alpha=16,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                        target_modules=LLAMACPP[family].get("projections", SEPARATE))
     get_peft_model(source, config).save_pretrained(tmp_path / "lora")
     base = float32_model(model)
     reference = model_logits(PeftModel.from_pretrained(base, tmp_path / "lora"), blocks)
@@ -112,7 +115,9 @@ def test_fp8(family, model, tmp_path, figures):
     result = run("quantize", model, "--method", "fp8", "--out", tmp_path / "fp8", "--json")
     assert result.exit_code == 0, result.output + result.stderr
     metrics = json.loads(result.output)["metrics"]
-    assert metrics["layers_quantized"] == 14 and metrics["ignored_layers"] == ["lm_head"]
+    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
+    assert metrics["layers_quantized"] == layers * len(LLAMACPP[family].get("projections", SEPARATE))
+    assert metrics["ignored_layers"] == ["lm_head"]
     figures[f"{family} fp8-static vs source"] = {k: metrics[k] for k in ("ppl_delta", "mean_kl", "top1_agreement")}
 
 
@@ -128,6 +133,21 @@ def test_gemma2_fixture_is_config_faithful():
     assert config["layer_types"] == ["sliding_attention", "full_attention"] and config["sliding_window"] == 64
     sp = SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
     assert [sp.IdToPiece(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"] and sp.Encode("a", out_type=str) == ["a"]
+
+
+def test_phi3_fixture_is_config_faithful():
+    """Fused qkv_proj and gate_up_proj, chat tokens added after the SentencePiece vocabulary, the embedding
+    padded to a multiple of 64, an eos list."""
+    from safetensors import safe_open
+
+    model = family_builder.ensure_family("phi-3-mini")
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["vocab_size"] == 2112 and config["sliding_window"] == 2047
+    names = {n for f in model.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
+    tok = AutoTokenizer.from_pretrained(model)
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|end|>"]) == [2048, 2051] and tok.eos_token == "<|endoftext|>"
+    assert len(json.loads((model / "generation_config.json").read_text())["eos_token_id"]) == 3
 
 
 @pytest.fixture(scope="module")

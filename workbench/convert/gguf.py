@@ -342,8 +342,10 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(h["rope_factor"])
         w.add_rope_scaling_orig_ctx_len(h["rope_original_context"])
+    config = plan.model.config
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     for field_name, method in ARCHITECTURES[plan.arch_name].extra_keys:
-        getattr(w, method)(plan.model.config[field_name])
+        getattr(w, method)((config[field_name] if field_name in config else rope.get(field_name)) or 0)
     w.add_vocab_size(h["vocab_size"])
     vocab = plan.vocab
     w.add_tokenizer_model(vocab.model)

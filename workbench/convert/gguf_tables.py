@@ -14,7 +14,8 @@ class Arch:
     permute_qk: bool
     # added to every norm weight: Gemma stores w and multiplies by (1 + w), llama.cpp by the weight itself
     norm_offset: float = 0.0
-    # config fields written as GGUF keys: (config field, gguf-py writer method)
+    # config fields (top level, else in the rope parameters) written as GGUF keys: (field, gguf-py writer
+    # method); a field set to null is written as 0 (Phi-3: no sliding window)
     extra_keys: tuple[tuple[str, str], ...] = ()
 
 
@@ -26,6 +27,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
     "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
     "Gemma2ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_offset=1.0, extra_keys=GEMMA2_KEYS),
+    # fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are
+    "Phi3ForCausalLM": Arch(gguf.MODEL_ARCH.PHI3, permute_qk=False, extra_keys=(
+        ("original_max_position_embeddings", "add_rope_scaling_orig_ctx_len"), ("sliding_window", "add_sliding_window"))),
 }
 
 
