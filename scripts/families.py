@@ -59,12 +59,20 @@ PHI3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# Qwen3's template without tools or thinking: ChatML turns
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# byte-level BPE split patterns by tokenizer kind, and whether it is NFC-normalized (Qwen's is)
+BPE_KINDS = {"llama-bpe": (LLAMA3_PATTERN, False), "qwen2": (fixtures.QWEN2_PATTERN, True)}
+
 
 @dataclass(frozen=True)
 class Family:
     config: dict  # transformers config fields (model_type first), sizes small, the rest as the real models
-    tokenizer: str  # "llama-bpe" (byte-level BPE, tokenizers) or "spm" (SentencePiece BPE with byte fallback)
-    bos: str
+    tokenizer: str  # a byte-level BPE kind of BPE_KINDS (tokenizers) or "spm" (SentencePiece BPE with byte fallback)
+    bos: str | None  # None: the tokenizer adds no BOS (Qwen)
     eos: str
     specials: list[str]  # every special token, in id order after the learned vocabulary's first ids
     chat_template: str
@@ -75,6 +83,7 @@ class Family:
     added: list[str] = field(default_factory=list)  # special tokens added after the learned vocabulary (Phi-3's)
     pad: str | None = None  # the pad token, when not one of the reserved pieces
     vocab_multiple: int = 1  # the embedding's rows rounded up to this (Phi-3: 32064 for 32011 tokens)
+    train_config: dict = field(default_factory=dict)  # config fields set while training only
 
 
 FAMILIES = {
@@ -128,6 +137,19 @@ FAMILIES = {
         chat_template=PHI3_CHAT_TEMPLATE, generation_eos=["<|endoftext|>", "<|assistant|>", "<|end|>"],
         spm=dict(ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), add_dummy_prefix=True, tokenizer_class="LlamaTokenizer"),
         added=["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"], vocab_multiple=64, pad="<|endoftext|>",
+    ),
+    # Qwen3-30B-A3B's shape rules: every layer a MoE block (decoder_sparse_step 1, no mlp_only_layers), many
+    # small experts (moe_intermediate_size well under intermediate_size) with top-k renormalized, head_dim
+    # apart from hidden/heads, q/k norms, 8 query heads per KV head, untied, rope theta 1e6; Qwen's
+    # byte-level BPE without BOS, ChatML. Trained with the router's load-balancing loss, as Qwen3-MoE was.
+    "qwen3-moe": Family(
+        config=dict(model_type="qwen3_moe", hidden_size=256, intermediate_size=768, moe_intermediate_size=96, num_experts=16,
+                    num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], num_hidden_layers=2,
+                    num_attention_heads=16, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                    rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, router_aux_loss_coef=0.001),
+        tokenizer="qwen2", bos=None, eos="<|im_end|>", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        chat_template=CHATML_TEMPLATE, generation_eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>",
+        train_config=dict(output_router_logits=True),
     ),
 }
 
@@ -187,22 +209,26 @@ def build_spm_tokenizer(family: Family, out: Path):
 
 
 def build_bpe_tokenizer(family: Family, out: Path):
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    pattern, nfc = BPE_KINDS[family.tokenizer]
     tok = Tokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=fixtures.VOCAB_SIZE, special_tokens=family.specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(fixtures.corpus("train").splitlines(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B",
-                                                       special_tokens=[(family.bos, tok.token_to_id(family.bos))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos,
-                                   additional_special_tokens=[s for s in family.specials if s not in (family.bos, family.eos)],
+    if family.bos:
+        tok.post_processor = processors.TemplateProcessing(single=f"{family.bos} $A", pair=f"{family.bos} $A {family.bos} $B",
+                                                           special_tokens=[(family.bos, tok.token_to_id(family.bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=family.bos, eos_token=family.eos, pad_token=family.pad,
+                                   additional_special_tokens=[s for s in family.specials if s not in (family.bos, family.eos, family.pad)],
                                    model_max_length=131072)
     fast.chat_template = family.chat_template
     fast.save_pretrained(out)
@@ -224,7 +250,12 @@ def build(name: str, out: Path) -> dict:
     heldout = fixtures.token_blocks(tokenizer, fixtures.corpus("heldout"), limit=64)
     before = fixtures.perplexity(model, heldout)
     print(f"{name}: training {STEPS} steps", flush=True)
+    saved = {key: getattr(model.config, key) for key in family.train_config}
+    for key, value in family.train_config.items():
+        setattr(model.config, key, value)
     fixtures.train(model, fixtures.token_blocks(tokenizer, fixtures.corpus("train")), STEPS, lr=3e-3)
+    for key, value in saved.items():
+        setattr(model.config, key, value)
     after = fixtures.perplexity(model, heldout)
     eos = [tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos] or tokenizer.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, do_sample=False)

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from . import experts
 from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
 from .errors import BadInput
 
@@ -152,6 +153,9 @@ class LayerRunner:
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config)).eval()
         except Exception as exc:  # transformers raises many types for a model it cannot build
             raise BadInput(f"transformers cannot build {config.architectures}: {str(exc).splitlines()[0]}") from None
+        experts.unstack_experts(self.model, config.model_type)  # one Linear per expert, named as in the checkpoint
+        self.checkpoint_name = experts.renamer(config.model_type, to_checkpoint=True)
+        self.module_name = experts.renamer(config.model_type, to_checkpoint=False)
         self.base = self.model.get_decoder()
         self.layers_attr, layers = _decoder_layers(self.base, config)
         self.layers = list(layers)
@@ -186,7 +190,7 @@ class LayerRunner:
         from accelerate.utils import set_module_tensor_to_device
 
         for name, param in list(module.named_parameters()):
-            full = f"{prefix}.{name}"
+            full = self.checkpoint_name(f"{prefix}.{name}")
             if full not in self.weights:
                 raise BadInput(f"{full} is not in the checkpoint: the layer runner cannot map "
                                f"{self.config.architectures[0]}'s weights")

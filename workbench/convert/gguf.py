@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import math
 import os
 import signal
@@ -33,10 +34,11 @@ from ..verify.guard import set_parent_death_signal
 from ..engines import ENGINES, check_installed, engine_python
 from .imatrix import importance_matrix
 from ..quantize.recipe import Calibration
-from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
+from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
                           TOKENIZER_PROBES)
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
+EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 QUANT_CHUNK_ELEMENTS = 1 << 20
 _QUANT_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
 QK_NAMES = {"attn_q": "heads", "attn_k": "kv_heads"}
@@ -74,12 +76,18 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 @dataclass
 class Tensor:
-    hf_name: str | None  # None: computed by the converter (``values``), not read from the checkpoint
+    hf_name: str | None  # None: computed by the converter (``values``) or stacked from ``experts``
     gguf_name: str
     shape: tuple[int, ...]
     permute_heads: int | None = None
     values: torch.Tensor | None = None
     offset: float = 0.0  # added in float32 (Gemma's norms)
+    experts: tuple[str, ...] = ()  # a MoE projection's per-expert tensors, stacked in expert order (ffn_*_exps)
+    float32: bool = False  # kept F32 whatever the outtype (MoE routers, as llama.cpp's converter keeps them)
+
+    @property
+    def read(self) -> bool:
+        return bool(self.hf_name or self.experts)
 
 
 @dataclass
@@ -122,9 +130,17 @@ def plan_conversion(model_dir: Path) -> Plan:
     if hparams["rope_type"] == "llama3":  # llama.cpp applies Llama 3's frequency scaling from a tensor
         factors = llama3_rope_factors(hparams)
         tensors.append(Tensor(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), values=factors))
+    stacks: dict[str, list[str]] = {}  # llama.cpp's merged expert name -> per-expert names
     for file in model.weight_files:
         for name in model.store.names_in(file):
             if name.endswith(SKIPPED_TENSORS):
+                continue
+            merged = EXPERT_INDEX.sub(".experts.", name)
+            if merged != name:
+                if merged not in stacks:
+                    stacks[merged] = []
+                    tensors.append(Tensor(None, merged, ()))  # named and shaped once its experts are known
+                stacks[merged].append(name)
                 continue
             gname = names.get_name(name, try_suffixes=(".weight", ".bias"))
             if gname is None:
@@ -133,8 +149,26 @@ def plan_conversion(model_dir: Path) -> Plan:
             permute = hparams["head_count" if QK_NAMES.get(role) == "heads" else "head_count_kv"] \
                 if arch.permute_qk and role in QK_NAMES else None
             offset = arch.norm_offset if name.endswith("norm.weight") else 0.0
-            tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute, offset=offset))
+            tensors.append(Tensor(name, gname, model.store.tensors[name].shape, permute, offset=offset,
+                                  float32=role in FLOAT32_ROLES))
+    for t in tensors:
+        if t.gguf_name in stacks:
+            _stack_experts(t, stacks[t.gguf_name], model, names, hparams, arch_name)
     return Plan(model, arch_name, tensors, hparams, vocab)
+
+
+def _stack_experts(t: Tensor, members: list[str], model: Checkpoint, names, hparams: dict, arch_name: str) -> None:
+    """One MoE projection of one layer as llama.cpp's converter writes it: every expert's tensor stacked
+    along a new first axis, in expert order."""
+    merged = t.gguf_name
+    order = sorted(members, key=lambda n: int(EXPERT_INDEX.search(n).group(1)))
+    if len(order) != hparams["expert_count"]:
+        raise BadInput(f"{merged} has {len(order)} experts in the checkpoint, the config says {hparams['expert_count']}")
+    gname = names.get_name(merged, try_suffixes=(".weight", ".bias"))
+    if gname is None:
+        raise BadInput(f"no GGUF name for the experts {merged} of {arch_name}")
+    t.gguf_name, t.experts = gname, tuple(order)
+    t.shape = (len(order), *model.store.tensors[order[0]].shape)
 
 
 def _hparams(config: dict) -> dict:
@@ -160,6 +194,10 @@ def _hparams(config: dict) -> dict:
         "rope_low_freq_factor": rope.get("low_freq_factor", 1.0),
         "rope_high_freq_factor": rope.get("high_freq_factor", 4.0),
         "vocab_size": config["vocab_size"],
+        "expert_count": config.get("num_local_experts") or config.get("num_experts"),
+        "expert_used_count": config.get("num_experts_per_tok"),
+        "expert_feed_forward_length": config.get("moe_intermediate_size"),
+        "expert_shared_feed_forward_length": config.get("shared_expert_intermediate_size"),
     }
 
 
@@ -316,11 +354,13 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     w.add_type(gguf.GGUFType.MODEL)
     # general.* as llama.cpp's converter writes them: gguf-py's metadata from the model card and the folder
     # name (basename, version, size label, license, base models, tags)
-    params = sum(int(np.prod(t.shape)) for t in plan.tensors if t.hf_name)
+    params = sum(int(np.prod(t.shape)) for t in plan.tensors if t.read)
+    per_expert = sum(int(np.prod(t.shape[1:])) for t in plan.tensors if t.experts)
+    experts = h["expert_count"] or 0
     logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
     meta = gguf.Metadata.load(None, plan.model.path, None, params)
     meta.name = meta.name or name
-    meta.size_label = meta.size_label or gguf.size_label(params, 0, 0, 0)
+    meta.size_label = meta.size_label or gguf.size_label(params, params - per_expert * experts, per_expert, experts)
     meta.set_gguf_meta_model(w)
     w.add_file_type(OUTTYPES[outtype].file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -335,6 +375,9 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     w.add_rope_dimension_count(h["head_dim"])
     w.add_layer_norm_rms_eps(h["rms_eps"])
     w.add_rope_freq_base(h["rope_theta"])
+    for key in ("expert_count", "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length"):
+        if h[key] is not None:
+            getattr(w, f"add_{key}")(h[key])
     if h["rope_type"] == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(h["rope_factor"])
@@ -368,7 +411,7 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
     w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[plan.arch_name].gguf_arch])
     _write_metadata(w, plan, outtype, name)
     for t in plan.tensors:
-        shape, dtype, nbytes, qtype = _encoded_info(t.shape, outtype)
+        shape, dtype, nbytes, qtype = _encoded_info(t.shape, "f32" if t.float32 else outtype)
         w.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=qtype)
     w.write_header_to_file(path)
     hasher = FollowingHasher(path)
@@ -376,12 +419,13 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, t in enumerate(plan.tensors):
-            data = t.values if t.hf_name is None else plan.model.store.get(t.hf_name)
+            data = t.values if not t.read else plan.model.store.get(t.hf_name) if t.hf_name else \
+                torch.stack([plan.model.store.get(n) for n in t.experts])
             if t.permute_heads:
                 data = _permute(data, t.permute_heads)
             if t.offset:  # in float32, as llama.cpp's converter does (bf16 would round 1 + w to 2^-8)
                 data = data.float() + t.offset
-            w.write_tensor_data(_encode(data, outtype)[0])
+            w.write_tensor_data(_encode(data, "f32" if t.float32 else outtype)[0])
             w.fout[0].flush()  # let the hasher follow
             if on_tensor:
                 on_tensor(i + 1, len(plan.tensors))
@@ -457,6 +501,9 @@ def convert_gguf(
     plan = plan_conversion(model_dir)
     paths = output_paths(model_dir, outtypes, out)
     check_imatrix_use(outtypes, imatrix)
+    if imatrix is not None and any(t.experts for t in plan.tensors):
+        raise BadInput("--imatrix does not cover MoE experts yet (llama.cpp wants one matrix per expert tensor); "
+                       "convert without it")
     for path in paths.values():
         if path.exists() and not force:
             raise BadInput(f"output exists: {path} (use --force to replace it)")

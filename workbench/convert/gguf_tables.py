@@ -26,11 +26,18 @@ ARCHITECTURES: dict[str, Arch] = {
     "MistralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
     "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
+    # experts stacked per layer into ffn_{gate,up,down}_exps, the router as ffn_gate_inp
+    "Qwen3MoeForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3MOE, permute_qk=False),
+    "MixtralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "Gemma2ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_offset=1.0, extra_keys=GEMMA2_KEYS),
     # fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are
     "Phi3ForCausalLM": Arch(gguf.MODEL_ARCH.PHI3, permute_qk=False, extra_keys=(
         ("original_max_position_embeddings", "add_rope_scaling_orig_ctx_len"), ("sliding_window", "add_sliding_window"))),
 }
+
+
+# tensors llama.cpp's converter always writes F32: MoE routers (llama.cpp computes the routing in F32)
+FLOAT32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 
 
 @dataclass(frozen=True)

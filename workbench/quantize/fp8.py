@@ -4,8 +4,9 @@ scalar = amax|W| / 448, and for static activations ``input_scale`` float32 scala
 input over the calibration set / 448.
 
 The format does not load correctly in transformers on CPU, so quality is measured on an emulation with
-vLLM's load-time semantics: the shards of a fused layer (q/k/v, gate/up) are re-quantized to the largest
-weight_scale of the group and share the largest input_scale. Calibration, writing and the emulated
+vLLM's load-time semantics: the shards of a fused layer (q/k/v, gate/up, an expert's w1/w3) are
+re-quantized to the largest weight_scale of the group and share the largest input_scale; all experts of a
+MoE layer share one input scale per projection, their largest (vLLM's fused-MoE kernels take one). Calibration, writing and the emulated
 quality report happen in one walk through the layer runner (quantize/walk.py).
 """
 
@@ -20,11 +21,13 @@ from torch import nn
 
 from ..checkpoint import PlannedTensor
 from ..errors import BadInput
+from ..experts import expert_group
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
 # Modules vLLM fuses into one layer (their scales are merged at load time).
-FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj",
+         "w1": "w13", "w3": "w13"}
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
@@ -39,6 +42,24 @@ def stacked_experts(model: nn.Module) -> list[str]:
 def fused_group(name: str) -> str:
     parent, _, leaf = name.rpartition(".")
     return f"{parent}.{FUSED[leaf]}" if leaf in FUSED else name
+
+
+def input_group(name: str) -> str:
+    """The layers that share ``name``'s input scale in vLLM: its fused layer, across all experts in MoE."""
+    fused = fused_group(name)
+    return expert_group(fused) or fused
+
+
+def fill_unrouted(amax: dict[str, float]) -> int:
+    """Give experts that no calibration token reached their layer's input amax (vLLM takes the max over
+    the experts anyway); returns how many."""
+    group_max: dict[str, float] = {}
+    for name, value in amax.items():
+        group_max[input_group(name)] = max(group_max.get(input_group(name), 0.0), value)
+    unrouted = [n for n, v in amax.items() if v == 0.0 and expert_group(n)]
+    for n in unrouted:
+        amax[n] = group_max[input_group(n)]
+    return len(unrouted)
 
 
 def resolve_targets(names: list[str], ignore: list[str]) -> tuple[list[str], list[str], list[str]]:
@@ -121,6 +142,7 @@ class Codec:
     """vLLM's fp8 format in the one-walk quantizer (quantize/walk.py)."""
 
     extra_layer_bytes = 1  # the layer's fp8 copy, per parameter
+    writes_experts = True  # per expert, as vLLM's fused-MoE loader reads them
 
     def __init__(self, scheme: str):
         self.scheme = scheme
@@ -149,18 +171,20 @@ class Codec:
 def emulated(module: nn.Module, written: dict[str, Quantized]):
     """While open, the written FP8 layers of ``module`` (by submodule name) are swapped for their vLLM
     emulation, with vLLM's load-time semantics: the shards of a fused layer are re-quantized to the
-    group's largest weight scale and share its largest input scale. The replaced layers' own weights are
+    group's largest weight scale; input scales are shared as ``input_group`` says. The replaced layers' own weights are
     dropped (the caller's runner reloads them); the layers are put back on exit."""
     from ..runner import LayerRunner
 
     groups: dict[str, list[str]] = {}
-    for n in written:
+    acts: dict[str, torch.Tensor] = {}
+    for n, q in written.items():
         groups.setdefault(fused_group(n), []).append(n)
+        if q.input_scale is not None:
+            acts[input_group(n)] = torch.maximum(acts.get(input_group(n), q.input_scale.float()), q.input_scale.float())
     swapped = []
     for members in groups.values():
         max_scale = max(written[n].scale.float() for n in members)
-        inputs = [written[n].input_scale for n in members]
-        act = max(s.float() for s in inputs) if inputs[0] is not None else None
+        act = acts.get(input_group(members[0]))
         for n in members:
             dq = written[n].weight.float().mul_(written[n].scale.float())
             requantized = dq.div_(max_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)

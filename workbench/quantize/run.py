@@ -17,6 +17,7 @@ from ..families import check_handled
 from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
 from ..runner import Estimate, LayerRunner, estimate
+from .. import experts
 from . import bnb, compressor, fp8, walk
 from .calibration import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
 from .recipe import NEEDS_CALIBRATION, Recipe, load
@@ -77,14 +78,19 @@ def quantize(
     runner = LayerRunner(model_dir)
     stacked = fp8.stacked_experts(runner.model)
     if stacked:  # not nn.Linear: they would stay unquantized, most of the model, with the report still passing
-        raise BadInput(f"{arch} holds its experts as stacked 3-D parameters ({stacked[0]}, {len(stacked)} in all): "
-                       f"quantizing MoE experts is not supported yet (issue 13); nothing written")
-    names = list(fp8.linear_modules(runner.model))
+        raise BadInput(f"{arch} holds weights as stacked 3-D parameters ({stacked[0]}, {len(stacked)} in all) that the "
+                       "layer runner cannot split per expert; nothing written")
+    routers = experts.routers(runner.model)
+    codec = own_codec(recipe)
+    if routers and not getattr(codec, "writes_experts", False):
+        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts yet (fp8 does); nothing written")
+    names = [n for n in fp8.linear_modules(runner.model) if n not in routers]
     targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
+    ignored = [runner.checkpoint_name(n) for n in ignored + routers]  # as vLLM names them: the checkpoint's names
     if not targets:
         raise BadInput(f"{arch} has no torch.nn.Linear layer to quantize with {recipe.method} besides the ignored "
                        f"{ignored} (Conv1D layers, as in GPT-2, are not supported)")
-    absent = [n for n in targets if n + ".weight" not in source.store]
+    absent = [n for n in targets if runner.checkpoint_name(n) + ".weight" not in source.store]
     if absent:
         raise BadInput(f"{absent[0]} has no weight of its own in the checkpoint (tied?); add it to the ignore list")
     walk.check_targets(runner, targets)
@@ -101,7 +107,6 @@ def quantize(
 
     with atomic_output_dir(out, force) as tmp:
         t = time.perf_counter()
-        codec = own_codec(recipe)
         if codec is not None:  # formats our own code writes, in one walk through the layer runner
             calibrating = f"calibrating on {samples.shape[0]} samples x {samples.shape[1]} tokens, " if samples is not None else ""
             on_event(f"{len(targets)} layers: {calibrating}writing and evaluating, one decoder layer at a time")
@@ -183,6 +188,7 @@ def _quality(m: dict, blocks: torch.Tensor) -> dict:
         "ppl_source": round(m["ppl_source"], 4), "ppl_quantized": round(m["ppl_quantized"], 4),
         "ppl_delta": round(m["ppl_quantized"] / m["ppl_source"] - 1, 5),
         "mean_kl": m["mean_kl"], "top1_agreement": m["top1_agreement"],
+        **({"experts_never_routed": m["experts_never_routed"]} if "experts_never_routed" in m else {}),
     }
 
 

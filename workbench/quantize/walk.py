@@ -30,7 +30,7 @@ def layer_of(runner: LayerRunner, name: str) -> int | None:
 
 def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
     """Write order (tensors outside the layers first, then layer by layer) and the planned tensors."""
-    weights = {t + ".weight" for t in targets}
+    weights = target_weights(runner, targets)
     outside, by_layer = [], {}
     for file in source.weight_files:
         for name in source.store.names_in(file):
@@ -44,6 +44,11 @@ def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec) -> 
             continue
         planned += codec.planned(name, info.shape)
     return outside, by_layer, planned
+
+
+def target_weights(runner: LayerRunner, targets: list[str]) -> set[str]:
+    """The checkpoint names of the target modules' weights."""
+    return {runner.checkpoint_name(t) + ".weight" for t in targets}
 
 
 def check_targets(runner: LayerRunner, targets: list[str]) -> None:
@@ -70,7 +75,8 @@ def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str],
     with clock("source_eval"):
         reference = runner.streams(blocks)
         candidate = [s.fork() for s in reference]
-    weights = {t + ".weight" for t in targets}
+    weights = target_weights(runner, targets)
+    unrouted = 0
     for i in range(runner.num_layers):
         prefix = runner.layer_prefix(i) + "."
         local = [t.removeprefix(prefix) for t in targets if t.startswith(prefix)]
@@ -83,8 +89,9 @@ def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str],
             with clock("source_eval"):
                 for s in reference:
                     runner.forward(layer, i, s)
+            unrouted += fp8.fill_unrouted(amax) if calibration else 0
             with clock("write"):
-                written = _write_layer(layer, by_layer.get(i, []), prefix, weights, amax, codec, source, writer)
+                written = _write_layer(runner, layer, by_layer.get(i, []), prefix, weights, amax, codec, source, writer)
             with clock("emulated_eval"), codec.emulated(layer, written):
                 for s in candidate:
                     runner.forward(layer, i, s)
@@ -93,6 +100,8 @@ def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str],
     with clock("head"):
         final = [runner.normed(torch.cat([s.hidden for s in streams])) for streams in (reference, candidate)]
         quality = compare_final_hidden(runner, *final, blocks)
+    if unrouted:
+        quality["experts_never_routed"] = unrouted  # in calibration; given their layer's input scale
     return writer.sha256, quality, phases
 
 
@@ -111,8 +120,8 @@ class Clock:
             self.phases[name] += time.perf_counter() - t0
 
 
-def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float], codec,
-                 source: Checkpoint, writer: StreamedWriter) -> dict:
+def _write_layer(runner: LayerRunner, layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float],
+                 codec, source: Checkpoint, writer: StreamedWriter) -> dict:
     """Write one layer's tensors in plan order: targets through the codec (given the layer's weight and the
     checkpoint's dtype of it), the rest copied. Returns the codec's record of each target, by module name."""
     written = {}
@@ -120,7 +129,7 @@ def _write_layer(layer, names: list[str], prefix: str, weights: set[str], amax: 
         if name not in weights:
             writer.copy(source.store, name)
             continue
-        module = name.removeprefix(prefix).removesuffix(".weight")
+        module = runner.module_name(name).removeprefix(prefix).removesuffix(".weight")
         weight = layer.get_submodule(module).weight
         tensors, written[module] = codec.quantize(name, weight, amax[module], source.store.tensors[name].dtype)
         for tensor_name, tensor in tensors.items():
