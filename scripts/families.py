@@ -84,6 +84,9 @@ class Family:
     pad: str | None = None  # the pad token, when not one of the reserved pieces
     vocab_multiple: int = 1  # the embedding's rows rounded up to this (Phi-3: 32064 for 32011 tokens)
     train_config: dict = field(default_factory=dict)  # config fields set while training only
+    # config.json fields renamed after saving, as the real checkpoints name them (transformers 5 writes its
+    # attribute's name: num_local_experts where Qwen3-MoE's config.json says num_experts)
+    saved_names: dict = field(default_factory=dict)
 
 
 FAMILIES = {
@@ -149,7 +152,7 @@ FAMILIES = {
                     rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, router_aux_loss_coef=0.001),
         tokenizer="qwen2", bos=None, eos="<|im_end|>", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         chat_template=CHATML_TEMPLATE, generation_eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>",
-        train_config=dict(output_router_logits=True),
+        train_config=dict(output_router_logits=True), saved_names={"num_local_experts": "num_experts"},
     ),
 }
 
@@ -260,6 +263,10 @@ def build(name: str, out: Path) -> dict:
     eos = [tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos] or tokenizer.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, do_sample=False)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size=fixtures.SHARD_SIZE)
+    if family.saved_names:
+        saved = json.loads((out / "config.json").read_text())
+        saved = {family.saved_names.get(k, k): v for k, v in saved.items()}
+        (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     figures = {"heldout_ppl_untrained": round(before, 2), "heldout_ppl_trained_fp32": round(after, 2), "uniform_ppl": len(tokenizer)}
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
     return figures

@@ -29,12 +29,17 @@ MIXED_TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Prices: 12345 and 3.
 
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 # per family: llama.cpp's tokenizer model and pre-tokenizer, what its own converter is told, the projections
+# (LoRA targets; peft cannot target transformers 5's stacked experts by module name), Linear layers per
+# decoder layer when not only those (MoE: the experts' too)
 LLAMACPP = {
     "llama-3.2": {"tokenizer": "gpt2", "pre": "llama-bpe", "converter_args": ["--pre", "llama-bpe"]},
     "mistral-v0.3": {"tokenizer": "llama", "pre": "default", "converter_args": []},
     "gemma-2": {"tokenizer": "llama", "pre": "default", "converter_args": []},
     "phi-3-mini": {"tokenizer": "llama", "pre": "default", "converter_args": [], "projections": FUSED},
+    "qwen3-moe": {"tokenizer": "gpt2", "pre": "qwen2", "converter_args": ["--pre", "qwen2"], "projections": ATTENTION,
+                  "linears_per_layer": 4 + 16 * 3},
 }
 
 
@@ -115,9 +120,26 @@ def test_fp8(family, model, tmp_path, figures):
     result = run("quantize", model, "--method", "fp8", "--out", tmp_path / "fp8", "--json")
     assert result.exit_code == 0, result.output + result.stderr
     metrics = json.loads(result.output)["metrics"]
-    layers = json.loads((model / "config.json").read_text())["num_hidden_layers"]
-    assert metrics["layers_quantized"] == layers * len(LLAMACPP[family].get("projections", SEPARATE))
-    assert metrics["ignored_layers"] == ["lm_head"]
+    config = json.loads((model / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    per_layer = LLAMACPP[family].get("linears_per_layer") or len(LLAMACPP[family].get("projections", SEPARATE))
+    assert metrics["layers_quantized"] == layers * per_layer
+    routers = [f"model.layers.{i}.mlp.gate" for i in range(layers)] if "moe_intermediate_size" in config else []
+    assert metrics["ignored_layers"] == ["lm_head", *routers]
+    if routers:  # every expert's projection in vLLM's per-expert fp8 names, the routers left in bf16
+        from safetensors import safe_open
+
+        tensors = {}
+        for f in (tmp_path / "fp8").glob("*.safetensors"):
+            with safe_open(f, "pt") as st:
+                tensors.update({n: st.get_tensor(n) for n in st.keys()})
+        for e in range(config["num_experts"]):
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.1.mlp.experts.{e}.{proj}"
+                assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn and tensors[f"{name}.input_scale"] > 0
+                assert tensors[f"{name}.weight_scale"].shape == ()
+        assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
+        assert not any(n.startswith("model.layers.1.mlp.gate.") and n.endswith("scale") for n in tensors)
     figures[f"{family} fp8-static vs source"] = {k: metrics[k] for k in ("ppl_delta", "mean_kl", "top1_agreement")}
 
 
@@ -221,10 +243,11 @@ def test_tokenization_in_llamacpp_equals_transformers(family, model, family_gguf
                                     {"role": "user", "content": MIXED_TEXTS[2]}], tokenize=False, add_generation_prompt=True)
     plain = run_llamacpp(family_gguf / f"{model.name}-F16.gguf", texts=MIXED_TEXTS)["tokens"]
     assert plain == [tok(t).input_ids for t in MIXED_TEXTS]
-    special = run_llamacpp(family_gguf / f"{model.name}-F16.gguf", texts=[chat.removeprefix(tok.bos_token)], special=True)["tokens"]
-    # llama.cpp puts BOS before the text, the template writes its own (Llama 3, Mistral, Gemma) or none (Phi-3)
-    bos = [] if chat.startswith(tok.bos_token) else [tok.bos_token_id]
-    assert special == [bos + tok(chat, add_special_tokens=False).input_ids]
+    # llama.cpp adds BOS as the tokenizer does; the template writes its own (Llama 3, Mistral, Gemma) or none
+    # (Phi-3; Qwen has none at all)
+    text = chat.removeprefix(tok.bos_token or "")
+    special = run_llamacpp(family_gguf / f"{model.name}-F16.gguf", texts=[text], special=True)["tokens"]
+    assert special == [tok(text).input_ids]
     figures[f"{family} llama.cpp tokenization vs transformers"] = {"texts": len(MIXED_TEXTS) + 1, "identical": len(MIXED_TEXTS) + 1}
 
 
@@ -242,12 +265,30 @@ def test_served_by_vllm(family, model, tmp_path, figures):
 
 
 def test_tp_preflight(model):
-    """8 query heads, 2 KV heads (Llama 3.2, Mistral) or 4 (Gemma 2): TP=4 splits or replicates them evenly;
-    TP=3 splits nothing evenly."""
+    """8 query heads (16 for Qwen3-MoE), 2 KV heads (Llama 3.2, Mistral, Qwen3-MoE) or 4 (Gemma 2), 96 per
+    expert (Qwen3-MoE): TP=4 splits or replicates them evenly; TP=3 splits no head count evenly."""
+    heads = json.loads((model / "config.json").read_text())["num_attention_heads"]
     result = run("verify", model, "--preflight-only", "--tp", "1,2,3,4", "--json")
     rows = {r["tp"]: r for r in json.loads(result.output)["preflight"]}
     assert rows[1]["loads"] and rows[2]["loads"] and rows[4]["loads"]
-    assert not rows[3]["loads"] and "num_attention_heads 8 not divisible by tp 3" in rows[3]["reasons"]
+    assert not rows[3]["loads"] and f"num_attention_heads {heads} not divisible by tp 3" in rows[3]["reasons"]
+
+
+def test_qwen3_moe_fixture_is_config_faithful():
+    """Every layer a MoE block of 16 experts (top 4, renormalized) narrower than the dense intermediate size,
+    stored one tensor per expert as Qwen3-MoE checkpoints are; head_dim apart from hidden/heads, q/k norms;
+    a byte-level BPE that adds no BOS; trained with the router loss, saved without it."""
+    model = family_builder.ensure_family("qwen3-moe")
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["Qwen3MoeForCausalLM"] and config["num_experts"] == 16 and config["num_experts_per_tok"] == 4
+    assert config["moe_intermediate_size"] < config["intermediate_size"] and config["mlp_only_layers"] == [] and config["norm_topk_prob"]
+    assert config["head_dim"] * config["num_attention_heads"] != config["hidden_size"] and config["output_router_logits"] is False
+    from safetensors import safe_open
+    names = {n for f in model.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+    assert {f"model.layers.1.mlp.experts.{e}.{p}.weight" for e in range(16) for p in ("gate_proj", "up_proj", "down_proj")} <= names
+    assert "model.layers.0.mlp.gate.weight" in names and "model.layers.0.self_attn.q_norm.weight" in names
+    tok = AutoTokenizer.from_pretrained(model)
+    assert tok.bos_token is None and tok("a").input_ids == tok("a", add_special_tokens=False).input_ids
 
 
 @pytest.fixture(scope="module")

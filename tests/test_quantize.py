@@ -358,10 +358,10 @@ def test_output_exists_without_force(llama, tmp_path):
     assert result.exit_code == 2 and "use --force" in result.stderr and list((tmp_path / "q").iterdir()) == []
 
 
-@pytest.mark.parametrize("method", ["fp8", "gptq"])
-def test_moe_experts_held_as_3d_parameters_are_refused_not_left_unquantized(method, fixture_root, tmp_path):
-    """transformers 5 holds a Qwen3-MoE layer's experts as two stacked 3-D parameters, not nn.Linear: a
-    quantizer that targets Linear layers would leave them (most of the weights) in bf16."""
+@pytest.fixture
+def tiny_moe(fixture_root, tmp_path):
+    """A random Qwen3-MoE (4 experts) with the fixture tokenizer: transformers 5 holds its experts as two
+    stacked 3-D parameters per layer, not nn.Linear."""
     import shutil
 
     from transformers import AutoConfig
@@ -372,6 +372,22 @@ def test_moe_experts_held_as_3d_parameters_are_refused_not_left_unquantized(meth
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
     for p in (fixture_root / "tokenizer").iterdir():
         shutil.copy2(p, tmp_path / "moe" / p.name)
-    assert_one_line_error(run("quantize", tmp_path / "moe", "--method", method, "--out", tmp_path / "q"), 2,
-                          "Qwen3MoeForCausalLM holds its experts as stacked 3-D parameters (model.layers.0.mlp.experts.gate_up_proj, 4 in all)")
+    return tmp_path / "moe"
+
+
+@pytest.mark.parametrize("method, recipe", [("gptq", "gptq-w4a16"), ("bnb-nf4", "bnb-nf4")])
+def test_moe_experts_are_refused_by_formats_that_would_leave_them_unquantized(method, recipe, tiny_moe, tmp_path):
+    """llm-compressor's and bitsandbytes' paths quantize Linear layers: transformers' stacked experts (most of
+    the weights) would stay bf16 under a passing report."""
+    assert_one_line_error(run("quantize", tiny_moe, "--method", method, "--out", tmp_path / "q"), 2,
+                          f"Qwen3MoeForCausalLM is a mixture of experts: {recipe} does not quantize experts yet (fp8 does)")
+    assert not (tmp_path / "q").exists()
+
+
+def test_moe_experts_of_an_unknown_layout_are_refused(tiny_moe, tmp_path, monkeypatch):
+    from workbench import experts
+
+    monkeypatch.delitem(experts.EXPERT_LAYOUTS, "qwen3_moe")
+    assert_one_line_error(run("quantize", tiny_moe, "--method", "fp8", "--out", tmp_path / "q"), 2,
+                          "MoE experts of Qwen3MoeExperts are not supported: no expert layout for 'qwen3_moe'")
     assert not (tmp_path / "q").exists()
