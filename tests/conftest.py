@@ -25,6 +25,31 @@ def fixture_root() -> Path:
     return fixture_builder.ensure_fixtures()
 
 
+# random MoE models with the fixture tokenizer (transformers 5 holds their experts as stacked 3-D parameters,
+# saves them one tensor per expert as the real checkpoints are)
+TINY_MOE = {
+    "qwen3_moe": dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=2048),
+    "mixtral": dict(hidden_size=64, intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=2048),
+}
+
+
+@pytest.fixture
+def tiny_moe(fixture_root, tmp_path):
+    def build(model_type: str) -> Path:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        out = tmp_path / model_type
+        AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **TINY_MOE[model_type])).save_pretrained(out)
+        for p in (fixture_root / "tokenizer").iterdir():
+            shutil.copy2(p, out / p.name)
+        return out
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def llama(fixture_root) -> Path:
     return fixture_root / "llama"

@@ -4,6 +4,9 @@ tokenization, greedy text, metadata round trip, and bad input."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -162,32 +165,48 @@ def test_failure_mid_write_leaves_no_partial_file(llama, copy_of, tmp_path):
     one_error_line(run("convert", "gguf", model, "--out", tmp_path), "truncated safetensors file", tmp_path)
 
 
+def llamacpp_converter(model: Path, outtype: str, out: Path, *args: str) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist) on the same model."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "llamacpp_converter.py"
+    done = subprocess.run([sys.executable, str(script), str(model), "--outtype", outtype, "--outfile", str(out), *args],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def assert_same_tensor_bytes(ours_path: Path, theirs_path: Path) -> dict:
+    """Identical tensor names, types and bytes, and no metadata key of theirs missing from ours."""
+    ours, theirs = gguf.GGUFReader(ours_path), gguf.GGUFReader(theirs_path)
+    a, b = {t.name: t for t in ours.tensors}, {t.name: t for t in theirs.tensors}
+    assert set(a) == set(b)
+    for name in b:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(a[name].data.view(np.uint8), b[name].data.view(np.uint8)), name
+    missing = set(theirs.fields) - set(ours.fields)
+    assert not missing, missing
+    return {"identical_tensors": f"{len(b)}/{len(b)}", "their_keys_missing_here": len(missing)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_same_bytes_as_llamacpps_own_converter(converted, tmp_path, figures, arch, request):
-    """llama.cpp's convert_hf_to_gguf.py (from the llama-cpp-python sdist) on the same fixture: identical
-    tensor bytes for F16 and Q8_0, and no metadata key it writes that we do not."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "llamacpp_converter.py"
+    """F16 and Q8_0 of the trained fixtures, byte for byte as llama.cpp's own converter writes them."""
     for outtype, label in (("f16", "F16"), ("q8_0", "Q8_0")):
-        theirs = tmp_path / f"theirs-{label}.gguf"
-        done = subprocess.run([sys.executable, str(script), str(request.getfixturevalue(arch)), "--outtype", outtype,
-                               "--outfile", str(theirs)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr[-2000:]
-        ours, theirs_r = gguf.GGUFReader(converted / f"{arch}-{label}.gguf"), gguf.GGUFReader(theirs)
-        a = {t.name: t for t in ours.tensors}
-        b = {t.name: t for t in theirs_r.tensors}
-        assert set(a) == set(b)
-        for name in b:
-            assert a[name].tensor_type == b[name].tensor_type, name
-            assert np.array_equal(a[name].data.view(np.uint8), b[name].data.view(np.uint8)), name
-        missing = set(theirs_r.fields) - set(ours.fields)
-        assert not missing, missing
-        figures[f"gguf {arch} {label} vs llama.cpp converter"] = {"identical_tensors": f"{len(b)}/{len(b)}",
-                                                                  "their_keys_missing_here": len(missing)}
+        theirs = llamacpp_converter(request.getfixturevalue(arch), outtype, tmp_path / f"theirs-{label}.gguf")
+        figures[f"gguf {arch} {label} vs llama.cpp converter"] = assert_same_tensor_bytes(converted / f"{arch}-{label}.gguf", theirs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
+def test_moe_same_bytes_as_llamacpps_own_converter(tiny_moe, tmp_path, figures, model_type):
+    """Experts stacked into ffn_*_exps (Mixtral's w1/w3/w2 permuted as llama), routers kept in float32."""
+    model = tiny_moe(model_type)
+    ours = tmp_path / "ours.gguf"
+    assert run("convert", "gguf", model, "--outtype", "q8_0", "--out", ours, "-q").exit_code == 0
+    theirs = llamacpp_converter(model, "q8_0", tmp_path / "theirs.gguf")
+    figures[f"gguf {model_type} (random) Q8_0 vs llama.cpp converter"] = assert_same_tensor_bytes(ours, theirs)
+    routers = [t for t in gguf.GGUFReader(ours).tensors if t.name.endswith("ffn_gate_inp.weight")]
+    assert len(routers) == 2 and all(t.tensor_type == gguf.GGMLQuantizationType.F32 for t in routers)
 
 
 @pytest.mark.slow

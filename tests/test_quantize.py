@@ -358,28 +358,11 @@ def test_output_exists_without_force(llama, tmp_path):
     assert result.exit_code == 2 and "use --force" in result.stderr and list((tmp_path / "q").iterdir()) == []
 
 
-@pytest.fixture
-def tiny_moe(fixture_root, tmp_path):
-    """A random Qwen3-MoE (4 experts) with the fixture tokenizer: transformers 5 holds its experts as two
-    stacked 3-D parameters per layer, not nn.Linear."""
-    import shutil
-
-    from transformers import AutoConfig
-
-    config = AutoConfig.for_model("qwen3_moe", hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=4,
-                                  num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  head_dim=16, vocab_size=2048)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "moe")
-    for p in (fixture_root / "tokenizer").iterdir():
-        shutil.copy2(p, tmp_path / "moe" / p.name)
-    return tmp_path / "moe"
-
-
 @pytest.mark.parametrize("method, recipe", [("gptq", "gptq-w4a16"), ("bnb-nf4", "bnb-nf4")])
 def test_moe_experts_are_refused_by_formats_that_would_leave_them_unquantized(method, recipe, tiny_moe, tmp_path):
     """llm-compressor's and bitsandbytes' paths quantize Linear layers: transformers' stacked experts (most of
     the weights) would stay bf16 under a passing report."""
-    assert_one_line_error(run("quantize", tiny_moe, "--method", method, "--out", tmp_path / "q"), 2,
+    assert_one_line_error(run("quantize", tiny_moe("qwen3_moe"), "--method", method, "--out", tmp_path / "q"), 2,
                           f"Qwen3MoeForCausalLM is a mixture of experts: {recipe} does not quantize experts yet (fp8 does)")
     assert not (tmp_path / "q").exists()
 
@@ -388,6 +371,25 @@ def test_moe_experts_of_an_unknown_layout_are_refused(tiny_moe, tmp_path, monkey
     from workbench import experts
 
     monkeypatch.delitem(experts.EXPERT_LAYOUTS, "qwen3_moe")
-    assert_one_line_error(run("quantize", tiny_moe, "--method", "fp8", "--out", tmp_path / "q"), 2,
+    assert_one_line_error(run("quantize", tiny_moe("qwen3_moe"), "--method", "fp8", "--out", tmp_path / "q"), 2,
                           "MoE experts of Qwen3MoeExperts are not supported: no expert layout for 'qwen3_moe'")
     assert not (tmp_path / "q").exists()
+
+
+def test_mixtral_experts_in_fp8_under_their_checkpoint_names(tiny_moe, tmp_path):
+    """Mixtral's checkpoints call the MoE block block_sparse_moe and its experts' projections w1/w3/w2
+    (transformers 5: mlp, stacked): every expert is written under the checkpoint's names, as vLLM loads
+    them, and the routers are listed in ignored_layers under theirs."""
+    from safetensors import safe_open
+
+    result = run("quantize", tiny_moe("mixtral"), "--method", "fp8", "--out", tmp_path / "q", "--json")
+    metrics = json.loads(result.stdout)["metrics"]  # random weights: the quality gates may fail, the format is checked
+    assert metrics["layers_quantized"] == 2 * (4 + 4 * 3)
+    assert metrics["ignored_layers"] == ["lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.1.block_sparse_moe.gate"]
+    with safe_open(next((tmp_path / "q").glob("*.safetensors")), "pt") as st:
+        names = set(st.keys())
+        assert st.get_tensor("model.layers.1.block_sparse_moe.experts.3.w3.weight").dtype == torch.float8_e4m3fn
+        assert st.get_tensor("model.layers.1.block_sparse_moe.gate.weight").dtype == torch.float32
+    assert {f"model.layers.0.block_sparse_moe.experts.{e}.{w}.{s}" for e in range(4) for w in ("w1", "w2", "w3")
+            for s in ("weight", "weight_scale", "input_scale")} <= names
+    assert not any(".mlp." in n for n in names)
