@@ -123,7 +123,8 @@ FAMILIES = {
         config=dict(model_type="gemma2", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
                     num_key_value_heads=4, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
                     attn_logit_softcapping=50.0, final_logit_softcapping=30.0, tie_word_embeddings=True,
-                    max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh"),
+                    max_position_embeddings=8192, rms_norm_eps=1e-6, hidden_activation="gelu_pytorch_tanh",
+                    hidden_act="gelu_pytorch_tanh"),  # both, as Gemma 2's config.json (SGLang reads hidden_act)
         tokenizer="spm", bos="<bos>", eos="<eos>",
         specials=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
         chat_template=GEMMA_CHAT_TEMPLATE, generation_eos=["<eos>", "<end_of_turn>"],
@@ -207,6 +208,7 @@ def build_spm_tokenizer(family: Family, out: Path):
     added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
     config["added_tokens_decoder"] = {str(t.pop("id")): t for t in added}
     config.update(add_bos_token=True, add_eos_token=False)
+    config.pop("vocab_file", None)  # transformers 5 writes the build folder's absolute path here
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return fast
 

@@ -215,7 +215,7 @@ def test_server_crash_at_start_reports_the_log(merged, tmp_path, copy_of):
 
 
 ALL_PROBES = {"startup", "models", "completion", "chat", "streaming", "stop", "eos", "reference", "end-of-turn",
-              "special-tokens", "concurrency"}
+              "special-tokens", "tokenizer", "concurrency"}
 
 
 def verify_report(merged, tmp_path, name, *args, server="vllm"):

@@ -24,6 +24,10 @@ class ChatFacts:
     original_context: int = 0  # that original context (0: not rope-scaled)
     long_note: str = ""  # the original and scaled context, or why there is no long probe
     source: str = ""  # the tokenizer the facts come from
+    # the probes' prompts and the rendered chat prompt -> the artifact's ids (no special tokens added); empty
+    # for a GGUF's own tokenizer, which transformers does not rebuild faithfully
+    texts: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    pieces: tuple[str, ...] = ()  # the artifact's token strings by id, to show where the engine differs
 
 
 def _ids(encoded) -> list[int]:
@@ -101,7 +105,17 @@ def chat_facts(tokenizer_source: Path | None, config: dict | None, generation_eo
     original, note = rope_original(config or {})
     return ChatFacts(stop_ids=stops, chat_ids=chat_ids, bos_id=tok.bos_token_id, specials=specials,
                      long_prompt=long_prompt(tok, original) if original else None, original_context=original or 0,
-                     long_note=note, source=str(tokenizer_source))
+                     long_note=note, source=str(tokenizer_source), texts=_probe_texts(tok, tokenizer_source),
+                     pieces=tuple(tok.convert_ids_to_tokens(list(range(len(tok))))))
+
+
+def _probe_texts(tok, source: Path) -> dict[str, tuple[int, ...]]:
+    if source.suffix == ".gguf":
+        return {}
+    texts = list(PROMPTS)
+    if tok.chat_template is not None:
+        texts.append(tok.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True))
+    return {t: tuple(tok(t, add_special_tokens=False).input_ids) for t in texts}
 
 
 # ---------------------------------------------------------------- probes
@@ -128,6 +142,28 @@ def _engine_tokens(client: Client, api: str, text: str) -> list[int]:
     if api == "llamacpp":
         return list(client.post("/extras/tokenize", {"input": text})["tokens"])
     return list(client.post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"])
+
+
+def probe_tokenizer(client: Client, facts: ChatFacts, api: str | None) -> Check:
+    """The engine's tokenizer gives the artifact's ids for the probes' prompts and the rendered chat prompt: an
+    engine that rebuilds the tokenizer its own way feeds the model other tokens than it was trained on."""
+    if api is None:
+        return Check("tokenizer", "incomplete", "the engine has no tokenizer endpoint")
+    for text, ids in facts.texts.items():
+        got = _engine_tokens(client, api, text)
+        if api == "llamacpp" and got[:1] == [facts.bos_id] and got[1:] == list(ids):
+            got = got[1:]  # llama.cpp's endpoint adds the BOS the model asks for
+        if got != list(ids):
+            at = next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), len(ids)))
+            return Check("tokenizer", "failed", f"the engine tokenizes {text[:48]!r} into {len(got)} tokens, the artifact's "
+                                                f"tokenizer into {len(ids)}: from token {at}, {_shown(facts, got[at:at + 3])} "
+                                                f"where the artifact's gives {_shown(facts, ids[at:at + 3])}")
+    return Check("tokenizer", "passed", f"{len(facts.texts)} texts (the probes' prompts and the chat prompt) tokenized as the "
+                                        "artifact's tokenizer does")
+
+
+def _shown(facts: ChatFacts, ids) -> str:
+    return "[" + ", ".join(f"{i} {facts.pieces[i]!r}" if 0 <= i < len(facts.pieces) else str(i) for i in ids) + "]"
 
 
 def probe_special_tokens(client: Client, facts: ChatFacts, api: str | None) -> Check:

@@ -241,14 +241,18 @@ def stop_string(text: str) -> tuple[str, int] | None:
 
 def _ask_tokens(client: Client, probing: Probing, prompt: str) -> tuple[list[int] | None, list[float], str, int]:
     """The engine's greedy reply: (its token ids, or None when the engine returns text only; the logprob of
-    each token; the text; how many tokens the engine says it made)."""
+    each token; the text; how many tokens the engine says it made). An engine that returns token ids is given
+    the reference's prompt ids, so that this compares the model's math alone (the tokenizer check compares the
+    engine's tokenizer)."""
+    ids = probing.reference.prompt_ids(prompt) if probing.token_ids and probing.reference is not None else None
     if probing.token_ids == "generate":  # SGLang's native API
-        r = client.post("/generate", {"text": prompt, "return_logprob": True, **probing.generate_extra,
+        given = {"input_ids": ids} if ids else {"text": prompt}
+        r = client.post("/generate", {**given, "return_logprob": True, **probing.generate_extra,
                                       "sampling_params": {"max_new_tokens": probing.max_tokens, "temperature": 0}})
         logprobs = [float(entry[0]) for entry in r["meta_info"]["output_token_logprobs"]]
         return [int(i) for i in r["output_ids"]], logprobs, r["text"], len(logprobs)
     extra = {"return_tokens_as_token_ids": True} if probing.token_ids == "openai" else {}
-    body = {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0, "logprobs": 1, **extra}
+    body = {"prompt": ids or prompt, "max_tokens": probing.max_tokens, "temperature": 0, "logprobs": 1, **extra}
     choice = client.post("/v1/completions", body)["choices"][0]
     logprobs = choice.get("logprobs") or {}
     tokens = logprobs.get("tokens") or []

@@ -21,7 +21,7 @@ from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..manifest import now, read_manifest
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
-from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens
+from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .launch import EngineFailed, Server, port_in_use
 from .load import probe_concurrency
 from .preflight import preflight, quant_of
@@ -243,6 +243,8 @@ def _serving_checks(client: Client, server: Server, probing: Probing, facts: Cha
               if facts.source else Check("special-tokens", "skipped" if probing.no_reference else "incomplete",
                                          "no tokenizer to compare with: transformers cannot read this GGUF's, "
                                          "and its source model is not there")]
+    if facts.texts:
+        checks.append(guarded("tokenizer", lambda: probe_tokenizer(client, facts, server.spec.tokenize)))
     served_len = server.max_model_len or server.spec.default_max_len
     if facts.long_prompt and served_len and served_len <= facts.original_context:
         why = f"--max-model-len {served_len}" if server.max_model_len else f"{server.spec.name}'s default context of {served_len}"
