@@ -3,7 +3,7 @@ fixtures (scripts/fixtures.py: same text, seeds and training loop) so that their
 each family's real config fields (rope scaling, tied embeddings, head_dim, ...) at small sizes, with the
 right kind of tokenizer trained here and the family's chat template and special tokens.
 
-    python scripts/families.py FAMILY [--path]      build (or reuse) one family's model and print its folder
+    python scripts/families.py FAMILY|all [--path]      build (or reuse) a family's model and print its folder
 
 Each family is built on first use into $WORKBENCH_HOME/fixtures/families-<hash of this file and
 fixtures.py>/<family>, under a lock, and renamed into place when complete.
@@ -59,10 +59,39 @@ PHI3_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
 
+# LongRoPE factors per rotary pair (head_dim 32: 16 each), shaped as Phi-3.5's: short ones near 1, long ones
+# rising to ~the context ratio (32) for the lowest frequencies
+PHI35_FACTORS = dict(short_factor=[round(1.0 + 0.5 * (i / 15) ** 2, 4) for i in range(16)],
+                     long_factor=[round(1.0 + 31.0 * (i / 15) ** 2, 4) for i in range(16)])
+
 # Qwen3's template without tools or thinking: ChatML turns
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Qwen2.5's: ChatML with its default system turn when the conversation brings none
+QWEN25_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}" + CHATML_TEMPLATE
+)
+# Mixtral-8x7B-Instruct-v0.1's: [INST] as plain text (not special tokens in Llama 2's vocabulary), eos after replies
+MIXTRAL_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# Gemma 3's: Gemma 2's turns, a system message folded into the first user turn
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set first = '' %}"
+    "{% if messages[0]['role'] == 'system' %}{% set first = messages[0]['content'] + '\\n\\n' %}"
+    "{% set messages = messages[1:] %}{% endif %}"
+    "{% for message in messages %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
 )
 # byte-level BPE split patterns by tokenizer kind, and whether it is NFC-normalized (Qwen's is)
 BPE_KINDS = {"llama-bpe": (LLAMA3_PATTERN, False), "qwen2": (fixtures.QWEN2_PATTERN, True)}
@@ -87,6 +116,10 @@ class Family:
     # config.json fields renamed after saving, as the real checkpoints name them (transformers 5 writes its
     # attribute's name: num_local_experts where Qwen3-MoE's config.json says num_experts)
     saved_names: dict = field(default_factory=dict)
+    # config.json fields set and removed after saving, where the released checkpoints carry the layout
+    # transformers 4 wrote (Gemma 3: rope_theta and rope_local_base_freq, no rope_parameters)
+    saved_fields: dict = field(default_factory=dict)
+    saved_dropped: tuple[str, ...] = ()
 
 
 FAMILIES = {
@@ -130,16 +163,21 @@ FAMILIES = {
         chat_template=GEMMA_CHAT_TEMPLATE, generation_eos=["<eos>", "<end_of_turn>"],
         spm=dict(ids=dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), add_dummy_prefix=False, tokenizer_class="GemmaTokenizer"),
     ),
-    # Phi-3 mini 4k's shape rules: fused qkv_proj and gate_up_proj, as many KV heads as query heads, a sliding
-    # window in the config, untied; Llama 2's SentencePiece tokenizer with Phi-3's chat tokens added after it,
-    # <|endoftext|> as eos, the embedding padded to a multiple of 64
-    "phi-3-mini": Family(
+    # Phi-3.5 mini's shape rules (Phi-3 mini 128k's too): fused qkv_proj and gate_up_proj, as many KV heads as
+    # query heads, LongRoPE (long and short factors per rotary pair, 131072 positions over an original 4096:
+    # prompts under 4096 use the short factors, scaled by the attention factor), a sliding window in the
+    # config, untied; Llama 2's SentencePiece tokenizer with Phi-3's chat tokens added after it, <|endoftext|>
+    # as eos, the embedding padded to a multiple of 64; config.json as released (rope_scaling "longrope")
+    "phi-3.5-mini": Family(
         config=dict(model_type="phi3", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
-                    num_key_value_heads=8, tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=4096,
-                    original_max_position_embeddings=4096, sliding_window=2047, rms_norm_eps=1e-5),
+                    num_key_value_heads=8, tie_word_embeddings=False, max_position_embeddings=131072,
+                    original_max_position_embeddings=4096, sliding_window=262144, rms_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, **PHI35_FACTORS)),
         tokenizer="spm", bos="<s>", eos="<|endoftext|>", specials=["<unk>", "<s>", "</s>"],
         chat_template=PHI3_CHAT_TEMPLATE, generation_eos=["<|endoftext|>", "<|assistant|>", "<|end|>"],
         spm=dict(ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), add_dummy_prefix=True, tokenizer_class="LlamaTokenizer"),
+        saved_fields=dict(rope_theta=10000.0, rope_scaling=dict(type="longrope", **PHI35_FACTORS)),
+        saved_dropped=("rope_parameters",),
         added=["<|endoftext|>", "<|assistant|>", "<|system|>", "<|end|>", "<|user|>"], vocab_multiple=64, pad="<|endoftext|>",
     ),
     # Qwen3-30B-A3B's shape rules: every layer a MoE block (decoder_sparse_step 1, no mlp_only_layers), many
@@ -154,6 +192,54 @@ FAMILIES = {
         tokenizer="qwen2", bos=None, eos="<|im_end|>", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
         chat_template=CHATML_TEMPLATE, generation_eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>",
         train_config=dict(output_router_logits=True), saved_names={"num_local_experts": "num_experts"},
+    ),
+    # Qwen2.5 1.5B's shape rules: q/k/v projections with bias, tied, 6 query heads per KV head (4 here), rope
+    # theta 1e6, sliding window configured but off; Qwen's byte-level BPE without BOS, ChatML with a default
+    # system turn
+    "qwen2.5": Family(
+        config=dict(model_type="qwen2", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1000000.0, max_position_embeddings=32768,
+                    use_sliding_window=False, sliding_window=32768, max_window_layers=21, rms_norm_eps=1e-6),
+        tokenizer="qwen2", bos=None, eos="<|im_end|>", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        chat_template=QWEN25_CHAT_TEMPLATE, generation_eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>",
+    ),
+    # Qwen3 0.6B's shape rules: head_dim (64 here, 128 there) apart from hidden/heads, q/k RMS norms, no
+    # attention bias, tied, 2 query heads per KV head, rope theta 1e6
+    "qwen3": Family(
+        config=dict(model_type="qwen3", hidden_size=256, intermediate_size=768, num_hidden_layers=2, num_attention_heads=8,
+                    num_key_value_heads=4, head_dim=64, attention_bias=False, tie_word_embeddings=True,
+                    rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6),
+        tokenizer="qwen2", bos=None, eos="<|im_end|>", specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        chat_template=CHATML_TEMPLATE, generation_eos=["<|im_end|>", "<|endoftext|>"], pad="<|endoftext|>",
+    ),
+    # Mixtral 8x7B's shape rules: 8 experts top-2 of the full intermediate size in block_sparse_moe (w1/w3/w2),
+    # 4 query heads per KV head, rope theta 1e6, untied, no sliding window; Llama 2's SentencePiece tokenizer
+    # (<unk> <s> </s> only: [INST] is text), trained with the router's load-balancing loss
+    "mixtral": Family(
+        config=dict(model_type="mixtral", hidden_size=256, intermediate_size=384, num_local_experts=8, num_experts_per_tok=2,
+                    num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False,
+                    rope_theta=1000000.0, max_position_embeddings=32768, sliding_window=None, rms_norm_eps=1e-5,
+                    router_aux_loss_coef=0.02),
+        tokenizer="spm", bos="<s>", eos="</s>", specials=["<unk>", "<s>", "</s>"], chat_template=MIXTRAL_CHAT_TEMPLATE,
+        spm=dict(ids=dict(unk_id=0, bos_id=1, eos_id=2, pad_id=-1), add_dummy_prefix=True, tokenizer_class="LlamaTokenizer"),
+        train_config=dict(output_router_logits=True),
+    ),
+    # Gemma 3 1B's shape rules (Gemma3ForCausalLM, text only): five sliding-window layers per global one
+    # (6 layers here, narrower than the others to train in the same time: one global), local rope theta 1e4
+    # and global 1e6, q/k norms, one KV head, head_dim (64 here, 256 there) apart from hidden/heads, no
+    # softcapping, norms stored as weight - 1, tied; config.json as released (rope_theta,
+    # rope_local_base_freq, sliding_window_pattern); Gemma's SentencePiece
+    "gemma-3": Family(
+        config=dict(model_type="gemma3_text", hidden_size=128, intermediate_size=512, num_hidden_layers=6,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64, sliding_window=64,
+                    tie_word_embeddings=True, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                    hidden_activation="gelu_pytorch_tanh"),
+        tokenizer="spm", bos="<bos>", eos="<eos>",
+        specials=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<start_of_turn>", "<end_of_turn>"],
+        chat_template=GEMMA3_CHAT_TEMPLATE, generation_eos=["<eos>", "<end_of_turn>"],
+        spm=dict(ids=dict(pad_id=0, eos_id=1, bos_id=2, unk_id=3), add_dummy_prefix=False, tokenizer_class="GemmaTokenizer"),
+        saved_fields=dict(rope_theta=1000000.0, rope_local_base_freq=10000.0, rope_scaling=None, sliding_window_pattern=6),
+        saved_dropped=("rope_parameters", "layer_types"),
     ),
 }
 
@@ -265,9 +351,10 @@ def build(name: str, out: Path) -> dict:
     eos = [tokenizer.convert_tokens_to_ids(t) for t in family.generation_eos] or tokenizer.eos_token_id
     model.generation_config = GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, do_sample=False)
     model.to(torch.bfloat16).save_pretrained(out, max_shard_size=fixtures.SHARD_SIZE)
-    if family.saved_names:
+    if family.saved_names or family.saved_fields or family.saved_dropped:
         saved = json.loads((out / "config.json").read_text())
-        saved = {family.saved_names.get(k, k): v for k, v in saved.items()}
+        saved = {family.saved_names.get(k, k): v for k, v in saved.items() if k not in family.saved_dropped}
+        saved.update(family.saved_fields)
         (out / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     figures = {"heldout_ppl_untrained": round(before, 2), "heldout_ppl_trained_fp32": round(after, 2), "uniform_ppl": len(tokenizer)}
     (out / "figures.json").write_text(json.dumps(figures, indent=2) + "\n")
@@ -283,11 +370,12 @@ def ensure_family(name: str) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("family", choices=list(FAMILIES))
+    parser.add_argument("family", choices=[*FAMILIES, "all"])
     parser.add_argument("--path", action="store_true", help="print only the folder")
     args = parser.parse_args()
-    folder = ensure_family(args.family)
-    print(folder if args.path else f"{args.family}: {folder}\n{(folder / 'figures.json').read_text()}", end="\n" if args.path else "")
+    for name in FAMILIES if args.family == "all" else [args.family]:
+        folder = ensure_family(name)
+        print(folder if args.path else f"{name}: {folder}\n{(folder / 'figures.json').read_text()}", end="\n" if args.path else "", flush=True)
 
 
 if __name__ == "__main__":

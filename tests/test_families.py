@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run
 from llamacpp import run_llamacpp
+from workbench.experts import EXPERT_LAYOUTS
 from workbench.quality import compare_logits, model_logits
 
 import families as family_builder
@@ -30,17 +31,28 @@ MIXED_TEXTS = ["def f(x):\n    return x ** 2  # square\n", "Prices: 12345 and 3.
 SEPARATE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FUSED = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+# transformers 5's stacked expert parameters, which peft adapts through target_parameters
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 # per family: llama.cpp's tokenizer model and pre-tokenizer, what its own converter is told, the projections
-# (LoRA targets; peft cannot target transformers 5's stacked experts by module name), Linear layers per
-# decoder layer when not only those (MoE: the experts' too)
+# (LoRA target modules) and parameters (LoRA on MoE experts), Linear layers per decoder layer when not only
+# the projections (MoE: the experts' too)
 LLAMACPP = {
     "llama-3.2": {"tokenizer": "gpt2", "pre": "llama-bpe", "converter_args": ["--pre", "llama-bpe"]},
     "mistral-v0.3": {"tokenizer": "llama", "pre": "default", "converter_args": []},
     "gemma-2": {"tokenizer": "llama", "pre": "default", "converter_args": []},
-    "phi-3-mini": {"tokenizer": "llama", "pre": "default", "converter_args": [], "projections": FUSED},
+    "phi-3.5-mini": {"tokenizer": "llama", "pre": "default", "converter_args": [], "projections": FUSED},
     "qwen3-moe": {"tokenizer": "gpt2", "pre": "qwen2", "converter_args": ["--pre", "qwen2"], "projections": ATTENTION,
-                  "linears_per_layer": 4 + 16 * 3},
+                  "parameters": EXPERTS, "linears_per_layer": 4 + 16 * 3},
+    "qwen2.5": {"tokenizer": "gpt2", "pre": "qwen2", "converter_args": ["--pre", "qwen2"]},
+    "qwen3": {"tokenizer": "gpt2", "pre": "qwen2", "converter_args": ["--pre", "qwen2"]},
+    "mixtral": {"tokenizer": "llama", "pre": "default", "converter_args": [], "projections": ATTENTION,
+                "parameters": EXPERTS, "linears_per_layer": 4 + 8 * 3},
+    "gemma-3": {"tokenizer": "llama", "pre": "default", "converter_args": []},
 }
+
+
+def family_moe(family: str) -> bool:
+    return "parameters" in LLAMACPP[family]
 
 
 @pytest.fixture(scope="module", params=list(LLAMACPP))
@@ -105,14 +117,15 @@ def test_merge_equals_peft(family, model, tmp_path, blocks, figures):
     torch.manual_seed(0)
     source = float32_model(model)
     config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, r=8, lora_alpha=16,
-                        target_modules=LLAMACPP[family].get("projections", SEPARATE))
+                        target_modules=LLAMACPP[family].get("projections", SEPARATE),
+                        target_parameters=LLAMACPP[family].get("parameters"))
     get_peft_model(source, config).save_pretrained(tmp_path / "lora")
     base = float32_model(model)
     reference = model_logits(PeftModel.from_pretrained(base, tmp_path / "lora"), blocks)
     result = run("merge", model, tmp_path / "lora", "--out", tmp_path / "merged", "--dtype", "fp32")
     assert result.exit_code == 0, result.output + result.stderr
     m = compare_logits(reference, model_logits(float32_model(tmp_path / "merged"), blocks))
-    figures[f"{family} merge fp32 vs peft (random LoRA, all projections)"] = m
+    figures[f"{family} merge fp32 vs peft (random LoRA, all projections{', experts' if family_moe(family) else ''})"] = m
     assert m["max_rel_error"] < 1e-5 and m["top1_agreement"] == 1.0
 
 
@@ -124,22 +137,24 @@ def test_fp8(family, model, tmp_path, figures):
     layers = config["num_hidden_layers"]
     per_layer = LLAMACPP[family].get("linears_per_layer") or len(LLAMACPP[family].get("projections", SEPARATE))
     assert metrics["layers_quantized"] == layers * per_layer
-    routers = [f"model.layers.{i}.mlp.gate" for i in range(layers)] if "moe_intermediate_size" in config else []
+    layout = EXPERT_LAYOUTS.get(config["model_type"])
+    routers = [f"model.layers.{i}.{layout.block}.gate" for i in range(layers)] if layout else []
     assert metrics["ignored_layers"] == ["lm_head", *routers]
-    if routers:  # every expert's projection in vLLM's per-expert fp8 names, the routers left in bf16
+    if layout:  # every expert's projection in vLLM's per-expert fp8 names, the routers left in bf16
         from safetensors import safe_open
 
         tensors = {}
         for f in (tmp_path / "fp8").glob("*.safetensors"):
             with safe_open(f, "pt") as st:
                 tensors.update({n: st.get_tensor(n) for n in st.keys()})
-        for e in range(config["num_experts"]):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                name = f"model.layers.1.mlp.experts.{e}.{proj}"
+        for e in range(config.get("num_experts") or config["num_local_experts"]):
+            for proj in (layout.gate, layout.up, layout.down):
+                name = f"model.layers.1.{layout.block}.experts.{e}.{proj}"
                 assert tensors[f"{name}.weight"].dtype == torch.float8_e4m3fn and tensors[f"{name}.input_scale"] > 0
                 assert tensors[f"{name}.weight_scale"].shape == ()
-        assert tensors["model.layers.1.mlp.gate.weight"].dtype == torch.bfloat16
-        assert not any(n.startswith("model.layers.1.mlp.gate.") and n.endswith("scale") for n in tensors)
+        router = f"model.layers.1.{layout.block}.gate."
+        assert tensors[router + "weight"].dtype == torch.bfloat16
+        assert not any(n.startswith(router) and n.endswith("scale") for n in tensors)
     figures[f"{family} fp8-static vs source"] = {k: metrics[k] for k in ("ppl_delta", "mean_kl", "top1_agreement")}
 
 
@@ -157,14 +172,18 @@ def test_gemma2_fixture_is_config_faithful():
     assert [sp.IdToPiece(i) for i in range(4)] == ["<pad>", "<eos>", "<bos>", "<unk>"] and sp.Encode("a", out_type=str) == ["a"]
 
 
-def test_phi3_fixture_is_config_faithful():
-    """Fused qkv_proj and gate_up_proj, chat tokens added after the SentencePiece vocabulary, the embedding
-    padded to a multiple of 64, an eos list."""
+def test_phi35_fixture_is_config_faithful():
+    """Fused qkv_proj and gate_up_proj, LongRoPE in config.json as released (rope_scaling "longrope" with a
+    factor per rotary pair, original context 4096 at the top level), chat tokens added after the
+    SentencePiece vocabulary, the embedding padded to a multiple of 64, an eos list."""
     from safetensors import safe_open
 
-    model = family_builder.ensure_family("phi-3-mini")
+    model = family_builder.ensure_family("phi-3.5-mini")
     config = json.loads((model / "config.json").read_text())
-    assert config["architectures"] == ["Phi3ForCausalLM"] and config["vocab_size"] == 2112 and config["sliding_window"] == 2047
+    assert config["architectures"] == ["Phi3ForCausalLM"] and config["vocab_size"] == 2112 and config["sliding_window"] == 262144
+    rope = config["rope_scaling"]
+    assert rope["type"] == "longrope" and len(rope["long_factor"]) == len(rope["short_factor"]) == 32 // 2
+    assert config["original_max_position_embeddings"] == 4096 and config["max_position_embeddings"] == 131072
     names = {n for f in model.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
     assert "model.layers.0.self_attn.qkv_proj.weight" in names and "model.layers.0.mlp.gate_up_proj.weight" in names
     tok = AutoTokenizer.from_pretrained(model)
@@ -204,6 +223,9 @@ def test_gguf_same_bytes_as_llamacpps_converter(family, model, family_gguf, tmp_
                 assert ours.fields[key].contents() == reference.fields[key].contents(), key
         assert ours.fields["tokenizer.ggml.model"].contents() == LLAMACPP[family]["tokenizer"]
         assert ours.fields["tokenizer.ggml.pre"].contents() == LLAMACPP[family]["pre"]
+        if family == "gemma-3":  # which layers slide, written per layer (llama.cpp's converter leaves its default)
+            assert ours.fields["gemma3.attention.sliding_window_pattern"].contents() == [True] * 5 + [False]
+            assert ours.fields["gemma3.rope.freq_base_swa"].contents() == 10000.0
 
 
 @pytest.mark.slow
@@ -257,7 +279,7 @@ SERVED = {"vllm": ["--extra-arg=--enforce-eager"], "sglang": ["--dtype", "float3
 # SGLang 0.5.15 re-creates a SentencePiece tokenizer from the class its tokenizer_config names (transformers 5's
 # LlamaTokenizer) rather than reading tokenizer.json, and loses the "▁" the model was trained with before text:
 # its tokens differ from the artifact's, so the chat prompt does too
-SGLANG_RETOKENIZES = {"mistral-v0.3", "phi-3-mini"}
+SGLANG_RETOKENIZES = {"mistral-v0.3", "phi-3.5-mini", "mixtral"}
 # and computes Gemma 2's final logit softcap with a Triton kernel, which finds no GPU driver on a CPU
 SGLANG_CANNOT = {"gemma-2": "RuntimeError: 0 active drivers ([]). There should only be one."}
 
@@ -340,3 +362,58 @@ def test_gguf_served_by_llamacpp(family, model, family_gguf, tmp_path, figures):
     checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
     assert checks["reference"]["metrics"]["scored_by"] == "text" and "(GGUF eos)" in checks["end-of-turn"]["detail"]
     figures[f"{family} verify llama.cpp Q8_0 vs transformers"] = checks["reference"]["metrics"]
+
+
+def test_qwen25_and_qwen3_fixtures_are_config_faithful():
+    """Qwen2.5: q/k/v biases, tied, a default system turn in its template; Qwen3: q/k norms, head_dim apart
+    from hidden/heads, no attention bias, tied; both Qwen's byte-level BPE without BOS."""
+    from safetensors import safe_open
+
+    for name, arch, expected, absent in (
+            ("qwen2.5", "Qwen2ForCausalLM", "model.layers.0.self_attn.k_proj.bias", "model.layers.0.self_attn.q_norm.weight"),
+            ("qwen3", "Qwen3ForCausalLM", "model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_proj.bias")):
+        model = family_builder.ensure_family(name)
+        config = json.loads((model / "config.json").read_text())
+        names = {n for f in model.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+        assert config["architectures"] == [arch] and config["tie_word_embeddings"] and "lm_head.weight" not in names
+        assert expected in names and absent not in names
+        tok = AutoTokenizer.from_pretrained(model)
+        assert tok.bos_token is None and tok.eos_token == "<|im_end|>"
+    assert json.loads((family_builder.ensure_family("qwen3") / "config.json").read_text())["head_dim"] == 64
+    tok = AutoTokenizer.from_pretrained(family_builder.ensure_family("qwen2.5"))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith(
+        "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+
+
+def test_mixtral_fixture_is_config_faithful():
+    """8 experts top-2 stored as Mixtral checkpoints are (block_sparse_moe.experts.N.w1/w2/w3, the router as
+    block_sparse_moe.gate); Llama 2's SentencePiece vocabulary, where [INST] is text, not a token."""
+    from safetensors import safe_open
+
+    model = family_builder.ensure_family("mixtral")
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["MixtralForCausalLM"] and config["num_local_experts"] == 8 and config["num_experts_per_tok"] == 2
+    names = {n for f in model.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+    assert {f"model.layers.1.block_sparse_moe.experts.{e}.{w}.weight" for e in range(8) for w in ("w1", "w2", "w3")} <= names
+    assert "model.layers.1.block_sparse_moe.gate.weight" in names and config["output_router_logits"] is False
+    tok = AutoTokenizer.from_pretrained(model)
+    assert len(tok("[INST]", add_special_tokens=False).input_ids) > 1 and tok("a").input_ids[0] == tok.bos_token_id == 1
+
+
+def test_gemma3_fixture_is_config_faithful():
+    """config.json as Gemma 3 1B's (rope_theta, rope_local_base_freq, sliding_window_pattern 6; no
+    rope_parameters or layer_types), which transformers reads as five sliding layers, then a global one;
+    q/k norms, one KV head, head_dim apart from hidden/heads, no softcapping, tied."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    model = family_builder.ensure_family("gemma-3")
+    config = json.loads((model / "config.json").read_text())
+    assert config["architectures"] == ["Gemma3ForCausalLM"] and config["model_type"] == "gemma3_text"
+    assert config["rope_local_base_freq"] == 1e4 and config["rope_theta"] == 1e6 and config["sliding_window_pattern"] == 6
+    assert "rope_parameters" not in config and "layer_types" not in config and config["final_logit_softcapping"] is None
+    loaded = AutoConfig.from_pretrained(model)
+    assert loaded.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    assert loaded.rope_parameters["sliding_attention"]["rope_theta"] == 1e4 and loaded.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    names = {n for f in model.glob("*.safetensors") for n in safe_open(f, "pt").keys()}
+    assert "model.layers.0.self_attn.q_norm.weight" in names and "model.layers.0.pre_feedforward_layernorm.weight" in names

@@ -37,6 +37,7 @@ from .checkpoint import (
     write_json,
 )
 from .errors import BadInput
+from .experts import EXPERT_LAYOUTS, renamer
 from .families import check_handled
 from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
@@ -46,6 +47,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 OUTPUT_EMBEDDING = "lm_head.weight"
+# peft's ParamWrapper on a stacked experts module, nested once per further adapted parameter
+STACKED_EXPERTS = re.compile(r"\.experts(\.base_layer)*$")
 # Input embeddings an untied lm_head falls back to in a tied checkpoint, by architecture family.
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
 
@@ -85,7 +88,6 @@ UNSUPPORTED_LORA_OPTIONS = {
     "use_qalora": False,
     "use_bdlora": None,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "alora_invocation_tokens": None,
     "ensure_weight_tying": False,
@@ -104,6 +106,22 @@ class Delta:
     scale: float
     fan_in_fan_out: bool
     magnitude: str | None = None
+    # LoRA on stacked MoE experts (peft's target_parameters): this expert's share of the factors, and the
+    # rows of the product that are this checkpoint tensor (gate and up are one stacked parameter)
+    expert: int | None = None
+    experts: int = 1
+    rows: tuple[int, int] | None = None
+
+    def factors(self, adapter: TensorStore) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in float32, as this tensor's update uses them. peft's ParamWrapper stores A as
+        [experts * r, in] (expert-major) and B as [out, r * experts] (expert-minor)."""
+        a, b = adapter.get(self.a).float(), adapter.get(self.b).float()
+        if self.expert is not None:
+            a = a.view(self.experts, -1, a.shape[1])[self.expert]
+            b = b.view(b.shape[0], -1, self.experts)[:, :, self.expert]
+        if self.rows is not None:
+            b = b[self.rows[0]:self.rows[1]]
+        return a, b
 
     @property
     def transposed(self) -> bool:
@@ -113,8 +131,7 @@ class Delta:
 
     def add_to(self, weight: torch.Tensor, adapter: TensorStore) -> None:
         """weight += scale * B @ A (or its transpose), in place, in the weight's dtype (float32 here)."""
-        a = adapter.get(self.a).float()
-        b = adapter.get(self.b).float()
+        a, b = self.factors(adapter)
         if self.transposed:
             weight.addmm_(a.T, b.T, alpha=self.scale)
         else:
@@ -280,6 +297,9 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
             raise BadInput(f"adapter has an incomplete LoRA pair for {module} (found {sorted(parts)})")
         if "magnitude" in parts and kinds[module] == "embedding":
             raise BadInput(f"DoRA on embedding layers is not supported ({module})")
+        if STACKED_EXPERTS.search(module):
+            deltas.update(_expert_deltas(module, parts, cfg, base, adapter))
+            continue
         weight = module + ".weight"
         src = base_tensor(weight)
         if src is None:
@@ -351,6 +371,39 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings, quant)
 
 
+def _expert_deltas(module: str, parts: dict[str, str], cfg: dict, base: Checkpoint, adapter: TensorStore) -> dict[str, Delta]:
+    """LoRA on a MoE layer's stacked experts (peft's target_parameters on transformers 5's
+    ``experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``experts.down_proj`` [E, H, I]) as updates of
+    the checkpoint's per-expert tensors; which parameter a pair adapts follows from its shapes."""
+    config = base.config
+    layout = EXPERT_LAYOUTS.get(config.get("model_type"))
+    if layout is None:
+        raise BadInput(f"adapter targets the experts of {module}: no expert layout for {config.get('model_type')!r}")
+    experts = config.get("num_experts") or config.get("num_local_experts")
+    hidden, inter = config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]
+    (rank_rows, in_features), (out_features, rank_cols) = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
+    if rank_rows != rank_cols or rank_rows % experts:
+        raise BadInput(f"adapter {module}: LoRA factors {rank_rows} and {rank_cols} wide do not split over {experts} experts")
+    split = {(2 * inter, hidden): [(layout.gate, (0, inter)), (layout.up, (inter, 2 * inter))],
+             (hidden, inter): [(layout.down, None)]}.get((out_features, in_features))
+    if split is None:
+        raise BadInput(f"adapter {module}: LoRA update [{out_features}, {in_features}] fits neither the experts' gate/up "
+                       f"[{2 * inter}, {hidden}] nor down [{hidden}, {inter}] (adapter trained on another shape?)")
+    r = rank_rows // experts
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    block = renamer(config["model_type"], to_checkpoint=True)(STACKED_EXPERTS.sub("", module) + ".")
+    deltas = {}
+    for e in range(experts):
+        for proj, rows in split:
+            name = f"{block}experts.{e}.{proj}.weight"
+            want = ((rows[1] - rows[0]) if rows else out_features, in_features)
+            if base.store.tensors.get(name) is None or tuple(base.store.tensors[name].shape) != want:
+                raise BadInput(f"adapter {module}: the base has no expert tensor {name} of shape {list(want)}")
+            deltas[name] = Delta(module, "linear", parts["A"], parts["B"], scale, False, expert=e, experts=experts, rows=rows)
+    return deltas
+
+
 def _base_quant(choice: str, double_quant: bool, named: str | None, warnings: list[str]) -> BaseQuant | None:
     """--base-quant: nf4/fp4 as given; none; auto: NF4 + double quantization when the adapter's recorded
     base name says 4-bit (a guess from a name, so it warns)."""
@@ -418,8 +471,7 @@ def merged_tensor(o: OutputTensor, plan: MergePlan, probe: dict, workspace: torc
 def _probe(name: str, d: Delta, adapter: TensorStore, rows, out_rows, base_rows, factor, probe: dict) -> None:
     """Self-check on sampled output rows: the written weight applied to a fixed random vector vs. the
     factored LoRA form W·x + s·B(A·x) (times the DoRA factor). Catches orientation, scale and cast errors."""
-    a = adapter.get(d.a).float()
-    b = adapter.get(d.b).float()
+    a, b = d.factors(adapter)
     x = torch.randn(a.shape[1], generator=torch.Generator().manual_seed(0))
     ref = base_rows @ x + d.scale * (b[rows] @ (a @ x))
     if factor is not None:

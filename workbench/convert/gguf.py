@@ -38,6 +38,8 @@ from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, G
                           TOKENIZER_PROBES)
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
+# LongRoPE's names in rope_scaling (Phi-3 128k called it "su")
+LONGROPE = ("longrope", "su")
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
 QUANT_CHUNK_ELEMENTS = 1 << 20
 _QUANT_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
@@ -130,6 +132,14 @@ def plan_conversion(model_dir: Path) -> Plan:
     if hparams["rope_type"] == "llama3":  # llama.cpp applies Llama 3's frequency scaling from a tensor
         factors = llama3_rope_factors(hparams)
         tensors.append(Tensor(None, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", tuple(factors.shape), values=factors))
+    if hparams["rope_type"] in LONGROPE:
+        if not arch.longrope:
+            raise BadInput(f"rope scaling {hparams['rope_type']!r} of {arch_name} is not supported by this converter")
+        for kind, role in (("long", gguf.MODEL_TENSOR.ROPE_FACTORS_LONG), ("short", gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT)):
+            factors = torch.tensor(hparams[f"rope_{kind}_factors"], dtype=torch.float32)
+            if factors.numel() != hparams["head_dim"] // 2:
+                raise BadInput(f"rope {kind}_factor has {factors.numel()} values; head_dim {hparams['head_dim']} needs {hparams['head_dim'] // 2}")
+            tensors.append(Tensor(None, gguf.TENSOR_NAMES[role] + ".weight", tuple(factors.shape), values=factors))
     stacks: dict[str, list[str]] = {}  # llama.cpp's merged expert name -> per-expert names
     for file in model.weight_files:
         for name in model.store.names_in(file):
@@ -171,13 +181,26 @@ def _stack_experts(t: Tensor, members: list[str], model: Checkpoint, names, hpar
     t.shape = (len(order), *model.store.tensors[order[0]].shape)
 
 
-def _hparams(config: dict) -> dict:
+def _rope_parameters(config: dict) -> tuple[dict, float | None]:
+    """The global layers' rope parameters and the sliding-window layers' rope theta (Gemma 3), from either
+    layout: transformers 5's rope_parameters (one dict, or one per layer type) or the rope_theta,
+    rope_scaling and rope_local_base_freq fields released checkpoints carry."""
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    local = config.get("rope_local_base_freq")
+    if "full_attention" in rope or "sliding_attention" in rope:
+        local = rope.get("sliding_attention", {}).get("rope_theta", local)
+        rope = rope.get("full_attention", {})
+    return rope, local
+
+
+def _hparams(config: dict) -> dict:
+    rope, local_theta = _rope_parameters(config)
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope_type = rope.get("rope_type") or rope.get("type") or "default"
-    if rope_type not in ("default", "linear", "yarn", "llama3"):
-        raise BadInput(f"rope scaling {rope_type!r} is not supported by this converter (default, linear, yarn, llama3)")
+    if rope_type not in ("default", "linear", "yarn", "llama3", *LONGROPE):
+        raise BadInput(f"rope scaling {rope_type!r} is not supported by this converter (default, linear, yarn, llama3, "
+                       "longrope)")
     return {
         "context_length": config["max_position_embeddings"],
         "embedding_length": config["hidden_size"],
@@ -188,9 +211,12 @@ def _hparams(config: dict) -> dict:
         "head_dim": head_dim,
         "rms_eps": config.get("rms_norm_eps", 1e-6),
         "rope_theta": config.get("rope_theta") or rope.get("rope_theta") or 10000.0,
+        "rope_theta_swa": local_theta,
         "rope_type": rope_type,
         "rope_factor": rope.get("factor"),
-        "rope_original_context": rope.get("original_max_position_embeddings"),
+        "rope_original_context": rope.get("original_max_position_embeddings") or config.get("original_max_position_embeddings"),
+        "rope_long_factors": rope.get("long_factor"),
+        "rope_short_factors": rope.get("short_factor"),
         "rope_low_freq_factor": rope.get("low_freq_factor", 1.0),
         "rope_high_freq_factor": rope.get("high_freq_factor", 4.0),
         "vocab_size": config["vocab_size"],
@@ -199,6 +225,15 @@ def _hparams(config: dict) -> dict:
         "expert_feed_forward_length": config.get("moe_intermediate_size"),
         "expert_shared_feed_forward_length": config.get("shared_expert_intermediate_size"),
     }
+
+
+def _sliding_layers(config: dict) -> list[bool]:
+    """Which layers use the sliding window: config.json's layer_types, else every layer but each
+    sliding_window_pattern-th (Gemma 3's released configs and transformers' default: 6)."""
+    if config.get("layer_types"):
+        return [kind == "sliding_attention" for kind in config["layer_types"]]
+    pattern = config.get("sliding_window_pattern", 6)
+    return [(i + 1) % pattern != 0 for i in range(config["num_hidden_layers"])]
 
 
 def llama3_rope_factors(h: dict) -> torch.Tensor:
@@ -375,6 +410,8 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     w.add_rope_dimension_count(h["head_dim"])
     w.add_layer_norm_rms_eps(h["rms_eps"])
     w.add_rope_freq_base(h["rope_theta"])
+    if h["rope_theta_swa"] is not None:
+        w.add_rope_freq_base_swa(h["rope_theta_swa"])
     for key in ("expert_count", "expert_used_count", "expert_feed_forward_length", "expert_shared_feed_forward_length"):
         if h[key] is not None:
             getattr(w, f"add_{key}")(h[key])
@@ -385,10 +422,15 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(h["rope_factor"])
         w.add_rope_scaling_orig_ctx_len(h["rope_original_context"])
+    elif h["rope_type"] in LONGROPE:  # the attention factor transformers multiplies cos/sin by
+        scale = h["context_length"] / h["rope_original_context"]
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(h["rope_original_context"])) if scale > 1 else 1.0)
     config = plan.model.config
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    rope = _rope_parameters(config)[0]
     for field_name, method in ARCHITECTURES[plan.arch_name].extra_keys:
         getattr(w, method)((config[field_name] if field_name in config else rope.get(field_name)) or 0)
+    if ARCHITECTURES[plan.arch_name].swa_layers:
+        w.add_sliding_window_pattern(_sliding_layers(config))
     w.add_vocab_size(h["vocab_size"])
     vocab = plan.vocab
     w.add_tokenizer_model(vocab.model)

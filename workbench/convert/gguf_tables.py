@@ -17,6 +17,10 @@ class Arch:
     # config fields (top level, else in the rope parameters) written as GGUF keys: (field, gguf-py writer
     # method); a field set to null is written as 0 (Phi-3: no sliding window)
     extra_keys: tuple[tuple[str, str], ...] = ()
+    # which layers slide written per layer (llama.cpp otherwise assumes its own fixed pattern for the arch)
+    swa_layers: bool = False
+    # LongRoPE (Phi-3 128k, Phi-3.5): llama.cpp reads the per-dimension factors from two tensors
+    longrope: bool = False
 
 
 GEMMA2_KEYS = (("attn_logit_softcapping", "add_attn_logit_softcapping"),
@@ -30,8 +34,11 @@ ARCHITECTURES: dict[str, Arch] = {
     "Qwen3MoeForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3MOE, permute_qk=False),
     "MixtralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
     "Gemma2ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_offset=1.0, extra_keys=GEMMA2_KEYS),
+    # no softcapping; q/k norms offset like the others; the local rope theta as rope_freq_base_swa
+    "Gemma3ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_offset=1.0,
+                              extra_keys=(("sliding_window", "add_sliding_window"),), swa_layers=True),
     # fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are
-    "Phi3ForCausalLM": Arch(gguf.MODEL_ARCH.PHI3, permute_qk=False, extra_keys=(
+    "Phi3ForCausalLM": Arch(gguf.MODEL_ARCH.PHI3, permute_qk=False, longrope=True, extra_keys=(
         ("original_max_position_embeddings", "add_rope_scaling_orig_ctx_len"), ("sliding_window", "add_sliding_window"))),
 }
 

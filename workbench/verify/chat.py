@@ -54,7 +54,7 @@ def rope_original(config: dict) -> tuple[int | None, str]:
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind == "default":
         return None, "no rope scaling"
-    original = rope.get("original_max_position_embeddings")
+    original = rope.get("original_max_position_embeddings") or text.get("original_max_position_embeddings")  # Phi-3's is top level
     if not original:
         return None, f"rope scaling {kind} names no original_max_position_embeddings to exceed"
     return int(original), f"rope {kind}: original context {original}, max_position_embeddings {text.get('max_position_embeddings')}"
