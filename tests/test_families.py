@@ -273,6 +273,8 @@ def test_tokenization_in_llamacpp_equals_transformers(family, model, family_gguf
     figures[f"{family} llama.cpp tokenization vs transformers"] = {"texts": len(MIXED_TEXTS) + 1, "identical": len(MIXED_TEXTS) + 1}
 
 
+# The concurrency probe is the engine's behaviour, tested on the main fixtures; off here (CI time: 27 servers)
+FAMILY_VERIFY = ["--concurrency", "0"]
 # vLLM in the checkpoint's bfloat16; SGLang in float32, where its math equals the reference exactly (in
 # bfloat16 its CPU MoE path lands 0.198 from the reference on Qwen3-MoE, vLLM's 0.040, over the 0.1 gate)
 SERVED = {"vllm": ["--extra-arg=--enforce-eager"], "sglang": ["--dtype", "float32"]}
@@ -289,7 +291,8 @@ SGLANG_CANNOT = {"gemma-2": "RuntimeError: 0 active drivers ([]). There should o
 @pytest.mark.engine
 @pytest.mark.parametrize("server", list(SERVED))
 def test_served(family, model, tmp_path, figures, server):
-    result = run("verify", model, "--server", server, "--tp", "1", "--max-model-len", "512", *SERVED[server], "--report", tmp_path / "r")
+    result = run("verify", model, "--server", server, "--tp", "1", "--max-model-len", "512", *SERVED[server], *FAMILY_VERIFY,
+                 "--report", tmp_path / "r")
     report = json.loads((tmp_path / "r" / "report.json").read_text())
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     if server == "sglang" and family in SGLANG_CANNOT:  # the engine's own error, in the report
@@ -357,7 +360,7 @@ def test_gguf_served_by_llamacpp(family, model, family_gguf, tmp_path, figures):
     """Scored by text (llama.cpp's server returns no token ids: SentencePiece continuations keep their
     leading space); the end of turn is the header's EOS, which transformers' GGUF reader misnames for a
     SentencePiece file."""
-    result = run("verify", family_gguf / f"{model.name}-Q8_0.gguf", "--server", "llamacpp", "--reference", model,
+    result = run("verify", family_gguf / f"{model.name}-Q8_0.gguf", "--server", "llamacpp", "--reference", model, *FAMILY_VERIFY,
                  "--report", tmp_path / "r")
     assert result.exit_code == 0, (result.output + result.stderr, (tmp_path / "r" / "summary.md").read_text())
     checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
