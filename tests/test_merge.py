@@ -195,3 +195,20 @@ def test_a_4bit_base_named_by_the_adapter_is_merged_as_trained_with_a_warning(ll
     step = json.loads((tmp_path / "m" / "workbench.json").read_text())["steps"][-1]
     assert step["options"]["base_quant"] == "nf4 + double quantization (bitsandbytes, block 64)"
     assert run("merge", llama, llama_lora, "--out", tmp_path / "x", "--double-quant").exit_code == 2
+
+
+def test_lora_on_experts_of_another_shape_is_refused(tmp_path):
+    """An adapter on the stacked experts (peft's target_parameters) whose update fits neither the base's
+    gate/up nor its down projections: one line naming the shapes, nothing written."""
+    from transformers import AutoConfig
+
+    from conftest import TINY_MOE, assert_one_line_error, leftovers
+
+    torch.manual_seed(0)
+    shape = dict(TINY_MOE["qwen3_moe"], vocab_size=128)
+    other = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **dict(shape, moe_intermediate_size=48)))
+    get_peft_model(other, LoraConfig(r=4, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])).save_pretrained(tmp_path / "lora")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen3_moe", **shape)).save_pretrained(tmp_path / "base")
+    result = run("merge", tmp_path / "base", tmp_path / "lora", "--out", tmp_path / "out")
+    assert_one_line_error(result, 2, "LoRA update [96, 64] fits neither the experts' gate/up [64, 64] nor down [64, 32]")
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
