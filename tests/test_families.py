@@ -51,10 +51,6 @@ LLAMACPP = {
 }
 
 
-def family_moe(family: str) -> bool:
-    return "parameters" in LLAMACPP[family]
-
-
 @pytest.fixture(scope="module", params=list(LLAMACPP))
 def family(request):
     return request.param
@@ -125,7 +121,7 @@ def test_merge_equals_peft(family, model, tmp_path, blocks, figures):
     result = run("merge", model, tmp_path / "lora", "--out", tmp_path / "merged", "--dtype", "fp32")
     assert result.exit_code == 0, result.output + result.stderr
     m = compare_logits(reference, model_logits(float32_model(tmp_path / "merged"), blocks))
-    figures[f"{family} merge fp32 vs peft (random LoRA, all projections{', experts' if family_moe(family) else ''})"] = m
+    figures[f"{family} merge fp32 vs peft (random LoRA, all projections{', experts' if 'parameters' in LLAMACPP[family] else ''})"] = m
     assert m["max_rel_error"] < 1e-5 and m["top1_agreement"] == 1.0
 
 

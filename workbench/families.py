@@ -13,6 +13,8 @@ ATTENTION_LAYER_TYPES = {"full_attention", "sliding_attention", "chunked_attenti
 # config keys that only a multimodal wrapper has: a language model inside, plus its towers
 MULTIMODAL_KEYS = ("vision_config", "audio_config", "speech_config", "vision_tower", "mm_projector_type")
 # model types of state-space / recurrent stacks that name no layer_types
+# config keys naming how many routed experts a MoE layer has (Qwen MoE, Mixtral, DeepSeek)
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 RECURRENT_MODEL_TYPES = {"mamba": "Mamba state-space", "mamba2": "Mamba-2 state-space", "rwkv": "RWKV recurrent",
                          "falcon_mamba": "Mamba state-space", "xlstm": "xLSTM recurrent"}
 
@@ -38,3 +40,13 @@ def check_handled(config: dict, what: str) -> None:
     reason = unhandled_reason(config)
     if reason:
         raise BadInput(f"{what}: not supported: {reason}")
+
+
+def expert_count(config: dict) -> int:
+    """Routed experts per MoE layer; 0 for a dense model."""
+    return int(next((config[k] for k in EXPERT_COUNT_KEYS if config.get(k)), 0))
+
+
+def expert_intermediate(config: dict) -> int:
+    """Each routed expert's intermediate size: moe_intermediate_size, else (Mixtral) intermediate_size."""
+    return int(config.get("moe_intermediate_size") or config["intermediate_size"])

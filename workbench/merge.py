@@ -38,7 +38,7 @@ from .checkpoint import (
 )
 from .errors import BadInput
 from .experts import EXPERT_LAYOUTS, renamer
-from .families import check_handled
+from .families import check_handled, expert_count, expert_intermediate
 from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
 from .quantize.bnb import Bnb4bit
@@ -379,8 +379,7 @@ def _expert_deltas(module: str, parts: dict[str, str], cfg: dict, base: Checkpoi
     layout = EXPERT_LAYOUTS.get(config.get("model_type"))
     if layout is None:
         raise BadInput(f"adapter targets the experts of {module}: no expert layout for {config.get('model_type')!r}")
-    experts = config.get("num_experts") or config.get("num_local_experts")
-    hidden, inter = config["hidden_size"], config.get("moe_intermediate_size") or config["intermediate_size"]
+    experts, hidden, inter = expert_count(config), config["hidden_size"], expert_intermediate(config)
     (rank_rows, in_features), (out_features, rank_cols) = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
     if rank_rows != rank_cols or rank_rows % experts:
         raise BadInput(f"adapter {module}: LoRA factors {rank_rows} and {rank_cols} wide do not split over {experts} experts")

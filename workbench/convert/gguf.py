@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
 from ..errors import BadInput, EnvironmentProblem
-from ..families import check_handled
+from ..families import check_handled, expert_count
 from ..hf import adds_bos, quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..verify.guard import set_parent_death_signal
@@ -220,7 +220,7 @@ def _hparams(config: dict) -> dict:
         "rope_low_freq_factor": rope.get("low_freq_factor", 1.0),
         "rope_high_freq_factor": rope.get("high_freq_factor", 4.0),
         "vocab_size": config["vocab_size"],
-        "expert_count": config.get("num_local_experts") or config.get("num_experts"),
+        "expert_count": expert_count(config) or None,
         "expert_used_count": config.get("num_experts_per_tok"),
         "expert_feed_forward_length": config.get("moe_intermediate_size"),
         "expert_shared_feed_forward_length": config.get("shared_expert_intermediate_size"),

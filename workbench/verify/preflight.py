@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..families import expert_count, expert_intermediate
+
 # Layers by how TP splits them: column-parallel split their output features, row-parallel their input.
 # (name, parallel style, in features, out features) as functions of the config.
 ATTENTION = (
@@ -33,8 +35,6 @@ SHARED_EXPERT = (
     ("shared_expert.down_proj", "row", lambda c: c.shared_intermediate, lambda c: c.hidden),
 )
 # config keys for the number of routed experts and their intermediate size, by family
-EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
-EXPERT_INTERMEDIATE_KEYS = ("moe_intermediate_size",)  # Mixtral's experts use intermediate_size
 
 
 def layers_of(shape: Shape) -> tuple:
@@ -74,9 +74,8 @@ def shape_of(config: dict) -> Shape:
     text = config.get("text_config", config)
     heads = int(text["num_attention_heads"])
     hidden = int(text["hidden_size"])
-    experts = int(next((text[k] for k in EXPERT_COUNT_KEYS if text.get(k)), 0))
+    experts = expert_count(text)
     intermediate = int(text["intermediate_size"])
-    expert_intermediate = int(next((text[k] for k in EXPERT_INTERMEDIATE_KEYS if text.get(k)), intermediate))
     # Qwen MoE: dense MLPs in mlp_only_layers and off the decoder_sparse_step; Mixtral: none
     dense = bool(text.get("mlp_only_layers")) or int(text.get("decoder_sparse_step") or 1) > 1 or bool(text.get("first_k_dense_replace"))
     return Shape(
@@ -86,7 +85,7 @@ def shape_of(config: dict) -> Shape:
         head_dim=int(text.get("head_dim") or hidden // heads),
         intermediate=intermediate,
         experts=experts,
-        expert_intermediate=expert_intermediate if experts else 0,
+        expert_intermediate=expert_intermediate(text) if experts else 0,
         shared_intermediate=int(text.get("shared_expert_intermediate_size") or 0) if experts else 0,
         dense_layers=dense,
     )
