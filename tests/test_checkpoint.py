@@ -21,6 +21,7 @@ from workbench.checkpoint import (
     sha256_file,
 )
 from workbench.errors import BadInput
+from workbench.safety import OWNED_MARKER, claim
 
 TENSORS = {
     "a.weight": torch.randn(64, 32).to(torch.bfloat16),
@@ -131,11 +132,17 @@ def test_atomic_output_dir_renames_only_on_success(tmp_path):
 
 
 def test_atomic_output_dir_removes_leftovers_of_a_killed_run(tmp_path):
-    dead = tmp_path / ".out.partial-999999999"
-    dead.mkdir()
-    with atomic_output_dir(tmp_path / "out", force=False):
-        pass
-    assert not dead.exists()
+    """A dead process's partial folder goes when it carries the workbench's marker; a folder that merely has
+    a partial's name (someone else's) is left alone."""
+    dead, foreign = tmp_path / ".out.partial-999999999", tmp_path / ".out.partial-999999998"
+    for folder in (dead, foreign):
+        folder.mkdir()
+        (folder / "data").write_text("x")
+    claim(dead)
+    with atomic_output_dir(tmp_path / "out", force=False) as tmp:
+        assert (tmp / OWNED_MARKER).is_file()  # how the next run knows this one's leftovers
+    assert not dead.exists() and (foreign / "data").read_text() == "x"
+    assert not (tmp_path / "out" / OWNED_MARKER).exists()  # the finished output carries no marker
 
 
 def test_atomic_output_dir_unwritable_location(tmp_path):

@@ -25,7 +25,8 @@ from typing import Iterator
 
 import torch
 
-from .errors import BadInput
+from .errors import BadInput, as_disk_full
+from .safety import OWNED_MARKER, check_remote_code, claim, inside, member, owned
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -138,7 +139,7 @@ class TensorStore:
             f.seek(info.offset)
             if f.readinto(buf) != info.nbytes:
                 raise BadInput(f"truncated safetensors file {info.file}")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return _finite(info, torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape))
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor (its first dimension), reading only their bytes."""
@@ -150,7 +151,7 @@ class TensorStore:
             f.seek(info.offset + start * row_bytes)
             if f.readinto(buf) != len(buf):
                 raise BadInput(f"truncated safetensors file {info.file}")
-        return torch.frombuffer(buf, dtype=info.dtype).reshape((stop - start, *info.shape[1:])) if buf else \
+        return _finite(info, torch.frombuffer(buf, dtype=info.dtype).reshape((stop - start, *info.shape[1:]))) if buf else \
             torch.empty((0, *info.shape[1:]), dtype=info.dtype)
 
     def take(self, name: str, indices: list[int]) -> torch.Tensor:
@@ -166,7 +167,26 @@ class TensorStore:
                 f.seek(info.offset + row * row_bytes)
                 if f.readinto(memoryview(flat[i])) != row_bytes:
                     raise BadInput(f"truncated safetensors file {info.file}")
-        return out
+        return _finite(info, out)
+
+
+# float8 bit patterns that are NaN (e4m3fn: exponent and mantissa all ones) or NaN/Inf (e5m2: exponent all ones)
+_FP8_NON_FINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+
+
+def _finite(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` as read, or a one-line refusal when it holds NaN or Inf: every verb would carry them into
+    its output while its checks (which compare with the same input) stay quiet."""
+    if tensor.dtype in _FP8_NON_FINITE:
+        mask = _FP8_NON_FINITE[tensor.dtype]
+        bad = int(((tensor.view(torch.uint8) & mask) == mask).sum())
+    elif tensor.is_floating_point():
+        bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+    else:
+        return tensor
+    if bad:
+        raise BadInput(f"tensor {info.name} in {info.file} holds {bad} NaN/Inf values (at least); the model is damaged")
+    return tensor
 
 
 def _read_header(file: Path) -> list[TensorInfo]:
@@ -217,11 +237,15 @@ def read_json(path: Path, what: str) -> dict:
 class Checkpoint:
     """A Hugging Face model folder: config, weights (single or sharded safetensors) and side files."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, code_check: bool = True):
+        """``code_check``: refuse a folder that asks to run its own code (unless the user trusts it); off only
+        for describing a folder (inspect), which runs nothing."""
         self.path = Path(path)
         if not self.path.is_dir():
             raise BadInput(f"model folder not found: {self.path}")
         self.config = read_json(self.path / CONFIG_NAME, "config.json")
+        if code_check:
+            check_remote_code(self.path)
         self.weight_files = self._weight_files()
         self.store = TensorStore(self.weight_files)
 
@@ -229,15 +253,15 @@ class Checkpoint:
         index = self.path / INDEX_NAME
         if index.exists():
             weight_map = read_json(index, "safetensors index").get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise BadInput(f"safetensors index has no weight_map: {index}")
-            return [self.path / f for f in dict.fromkeys(weight_map.values())]
+            if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(f, str) for f in weight_map.values()):
+                raise BadInput(f"safetensors index has no weight_map of file names: {index}")
+            return [folder_file(self.path, f, f"{index.name} entry") for f in dict.fromkeys(weight_map.values())]
         single = self.path / SINGLE_NAME
         if single.exists():
-            return [single]
+            return [folder_file(self.path, SINGLE_NAME, "weights")]
         found = sorted(self.path.glob("*.safetensors"))
         if found:
-            return found
+            return [folder_file(self.path, f.name, "weights") for f in found]
         if any(self.path.glob("*.bin")):
             raise BadInput(f"{self.path} holds only .bin weights; save it with safetensors first")
         raise BadInput(f"no safetensors weights in {self.path}")
@@ -257,6 +281,17 @@ class Checkpoint:
 
     def side_files(self) -> list[str]:
         return side_files(self.path)
+
+
+def folder_file(folder: Path, name: str, what: str) -> Path:
+    """A file a model folder names, which must resolve inside it. The one exception is Hugging Face's cache:
+    a snapshot folder (``<repo>/snapshots/<revision>``) links its files into ``<repo>/blobs``."""
+    folder = Path(folder)
+    if folder.parent.name == "snapshots" and ".." not in Path(name).parts and not Path(name).is_absolute():
+        blobs = folder.parent.parent / "blobs"
+        if (folder / name).is_symlink() and blobs.resolve() in (folder / name).resolve().parents:
+            return folder / name
+    return member(folder, name, f"{folder}: {what} {name!r}")
 
 
 def side_files(folder: Path) -> list[str]:
@@ -484,8 +519,9 @@ def write_json(path: Path, value: dict) -> None:
 
 
 def copy_side_files(sources: list[tuple[Path, str]], folder: Path) -> None:
+    """Copy the files (their content: a link inside the source folder is followed, one leading out refused)."""
     for src_dir, name in sources:
-        shutil.copy2(src_dir / name, folder / name)
+        shutil.copy2(folder_file(src_dir, name, "file"), folder / name)
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
@@ -525,8 +561,11 @@ def atomic_output_file(final: Path, force: bool) -> Iterator[Path]:
 @contextlib.contextmanager
 def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
     """On any exception (Ctrl-C included) the temporary is removed; leftovers of a killed run (their pid
-    no longer alive) are removed by the next run. An existing output is replaced only with ``force``."""
+    no longer alive) are removed by the next run. An existing output is replaced only with ``force``; an
+    output that is a symbolic link is refused (replacing it would write where the link points, or drop the link)."""
     final = Path(os.path.abspath(final))
+    if final.is_symlink():
+        raise BadInput(f"output {final} is a symbolic link (to {os.readlink(final)}): name the real location")
     if final.exists() and not force:
         raise BadInput(f"output exists: {final} (use --force to replace it)")
     parent = final.parent
@@ -537,22 +576,41 @@ def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
         _remove(tmp)
         if make_dir:
             tmp.mkdir()
+            claim(tmp)  # a killed run's folder is known as ours by this marker, removed before the rename
         else:
             tmp.touch()
     except OSError as exc:
-        raise BadInput(f"cannot write output at {final}: {exc.strerror or exc}") from None
+        raise as_disk_full(exc, final) or BadInput(f"cannot write output at {final}: {exc.strerror or exc}") from None
     try:
         yield tmp
-    except BaseException:
+        if make_dir:
+            (tmp / OWNED_MARKER).unlink()
+        _rename_into_place(tmp, final, force)
+    except BaseException as exc:
+        written = _size(tmp)
         _remove(tmp)
+        full = as_disk_full(exc, final, written)
+        if full is not None:
+            raise full from None
         raise
+
+
+def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
     old = None
-    if final.exists():
-        old = parent / f".{final.name}{_REPLACED}{os.getpid()}"
+    if os.path.lexists(final):
+        if not force:  # made by another process while this one wrote
+            raise BadInput(f"output exists: {final} (it appeared while writing; use --force to replace it)")
+        old = final.parent / f".{final.name}{_REPLACED}{os.getpid()}"
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
         _remove(old)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
 def _remove(path: Path) -> None:
@@ -563,9 +621,11 @@ def _remove(path: Path) -> None:
 
 
 def _remove_stale_partials(parent: Path, name: str) -> None:
+    """A dead process's temporaries: files by their name, folders only when they carry the workbench's marker."""
     for p in [*parent.glob(f".{name}{_PARTIAL}*"), *parent.glob(f".{name}{_REPLACED}*")]:
         pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not _pid_alive(int(pid)) and (owned(p) or p.name.startswith(f".{name}{_REPLACED}")
+                                                            or not p.is_dir()):
             _remove(p)
 
 

@@ -15,7 +15,7 @@ import click
 
 from . import __version__
 from .checkpoint import parse_size, return_freed_memory
-from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_out_of_memory
+from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_resource_error
 from .quantize.recipe import method_help
 
 VERDICT_EXIT = {"passed": 0, "failed": 1, "incomplete": INCOMPLETE}
@@ -60,11 +60,11 @@ class _Group(click.Group):
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
-        except Exception as exc:  # noqa: BLE001 - anything else is either memory or a bug of ours
-            oom = as_out_of_memory(exc, f"in `workbench {ctx.invoked_subcommand or ''}`")
-            if oom is not None:
-                click.echo(f"error: {oom}", err=True)
-                sys.exit(oom.exit_code)
+        except Exception as exc:  # noqa: BLE001 - anything else is memory, disk space or a bug of ours
+            missing = as_resource_error(exc, f"in `workbench {ctx.invoked_subcommand or ''}`")
+            if missing is not None:
+                click.echo(f"error: {missing}", err=True)
+                sys.exit(missing.exit_code)
             click.echo(f"error: {_internal_error(exc)}", err=True)
             sys.exit(INTERNAL)
 
@@ -83,6 +83,23 @@ def cli():
     memory is missing, 4 incomplete (a required check could not run), 5 internal error (traceback in a log).
     """
     return_freed_memory()
+
+
+def _trust_remote_code(command):
+    """--trust-remote-code: the only way a model folder's own code (auto_map) may run, for this command."""
+    import functools
+
+    from .safety import remote_code
+
+    @click.option("--trust-remote-code", is_flag=True,
+                  help="Let code shipped in a model or adapter folder (auto_map in config.json or tokenizer_config.json) "
+                       "run, in transformers and in the engine; recorded in the manifest. Without it such a folder is refused.")
+    @functools.wraps(command)
+    def run_trusting(*args, trust_remote_code: bool, **kwargs):
+        with remote_code(trust_remote_code):
+            return command(*args, **kwargs)
+
+    return run_trusting
 
 
 def _progress(enabled: bool, label: str):
@@ -114,6 +131,7 @@ def _progress(enabled: bool, label: str):
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest step as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar, no summary.")
+@_trust_remote_code
 def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, force, as_json, quiet):
     """Fold a LoRA ADAPTER (peft folder) into its BASE model, streamed tensor by tensor.
 
@@ -165,6 +183,7 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
 @click.option("--min-top1", type=float, help="Gate: smallest top-1 agreement with the source.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest step as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and the verdict.")
+@_trust_remote_code
 def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, fmt, out, force, max_ppl_delta, max_kl,
              min_top1, as_json, quiet):
     """Quantize MODEL with a recipe and measure what it cost against the source on held-out text.
@@ -226,6 +245,7 @@ def convert():
               "Default: $WORKBENCH_LLAMACPP_PYTHON, else the one scripts/setup.sh installed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
+@_trust_remote_code
 def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_data, imatrix_samples, imatrix_seq_len,
                  as_json, quiet):
     """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, or with
@@ -316,6 +336,7 @@ def _tp_list(value: str) -> list[int]:
 @click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report (with --preflight-only: one row per TP) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
+@_trust_remote_code
 def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args,
            prompts, max_tokens, port, force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta,
            as_json, quiet):
@@ -423,7 +444,8 @@ def inspect_cmd(path, tps, check, as_json):
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return
-    for key in ("path", "architecture", "dtype", "file_type", "parameters", "size_bytes", "shards", "tensors", "quantization"):
+    for key in ("path", "architecture", "dtype", "file_type", "parameters", "size_bytes", "shards", "tensors", "quantization",
+                "remote_code"):
         if info.get(key) is not None:
             click.echo(f"{key:13} {info[key]}")
     if info["state"]:
@@ -449,6 +471,7 @@ def inspect_cmd(path, tps, check, as_json):
 @click.option("--dry-run", is_flag=True, help="Print the plan: which stages would run and why, which are cached.")
 @click.option("--json", "as_json", is_flag=True, help="Print the release index (or with --dry-run the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="One line per finished stage and the verdict (for CI logs).")
+@_trust_remote_code
 def release(file, out, only, force, dry_run, as_json, quiet):
     """Run a release FILE (YAML): merge, quantize, convert and verify as it says, in dependency order.
 

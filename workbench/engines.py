@@ -85,6 +85,9 @@ class EngineSpec:
     lora: LoraSpec | None = None  # None: it cannot serve adapters unmerged
     # its tokenizer over HTTP: "openai" (POST /tokenize with prompt or messages), "llamacpp" (/extras/tokenize)
     tokenize: str | None = None
+    # the flag that lets it import a model folder's own code; added only when the user passed
+    # --trust-remote-code to the workbench (None: the engine runs no model code)
+    remote_code_flag: str | None = None
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -122,6 +125,7 @@ ENGINES: dict[str, EngineSpec] = {
         lora=LoraSpec("--enable-lora", "--lora-modules", "--max-lora-rank", DECODER_LINEARS,
                       ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512)),
         tokenize="openai",
+        remote_code_flag="--trust-remote-code",
     ),
     "sglang": EngineSpec(
         name="sglang",
@@ -154,6 +158,7 @@ ENGINES: dict[str, EngineSpec] = {
         lora=LoraSpec("--enable-lora", "--lora-paths", "--max-lora-rank", DECODER_LINEARS,
                       request_model="{base}:{adapter}", generate_field="lora_path"),
         tokenize="openai",
+        remote_code_flag="--trust-remote-code",
     ),
     "llamacpp": EngineSpec(
         name="llamacpp",

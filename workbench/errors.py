@@ -10,6 +10,10 @@
 | 5 | internal error: a bug in the workbench (the traceback is in a log file) |
 """
 
+import errno
+import shutil
+from pathlib import Path
+
 OK, FAILED, BAD_INPUT, MISSING, INCOMPLETE, INTERNAL = 0, 1, 2, 3, 4, 5
 
 
@@ -39,6 +43,10 @@ class EnvironmentProblem(WorkbenchError):
 
 class OutOfMemory(EnvironmentProblem):
     """The machine has less memory than the step needs; the message gives both figures."""
+
+
+class DiskFull(EnvironmentProblem):
+    """The file system ran out of space while writing; the message gives what was written and what is free."""
 
 
 class Incomplete(WorkbenchError):
@@ -86,6 +94,28 @@ def as_out_of_memory(exc: BaseException, what: str) -> OutOfMemory | None:
         return None
     tried = re.search(r"allocate (?:memory: you tried to allocate )?(\d+) bytes", message)
     return out_of_memory(what, int(tried.group(1)) if tried else None)
+
+
+MIB = 2**20
+
+
+def as_disk_full(exc: BaseException, target: Path | str, written: int | None = None) -> DiskFull | None:
+    """The DiskFull for a write that hit ENOSPC/EDQUOT while making ``target`` (``written``: bytes it had
+    reached), with the space left on that file system; None for any other error."""
+    if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+        return None
+    where = Path(getattr(exc, "filename", None) or target)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    usage = shutil.disk_usage(where)
+    reached = f"{written / MIB:.1f} MiB written, " if written is not None else ""
+    return DiskFull(f"no space left on device writing {target}: {reached}{usage.free / MIB:.1f} MiB free of "
+                    f"{usage.total / MIB:.1f} MiB on that file system; nothing was kept")
+
+
+def as_resource_error(exc: BaseException, what: str) -> EnvironmentProblem | None:
+    """Memory or disk space running out, as the missing-resource error with its figures; else None."""
+    return as_out_of_memory(exc, what) or as_disk_full(exc, getattr(exc, "filename", None) or Path.cwd())
 
 
 def check_fits(what: str, needed: int) -> None:

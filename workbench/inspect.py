@@ -9,6 +9,7 @@ from pathlib import Path
 from .checkpoint import MANIFEST_NAME, Checkpoint, numel, sha256_file
 from .errors import ArtifactFailed, BadInput
 from .manifest import manifest_path, read_manifest
+from .safety import remote_code_request
 from .verify.preflight import preflight
 
 
@@ -48,7 +49,7 @@ def state_of(manifest: dict | None) -> tuple[str | None, str]:
 
 
 def _folder(path: Path, tps: list[int]) -> dict:
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, code_check=False)  # describing runs nothing
     config = ckpt.config
     qc = config.get("quantization_config") or {}
     table = {}
@@ -65,7 +66,14 @@ def _folder(path: Path, tps: list[int]) -> dict:
         "shards": len(ckpt.weight_files),
         "quantization": {k: qc[k] for k in ("quant_method", "activation_scheme", "ignored_layers", "format", "ignore") if k in qc} or None,
         "tp_preflight": table,
+        "remote_code": _remote_code(path),
     }
+
+
+def _remote_code(path: Path) -> str | None:
+    """Which file asks for the folder's own code to run (the verbs refuse it without --trust-remote-code)."""
+    found = remote_code_request(path)
+    return f"{found[1]} in {found[0].name}" if found else None
 
 
 def _gguf(path: Path) -> dict:

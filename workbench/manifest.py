@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, replace_file, sha256_file
+from .safety import OWNED_MARKER, remote_code_trusted
 
 FORMAT_VERSION = 1
 DIGEST_CACHE = "digests.json"
@@ -89,6 +90,8 @@ def read_manifest(artifact: Path) -> dict | None:
 
 def _write(target: Path, step: dict, parent: Path | None, files: dict[str, Path], known_sha256: dict[str, str]) -> dict:
     inherited = (read_manifest(parent) or {}).get("steps", []) if parent else []
+    if remote_code_trusted():  # the user let the model's own code run: the artifact says so
+        step = {**step, "trust_remote_code": True}
     entries = {name: {"sha256": known_sha256.get(name) or sha256_file(p), "size": p.stat().st_size} for name, p in files.items()}
     manifest = {"workbench_manifest": FORMAT_VERSION, "steps": [*inherited, step], "files": entries}
     target.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -98,7 +101,7 @@ def _write(target: Path, step: dict, parent: Path | None, files: dict[str, Path]
 def write_manifest(folder: Path, step: dict, parent: Path | None, known_sha256: dict[str, str]) -> dict:
     """Write ``folder``/workbench.json: the parent's steps (if it has a manifest) plus ``step``, and the hash
     of every file. ``known_sha256`` holds hashes computed while writing; the other files are hashed here."""
-    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and p.name not in (MANIFEST_NAME, OWNED_MARKER)}
     return _write(folder / MANIFEST_NAME, step, parent, files, known_sha256)
 
 

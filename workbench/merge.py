@@ -42,6 +42,7 @@ from .families import check_handled, expert_count, expert_intermediate
 from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
 from .quantize.bnb import Bnb4bit
+from .safety import check_remote_code
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -178,6 +179,7 @@ def load_adapter_config(adapter_dir: Path) -> dict:
     if not adapter_dir.is_dir():
         raise BadInput(f"adapter folder not found: {adapter_dir}")
     cfg = read_json(adapter_dir / ADAPTER_CONFIG, "adapter_config.json")
+    check_remote_code(adapter_dir)
     peft_type = cfg.get("peft_type")
     if peft_type not in SUPPORTED_PEFT_TYPES:
         raise BadInput(f"unsupported adapter type {peft_type!r}: workbench merges LoRA/rsLoRA/DoRA adapters only")
@@ -477,7 +479,7 @@ def _probe(name: str, d: Delta, adapter: TensorStore, rows, out_rows, base_rows,
         ref = ref * factor
     err = float(torch.linalg.norm(out_rows.float() @ x - ref) / torch.linalg.norm(ref).clamp_min(1e-30))
     probe["modules"] = probe.get("modules", 0) + 1
-    if err > probe.get("max_rel_error", -1.0):
+    if not err <= probe.get("max_rel_error", -1.0):  # NaN counts as the worst
         probe["max_rel_error"], probe["worst_tensor"] = err, name
 
 

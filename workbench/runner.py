@@ -28,6 +28,7 @@ from torch import nn
 from . import experts
 from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
 from .errors import BadInput
+from .safety import remote_code_trusted
 
 COMPUTE_DTYPE = torch.float32
 HEAD_ROWS = 4096  # lm_head rows per block
@@ -142,7 +143,7 @@ class LayerRunner:
         quiet_transformers()
         return_freed_memory()
         self.weights = Weights(Path(model_dir), adapter)
-        config = AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
         for key in ("tie_word_embeddings", "vocab_size"):  # what an adapter changes
             if key in self.weights.config:
                 setattr(config, key, self.weights.config[key])

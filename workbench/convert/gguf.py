@@ -35,6 +35,7 @@ from ..engines import ENGINES, check_installed, engine_python
 from .imatrix import importance_matrix
 from ..quantize.recipe import Calibration
 from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
+from ..safety import remote_code_trusted
                           TOKENIZER_PROBES)
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
@@ -274,7 +275,7 @@ def _vocab(model_dir: Path, vocab_size: int) -> Vocab:
 
     quiet_transformers()
     try:
-        hf = AutoTokenizer.from_pretrained(model_dir)
+        hf = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
         tok = json.loads(hf.backend_tokenizer.to_str())
     except Exception as exc:  # any loader failure is a bad tokenizer folder
         raise BadInput(f"tokenizer cannot be loaded from {model_dir}: {exc}") from None
@@ -491,7 +492,7 @@ def prove_tokenizer(plan: Plan, path: Path, python: str) -> None:
     from transformers import AutoTokenizer
 
     check_installed(ENGINES["llamacpp"], python)
-    hf = AutoTokenizer.from_pretrained(plan.model.path)
+    hf = AutoTokenizer.from_pretrained(plan.model.path, trust_remote_code=remote_code_trusted())
     # text after a special token too: llama.cpp's SentencePiece tokenizer starts every such piece with a space
     marker = hf.eos_token or hf.bos_token
     probes = [(t, False) for t in TOKENIZER_PROBES] + ([(marker + t, True) for t in SPECIAL_PROBES] if marker else [])

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..quantize.recipe import Calibration
 from ..runner import LayerRunner
+from ..safety import remote_code_trusted
 
 # llama-imatrix's usual run: chunks of 512 tokens; 32 of them keep a CPU walk short
 DEFAULT_CALIBRATION = Calibration(samples=32, seq_len=512)
@@ -45,7 +46,7 @@ def importance_matrix(model_dir: Path, gguf_names: dict[str, str], calibration: 
     from ..quantize.calibration import calibration_samples
 
     runner = LayerRunner(model_dir)
-    samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir), calibration)
+    samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted()), calibration)
     streams = runner.streams(samples)
     values: dict[str, np.ndarray] = {}
     for i in range(runner.num_layers):

@@ -14,6 +14,7 @@ import torch
 
 from ..errors import EnvironmentProblem
 from .recipe import Recipe
+from ..safety import remote_code_trusted
 
 
 def _modifiers(recipe: Recipe) -> list:
@@ -73,7 +74,7 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
             from transformers import AutoModelForCausalLM
 
             _cpu_without_pinning()
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=remote_code_trusted())
             kwargs = {}
             if samples is not None:
                 data = {"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()}
@@ -98,7 +99,7 @@ def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks
     from ..quality import compare_final_hidden
 
     with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote_code_trusted()).eval()
     finals: list[torch.Tensor] = []  # the decoder's output (after its final norm), through the whole model's
     # forward: compressed-tensors decompresses on the model's own call
     hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: finals.append(out.last_hidden_state))

@@ -21,6 +21,7 @@ from .. import experts
 from . import bnb, compressor, fp8, walk
 from .calibration import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
 from .recipe import NEEDS_CALIBRATION, Recipe, load
+from ..safety import remote_code_trusted
 
 # Quality gates by recipe: quantized vs. source on 4096 held-out tokens, with a margin over what the trained
 # fixtures measured. FP8 static/dynamic (Llama, Qwen2, merged Llama+LoRA): perplexity -0.06..+0.29%, mean KL
@@ -74,7 +75,7 @@ def quantize(
     arch = (source.config.get("architectures") or ["?"])[0]
     needs = quantize_estimate(source, recipe)
     check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
     runner = LayerRunner(model_dir)
     stacked = fp8.stacked_experts(runner.model)
     if stacked:  # not nn.Linear: they would stay unquantized, most of the model, with the report still passing

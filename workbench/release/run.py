@@ -22,10 +22,11 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import replace_file, sha256_file
-from ..errors import INCOMPLETE, INTERNAL, ArtifactFailed, BadInput, Incomplete, WorkbenchError, as_out_of_memory
-from ..manifest import folder_digest, now, read_manifest, tool_versions
+from ..errors import INCOMPLETE, INTERNAL, ArtifactFailed, BadInput, Incomplete, WorkbenchError, as_resource_error
+from ..manifest import folder_digest, manifest_path, now, read_manifest, tool_versions
 from ..engines import ENGINES, engine_python, engine_version
-from .spec import SOURCE, UNMERGED, Release, Stage
+from ..safety import claim, exclusive, remove_owned
+from .spec import SOURCE, UNMERGED, Release, Stage, check_contained
 
 MARKER = "stage.json"  # written last into a verify stage's report folder
 CARD = "README.md"
@@ -69,22 +70,27 @@ class StageResult:
 # ---------------------------------------------------------------- keys and cached outputs
 
 class Keys:
-    """Stage keys. Inputs are identified by content: the source folders' sha256 (hashed once per run),
-    an artifact's files as listed in its manifest (the model card excluded: it is rewritten every run)."""
+    """Stage keys. Inputs are identified by content: the source folders' sha256 (each file's digest cached by
+    its stat, so asking again is cheap and sees a change), an artifact's files as listed in its manifest
+    (the model card excluded: it is rewritten every run)."""
 
     def __init__(self, release: Release):
         self.release = release
-        self._source: dict[str, str] = {}
         self._engines: dict[str, str | None] = {}
         self.versions = tool_versions()
 
     def source_digest(self, which: str) -> str:
-        if which not in self._source:
-            path = self.release.base if which == "base" else self.release.adapter
-            if not path.is_dir():
-                raise BadInput(f"{which} not found: {path}")
-            self._source[which] = folder_digest(path)["sha256"]
-        return self._source[which]
+        path = self.release.base if which == "base" else self.release.adapter
+        if not path.is_dir():
+            raise BadInput(f"{which} not found: {path}")
+        return folder_digest(path)["sha256"]
+
+    def sources_read(self, stage: Stage) -> dict[str, str]:
+        """The digests of the source folders a stage reads (which must not change while it runs)."""
+        reads = {"base"} if SOURCE in stage.needs or stage.kind == "merge" else set()
+        if UNMERGED in stage.needs or stage.kind == "merge":
+            reads.add("adapter")
+        return {which: self.source_digest(which) for which in sorted(reads)}
 
     def engine(self, name: str) -> str | None:
         if name not in self._engines:
@@ -253,14 +259,18 @@ def stage_estimate(release: Release, stage: Stage) -> str | None:
 
 def run_release(release: Release, only: tuple[str, ...] = (), force: bool = False, observer: Observer | None = None) -> dict:
     """Run the selected stages; returns the release index (also written to <output>/release.json)."""
-    observer = observer or Observer()
+    with exclusive(release.output, "release output"):
+        check_contained(release)
+        return _run_locked(release, only, force, observer or Observer())
+
+
+def _run_locked(release: Release, only: tuple[str, ...], force: bool, observer: Observer) -> dict:
     started = now()
     keys, chosen = Keys(release), select(release, only)
     forced = _forced(release, only, force)
     for stage in release.stages:
         if stage.id in chosen and _foreign(release, stage) and stage.id not in forced:
             raise BadInput(f"output exists and was not made by release {release.name!r}: {stage.output} (use --force to replace it)")
-    release.output.mkdir(parents=True, exist_ok=True)
     logs = release.output / "reports" / "logs"
     results: dict[str, StageResult] = {}
     selected = [s for s in release.stages if s.id in chosen]
@@ -283,7 +293,7 @@ def run_release(release: Release, only: tuple[str, ...] = (), force: bool = Fals
         if not d.run:
             result = StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key)
         else:
-            result = _run_stage(release, stage, d.key, observer, logs)
+            result = _run_stage(release, stage, d.key, observer, logs, keys)
         observer.stage_finished(result)
         results[stage.id] = result
         gc.collect()
@@ -292,7 +302,7 @@ def run_release(release: Release, only: tuple[str, ...] = (), force: bool = Fals
     return publish(release, keys, results, started)
 
 
-def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, logs: Path) -> StageResult:
+def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, logs: Path, keys: Keys) -> StageResult:
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"{stage.id}.log"
     lines: list[str] = []
@@ -304,11 +314,13 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     t0 = time.perf_counter()
     result = StageResult(stage.id, stage.kind, "built", str(stage.output), key)
     try:
+        before = keys.sources_read(stage)
         RUNNERS[stage.kind](release, stage, key, event, observer.progress)
+        _check_sources_unchanged(keys, stage, before)
     except WorkbenchError as exc:
         result.action, result.error, result.exit_code = _action(exc.exit_code), str(exc), exc.exit_code
     except Exception as exc:  # noqa: BLE001 - memory, or a bug of ours: recorded (with the traceback), the others go on
-        oom = as_out_of_memory(exc, f"in stage {stage.id}")
+        oom = as_resource_error(exc, f"in stage {stage.id}")
         result.action, result.exit_code = "failed", oom.exit_code if oom else INTERNAL
         result.error = str(oom) if oom else f"internal error ({type(exc).__name__}: {exc}); traceback in {log_path}"
         lines.append(traceback.format_exc())
@@ -318,6 +330,25 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     log_path.write_text("\n".join(lines) + "\n")
     result.log = str(log_path)
     return result
+
+
+def _check_sources_unchanged(keys: Keys, stage: Stage, before: dict[str, str]) -> None:
+    """A source folder that changed while the stage read it makes a mixed output: it is removed, never kept
+    under a key that names either version."""
+    after = keys.sources_read(stage)
+    changed = [w for w in before if after[w] != before[w]]
+    if not changed:
+        return
+    which = changed[0]
+    if stage.kind == "verify":
+        remove_owned(stage.output, "report folder")
+    elif stage.output.is_dir():
+        shutil.rmtree(stage.output)  # made by this stage a moment ago
+    else:
+        for path in (manifest_path(stage.output), stage.output):
+            path.unlink(missing_ok=True)
+    raise BadInput(f"the {which} changed while stage {stage.id} ran (sha256 {before[which][:12]} -> {after[which][:12]}): "
+                   "its output was removed; run the release again")
 
 
 def _action(exit_code: int) -> str:
@@ -373,7 +404,9 @@ def _run_verify(release, stage, key, event, progress) -> None:
     from ..verify.run import verify
 
     o = stage.options
-    shutil.rmtree(stage.output, ignore_errors=True)  # a killed run's partial report is never trusted
+    remove_owned(stage.output, "report folder")  # a killed run's partial report is never trusted
+    stage.output.mkdir(parents=True)
+    claim(stage.output)
     report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], report_dir=stage.output, ready_timeout=o["timeout"],
                     max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
                     gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS, pp=o["pp"], dp=o["dp"],

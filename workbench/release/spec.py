@@ -13,6 +13,7 @@ from ..checkpoint import parse_size
 from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
 from ..families import check_handled
+from ..safety import check_name, check_no_remote_code_flag, check_remote_code, inside
 from ..yamlfile import check_types, parse_mapping
 from ..engines import ENGINES
 
@@ -113,10 +114,14 @@ def load_release(file: Path, output: Path | None = None) -> Release:
         if key not in data:
             raise BadInput(f"{where}: missing key {key!r} ({TOP[key][1]})")
     here = file.parent
+    check_name(data["name"], f"{where}: name")
     base = _path(here, data["base"], f"{where}: base")
     if (base / "config.json").is_file():  # a missing base is reported where it is read
         check_handled(json.loads((base / "config.json").read_text()), f"{where}: base {base}")
     adapter = _path(here, data["adapter"], f"{where}: adapter") if data.get("adapter") else None
+    for folder in (base, adapter):
+        if folder is not None and folder.is_dir():
+            check_remote_code(folder)
     release = Release(
         file=file, text=text, name=data["name"], base=base, adapter=adapter,
         base_model=data.get("base_model") or base.name, license=data.get("license"),
@@ -125,12 +130,21 @@ def load_release(file: Path, output: Path | None = None) -> Release:
     defaults = _gates(data.get("gates"), (*QUANTIZE_GATES, *VERIFY_GATES), f"{where}: gates")
     _artifact_stages(release, data["artifacts"], defaults, here, where)
     _verify_stages(release, data.get("verify") or [], defaults, where)
+    check_contained(release)
     verified = {s.needs[0] for s in release.stages if s.kind == "verify"}
     for stage in release.artifacts:
         if stage.require == "served" and stage.id not in verified:
             raise BadInput(f"{where}: artifacts.{stage.id} must be served (the default) but no verify entry names it: "
                            "add one, or set `require: checked` with a `reason`")
     return release
+
+
+def check_contained(release: Release) -> None:
+    """Every output the release writes resolves (links followed) inside its output root; called again
+    right before a run, since links can change between loading and running."""
+    root = release.output
+    for where in (root / "reports", root / "reports" / "logs", *(s.output for s in release.stages)):
+        inside(root, where, f"{release.file.name}: output")
 
 
 def _artifact_stages(release: Release, artifacts: dict, defaults: dict, here: Path, where: str) -> None:
@@ -172,8 +186,9 @@ def _requirement(spec: dict, at: str) -> dict:
 
 def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types) -> Stage:
     at = f"{where}: artifacts.{artifact_id}"
-    if artifact_id in (SOURCE, UNMERGED) or not artifact_id.replace("-", "").replace("_", "").isalnum():
-        raise BadInput(f"{at}: ids are letters, digits, - and _ (and not {SOURCE!r} or {UNMERGED!r})")
+    check_name(artifact_id, f"{where}: artifact id")
+    if artifact_id in (SOURCE, UNMERGED):
+        raise BadInput(f"{at}: {SOURCE!r} and {UNMERGED!r} are reserved ids")
     if not isinstance(spec, dict):
         raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
     if "imatrix" in spec and "gguf" not in spec:
@@ -269,7 +284,8 @@ def _verify_stages(release: Release, entries: list, defaults: dict, where: str) 
         extra = entry.get("extra_args", [])
         if not all(isinstance(a, str) for a in extra):
             raise BadInput(f"{at}: extra_args must be a list of strings")
-        stage_id = entry.get("id") or f"verify-{target}-{engine}"
+        check_no_remote_code_flag(extra, f"{at}.extra_args")
+        stage_id = check_name(entry.get("id") or f"verify-{target}-{engine}", f"{at}: id")
         if stage_id in seen:
             raise BadInput(f"{at}: stage id {stage_id!r} is taken; give this entry its own id")
         seen.add(stage_id)

@@ -3,16 +3,15 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import read_json
 from ..engines import EngineSpec
 from ..errors import BadInput
+from ..safety import check_name, check_remote_code
 
 ADAPTER_CONFIG = "adapter_config.json"
-NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # init_lora_weights that change the base weights when peft loads the adapter (the engine never sees that)
 BASE_CHANGING_INITS = ("pissa", "olora", "loftq", "corda", "eva")
 
@@ -45,12 +44,12 @@ def parse_adapters(items: tuple[str, ...]) -> dict[str, Path]:
     adapters: dict[str, Path] = {}
     for item in items:
         name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
-        if not NAME.match(name):
-            raise BadInput(f"adapter name {name!r}: use letters, digits, '_', '.', '-'")
+        check_name(name, "adapter name")
         if name in adapters:
             raise BadInput(f"adapter name {name!r} given twice")
         if not (Path(path) / ADAPTER_CONFIG).is_file():
             raise BadInput(f"adapter {name}: no {ADAPTER_CONFIG} in {path}")
+        check_remote_code(Path(path))
         adapters[name] = Path(path).absolute()
     return adapters
 

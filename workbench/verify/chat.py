@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..safety import remote_code_trusted
 from .probes import CHAT_MESSAGES, PROMPTS, Check, Client
 
 MARK = "Q7xZ"  # an assistant reply that no template writes, to find what follows a turn
@@ -84,7 +85,7 @@ def load_tokenizer(source: Path):
             if (key := f"tokenizer.ggml.{role}_token_id") in fields:
                 setattr(tok, f"{role}_token", tok.convert_ids_to_tokens(int(fields[key].contents())))
         return tok
-    return AutoTokenizer.from_pretrained(source)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code_trusted())
 
 
 def chat_facts(tokenizer_source: Path | None, config: dict | None, generation_eos: tuple[int, ...] = (),

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
+from ..safety import remote_code_trusted
 from ..engines import EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, model_args, workbench_home
 
 HOST = "127.0.0.1"
@@ -116,6 +117,8 @@ class Server:
             argv += [s.max_len_flag, str(self.max_model_len)]
         if s.dtype_flag and self.dtype:
             argv += [s.dtype_flag, self.dtype]
+        if s.remote_code_flag and remote_code_trusted():
+            argv.append(s.remote_code_flag)
         defaults = [x for flag, value in zip(s.args[::2], s.args[1::2]) if flag not in self.extra_args for x in (flag, value)]
         return argv + defaults + self.cpu_args + list(self.extra_args)
 

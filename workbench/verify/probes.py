@@ -74,9 +74,10 @@ class Reference:
 
         from ..checkpoint import Checkpoint
         from ..runner import LayerRunner
+        from ..safety import remote_code_trusted
 
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
         compute = Checkpoint(model_dir).dtype if dtype == "auto" else getattr(torch, dtype)
         # an adapter is folded in on the fly in float32: peft's unmerged forward pass, as trained
         self.runner = LayerRunner(model_dir, adapter=adapter, dtype=compute, cancel=cancel)

@@ -7,7 +7,6 @@ not run (exit 4), e.g. a quantized artifact whose source model is not there to c
 from __future__ import annotations
 
 import contextlib
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,8 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version, gpu_only_refusal
+from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_code_trusted,
+                      remove_owned, usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..manifest import now, read_manifest
@@ -127,6 +128,7 @@ def verify(
     served unmerged beside the base ``artifact``, each compared with peft (base + that adapter)."""
     spec = ENGINES[engine]
     _check_engine_options(spec, pp, dp, adapters)
+    check_no_remote_code_flag(extra_args, "--extra-arg")
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
     kind = artifact_kind(artifact, spec, config)
@@ -159,8 +161,8 @@ def verify(
         "pp": pp, "dp": dp, "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
-    report_dir = Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute()
-    shutil.rmtree(report_dir / "logs", ignore_errors=True)
+    report_dir = _report_folder(Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute())
+    report["trust_remote_code"] = remote_code_trusted()
 
     served = {a.name: a.path for a in lora if not a.reasons}
     refused = [a for a in lora if a.reasons]
@@ -306,6 +308,18 @@ def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
         run["engine_error"] = cause
         for c in broken:
             c.detail = f"engine error: {cause} | {c.detail}"
+
+
+def _report_folder(folder: Path) -> Path:
+    """The report folder, made (or found) as the workbench's own; the previous run's engine logs go."""
+    usable_output_folder(folder, "report folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    if not owned(folder):
+        claim(folder)
+    remove_owned(inside(folder, folder / "logs", "report folder"), "engine log folder")
+    (folder / "logs").mkdir()
+    claim(folder / "logs")
+    return folder
 
 
 def _check_artifact(artifact: Path, spec: EngineSpec) -> dict | None:
