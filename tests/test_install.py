@@ -64,11 +64,31 @@ def test_installed_wheel_quantizes_converts_and_verifies(wheel_venv, llama, tmp_
     assert engines["llamacpp"]["installed"] and engines["llamacpp"]["version"] == "0.3.36"
 
 
-def test_engines_list_names_every_engine():
-    rows = {r["engine"]: r for r in json.loads(run("engines", "list", "--json").stdout)}
-    assert set(rows) == set(ENGINES)
-    for r in rows.values():
-        assert r["installed"] == (r["version"] is not None) and r["python"]
+def test_engines_list_says_what_is_installed_and_where_it_was_found(tmp_path, monkeypatch):
+    """An empty home has no engine; a finished-looking folder without an interpreter is not installed; an
+    interpreter named by the environment variable is found through it and asked for its version."""
+    real = ENGINES["llamacpp"].folder
+    from workbench.engines import managed_folder
+
+    llamacpp_python = managed_folder(ENGINES["llamacpp"]) / "bin" / "python"  # the engine scripts/setup.sh installed
+    monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
+    for spec in ENGINES.values():
+        monkeypatch.delenv(spec.python_env, raising=False)
+
+    def rows():
+        return {r["engine"]: r for r in json.loads(run("engines", "list", "--json").stdout)}
+
+    listed = rows()
+    assert sorted(listed) == ["llamacpp", "lmdeploy", "sglang", "vllm"]  # the four the README documents
+    assert [r["engine"] for r in listed.values() if r["installed"]] == []
+    assert {r["found_through"] for r in listed.values()} == {"this Python"}
+    (tmp_path / "engines" / real).mkdir(parents=True)
+    (tmp_path / "engines" / real / ".installed").touch()  # a marker, but no interpreter behind it
+    assert rows()["llamacpp"] == {**rows()["llamacpp"], "installed": False, "found_through": "workbench engines install"}
+    monkeypatch.setenv("WORKBENCH_LLAMACPP_PYTHON", str(llamacpp_python))
+    row = rows()["llamacpp"]
+    assert row["found_through"] == "$WORKBENCH_LLAMACPP_PYTHON" and row["python"] == str(llamacpp_python)
+    assert row["installed"] and row["version"] == "0.3.36", row
 
 
 def test_engine_install_that_fails_says_where_the_log_is(tmp_path, monkeypatch):

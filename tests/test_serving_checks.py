@@ -124,9 +124,9 @@ def test_pipeline_preflight_and_binding_cover_every_rank(llama):
     config = json.loads((llama / "config.json").read_text())
     assert preflight(config, [1], pp=4)[1] == []
     assert preflight(config, [1], pp=5)[1] == ["num_hidden_layers 4 is fewer than pp 5 pipeline stages"]
-    _, cpu_env, _ = launch_defaults(ENGINES["vllm"], Layout(1, 2, 1), (), {}, gpu=False)
-    assert cpu_env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 1
+    _, cpu_env, _ = launch_defaults(ENGINES["vllm"], Layout(1, 2, 1), (), {}, gpu=False, cpus=[0, 1, 2, 3])
+    assert cpu_env["VLLM_CPU_OMP_THREADS_BIND"] == "0,1|2,3"
     # SGLang binds TP ranks only: with pipeline stages it places them itself
-    _, cpu_env, _ = launch_defaults(ENGINES["sglang"], Layout(1, 2, 1), (), {}, gpu=False)
+    _, cpu_env, _ = launch_defaults(ENGINES["sglang"], Layout(1, 2, 1), (), {}, gpu=False, cpus=[0, 1])
     assert "SGLANG_CPU_OMP_THREADS_BIND" not in cpu_env and cpu_env["SGLANG_NCCL_SO_PATH"]
     assert_one_line_error(run("verify", llama, "--server", "llamacpp", "--pp", "2"), 2, "llamacpp has no pipeline parallelism")

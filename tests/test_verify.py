@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import assert_one_line_error, run
-from workbench.engines import ENGINES, has_cuda_gpu, multinode_commands, thread_binding, usable_cpus
+from workbench.engines import ENGINES, multinode_commands, thread_binding
 from workbench.errors import EnvironmentProblem
 from workbench.verify.launch import Server, first_error_line
 from workbench.verify.probes import stop_string
@@ -42,41 +42,44 @@ def stand_in_engine(tmp_path, body: str):
 # ---------------------------------------------------------------- command line, no engine
 
 def test_sglang_command_line_carries_its_cpu_settings_as_data():
-    server = Server(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096)
+    """The machine's facts are passed in: the same assertions hold on a GPU host and on this CPU."""
     argv = ["/usr/bin/python3", "-m", "sglang.launch_server", "--model-path", "/models/m", "--host", "127.0.0.1",
             "--port", "30000", "--tp", "2", "--context-length", "4096"]
-    if has_cuda_gpu():
-        assert server.argv() == argv
-    else:  # the KV-token cap, unless the user gives one
-        assert server.argv() == argv + ["--max-total-tokens", "65536"]
-        capped = Server(ENGINES["sglang"], "/m", python="/usr/bin/python3", extra_args=("--max-total-tokens", "999"))
-        assert capped.argv().count("--max-total-tokens") == 1 and capped.argv()[-1] == "999"
+    on_gpu = Server(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096, gpu=True)
+    assert on_gpu.argv() == argv and on_gpu.cpu_env == {}
+    on_cpu = Server(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096,
+                    gpu=False, cpus=[2, 3])
+    assert on_cpu.argv() == argv + ["--max-total-tokens", "65536"]  # the KV-token cap, unless the user gives one
+    assert on_cpu.cpu_env["SGLANG_CPU_OMP_THREADS_BIND"] == "2|3" and on_cpu.cpu_env["SGLANG_USE_CPU_ENGINE"] == "1"
+    capped = Server(ENGINES["sglang"], "/m", python="/usr/bin/python3", extra_args=("--max-total-tokens", "999"), gpu=False)
+    assert capped.argv().count("--max-total-tokens") == 1 and capped.argv()[-1] == "999"
 
 
 def test_vllm_command_line_and_tp_environment(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, extra_args=("--enforce-eager",))
+    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, extra_args=("--enforce-eager",),
+                    gpu=False, cpus=[4, 5, 6, 7])
     assert server.argv()[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host", "127.0.0.1",
                                  "--port", "8000", "--tensor-parallel-size", "2", "--enforce-eager"]
     env = server.environment()
-    cpus = usable_cpus()
-    assert env["VLLM_CPU_OMP_THREADS_BIND"] == thread_binding(2, cpus) and env["VLLM_HOST_IP"] == "127.0.0.1"
+    assert env["VLLM_CPU_OMP_THREADS_BIND"] == "4,5|6,7" and env["VLLM_HOST_IP"] == "127.0.0.1"
     assert server.cpu_env["VLLM_CPU_KVCACHE_SPACE"] == "1" and "VLLM_NO_USAGE_STATS" not in server.cpu_env
-    tp1 = Server(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3")
+    tp1 = Server(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3", gpu=False, cpus=[0, 1])
     assert "VLLM_CPU_OMP_THREADS_BIND" not in tp1.environment()
+    assert Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", gpu=True).cpu_env == {}
 
 
 def test_the_users_environment_and_flags_win(monkeypatch):
     """Engine defaults apply only where the user set nothing; the workbench records only what it added."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|0")
-    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3")
+    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", gpu=False, cpus=[0, 1])
     env = server.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0|0"
     assert "VLLM_CPU_KVCACHE_SPACE" not in server.applied_env and "VLLM_CPU_OMP_THREADS_BIND" not in server.applied_env
-    llama = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3")
-    assert llama.argv()[-2:] == ["--n_threads", str(len(usable_cpus()))]  # the CPUs this process may use, not "2"
+    llama = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", gpu=False, cpus=[3, 5, 7])
+    assert llama.argv()[-2:] == ["--n_threads", "3"]  # the CPUs this process may use, not the machine's count
     assert llama.argv()[-4:-2] == ["--interrupt_requests", "False"]  # concurrent streams are not cut
     mine = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3",
                   extra_args=("--n_threads", "7", "--interrupt_requests", "True"))

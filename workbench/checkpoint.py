@@ -295,9 +295,10 @@ def folder_file(folder: Path, name: str, what: str) -> Path:
 
 
 def side_files(folder: Path) -> list[str]:
-    """Every file of a folder that is not weights, config or manifest (tokenizer, templates, code, ...)."""
+    """Every file of a folder that is not weights, config or manifest (tokenizer, templates, code, ...);
+    each must resolve inside the folder, since its content is copied into outputs."""
     return sorted(
-        p.name
+        folder_file(folder, p.name, "file").name
         for p in folder.iterdir()
         if p.is_file() and p.name not in _NOT_SIDE_FILES and not _WEIGHT_FILE.match(p.name)
         and not p.name.startswith("adapter_")

@@ -308,9 +308,10 @@ class Layout:
 
 
 def launch_defaults(spec: EngineSpec, layout: Layout, extra_args: tuple[str, ...], environ: dict[str, str],
-                    gpu: bool) -> tuple[dict[str, str], dict[str, str], list[str]]:
+                    gpu: bool, cpus: list[int]) -> tuple[dict[str, str], dict[str, str], list[str]]:
     """(generic env, CPU-only env, CPU-only args) the workbench adds for a launch: each only where the user's
-    environment or arguments do not already set it."""
+    environment or arguments do not already set it. ``gpu`` and ``cpus`` are the machine's facts
+    (has_cuda_gpu(), usable_cpus()), passed in."""
     generic = {k: v for k, v in spec.env.items() if k not in environ}
     cpu_env: dict[str, str] = {}
     args: list[str] = []
@@ -320,14 +321,14 @@ def launch_defaults(spec: EngineSpec, layout: Layout, extra_args: tuple[str, ...
             cpu_env.update(spec.cpu_tp_env)
             sizes = {"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}
             if spec.thread_bind_env and all(axis in spec.bind_axes for axis, n in sizes.items() if n > 1):
-                cpu_env[spec.thread_bind_env] = thread_binding(layout.ranks, usable_cpus())
+                cpu_env[spec.thread_bind_env] = thread_binding(layout.ranks, cpus)
         cpu_env = {k: v for k, v in cpu_env.items() if k not in environ}
         given = set(extra_args)
         for flag, value in zip(spec.cpu_args[::2], spec.cpu_args[1::2]):
             if flag not in given:
                 args += [flag, value]
     if spec.threads_flag and spec.threads_flag not in extra_args:
-        args += [spec.threads_flag, str(len(usable_cpus()))]
+        args += [spec.threads_flag, str(len(cpus))]
     return generic, cpu_env, args
 
 

@@ -34,8 +34,8 @@ from ..verify.guard import set_parent_death_signal
 from ..engines import ENGINES, check_installed, engine_python
 from .imatrix import importance_matrix
 from ..quantize.recipe import Calibration
-from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
 from ..safety import remote_code_trusted
+from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
                           TOKENIZER_PROBES)
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
 from ..safety import remote_code_trusted
-from ..engines import EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, model_args, workbench_home
+from ..engines import (EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, model_args, usable_cpus,
+                       workbench_home)
 
 HOST = "127.0.0.1"
 GUARD = str(Path(__file__).with_name("guard.py"))
@@ -71,6 +72,7 @@ class Server:
         ready_timeout: float = 600.0,
         groups_file: Path | None = None,
         gpu: bool | None = None,
+        cpus: list[int] | None = None,
         pp: int = 1,
         dp: int = 1,
         adapters: dict[str, Path] | None = None,
@@ -91,7 +93,8 @@ class Server:
         self.ready_timeout = ready_timeout
         self.groups_file = groups_file
         gpu = has_cuda_gpu() if gpu is None else gpu  # False: add the settings a CPU-only machine needs
-        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, self.layout, self.extra_args, os.environ, gpu)
+        cpus = usable_cpus() if cpus is None else cpus
+        self.generic_env, self.cpu_env, self.cpu_args = launch_defaults(spec, self.layout, self.extra_args, os.environ, gpu, cpus)
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
         self.ready_offset = 0  # the log's size when the engine became ready: later errors come from the probes

@@ -131,6 +131,8 @@ def verify(
     check_no_remote_code_flag(extra_args, "--extra-arg")
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
+    report_dir = Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute()
+    usable_output_folder(report_dir, "report folder")
     kind = artifact_kind(artifact, spec, config)
     table = _preflight(spec, config, tps, marlin, pp)
     lora = _check_adapters(spec, adapters, config, kind)
@@ -161,7 +163,7 @@ def verify(
         "pp": pp, "dp": dp, "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
-    report_dir = _report_folder(Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute())
+    report_dir = _report_folder(report_dir)
     report["trust_remote_code"] = remote_code_trusted()
 
     served = {a.name: a.path for a in lora if not a.reasons}
@@ -312,7 +314,6 @@ def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
 
 def _report_folder(folder: Path) -> Path:
     """The report folder, made (or found) as the workbench's own; the previous run's engine logs go."""
-    usable_output_folder(folder, "report folder")
     folder.mkdir(parents=True, exist_ok=True)
     if not owned(folder):
         claim(folder)
