@@ -11,6 +11,7 @@
 """
 
 import errno
+import re
 import shutil
 from pathlib import Path
 
@@ -85,8 +86,6 @@ def out_of_memory(what: str, needed: int | None) -> OutOfMemory:
 
 def as_out_of_memory(exc: BaseException, what: str) -> OutOfMemory | None:
     """The OutOfMemory for a failed allocation (MemoryError, torch's CPU or CUDA allocator), else None."""
-    import re
-
     message = str(exc)
     if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         pass
@@ -97,12 +96,16 @@ def as_out_of_memory(exc: BaseException, what: str) -> OutOfMemory | None:
 
 
 MIB = 2**20
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
 def as_disk_full(exc: BaseException, target: Path | str, written: int | None = None) -> DiskFull | None:
     """The DiskFull for a write that hit ENOSPC/EDQUOT while making ``target`` (``written``: bytes it had
     reached), with the space left on that file system; None for any other error."""
-    if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)):
+    if not isinstance(exc, OSError):
+        return None
+    # numpy's tofile (gguf-py writes tensors with it) reports a short write without an errno
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not (exc.errno is None and _SHORT_WRITE.fullmatch(str(exc))):
         return None
     where = Path(getattr(exc, "filename", None) or target)
     while not where.exists() and where != where.parent:
