@@ -75,7 +75,7 @@ def write_release(tmp_path: Path, edit) -> Path:
     (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[5]: artifact 'awq' is not defined"),
     (lambda d: d["verify"].append({"artifact": "adapter", "engine": "llamacpp"}), "llamacpp does not serve adapters unmerged"),
     (lambda d: d["verify"][-1].update(dp=0), "dp must be a positive integer"),
-    (lambda d: d["artifacts"].update(adapter={"gguf": "f16"}), "(and not 'source' or 'adapter')"),
+    (lambda d: d["artifacts"].update(adapter={"gguf": "f16"}), "artifacts.adapter: 'source' and 'adapter' are reserved ids"),
     (lambda d: d["verify"].append({"artifact": "merged", "engine": "tgi"}), "unknown engine 'tgi'"),
     (lambda d: d["verify"].append({"artifact": "q8_0", "engine": "vllm"}), "vllm serves a model folder; 'q8_0' is a .gguf"),
     (lambda d: d["artifacts"]["fp8"]["quantize"].update(smaples=3), "artifacts.fp8.quantize: unknown key 'smaples'"),

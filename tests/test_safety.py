@@ -250,8 +250,9 @@ CASES = {
     "config trust_remote_code": (_remote_code("config.json", "trust_remote_code", True, CONVERT), 2, "(trust_remote_code)"),
     "tokenizer auto_map, quantize": (_remote_code("tokenizer_config.json", "auto_map", {"AutoTokenizer": ["tok.T", None]},
                                                   QUANTIZE), 2, "tokenizer_config.json asks to run code"),
-    "adapter auto_mapping, merge": (_remote_code("adapter_config.json", "auto_mapping", {"base_model_class": "Evil"}, MERGE), 2,
-                                    "adapter_config.json asks to run code"),
+    "adapter auto_mapping, merge": (_remote_code("adapter_config.json", "auto_mapping", {
+        "base_model_class": "EvilForCausalLM", "parent_library": "transformers_modules.evil.modeling_evil"}, MERGE), 2,
+        "adapter_config.json asks to run code"),
     "pickled base weights": (_pickled_base, 2, "holds only .bin weights"),
     "pickled adapter weights": (_pickled_adapter, 2, "adapter_model.bin exists"),
     "truncated shard": (_damaged_shard(lambda d: bytes(d[: len(d) // 2])), 2, "truncated safetensors file"),

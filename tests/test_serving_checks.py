@@ -72,7 +72,7 @@ def test_adapter_options_are_checked_before_anything_starts(llama, llama_lora, t
     assert_one_line_error(run("verify", llama, "--server", "llamacpp", "--adapter", f"ad={llama_lora}"), 2,
                           "llamacpp does not serve adapters unmerged")
     base = copy_of(llama, "base")
-    assert_one_line_error(run("verify", base, "--server", "vllm", "--adapter", f"a:b={llama_lora}"), 2, "adapter name 'a:b'")
+    assert_one_line_error(run("verify", base, "--server", "vllm", "--adapter", f"a:b={llama_lora}"), 2, "adapter name: 'a:b' is not a name")
 
 
 @pytest.mark.engine

@@ -30,10 +30,17 @@ NAME_RULE = "letters, digits, '.', '_' and '-', at most 128, not starting with '
 OWNED_MARKER = ".workbench-owned"  # written into a folder the workbench created; only such folders are removed
 LOCK_NAME = ".workbench-release.lock"
 
-# (file, key): a model, tokenizer or adapter folder that asks transformers, peft or an engine to import its code
-REMOTE_CODE_KEYS = (("config.json", "auto_map"), ("config.json", "trust_remote_code"),
-                    ("tokenizer_config.json", "auto_map"), ("tokenizer_config.json", "trust_remote_code"),
-                    ("adapter_config.json", "auto_mapping"))
+def _custom_base_class(auto_mapping) -> bool:
+    """peft records every base's class; only one outside transformers' own models is code from a folder
+    (transformers_modules.*, what trust_remote_code imports)."""
+    library = auto_mapping.get("parent_library", "") if isinstance(auto_mapping, dict) else ""
+    return bool(auto_mapping) and not str(library).startswith("transformers.models.")
+
+
+# (file, key, whether its value asks for code): a folder that asks transformers, peft or an engine to import its code
+REMOTE_CODE_KEYS = (("config.json", "auto_map", bool), ("config.json", "trust_remote_code", bool),
+                    ("tokenizer_config.json", "auto_map", bool), ("tokenizer_config.json", "trust_remote_code", bool),
+                    ("adapter_config.json", "auto_mapping", _custom_base_class))
 REMOTE_CODE_FLAG = "--trust-remote-code"
 
 # The one switch for this process, set by the command line's --trust-remote-code (worker threads read it
@@ -128,13 +135,13 @@ def remote_code_trusted() -> bool:
 
 def remote_code_request(folder: Path) -> tuple[Path, str] | None:
     """(file, key) of the first setting in ``folder`` that asks for its own code to run, or None."""
-    for name, key in REMOTE_CODE_KEYS:
+    for name, key, asks in REMOTE_CODE_KEYS:
         file = Path(folder) / name
         try:
             data = json.loads(file.read_text()) if file.is_file() else None
         except (OSError, ValueError):
             continue  # an unreadable file is reported by whoever reads it
-        if isinstance(data, dict) and data.get(key):
+        if isinstance(data, dict) and asks(data.get(key)):
             return file, key
     return None
 

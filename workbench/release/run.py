@@ -327,7 +327,7 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     result.seconds = round(time.perf_counter() - t0, 2)
     if result.error:
         lines.append(f"{now()} FAILED: {result.error}")
-    log_path.write_text("\n".join(lines) + "\n")
+    replace_file(log_path, "\n".join(lines) + "\n")  # a new file: never through a link planted at its name
     result.log = str(log_path)
     return result
 

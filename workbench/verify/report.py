@@ -6,13 +6,16 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from ..checkpoint import replace_file
+
 
 def write_reports(folder: Path, report: dict) -> dict[str, Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "report.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}
-    paths["json"].write_text(json.dumps(report, indent=2) + "\n")
-    paths["junit"].write_bytes(junit_xml(report))
-    paths["markdown"].write_text(markdown(report))
+    # each a new file renamed into place: never written through a link planted at its name
+    replace_file(paths["json"], json.dumps(report, indent=2) + "\n")
+    replace_file(paths["junit"], junit_xml(report))
+    replace_file(paths["markdown"], markdown(report))
     return paths
 
 

@@ -7,6 +7,7 @@ not run (exit 4), e.g. a quantized artifact whose source model is not there to c
 from __future__ import annotations
 
 import contextlib
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version, gpu_only_refusal
 from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_code_trusted,
-                      remove_owned, usable_output_folder)
+                      usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..manifest import now, read_manifest
@@ -317,9 +318,9 @@ def _report_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     if not owned(folder):
         claim(folder)
-    remove_owned(inside(folder, folder / "logs", "report folder"), "engine log folder")
-    (folder / "logs").mkdir()
-    claim(folder / "logs")
+    logs = inside(folder, folder / "logs", "report folder")  # a link planted there is refused
+    if logs.exists():
+        shutil.rmtree(logs)  # inside the workbench's own report folder
     return folder
 
 
