@@ -242,6 +242,31 @@ def test_sentencepiece_without_a_space_after_special_tokens_is_refused(copy_of, 
 
 @pytest.mark.slow
 @pytest.mark.engine
+def test_an_accepted_tokenizer_difference_is_written_recorded_and_known_to_verify(copy_of, tmp_path):
+    """The named way through the refusal above: the file is written, the texts and both splits are in its
+    manifest, and llama.cpp's tokenizer check reports the difference as known (skipped), not as a pass."""
+    model = copy_of(family_builder.ensure_family("mistral-v0.3"))
+    tok = json.loads((model / "tokenizer.json").read_text())
+    tok["normalizer"] = None
+    tok["pre_tokenizer"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": False}
+    (model / "tokenizer.json").write_text(json.dumps(tok))
+    out = tmp_path / "m.gguf"
+    result = run("convert", "gguf", model, "--outtype", "q8_0", "--out", out, "--accept-tokenizer-difference")
+    assert result.exit_code == 0 and "written as accepted, recorded in the manifest" in result.stderr, result.stderr
+    step = json.loads((tmp_path / "m.gguf.workbench.json").read_text())["steps"][-1]
+    assert step["options"]["accept_tokenizer_difference"] is True
+    first = step["tokenizer_differences"][0]
+    assert first["text"] == "</s>Hello 12" and first["transformers"][1] != first["llamacpp"][1]
+    assert first["llamacpp"][0][1].startswith("\u2581") and not first["transformers"][0][1].startswith("\u2581")
+    verified = run("verify", out, "--server", "llamacpp", "--reference", model, *FAMILY_VERIFY, "--report", tmp_path / "r")
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    assert checks["tokenizer"]["status"] == "skipped", checks
+    assert checks["tokenizer"]["detail"].startswith("known difference, accepted at conversion"), checks["tokenizer"]
+    assert verified.exit_code in (0, 1), verified.stderr  # the other checks judge the model as usual
+
+
+@pytest.mark.slow
+@pytest.mark.engine
 @pytest.mark.parametrize("label, bounds", [("F16", {"max_rel_error": 2e-2, "top1_agreement": 0.98}),
                                            ("Q8_0", {"mean_kl": 5e-3, "top1_agreement": 0.95}),
                                            ("Q4_K_M", {"mean_kl": 0.1, "top1_agreement": 0.85})])

@@ -243,11 +243,14 @@ def convert():
               help="Convert this peft LoRA adapter of MODEL to a llama.cpp LoRA GGUF instead (outtype f32/f16/bf16).")
 @click.option("--llamacpp-python", help="Interpreter with llama-cpp-python, for the llama.cpp quantize types. "
               "Default: $WORKBENCH_LLAMACPP_PYTHON, else the one scripts/setup.sh installed.")
+@click.option("--accept-tokenizer-difference", is_flag=True,
+              help="Write the file even when llama.cpp tokenizes a probe text otherwise than transformers (refused by "
+                   "default); the texts and both splits go into the manifest, and verify reports that difference as known.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @_trust_remote_code
 def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_data, imatrix_samples, imatrix_seq_len,
-                 as_json, quiet):
+                 accept_tokenizer_difference, as_json, quiet):
     """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, or with
     --adapter a LoRA adapter of it to a llama.cpp LoRA GGUF.
 
@@ -270,7 +273,8 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     bar, on_tensor = _progress(not quiet and not as_json, "converting")
     with bar:
         imatrix = Calibration(imatrix_data, samples=imatrix_samples, seq_len=imatrix_seq_len) if imatrix_data else None
-        steps = run_convert(model, types, out, force, llamacpp_python, on_tensor, say, imatrix=imatrix)
+        steps = run_convert(model, types, out, force, llamacpp_python, on_tensor, say, imatrix=imatrix,
+                            accept_tokenizer_difference=accept_tokenizer_difference)
     if as_json:
         click.echo(json.dumps(steps, indent=2))
     elif not quiet:

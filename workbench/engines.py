@@ -65,6 +65,7 @@ class EngineSpec:
     cpu_requirements: tuple[tuple[str, ...], ...] = ()
     gpu_only: str = ""  # the engine's own error on a machine without an NVIDIA GPU (measured); verify refuses there
     remove_after_install: tuple[str, ...] = ()
+    build_env: dict[str, str] = field(default_factory=dict)  # pip's environment when it builds the engine from source
     dtype_flag: str | None = None
     env: dict[str, str] = field(default_factory=dict)  # defaults on every machine
     args: tuple[str, ...] = ()  # flags added on every machine, unless the user gave them
@@ -172,9 +173,14 @@ ENGINES: dict[str, EngineSpec] = {
         default_max_len=2048,  # llama_cpp.server's n_ctx default
         ready_path="/v1/models",
         python_env="WORKBENCH_LLAMACPP_PYTHON",
-        folder="llama-cpp-python-0.3.36",
-        # compiled from the sdist for this CPU: ~12 minutes on 2 cores the first time, then pip's wheel cache
-        requirements=("llama-cpp-python[server]==0.3.36",),
+        folder="llama-cpp-python-0.3.36-noamx",
+        # compiled from the sdist for this CPU (-march=native): ~12 minutes on 2 cores; no pip cache, which would
+        # hand back a wheel built with other flags
+        requirements=("--no-cache-dir", "llama-cpp-python[server]==0.3.36"),
+        # without llama.cpp's AMX kernels: on an AMX machine here its Q8_0 matmul died with SIGSEGV in
+        # ggml_backend_amx_mul_mat (explicit -mno-* flags win over -march=native in gcc)
+        # (CMake starts its C and C++ flags from these)
+        build_env={flags: "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for flags in ("CFLAGS", "CXXFLAGS")},
         user_command="python -m llama_cpp.server --model {model}",
         threads_flag="--n_threads",
         # by default a new request interrupts a streaming one, which then ends early: concurrent clients
@@ -346,7 +352,7 @@ def install(spec: EngineSpec, on_line=lambda line: None, python: str | None = No
     log_path = folder.with_name(folder.name + ".install.log")
     if spec.cpu_requirements and not has_cuda_gpu():
         on_line(f"{spec.name}: no NVIDIA GPU, so only its command-line parser is installed ({gpu_only_refusal(spec)})")
-    on_line(f"{spec.name}: installing {' '.join(spec.requirements)} into {folder} (log {log_path})")
+    on_line(f"{spec.name}: installing {' '.join(r for r in spec.requirements if not r.startswith('-'))} into {folder} (log {log_path})")
     pip = str(folder / "bin" / "pip")
     pip_steps = spec.cpu_requirements if spec.cpu_requirements and not has_cuda_gpu() else (spec.requirements,)
     steps = [
@@ -359,7 +365,8 @@ def install(spec: EngineSpec, on_line=lambda line: None, python: str | None = No
         for argv in steps:
             log.write(f"$ {' '.join(argv)}\n")
             log.flush()
-            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            code = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  env={**os.environ, **spec.build_env}).returncode
             if code != 0 and "uninstall" not in argv:
                 raise EnvironmentProblem(f"installing {spec.name} failed at `{' '.join(argv[:3])} ...` (exit {code}); log {log_path}")
     (folder / INSTALLED_MARKER).touch()

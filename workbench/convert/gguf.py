@@ -100,6 +100,8 @@ class Plan:
     tensors: list[Tensor]
     hparams: dict
     vocab: Vocab
+    # write the file even when llama.cpp tokenizes a probe text otherwise than transformers (recorded)
+    accept_tokenizer_difference: bool = False
 
     @property
     def warnings(self) -> list[str]:
@@ -485,10 +487,11 @@ print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=special) for t
 """
 
 
-def prove_tokenizer(plan: Plan, path: Path, python: str) -> None:
-    """Keep a file whose tokenizer llama.cpp does not know to be transformers' (an unnamed pre-tokenizer split,
-    written as its default; a SentencePiece model, which transformers runs as its own conversion) only if
-    llama.cpp tokenizes the probe texts (code, prose, digits, unicode, whitespace runs) exactly as transformers."""
+def prove_tokenizer(plan: Plan, path: Path, python: str) -> list[dict]:
+    """How llama.cpp's reading of a file's tokenizer differs from transformers on the probe texts (code, prose,
+    digits, unicode, whitespace runs, text after a special token), for a tokenizer llama.cpp does not know to
+    be transformers' (an unnamed pre-tokenizer split, written as its default; a SentencePiece model, which
+    transformers runs as its own conversion): one entry per text split otherwise, empty when none is."""
     from transformers import AutoTokenizer
 
     check_installed(ENGINES["llamacpp"], python)
@@ -501,13 +504,27 @@ def prove_tokenizer(plan: Plan, path: Path, python: str) -> None:
     if done.returncode != 0:
         raise EnvironmentProblem(f"llama.cpp could not read the written GGUF's tokenizer: {done.stderr.strip()[-300:]}")
     theirs = json.loads(done.stdout.strip().splitlines()[-1])
-    kind = ("SentencePiece" if plan.vocab.model == "llama" else
-            f"byte-level BPE with an unnamed split pattern, written as {plan.vocab.pre!r},")
+    differences = []
     for (text, _), got in zip(probes, theirs):
         expected = hf(text, add_special_tokens=False).input_ids
         if got != expected:
-            raise BadInput(f"llama.cpp's tokenizer for this {kind} tokenizer splits {text[:30]!r} differently from "
-                           f"transformers ({len(got)} tokens vs {len(expected)}): not converted")
+            differences.append({"text": text, "transformers": [hf.convert_ids_to_tokens(expected), expected],
+                                "llamacpp": [hf.convert_ids_to_tokens(got), got]})
+    return differences
+
+
+def _tokenizer_verdict(plan: Plan, differences: list[dict], on_event) -> None:
+    """Refuse a file whose tokenizer llama.cpp splits otherwise, unless the user accepted that (then warn)."""
+    if not differences:
+        return
+    first = differences[0]
+    kind = ("SentencePiece" if plan.vocab.model == "llama" else
+            f"byte-level BPE with an unnamed split pattern, written as {plan.vocab.pre!r},")
+    line = (f"llama.cpp's tokenizer for this {kind} tokenizer splits {first['text'][:30]!r} differently from "
+            f"transformers ({len(first['llamacpp'][1])} tokens vs {len(first['transformers'][1])})")
+    if not plan.accept_tokenizer_difference:
+        raise BadInput(f"{line}: not converted (--accept-tokenizer-difference writes it and records the difference)")
+    on_event(f"warning: {line} and on {len(differences) - 1} more probe text(s); written as accepted, recorded in the manifest")
 
 
 def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int, imatrix: dict | None = None) -> None:
@@ -537,11 +554,15 @@ def convert_gguf(
     on_event: Callable[[str], None] = lambda message: None,
     record: dict | None = None,
     imatrix: Calibration | None = None,
+    accept_tokenizer_difference: bool = False,
 ) -> list[dict]:
     """Write one GGUF per outtype; returns one manifest step per file (``record``'s fields added to each).
-    ``imatrix``: compute llama.cpp's importance matrix on this calibration text for its quantize types."""
+    ``imatrix``: compute llama.cpp's importance matrix on this calibration text for its quantize types.
+    ``accept_tokenizer_difference``: write a file whose tokenizer llama.cpp splits otherwise than
+    transformers, recording the texts and both splits in its manifest."""
     model_dir = Path(model_dir)
     plan = plan_conversion(model_dir)
+    plan.accept_tokenizer_difference = accept_tokenizer_difference
     paths = output_paths(model_dir, outtypes, out)
     check_imatrix_use(outtypes, imatrix)
     if imatrix is not None and any(t.experts for t in plan.tensors):
@@ -579,18 +600,22 @@ def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_di
                  imatrix_calibration) -> None:
     imatrix_options = None
     unproven = [not plan.vocab.proven]
+    differences: list[dict] = []  # texts llama.cpp tokenizes otherwise than transformers (accepted by the user)
 
     def record(outtype: str, path: Path, content: Path, t0: float, started: str, sha256: str) -> None:
         """The sidecar manifest, written before the file is renamed into place (see write_file_manifest);
         the first file written proves an unnamed pre-tokenizer first (a failure leaves nothing)."""
         if unproven[0]:
-            prove_tokenizer(plan, content, python)
+            differences.extend(prove_tokenizer(plan, content, python))
+            _tokenizer_verdict(plan, differences, on_event)
             unproven[0] = False
         used = imatrix_options if not OUTTYPES[outtype].direct else None
+        accepted = {"accept_tokenizer_difference": True} if plan.accept_tokenizer_difference else {}
         step = {
             "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
             "inputs": {"model": input_digest.result()},
-            "options": {"outtype": outtype, "out": str(path), **({"imatrix": used} if used else {})},
+            "options": {"outtype": outtype, "out": str(path), **({"imatrix": used} if used else {}), **accepted},
+            **({"tokenizer_differences": differences} if differences else {}),
             "versions": tool_versions(),
             "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
                         "tokenizer": plan.vocab.model, "pre_tokenizer": plan.vocab.pre, **quant_census(content, OUTTYPES[outtype].label)},

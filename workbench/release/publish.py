@@ -205,11 +205,25 @@ def _quality_lines(stage: Stage, quality: dict) -> list[str]:
         fallbacks = quality.get("fallback_tensors", 0)
         return [f"Read back from the file: {quality['bits_per_weight']:.2f} bits per weight over all tensors; "
                 + (f"{fallbacks} matrices stored in another type (rows not a multiple of the type's block: "
-                   "listed in workbench.json)." if fallbacks else "every matrix in the file type's own types.")]
+                   "listed in workbench.json)." if fallbacks else "every matrix in the file type's own types."),
+                *_tokenizer_difference_lines(stage)]
     if stage.kind == "merge" and "self_check_max_rel_error" in quality:
         return [f"Merge self-check: {quality['self_check_modules']} modules, largest relative error "
                 f"{quality['self_check_max_rel_error']:.2e} of the written weights against W·x + s·B(A·x)."]
     return []
+
+
+def _tokenizer_difference_lines(stage: Stage) -> list[str]:
+    """A known tokenizer difference the release accepted, as the conversion recorded it."""
+    differences = ((read_manifest(stage.output) or {}).get("steps") or [{}])[-1].get("tokenizer_differences") or []
+    if not differences:
+        return []
+    lines = ["", f"Known tokenizer difference (accepted with `accept_tokenizer_difference`): llama.cpp splits "
+                 f"{len(differences)} probe text(s) otherwise than transformers:", "",
+             "| text | transformers | llama.cpp |", "|---|---|---|"]
+    for d in differences:
+        lines.append(f"| `{d['text']!r}` | {' '.join(d['transformers'][0])} | {' '.join(d['llamacpp'][0])} |")
+    return lines
 
 
 def _verification_lines(info: dict, model_name: str) -> list[str]:

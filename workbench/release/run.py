@@ -397,7 +397,8 @@ def _run_gguf(release, stage, key, event, progress) -> None:
 
     data = stage.options.get("imatrix")
     convert_gguf(_input_path(release, stage.needs[0]), [stage.options["outtype"]], stage.output, True, None, progress, event,
-                 _record(release, stage, key), imatrix=replace(DEFAULT_CALIBRATION, data=data) if data else None)
+                 _record(release, stage, key), imatrix=replace(DEFAULT_CALIBRATION, data=data) if data else None,
+                 accept_tokenizer_difference=stage.options.get("accept_tokenizer_difference", False))
 
 
 def _run_verify(release, stage, key, event, progress) -> None:

@@ -34,7 +34,7 @@ TOP = {
     "verify": ((list,), "verify matrix"),
 }
 ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "imatrix": (str,), "require": (str,),
-            "reason": (str,)}
+            "reason": (str,), "accept_tokenizer_difference": (bool,)}
 # what an artifact must end as for the release to pass: served (an engine loaded it and every check passed)
 # or checked (built and quality-gated; the reason it is not served is stated)
 REQUIREMENTS = ("served", "checked")
@@ -191,8 +191,9 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         raise BadInput(f"{at}: {SOURCE!r} and {UNMERGED!r} are reserved ids")
     if not isinstance(spec, dict):
         raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
-    if "imatrix" in spec and "gguf" not in spec:
-        raise BadInput(f"{at}: imatrix goes with gguf")
+    for key in ("imatrix", "accept_tokenizer_difference"):
+        if key in spec and "gguf" not in spec:
+            raise BadInput(f"{at}: {key} goes with gguf")
     check_types(spec, ARTIFACT, at)
     kinds = [k for k in ("merge", "quantize", "gguf") if k in spec]
     if len(kinds) != 1:
@@ -249,7 +250,9 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         raise BadInput(f"{at}: llama.cpp makes {OUTTYPES[outtype].label} only with an importance matrix: add imatrix: default")
     if imatrix and OUTTYPES[outtype].direct:
         raise BadInput(f"{at}: imatrix applies to llama.cpp's quantize types, not to {OUTTYPES[outtype].label}")
-    return Stage(artifact_id, "gguf", (source,), {"outtype": outtype, **({"imatrix": imatrix} if imatrix else {})}, path)
+    options = {"outtype": outtype, **({"imatrix": imatrix} if imatrix else {}),
+               **({"accept_tokenizer_difference": True} if spec.get("accept_tokenizer_difference") else {})}
+    return Stage(artifact_id, "gguf", (source,), options, path)
 
 
 def _verify_stages(release: Release, entries: list, defaults: dict, where: str) -> None:

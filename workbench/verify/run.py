@@ -379,12 +379,14 @@ def _chat_facts(artifact: Path, spec: EngineSpec, config: dict | None, reference
     if spec.artifact != "gguf":
         return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
     stops, config = _gguf_stops(artifact), config or _config_of(reference)
+    known = tuple(d["text"] for d in ((read_manifest(artifact) or {}).get("steps") or [{}])[-1].get("tokenizer_differences", []))
     if reference is not None and (reference / "tokenizer.json").is_file():
-        return chat_facts(reference, config, gguf_stops=stops)
+        return replace(chat_facts(reference, config, gguf_stops=stops), known_differences=known)
     try:
-        return chat_facts(artifact, config, gguf_stops=stops)
+        facts = chat_facts(artifact, config, gguf_stops=stops)
     except Exception:  # noqa: BLE001 - transformers reads the tokenizer of some GGUF architectures only
-        return chat_facts(reference, config, gguf_stops=stops)
+        facts = chat_facts(reference, config, gguf_stops=stops)
+    return replace(facts, known_differences=known)
 
 
 def _config_of(folder: Path | None) -> dict:
