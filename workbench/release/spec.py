@@ -35,9 +35,10 @@ TOP = {
 }
 ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "imatrix": (str,), "require": (str,),
             "reason": (str,), "accept_tokenizer_difference": (bool,)}
-# what an artifact must end as for the release to pass: served (an engine loaded it and every check passed)
-# or checked (built and quality-gated; the reason it is not served is stated)
-REQUIREMENTS = ("served", "checked")
+# what an artifact must end as for the release to pass: served (an engine loaded it and every check passed),
+# served-native (served with the engine's own kernels, not the workbench's reference kernels for a format the
+# engine's CPU build cannot compute) or checked (built and quality-gated; the reason it is not served is stated)
+REQUIREMENTS = ("served", "served-native", "checked")
 MERGE = {"dtype": (str,), "max_shard_size": (str, int), "base_quant": (str,), "double_quant": (bool,)}
 MERGE_BASE_QUANTS = ("auto", "none", "nf4", "fp4")
 MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -133,7 +134,7 @@ def load_release(file: Path, output: Path | None = None) -> Release:
     check_contained(release)
     verified = {s.needs[0] for s in release.stages if s.kind == "verify"}
     for stage in release.artifacts:
-        if stage.require == "served" and stage.id not in verified:
+        if stage.require != "checked" and stage.id not in verified:
             raise BadInput(f"{where}: artifacts.{stage.id} must be served (the default) but no verify entry names it: "
                            "add one, or set `require: checked` with a `reason`")
     return release
@@ -179,7 +180,7 @@ def _requirement(spec: dict, at: str) -> dict:
     reason = spec.get("reason")
     if require == "checked" and not (reason or "").strip():
         raise BadInput(f"{at}: `require: checked` needs a `reason` (why it is not served)")
-    if require == "served" and reason:
+    if require != "checked" and reason:
         raise BadInput(f"{at}: `reason` goes with `require: checked`")
     return {"require": require, "reason": reason}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
 from ..safety import remote_code_trusted
-from ..engines import (EngineSpec, Layout, engine_python, has_cuda_gpu, launch_defaults, model_args, usable_cpus,
+from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args, usable_cpus,
                        workbench_home)
 
 HOST = "127.0.0.1"
@@ -31,6 +31,22 @@ GUARD_RECORD_ENV = "WORKBENCH_GUARD_RECORD"  # a file the guard appends its proc
 _PREFIX = re.compile(r"^(?:\(\w+(?: pid=\d+)?\)\s*|\[rank\d+\]:\s*|(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:]+ \[[^\]]*\]\s*"
                      r"|\[\d{4}-\d\d-\d\d [\d:]+[^\]]*\]\s*)+")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b:?( .*)?$")
+
+
+PLUGINS = Path(__file__).resolve().parents[1] / "engine_plugins"
+
+
+def plugin_folder(kernels: ReferenceKernels) -> str:
+    """A private folder, for the engine's PYTHONPATH, holding the plugin module and the minimal distribution
+    metadata (a .dist-info with its entry point) that importlib.metadata discovers in every engine process;
+    the engine's own environment is not changed."""
+    folder = Path(tempfile.mkdtemp(prefix="wb-plugin-"))
+    shutil.copy2(PLUGINS / f"{kernels.module}.py", folder / f"{kernels.module}.py")
+    info = folder / f"workbench_{kernels.module}-0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: workbench-{kernels.module}\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(f"[{kernels.entry_point_group}]\nworkbench_{kernels.module} = {kernels.module}:register\n")
+    return str(folder)
 
 
 def free_port(highest: int = 65535) -> int:
@@ -77,6 +93,7 @@ class Server:
         dp: int = 1,
         adapters: dict[str, Path] | None = None,
         lora_rank: int | None = None,
+        reference_kernels: ReferenceKernels | None = None,
     ):
         self.spec = spec
         self.model = Path(model)
@@ -99,6 +116,10 @@ class Server:
         self.startup_seconds: float | None = None
         self.ready_offset = 0  # the log's size when the engine became ready: later errors come from the probes
         self._socket_dir: str | None = None
+        self.reference_kernels = reference_kernels  # loaded into the engine through its plugin entry points
+        self._plugin_dir: str | None = None
+        if reference_kernels:
+            self.generic_env.update({k: v for k, v in reference_kernels.env.items() if k not in os.environ})
 
     @property
     def url(self) -> str:
@@ -140,6 +161,9 @@ class Server:
         if self.spec.socket_dir_env:
             self._socket_dir = tempfile.mkdtemp(prefix=f"wb-{self.spec.name}-")
             env[self.spec.socket_dir_env] = self._socket_dir
+        if self.reference_kernels:
+            self._plugin_dir = plugin_folder(self.reference_kernels)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (self._plugin_dir, env.get("PYTHONPATH")) if p)
         return env
 
     def __enter__(self) -> "Server":
@@ -213,9 +237,10 @@ class Server:
         """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace`` seconds."""
         if self.proc is not None:
             self._kill_group(grace)
-        if self._socket_dir:
-            shutil.rmtree(self._socket_dir, ignore_errors=True)
-            self._socket_dir = None
+        for folder in (self._socket_dir, self._plugin_dir):
+            if folder:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._socket_dir = self._plugin_dir = None
 
     def _kill_group(self, grace: float) -> None:
         try:

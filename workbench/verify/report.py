@@ -44,7 +44,7 @@ def junit_xml(report: dict) -> bytes:
 
 def markdown(report: dict) -> str:
     lines = [f"## workbench verify: {report['verdict'].upper()}", "", f"- artifact: `{report['artifact']}` ({report['kind']})",
-             f"- engine: {report['engine']} {report.get('engine_version') or ''}",
+             f"- engine: {report['engine']} {report.get('engine_version') or ''}; kernels: {report.get('kernels', 'native')}",
              "- reference: " + (f"`{report['reference']}`" if report.get("reference") else report.get("reference_note") or "none"), ""]
     if report.get("preflight"):
         lines += ["| TP | preflight |", "|---|---|"]

