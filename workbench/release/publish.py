@@ -73,7 +73,7 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
 
 def _kernels(verifications: list[dict]) -> str:
     """native when every engine ran the artifact with its own kernels, else reference."""
-    return "reference" if any(v["kernels"] != "native" for v in verifications) else "native"
+    return "reference" if any(v["kernels"].startswith("reference") for v in verifications) else "native"
 
 
 def meets_requirement(require: str, state: str, kernels: str) -> bool:
@@ -93,7 +93,7 @@ def artifact_state(stage: Stage, entry: dict, verify_entries: list[dict], verifi
     passed = {v["stage"] for v in verifications if v["verdict"] == "passed"}
     if verify_entries and passed == {e["id"] for e in verify_entries}:
         return "served", "served by " + "; ".join(f"{v['engine']} tp={','.join(str(r['tp']) for r in v['runs'])}"
-                                                  + (" with the workbench's reference kernels" if v["kernels"] != "native" else "")
+                                                  + (" with the workbench's reference kernels" if v["kernels"].startswith("reference") else "")
                                                   for v in verifications)
     if not verify_entries:
         return "checked", stage.reason or "no verify entry names it"

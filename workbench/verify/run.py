@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
-from ..engines import (ENGINES, EngineSpec, ReferenceKernels, check_installed, engine_python, engine_version, gpu_only_refusal,
-                       has_cuda_gpu)
+from ..engines import (CPU_FEATURES, ENGINES, EngineSpec, ReferenceKernels, check_installed, cpu_features, engine_python,
+                       engine_version, gpu_only_refusal, has_cuda_gpu)
 from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_code_trusted,
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
@@ -157,7 +157,11 @@ def verify(
     if max_tokens:
         probing = replace(probing, max_tokens=max_tokens)
     facts = _chat_facts(artifact, spec, config, reference)
+    gpu, features = has_cuda_gpu(), cpu_features()
+    kernels = reference_kernels(spec, config, gpu)
     report = {
+        "kernels": f"reference: {kernels.label}" if kernels else native_kernels(spec, config, gpu, features),
+        "cpu_features": features, "trust_remote_code": remote_code_trusted(),
         "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": kind, "dtype": dtype,
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
@@ -166,9 +170,6 @@ def verify(
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
     report_dir = _report_folder(report_dir)
-    report["trust_remote_code"] = remote_code_trusted()
-    kernels = reference_kernels(spec, config, has_cuda_gpu())
-    report["kernels"] = f"reference: {kernels.label}" if kernels else "native"
     if kernels:
         on_event(f"{spec.name} serves {config['quantization_config']['quant_method']} here with reference kernels: {kernels.label}")
 
@@ -317,6 +318,19 @@ def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
         run["engine_error"] = cause
         for c in broken:
             c.detail = f"engine error: {cause} | {c.detail}"
+
+
+def native_kernels(spec: EngineSpec, config: dict | None, gpu: bool, features: list[str]) -> str:
+    """"native", naming the CPU kernel and the instruction sets it runs on where the engine's CPU kernel for this
+    format needs one; a CPU without it is refused before the engine starts (exit 3, a missing resource)."""
+    method = quant_of(config or {}).method
+    if gpu or method not in spec.cpu_kernels:
+        return "native"
+    flag, kernel = spec.cpu_kernels[method]
+    if flag not in features:
+        raise EnvironmentProblem(f"{spec.name} computes {method} on a CPU with {kernel}, built for {flag} only; this CPU "
+                                 f"has {', '.join(features) or 'none of ' + ', '.join(CPU_FEATURES)}")
+    return f"native: {kernel} on {', '.join(features)}"
 
 
 def reference_kernels(spec: EngineSpec, config: dict | None, gpu: bool) -> ReferenceKernels | None:
