@@ -77,7 +77,11 @@ def register() -> None:
 
     if not current_platform.is_cpu():
         return
-    if len(torch.ops._C.static_scaled_fp8_quant.default._schema.arguments) == 0:
+    try:
+        stub = len(torch.ops._C.static_scaled_fp8_quant.default._schema.arguments) == 0
+    except (AttributeError, RuntimeError):  # a CPU build without the op at all
+        stub = True
+    if stub:
         ops.scaled_fp8_quant = scaled_fp8_quant
     from vllm.model_executor.kernels.linear.scaled_mm.pytorch import PerTensorTorchFP8ScaledMMLinearKernel
 
