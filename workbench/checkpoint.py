@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 
 from .errors import BadInput, as_disk_full
-from .safety import OWNED_MARKER, check_remote_code, claim, inside, member, owned
+from .safety import OWNED_MARKER, check_remote_code, claim, folder_file, owned
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
@@ -281,17 +281,6 @@ class Checkpoint:
 
     def side_files(self) -> list[str]:
         return side_files(self.path)
-
-
-def folder_file(folder: Path, name: str, what: str) -> Path:
-    """A file a model folder names, which must resolve inside it. The one exception is Hugging Face's cache:
-    a snapshot folder (``<repo>/snapshots/<revision>``) links its files into ``<repo>/blobs``."""
-    folder = Path(folder)
-    if folder.parent.name == "snapshots" and ".." not in Path(name).parts and not Path(name).is_absolute():
-        blobs = folder.parent.parent / "blobs"
-        if (folder / name).is_symlink() and blobs.resolve() in (folder / name).resolve().parents:
-            return folder / name
-    return member(folder, name, f"{folder}: {what} {name!r}")
 
 
 def side_files(folder: Path) -> list[str]:
@@ -588,9 +577,8 @@ def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
             (tmp / OWNED_MARKER).unlink()
         _rename_into_place(tmp, final, force)
     except BaseException as exc:
-        written = _size(tmp)
+        full = as_disk_full(exc, final, _size(tmp)) if isinstance(exc, OSError) else None  # measured before removal
         _remove(tmp)
-        full = as_disk_full(exc, final, written)
         if full is not None:
             raise full from None
         raise

@@ -99,26 +99,27 @@ MIB = 2**20
 _SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")
 
 
-def as_disk_full(exc: BaseException, target: Path | str, written: int | None = None) -> DiskFull | None:
-    """The DiskFull for a write that hit ENOSPC/EDQUOT while making ``target`` (``written``: bytes it had
-    reached), with the space left on that file system; None for any other error."""
+def as_disk_full(exc: BaseException, target: Path | str | None, written: int | None = None) -> DiskFull | None:
+    """The DiskFull for a write that hit ENOSPC/EDQUOT while making ``target`` (None: not known; ``written``:
+    bytes it had reached), with the space left on that file system; None for any other error."""
     if not isinstance(exc, OSError):
         return None
     # numpy's tofile (gguf-py writes tensors with it) reports a short write without an errno
     if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not (exc.errno is None and _SHORT_WRITE.fullmatch(str(exc))):
         return None
-    where = Path(getattr(exc, "filename", None) or target)
+    target = target or getattr(exc, "filename", None)
+    where = Path(target or Path.cwd())
     while not where.exists() and where != where.parent:
         where = where.parent
     usage = shutil.disk_usage(where)
     reached = f"{written / MIB:.1f} MiB written, " if written is not None else ""
-    return DiskFull(f"no space left on device writing {target}: {reached}{usage.free / MIB:.1f} MiB free of "
-                    f"{usage.total / MIB:.1f} MiB on that file system; nothing was kept")
+    return DiskFull(f"no space left on device{f' writing {target}' if target else ''}: {reached}"
+                    f"{usage.free / MIB:.1f} MiB free of {usage.total / MIB:.1f} MiB on that file system; nothing was kept")
 
 
 def as_resource_error(exc: BaseException, what: str) -> EnvironmentProblem | None:
     """Memory or disk space running out, as the missing-resource error with its figures; else None."""
-    return as_out_of_memory(exc, what) or as_disk_full(exc, getattr(exc, "filename", None) or Path.cwd())
+    return as_out_of_memory(exc, what) or as_disk_full(exc, None)
 
 
 def check_fits(what: str, needed: int) -> None:

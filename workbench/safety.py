@@ -5,7 +5,8 @@
 - Every path the workbench writes, renames or deletes is resolved (symbolic links followed) and must lie
   inside the folder the user named for output.
 - A file a checkpoint names (an index entry, a side file copied into the output) must resolve inside the
-  checkpoint's folder: a link or an entry like ``../other/model.safetensors`` is refused.
+  checkpoint's folder: a link or an entry like ``../other/model.safetensors`` is refused (except a Hugging
+  Face cache snapshot's links into its own blobs).
 - A folder is deleted whole only when it carries the marker the workbench writes into the folders it
   creates (an output whose name a release file chose may already hold someone's files).
 - Code shipped in a model or adapter folder (``auto_map``, ``trust_remote_code``) runs only when the user
@@ -29,6 +30,7 @@ NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 NAME_RULE = "letters, digits, '.', '_' and '-', at most 128, not starting with '.' or '-'"
 OWNED_MARKER = ".workbench-owned"  # written into a folder the workbench created; only such folders are removed
 LOCK_NAME = ".workbench-release.lock"
+
 
 def _custom_base_class(auto_mapping) -> bool:
     """peft records every base's class; only one outside transformers' own models is code from a folder
@@ -64,10 +66,17 @@ def inside(root: Path, path: Path, what: str) -> Path:
     return resolved
 
 
-def member(folder: Path, name: str, what: str) -> Path:
-    """A file a folder names (an index entry, a side file): ``folder / name``, which must resolve inside it."""
-    inside(folder, Path(folder) / name, what)
-    return Path(folder) / name
+def folder_file(folder: Path, name: str, what: str) -> Path:
+    """A file a model folder names (an index entry, a side file): ``folder / name``, which must resolve inside
+    it. The one exception is Hugging Face's cache: a snapshot (``<repo>/snapshots/<revision>``) links its files
+    into ``<repo>/blobs``."""
+    folder = Path(folder)
+    path = folder / name
+    if folder.parent.name == "snapshots" and ".." not in Path(name).parts and not Path(name).is_absolute():
+        if path.is_symlink() and (folder.parent.parent / "blobs").resolve() in path.resolve().parents:
+            return path
+    inside(folder, path, f"{folder}: {what} {name!r}")
+    return path
 
 
 def claim(folder: Path) -> None:
