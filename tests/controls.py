@@ -1,0 +1,117 @@
+"""Known-wrong artifacts: a correct quantized artifact copied with one defect a writer could make. Each
+returns the copy and the tensor (module) the defect is in; the judges must fail it, naming that module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _copy(artifact: Path, out: Path) -> Path:
+    shutil.copytree(artifact, out)
+    (out / "workbench.json").unlink(missing_ok=True)  # its hashes no longer hold; the source stays given
+    return out
+
+
+def _edit(folder: Path, edit) -> None:
+    """``edit(tensors)`` on every shard's tensors (in place), written back with the shard's metadata."""
+    from safetensors import safe_open
+
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            metadata = f.metadata()
+        tensors = load_file(shard)
+        if edit(tensors):
+            save_file(tensors, shard, metadata=metadata)
+
+
+def _config(folder: Path, edit) -> None:
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    edit(config["quantization_config"])
+    path.write_text(json.dumps(config, indent=2))
+
+
+def scaled(name: str, factor: float):
+    def edit(tensors):
+        if name in tensors:
+            tensors[name] = tensors[name] * factor
+            return True
+    return edit
+
+
+def fp8_weight_scale_doubled(artifact: Path, out: Path) -> tuple[Path, str]:
+    module = "model.layers.1.mlp.down_proj"
+    _edit(_copy(artifact, out), scaled(f"{module}.weight_scale", 2.0))
+    return out, module
+
+
+def fp8_qkv_not_requantized(artifact: Path, out: Path) -> tuple[Path, str]:
+    """A writer that quantizes q/k/v with their shared (largest) scale, as vLLM will fuse them, but writes each
+    shard's own scale: the shard with the smallest scale reads back too small."""
+    layer = "model.layers.1.self_attn"
+    _copy(artifact, out)
+    scales = {}
+    _edit(out, lambda t: scales.update({p: float(t[f"{layer}.{p}.weight_scale"]) for p in ("q_proj", "k_proj", "v_proj")
+                                         if f"{layer}.{p}.weight_scale" in t}))
+    largest, smallest = max(scales, key=scales.get), min(scales, key=scales.get)
+
+    def edit(tensors):
+        name = f"{layer}.{smallest}.weight"
+        if name not in tensors:
+            return False
+        ratio = scales[smallest] / scales[largest]  # requantize the data to the largest scale, keep the own one
+        tensors[name] = (tensors[name].float() * ratio).to(tensors[name].dtype)
+        return True
+
+    _edit(out, edit)
+    return out, f"{layer}.{smallest}"
+
+
+def fp8_input_scale_zero(artifact: Path, out: Path) -> tuple[Path, str]:
+    module = "model.layers.2.mlp.down_proj"  # not fused: vLLM takes no max over shards here
+    _edit(_copy(artifact, out), scaled(f"{module}.input_scale", 0.0))
+    return out, module
+
+
+def fp8_lm_head_not_ignored(artifact: Path, out: Path) -> tuple[Path, str]:
+    _config(_copy(artifact, out), lambda q: q.update(ignored_layers=[n for n in q["ignored_layers"] if n != "lm_head"]))
+    return out, "lm_head"
+
+
+def gptq_group_size_disagrees(artifact: Path, out: Path) -> tuple[Path, str]:
+    """Tensors quantized in groups of 128, the config saying 64."""
+    _config(_copy(artifact, out), lambda q: q["config_groups"]["group_0"]["weights"].update(group_size=64))
+    return out, "model.layers.0."  # the first module compressed-tensors decodes in that layer
+
+
+def awq_zero_point_negated(artifact: Path, out: Path) -> tuple[Path, str]:
+    """One module's zero points written with the wrong sign (unpacked, negated, packed again by
+    compressed-tensors' own int4 packing)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    module = "model.layers.1.mlp.gate_proj"
+
+    def edit(tensors):
+        name = f"{module}.weight_zero_point"
+        if name not in tensors:
+            return False
+        packed = tensors[name]
+        rows = packed.shape[0] * 8
+        zero = unpack_from_int32(packed, 4, torch.Size([rows, packed.shape[1]]), packed_dim=0)
+        tensors[name] = pack_to_int32((-zero).clamp(-8, 7).to(zero.dtype), 4, packed_dim=0).contiguous()
+        return True
+
+    _edit(_copy(artifact, out), edit)
+    return out, module
+
+
+CONTROLS = {
+    "fp8": [fp8_weight_scale_doubled, fp8_qkv_not_requantized, fp8_input_scale_zero, fp8_lm_head_not_ignored],
+    "gptq-w4a16": [gptq_group_size_disagrees],
+    "awq-w4a16": [awq_zero_point_negated],
+}

@@ -1,0 +1,413 @@
+"""Read-back: a quantized artifact decoded by its format's own library, never by the workbench's code, and
+every quantized Linear's output compared with the source's on the same real inputs, one decoder layer at a
+time through the layer runner (peak memory: a layer of each model).
+
+Readers, by ``quantization_config.quant_method``:
+
+- ``compressed-tensors``: its model-free dequantizer (``CompressedTensorsDequantizer``: the schemes of
+  config.json, each format's own compressor) decodes the weights, and its activation quantizer
+  (``forward_quantize``) applies the written input scales, or computes dynamic ones as the scheme says.
+- ``fp8`` (vLLM's format): the same tensors described to compressed-tensors as ``float-quantized`` with
+  per-tensor weight and input scales and the ignored layers as its ignore list. Nothing is rewritten, so
+  compressed-tensors reads the bytes as written. transformers cannot be this reader: it drops the
+  per-tensor ``weight_scale``/``input_scale`` of this format (it expects block-wise ``weight_scale_inv``).
+- ``bitsandbytes``: bitsandbytes' ``QuantState.from_dict`` and ``dequantize_4bit``, what its 4-bit Linear
+  computes with.
+
+Per module: ``error`` = ||reader's output - source's|| / ||source's|| and ``gain`` = the least-squares
+factor from the source's output to the reader's. Quantization noise is unbiased (gain ~1, error at the
+format's level); a wrong scale, zero point or group layout moves the gain or the error far past it. A
+reader's own refusal (a missing scale, a shape it cannot unpack) names its tensor too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import BadInput
+from .runner import LayerRunner
+
+ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call
+SAMPLES, SEQ_LEN = 4, 128  # held-out tokens per read-back: every quantized module sees 512 real inputs
+# the largest output error per module and gain deviation a correct artifact of each kind shows on the
+# trained fixtures (measured: see tests/test_readback.py), with margin; a broken scale or layout is far past
+LIMITS = {"fp8": (0.12, 0.05), "int8": (0.12, 0.05), "int4": (0.35, 0.12)}
+# a module this many times the median error of the same module in the other layers, and past the floor
+OUTLIER, OUTLIER_FLOOR = 4.0, 0.10
+
+
+@dataclass
+class ModuleReading:
+    module: str
+    error: float
+    gain: float
+    role: str = "module"  # "module": inside a decoder layer, judged through "layer", its layer's update;
+    # "weight": a decoded module outside the layers (lm_head), judged weight to weight
+
+
+@dataclass
+class ReadBack:
+    reader: str
+    kind: str
+    modules: list[ModuleReading] = field(default_factory=list)
+    refusal: str | None = None  # the reader's own error, naming its tensor
+
+    def failures(self) -> list[str]:
+        """Every layer (and module outside the layers) past its kind's limits, naming the decoded module of the
+        layer furthest from the source's; and every module far past the same module in the other layers."""
+        if self.refusal:
+            return [self.refusal]
+        max_error, max_gain_off = LIMITS[self.kind]
+        out, named = [], set()
+        for m in self.modules:
+            if m.role == "module" or (m.error <= max_error and abs(m.gain - 1) <= max_gain_off):
+                continue
+            layer = m.module.split(" ")[0] + "."
+            worst = max((p for p in self.modules if p.role == "module" and p.module.startswith(layer)),
+                        key=lambda p: (p.error != p.error, p.error), default=m)
+            named.add(worst.module)
+            out.append(f"{worst.module}: read by {self.reader}, its output differs from the source's by "
+                       f"{worst.error:.1%} (gain {worst.gain:.3f}); {m.module} {m.error:.1%} off, past the "
+                       f"{max_error:.0%} a correct {self.kind} artifact stays within")
+        for m, typical in self._outliers():
+            if m.module not in named:
+                out.append(f"{m.module}: read by {self.reader}, its output differs from the source's by {m.error:.1%} "
+                           f"(gain {m.gain:.3f}), {m.error / typical:.0f}x the same module's in the other layers ({typical:.1%})")
+        return out
+
+    def _outliers(self) -> list[tuple[ModuleReading, float]]:
+        """(module, the median error of its kind of module over the layers) for modules whose error is past
+        OUTLIER times that median and OUTLIER_FLOOR: one broken module in a layer whose sum still passes."""
+        by_kind: dict[str, list[float]] = {}
+        for m in self.modules:
+            if m.role == "module":
+                by_kind.setdefault(_module_kind(m.module), []).append(m.error)
+        out = []
+        for m in self.modules:
+            if m.role == "module":
+                typical = sorted(by_kind[_module_kind(m.module)])[len(by_kind[_module_kind(m.module)]) // 2]
+                if not m.error <= max(OUTLIER * typical, OUTLIER_FLOOR):
+                    out.append((m, max(typical, 1e-9)))
+        return out
+
+    def as_dict(self) -> dict:
+        judged = [m for m in self.modules if m.role != "module"]
+        worst = max(judged, key=lambda m: m.error, default=None)
+        return {"reader": self.reader, "kind": self.kind, "limits": dict(zip(("max_error", "max_gain_deviation"), LIMITS[self.kind])),
+                "decoded_modules": len([m for m in self.modules if m.role != "layer"]),
+                "judged": len(judged), "max_error": round(worst.error, 4) if worst else None,
+                "where": worst.module if worst else None,
+                "max_gain_deviation": round(max((abs(m.gain - 1) for m in judged), default=0.0), 4),
+                "refusal": self.refusal, "failures": self.failures()}
+
+    def summary(self) -> str:
+        if self.refusal:
+            return self.refusal
+        d = self.as_dict()
+        return (f"{self.reader} decoded {d['decoded_modules']} modules; each layer's update within {d['max_error']:.1%} "
+                f"of the source's (gain within {d['max_gain_deviation']:.1%}; limits {LIMITS[self.kind][0]:.0%}, "
+                f"{LIMITS[self.kind][1]:.0%})")
+
+
+class ReaderRefused(Exception):
+    """The format's library could not decode a tensor; the message names it."""
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return f"{package} {version(package)}"
+
+
+class CompressedTensorsReader:
+    """compressed-tensors' own decoding of its checkpoints (and of vLLM's fp8, described to it)."""
+
+    def __init__(self, artifact: Path, quant: dict):
+        from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+
+        self.name = _version("compressed-tensors")
+        try:
+            self.dequantizer = CompressedTensorsDequantizer(artifact, dtype=torch.float32)
+        except ValueError as exc:
+            raise ReaderRefused(f"{self.name} cannot read the quantization_config: {exc}") from None
+        self.schemes = list(self.dequantizer.quant_config.config_groups.values())
+
+    def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decoded weights by module name, for the quantized modules among ``tensors`` (one module's tensors
+        at a time, so that a refusal names its module)."""
+        by_module: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            module, _, param = name.rpartition(".")
+            if param not in ACTIVATION_PARAMS:
+                by_module.setdefault(module, {})[name] = tensor
+        decoded = {}
+        for module, own in by_module.items():
+            try:
+                out = self.dequantizer.validate(dict(own))
+            except (ValueError, KeyError, RuntimeError, IndexError) as exc:
+                raise ReaderRefused(f"{module}: {self.name} cannot decode it: {str(exc).splitlines()[0]}") from None
+            weight = out.get(module + ".weight")
+            if weight is not None and not _same(own.get(module + ".weight"), weight):
+                decoded[module] = weight.float()
+        return decoded
+
+    def activations(self, module: str, tensors: dict[str, torch.Tensor]):
+        """The scheme's input quantization of ``module`` (None: activations stay in float)."""
+        from compressed_tensors.quantization import QuantizationStatus
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+        args = self._scheme(module).input_activations
+        if args is None:
+            return None
+        state = types.SimpleNamespace(quantization_status=QuantizationStatus.FROZEN,
+                                      input_scale=tensors.get(f"{module}.input_scale"),
+                                      input_zero_point=tensors.get(f"{module}.input_zero_point"))
+        if not args.dynamic and state.input_scale is None:
+            raise ReaderRefused(f"{module}.input_scale is missing: the scheme quantizes its input statically")
+        return lambda x: forward_quantize(state, x, "input", args)
+
+    def _scheme(self, module: str):
+        from compressed_tensors.utils.match import match_name
+
+        for scheme in self.schemes:
+            if "Linear" in scheme.targets or any(match_name(module, t) for t in scheme.targets):
+                return scheme
+        raise ReaderRefused(f"{module} matches none of the quantization_config's targets")
+
+
+def _same(original: torch.Tensor | None, decoded: torch.Tensor) -> bool:
+    """An untouched tensor passed through (embeddings, norms, ignored layers)."""
+    return original is not None and original.dtype == decoded.dtype and original.data_ptr() == decoded.data_ptr()
+
+
+def fp8_as_compressed_tensors(quant: dict) -> dict:
+    """vLLM's per-tensor fp8 ``quantization_config`` described as compressed-tensors ``float-quantized``: the
+    same tensor names and meanings (float8_e4m3fn weight, per-tensor weight_scale and input_scale)."""
+    tensor_fp8 = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True}
+    dynamic = quant.get("activation_scheme") == "dynamic"
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "ignore": list(quant.get("ignored_layers") or []),
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": {**tensor_fp8, "dynamic": False},
+                                          "input_activations": {**tensor_fp8, "dynamic": dynamic}}}}
+
+
+class BitsAndBytesReader:
+    """bitsandbytes' own decoding of its packed 4-bit weights and quant states."""
+
+    def __init__(self, artifact: Path, quant: dict):
+        self.name = _version("bitsandbytes")
+
+    def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        import bitsandbytes.functional as F
+
+        decoded = {}
+        for name in tensors:
+            if ".quant_state.bitsandbytes__" not in name:
+                continue
+            weight = name.split(".quant_state.")[0]
+            parts = {k.removeprefix(weight + "."): v for k, v in tensors.items() if k.startswith(weight + ".")}
+            try:
+                state = F.QuantState.from_dict(parts, device=torch.device("cpu"))
+                state.dtype = torch.float32
+                decoded[weight.removesuffix(".weight")] = F.dequantize_4bit(tensors[weight], state)
+            except (KeyError, ValueError, RuntimeError, json.JSONDecodeError) as exc:
+                raise ReaderRefused(f"{weight}: {self.name} cannot decode it: {str(exc).splitlines()[0]}") from None
+        return decoded
+
+    def activations(self, module: str, tensors: dict[str, torch.Tensor]):
+        return None  # bitsandbytes' 4-bit Linear computes with float activations
+
+
+READERS = {"compressed-tensors": CompressedTensorsReader, "fp8": CompressedTensorsReader, "bitsandbytes": BitsAndBytesReader}
+KINDS = {"fp8": "fp8", "bitsandbytes": "int4"}  # the rest by compressed-tensors' weight bits and type
+
+
+def reader_for(artifact: Path, config: dict):
+    """The format's own reader of ``artifact``, or None when no reader is known for its format."""
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method not in READERS or quant.get("weight_block_size"):
+        return None
+    if method == "fp8":
+        return _fp8_reader(artifact, config)
+    return READERS[method](artifact, quant)
+
+
+def _fp8_reader(artifact: Path, config: dict) -> CompressedTensorsReader:
+    """compressed-tensors pointed at vLLM's fp8 checkpoint: a folder holding only a config.json with the
+    compressed-tensors description (the dequantizer reads the config alone; the tensors come from ours)."""
+    import tempfile
+
+    described = {**config, "quantization_config": fp8_as_compressed_tensors(config["quantization_config"])}
+    with tempfile.TemporaryDirectory(prefix="workbench-readback-") as folder:
+        Path(folder, "config.json").write_text(json.dumps(described))
+        return CompressedTensorsReader(Path(folder), described["quantization_config"])
+
+
+def kind_of(config: dict) -> str:
+    quant = config.get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method in KINDS:
+        return KINDS[method]
+    weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
+    bits = min((w.get("num_bits", 16) for w in weights), default=16)
+    return "fp8" if any(w.get("type") == "float" for w in weights) and bits == 8 else "int8" if bits == 8 else "int4"
+
+
+@torch.inference_mode()
+def read_back(artifact: Path, source: Path, blocks: torch.Tensor, on_layer=None) -> ReadBack | None:
+    """``artifact`` read by its format's library against ``source`` on the token ``blocks``; None when no
+    reader knows the format (a GGUF, a full-precision model, native GPTQ/AWQ files)."""
+    checkpoint = Checkpoint(artifact)
+    try:
+        reader = reader_for(artifact, checkpoint.config)
+    except ReaderRefused as exc:
+        return ReadBack("compressed-tensors", kind_of(checkpoint.config), refusal=str(exc))
+    if reader is None:
+        return None
+    result = ReadBack(reader.name, kind_of(checkpoint.config))
+    runner = LayerRunner(source)
+    try:
+        result.modules += _outside_layers(runner, checkpoint, reader)
+        streams = runner.streams(blocks)
+        for i in range(runner.num_layers):
+            with runner.layer(i) as layer:
+                result.modules += _one_layer(runner, i, layer, checkpoint, reader, streams)
+            if on_layer:
+                on_layer(i + 1, runner.num_layers)
+    except ReaderRefused as exc:
+        result.refusal = str(exc)
+    return result
+
+
+def _module_kind(module: str) -> str:
+    """A module's name within its layer: ``model.layers.3.mlp.gate_proj`` -> ``mlp.gate_proj``."""
+    return re.sub(r"^.*?\.\d+\.", "", module)
+
+
+def _tensors(checkpoint: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
+    return {n: checkpoint.store.get(n) for n in names}
+
+
+def _outside_layers(runner: LayerRunner, checkpoint: Checkpoint, reader) -> list[ModuleReading]:
+    """The Linear modules outside the decoder layers (lm_head) through the reader, as compressed-tensors
+    would match them on the model; one it decodes (quantized) is compared weight to weight with the source."""
+    head = runner.layers_prefix + "."
+    linears = {runner.checkpoint_name(n) for n, m in runner.model.named_modules()
+               if isinstance(m, torch.nn.Linear) and not n.startswith(head)}
+    names = [n for n in checkpoint.store.tensors if n.rpartition(".")[0] in linears]
+    readings = []
+    for module, weight in reader.weights(_tensors(checkpoint, names)).items():
+        source = runner.weights.get(module + ".weight").float()
+        readings.append(_from_sums(module, *_sums(source.flatten(), weight.flatten()), role="weight"))
+    return readings
+
+
+def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader, streams) -> list[ModuleReading]:
+    """Decoder layer ``index`` as the source has it and as the reader decodes the artifact's (its other
+    tensors, e.g. norms a smoothing folded scales into, from the artifact too), each run on the source's
+    hidden states. Compared: the layer's update (output - input), which smoothing leaves unchanged, and
+    each decoded module's output, to name the module when the layer is off. ``streams`` move on with the
+    source's output."""
+    prefix = runner.layer_prefix(index) + "."
+    local = {runner.module_name(n).removeprefix(prefix): n for n in checkpoint.store.tensors if n.startswith(prefix)}
+    linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    tensors = _tensors(checkpoint, list(local.values()))
+    decoded = reader.weights({n: t for n, t in tensors.items() if _in_modules(runner, n, prefix, linears)})
+    modules = {module: runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix) for module in decoded}
+    layer_sums, module_sums = [0.0] * 3, {m: [0.0] * 3 for m in decoded}
+    for s in streams:
+        hidden = s.hidden
+        expected = _module_outputs(layer, modules.values())
+        with expected:
+            runner.forward(layer, index, s)
+        candidate = s.fork()
+        candidate.hidden = hidden
+        with _decoded_layer(layer, decoded, modules, local, tensors, reader), _module_outputs(layer, modules.values()) as got:
+            runner.forward(layer, index, candidate)
+        _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
+        for module, name in modules.items():
+            _add(module_sums[module], _sums(expected.outputs[name], got.outputs[name]))
+    readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
+    return readings + [_from_sums(m, *acc) for m, acc in module_sums.items()]
+
+
+def _in_modules(runner: LayerRunner, name: str, prefix: str, modules: set[str]) -> bool:
+    """Whether checkpoint tensor ``name`` (a weight or one of its quantization params, which may be dotted
+    too: bitsandbytes' ``weight.quant_state...``) belongs to one of the layer-local ``modules``."""
+    parts = runner.module_name(name).removeprefix(prefix).split(".")
+    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
+
+
+class _module_outputs:
+    """While open, the output of each named submodule of ``layer`` (one forward call)."""
+
+    def __init__(self, layer, names):
+        self.layer, self.names, self.outputs, self.handles = layer, list(names), {}, []
+
+    def __enter__(self):
+        for name in self.names:
+            def keep(_m, _args, out, name=name):
+                self.outputs[name] = out.float()
+            self.handles.append(self.layer.get_submodule(name).register_forward_hook(keep))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: dict, reader):
+    """``layer`` with the reader's weights, the reader's input quantization, and the artifact's other
+    parameters (norms, biases) in place of the source's; the source's back on exit."""
+    saved, handles = [], []
+    params = dict(layer.named_parameters())
+    replaced = {modules[m] + ".weight": w for m, w in decoded.items()}
+    replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced})
+    try:
+        for name, value in replaced.items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = layer.get_submodule(owner_name)
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ReaderRefused(f"{local.get(name, name)}: {reader.name} reads shape {tuple(value.shape)}, "
+                                    f"the source's is {tuple(params[name].shape)}")
+            saved.append((owner, attr, getattr(owner, attr)))
+            setattr(owner, attr, torch.nn.Parameter(value.to(params[name].dtype), requires_grad=False))
+        for module, name in modules.items():
+            quantize_input = reader.activations(module, tensors)
+            if quantize_input is not None:
+                handles.append(layer.get_submodule(name).register_forward_pre_hook(
+                    lambda _m, args, q=quantize_input: (q(args[0].float()).to(args[0].dtype), *args[1:])))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
+def _sums(expected: torch.Tensor, got: torch.Tensor) -> list[float]:
+    expected, got = expected.float(), got.float()
+    return [float(((got - expected) ** 2).sum()), float((expected ** 2).sum()), float((got * expected).sum())]
+
+
+def _add(acc: list[float], values: list[float]) -> None:
+    for i, v in enumerate(values):
+        acc[i] += v
+
+
+def _from_sums(module: str, squared_error: float, squared: float, dot: float, role: str = "module") -> ModuleReading:
+    squared = max(squared, 1e-30)
+    error, gain = (squared_error / squared) ** 0.5, dot / squared
+    if error != error:  # NaN: the reader's output is not a number
+        error, gain = float("inf"), float("nan")
+    return ModuleReading(module, error, gain, role)
