@@ -65,6 +65,26 @@ def llama_lora(fixture_root) -> Path:
     return fixture_root / "llama-lora"
 
 
+QUANTIZE_CALIBRATION = ("--samples", "32", "--seq-len", "128")
+
+
+@pytest.fixture(scope="session")
+def quantized_llama(llama, tmp_path_factory):
+    """``make(recipe, format=None)``: the trained Llama quantized with that recipe (32 x 128 calibration
+    samples), made once per session."""
+    root = tmp_path_factory.mktemp("quantized")
+
+    def make(recipe: str, fmt: str | None = None) -> Path:
+        out = root / (recipe + (f"-{fmt}" if fmt else ""))
+        if not out.exists():
+            extra = ("--format", fmt) if fmt else ()
+            result = run("quantize", llama, "--method", recipe, *QUANTIZE_CALIBRATION, *extra, "--out", out)
+            assert result.exit_code == 0, result.output + result.stderr
+        return out
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tokenizer(fixture_root):
     from transformers import AutoTokenizer

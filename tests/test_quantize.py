@@ -247,7 +247,6 @@ def test_jsonl_calibration_with_a_field(llama, tmp_path):
 
 # ---------------------------------------------------------------- llm-compressor -> compressed-tensors
 
-CALIBRATION = ("--samples", "32", "--seq-len", "128")
 COMPRESSED = {  # recipe (and format) -> (weights format in config_groups, bits, activations quantized)
     "gptq-w4a16": ("pack-quantized", 4, False),
     "awq-w4a16": ("pack-quantized", 4, False),
@@ -257,18 +256,9 @@ COMPRESSED = {  # recipe (and format) -> (weights format in config_groups, bits,
 
 
 @pytest.fixture(scope="module")
-def compressed(llama, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ct")
-
-    def make(recipe):
-        out = root / recipe
-        if not out.exists():
-            extra = ("--format", "compressed-tensors") if recipe.startswith("fp8") else ()
-            result = run("quantize", llama, "--method", recipe, *CALIBRATION, *extra, "--out", out)
-            assert result.exit_code == 0, result.output + result.stderr
-        return out
-
-    return make
+def compressed(quantized_llama):
+    """The compressed-tensors artifacts (FP8 too, in that format) of the trained Llama."""
+    return lambda recipe: quantized_llama(recipe, "compressed-tensors" if recipe.startswith("fp8") else None)
 
 
 @pytest.mark.slow

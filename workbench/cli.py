@@ -214,11 +214,22 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
         click.echo(f"{step['options']['recipe']}: {m['layers_quantized']} layers, ignored {m['ignored_layers']}, {step['seconds']:.1f}s")
         click.echo(f"held-out ({m['eval_tokens']} tokens): perplexity {m['ppl_source']:.3f} -> {m['ppl_quantized']:.3f} "
                    f"({m['ppl_delta']:+.2%}), mean KL {m['mean_kl']:.2e}, top-1 agreement {m['top1_agreement']:.2%}")
+        if "read_back" in m:
+            click.echo(f"read back: {_read_back_line(m['read_back'])}")
         click.echo(f"output: {step['output']}")
     if step["status"] == "failed":
+        for failure in m.get("read_back", {}).get("failures", [])[:3]:
+            click.echo(f"read-back: {failure}", err=True)
         click.echo(f"FAILED gates: {', '.join(step['failed_gates'])} (limits {step['gates']}); the artifact is kept, "
                    "marked failed in its workbench.json", err=True)
         sys.exit(1)
+
+
+def _read_back_line(read: dict) -> str:
+    if read["refusal"]:
+        return read["refusal"]
+    return (f"{read['reader']} decoded {read['decoded_modules']} modules; every layer within {read['max_error']:.1%} "
+            f"of the source (limit {read['limits']['max_error']:.0%}){'' if not read['failures'] else '; FAILED'}")
 
 
 @cli.group()

@@ -16,6 +16,7 @@ from ..errors import BadInput, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
+from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, read_back
 from ..runner import Estimate, LayerRunner, estimate
 from .. import experts
 from . import bnb, compressor, fp8, walk
@@ -142,6 +143,13 @@ def quantize(
         quality = _quality(measured, blocks)
         limits = {**DEFAULT_GATES.get(recipe.name, FALLBACK_GATES), **(gates or {})}
         failed = _failed_gates(quality, limits)
+        t = time.perf_counter()
+        on_event("reading the written artifact back with its format's own library, layer by layer")
+        read = read_back(tmp, model_dir, blocks[:READ_BACK_SAMPLES, :READ_BACK_SEQ_LEN])
+        phases["read_back"] = time.perf_counter() - t
+        if read is not None:
+            quality["read_back"] = read.as_dict()
+            failed += ["read_back"] if read.failures() else []
         step = {
             "verb": "quantize", "started": started, "seconds": round(time.perf_counter() - t0, 2),
             "inputs": {"model": folder_digest(model_dir)},

