@@ -193,7 +193,9 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
     KL divergence, top-1 agreement) is measured on the written tensors with vLLM's load-time semantics
     (fused q/k/v and gate/up share the largest scales). bnb-nf4 writes the bitsandbytes 4-bit checkpoint
     transformers saves for a model loaded with BitsAndBytesConfig(load_in_4bit=True), one layer at a time.
-    GPTQ, AWQ and W8A8 run llm-compressor and write compressed-tensors. A failed gate exits 1 and the
+    GPTQ, AWQ and W8A8 run llm-compressor and write compressed-tensors. Every artifact is then read back
+    by its format's own library (compressed-tensors, bitsandbytes) and compared layer by layer with the
+    source; a module read wrongly fails the gate "read_back", named. A failed gate exits 1 and the
     artifact stays, marked failed in its workbench.json.
     """
     from .quantize.run import quantize as run_quantize
@@ -365,6 +367,8 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
     template's special tokens single, every end-of-turn token ends a turn); for a rope-scaled model a
     prompt past the original context; N concurrent requests equal to the same requests sent alone, with
     throughput and latency. With --adapter, each LoRA adapter is served unmerged and compared with peft.
+    A quantized model folder is also read back by its format's own library (compressed-tensors,
+    bitsandbytes) and compared layer by layer with the source (check "read-back", naming the module).
     The engine's process group is always killed. A check that could not run is never a pass.
 
     \b

@@ -5,8 +5,9 @@ time through the layer runner (peak memory: a layer of each model).
 Readers, by ``quantization_config.quant_method``:
 
 - ``compressed-tensors``: its model-free dequantizer (``CompressedTensorsDequantizer``: the schemes of
-  config.json, each format's own compressor) decodes the weights, and its activation quantizer
-  (``forward_quantize``) applies the written input scales, or computes dynamic ones as the scheme says.
+  config.json, each format's own compressor) decodes the weights; its activation quantizer
+  (``forward_quantize``) quantizes dynamically quantized inputs as the scheme says, and a static input
+  scale is checked against the held-out inputs' range (see InputQuantization).
 - ``fp8`` (vLLM's format): the same tensors described to compressed-tensors as ``float-quantized`` with
   per-tensor weight and input scales and the ignored layers as its ignore list. Nothing is rewritten, so
   compressed-tensors reads the bytes as written. transformers cannot be this reader: it drops the
@@ -285,14 +286,14 @@ def kind_of(config: dict) -> str:
 
 
 @torch.inference_mode()
-def read_back(artifact: Path, source: Path, blocks: torch.Tensor, on_layer=None) -> ReadBack | None:
+def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | None:
     """``artifact`` read by its format's library against ``source`` on the token ``blocks``; None when no
     reader knows the format (a GGUF, a full-precision model, native GPTQ/AWQ files)."""
     checkpoint = Checkpoint(artifact)
     try:
         reader = reader_for(artifact, checkpoint.config)
     except ReaderRefused as exc:
-        return ReadBack("compressed-tensors", kind_of(checkpoint.config), refusal=str(exc))
+        return ReadBack(_version("compressed-tensors"), kind_of(checkpoint.config), refusal=str(exc))
     if reader is None:
         return None
     result = ReadBack(reader.name, kind_of(checkpoint.config))
@@ -303,8 +304,6 @@ def read_back(artifact: Path, source: Path, blocks: torch.Tensor, on_layer=None)
         for i in range(runner.num_layers):
             with runner.layer(i) as layer:
                 result.modules += _one_layer(runner, i, layer, checkpoint, reader, streams)
-            if on_layer:
-                on_layer(i + 1, runner.num_layers)
     except ReaderRefused as exc:
         result.refusal = str(exc)
     return result
@@ -357,9 +356,10 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
             runner.forward(layer, index, candidate)
         _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
         for module, name in modules.items():
-            _add(module_sums[module], _sums(expected.outputs[name], got.outputs[name]))
+            for e, g in _same_calls(expected.outputs.get(name, []), got.outputs.get(name, [])):
+                _add(module_sums[module], _sums(e, g))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
-    modules_read = [_from_sums(m, *acc) for m, acc in module_sums.items()]
+    modules_read = [_from_sums(m, *acc) for m, acc in module_sums.items() if acc[1] > 0]  # an expert no token reached: none
     for m in modules_read:
         past, total = clipped.get(m.module, (0, 0))
         m.clipped = past / total if total else 0.0
@@ -374,7 +374,8 @@ def _in_modules(runner: LayerRunner, name: str, prefix: str, modules: set[str]) 
 
 
 class _module_outputs:
-    """While open, the output of each named submodule of ``layer`` (one forward call)."""
+    """While open, the outputs of each named submodule of ``layer``, one per call (a routed expert is called
+    for the tokens routed to it, or not at all)."""
 
     def __init__(self, layer, names):
         self.layer, self.names, self.outputs, self.handles = layer, list(names), {}, []
@@ -382,7 +383,7 @@ class _module_outputs:
     def __enter__(self):
         for name in self.names:
             def keep(_m, _args, out, name=name):
-                self.outputs[name] = out.float()
+                self.outputs.setdefault(name, []).append(out.float())
             self.handles.append(self.layer.get_submodule(name).register_forward_hook(keep))
         return self
 
@@ -417,6 +418,14 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
             h.remove()
         for owner, attr, value in saved:
             setattr(owner, attr, value)
+
+
+def _same_calls(expected: list, got: list) -> list:
+    """Pairs of outputs of the same calls: all of them when both runs called the module alike; none when the
+    routing differed (an expert given other tokens; the layer's update still counts that)."""
+    if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)):
+        return []
+    return list(zip(expected, got))
 
 
 def _input_hooks(module, quantization: InputQuantization | None, counts: list[int]) -> list:
