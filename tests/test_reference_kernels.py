@@ -135,3 +135,18 @@ def test_a_weight_scale_off_by_two_is_caught_by_vllms_loader_and_the_reference(f
     result, report = vllm_report(broken, tmp_path / "r")
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     assert result.exit_code == 1 and checks["reference"]["status"] == "failed", checks["reference"]
+    assert checks["read-back"]["status"] == "failed" and "down_proj" in checks["read-back"]["detail"], checks["read-back"]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_vllm_serves_fp8_dynamic_through_the_reference_kernels(quantized_llama, tmp_path, figures):
+    """Dynamic activation scales: vLLM's loader takes no input_scale, and the reference quantization computes
+    each activation's per-tensor scale at run time."""
+    result, report = vllm_report(quantized_llama("fp8-dynamic"), tmp_path / "r")
+    assert result.exit_code == 0, (result.stderr, (tmp_path / "r" / "summary.md").read_text())
+    assert report["kernels"].startswith("reference: vLLM's own loader")
+    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    assert checks["read-back"]["status"] == "passed", checks["read-back"]
+    assert checks["reference"]["metrics"]["token_agreement"] >= 0.9
+    figures["fp8 dynamic on vLLM CPU with reference kernels vs the bf16 source"] = checks["reference"]["metrics"]

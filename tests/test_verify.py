@@ -549,3 +549,21 @@ def test_sigkill_of_the_workbench_takes_the_engine_group_down(merged, tmp_path):
     while subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout and time.monotonic() < deadline:
         time.sleep(0.5)
     assert subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout == b""
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_sglang_tokenize_failing_on_a_1e30_model_max_length_is_incomplete_by_the_engine(llama, copy_of, tmp_path):
+    """transformers writes model_max_length 1e30 (an integer) when a tokenizer has no limit; SGLang 0.5.15's
+    /tokenize answers HTTP 500 on it (orjson cannot write the integer). The generation checks pass; the two
+    checks the endpoint could not answer are incomplete (exit 4), with the engine's error, its cause and the fix."""
+    model = copy_of(llama, "unbounded")
+    path = model / "tokenizer_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "model_max_length": 10 ** 30}))
+    result = run("verify", model, "--server", "sglang", "--max-model-len", "512", "--concurrency", "0", "--report", tmp_path / "r")
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    assert result.exit_code == 4, checks
+    for name in ("tokenizer", "special-tokens"):
+        assert checks[name]["status"] == "incomplete", checks[name]
+        assert "Integer exceeds 64-bit range" in checks[name]["detail"] and "set a real model_max_length" in checks[name]["detail"]
+    assert checks["reference"]["status"] == "passed" and checks["completion"]["status"] == "passed"

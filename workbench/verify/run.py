@@ -332,16 +332,26 @@ def _with_reference(probing: Probing, pending) -> Probing:
         return replace(probing, missing_reference=f"the reference model could not be loaded: {why}")
 
 
+# an engine's own error line -> what it means for the artifact and how to fix it
+KNOWN_ENGINE_ERRORS = {
+    "Integer exceeds 64-bit range": "the cause: tokenizer_config.json's model_max_length is transformers' default "
+                                    "1e30, which the engine's JSON encoder cannot write; the fix: set a real "
+                                    "model_max_length (the model's max_position_embeddings)",
+}
+
+
 def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
-    """A probe answered 5xx or lost the connection: lead its failure with the engine's own first error line
-    from the log (the root cause, which the HTTP answer does not carry)."""
-    broken = [c for c in checks if c.status == "failed" and any(s in c.detail for s in ("HTTP 5", "Connection", "URLError",
-                                                                                       "RemoteDisconnected"))]
+    """A probe answered 5xx or lost the connection: lead its failure (or its incomplete tokenizer check) with
+    the engine's own first error line from the log (the root cause, which the HTTP answer does not carry),
+    and what a known one means."""
+    broken = [c for c in checks if c.status in ("failed", "incomplete") and
+              any(s in c.detail for s in ("HTTP 5", "Connection", "URLError", "RemoteDisconnected"))]
     cause = server.first_error(server.ready_offset) if broken else None
     if cause:
         run["engine_error"] = cause
+        meaning = next((f" ({m})" for known, m in KNOWN_ENGINE_ERRORS.items() if known in cause), "")
         for c in broken:
-            c.detail = f"engine error: {cause} | {c.detail}"
+            c.detail = f"engine error: {cause}{meaning} | {c.detail}"
 
 
 def native_kernels(spec: EngineSpec, config: dict | None, gpu: bool, features: list[str]) -> str:
