@@ -88,6 +88,11 @@ def read_manifest(artifact: Path) -> dict | None:
         return None
 
 
+def last_step(artifact: Path) -> dict:
+    """The step that made ``artifact`` (the last in its manifest); {} when it has no manifest."""
+    return ((read_manifest(artifact) or {}).get("steps") or [{}])[-1]
+
+
 def _write(target: Path, step: dict, parent: Path | None, files: dict[str, Path], known_sha256: dict[str, str]) -> dict:
     inherited = (read_manifest(parent) or {}).get("steps", []) if parent else []
     if remote_code_trusted():  # the user let the model's own code run: the artifact says so

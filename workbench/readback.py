@@ -33,7 +33,6 @@ from pathlib import Path
 import torch
 
 from .checkpoint import Checkpoint
-from .errors import BadInput
 from .runner import LayerRunner
 
 ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call

@@ -16,7 +16,7 @@ import yaml
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
 from ..errors import INCOMPLETE
-from ..manifest import manifest_path, now, read_manifest
+from ..manifest import last_step, manifest_path, now, read_manifest
 from ..engines import ENGINES, model_args
 from .run import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
@@ -118,7 +118,7 @@ def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
         if result.log:
             entry["log"] = result.log
     if stage.kind != "verify" and entry["status"] == "ok":
-        last = ((read_manifest(stage.output) or {}).get("steps") or [{}])[-1]
+        last = last_step(stage.output)
         entry["metrics"] = {k: v for k, v in last.get("metrics", {}).items() if isinstance(v, (int, float, str))}
     return entry
 
@@ -198,7 +198,7 @@ def _front_matter(release: Release, stage: Stage) -> dict:
         tags += ["lora", "merged"]
     elif stage.kind == "quantize":
         meta["base_model_relation"] = "quantized"
-        q = (read_manifest(stage.output) or {}).get("steps", [{}])[-1].get("options", {})
+        q = last_step(stage.output).get("options", {})
         config = json.loads((stage.output / CONFIG_NAME).read_text()).get("quantization_config", {})
         meta["quantization"] = {"method": q.get("method"), "scheme": q.get("scheme"), "format": q.get("format"),
                                 "recipe": q.get("recipe"), "quant_method": config.get("quant_method")}
@@ -237,7 +237,7 @@ def _read_back_lines(read: dict | None) -> list[str]:
 
 def _tokenizer_difference_lines(stage: Stage) -> list[str]:
     """A known tokenizer difference the release accepted, as the conversion recorded it."""
-    differences = ((read_manifest(stage.output) or {}).get("steps") or [{}])[-1].get("tokenizer_differences") or []
+    differences = last_step(stage.output).get("tokenizer_differences") or []
     if not differences:
         return []
     lines = ["", f"Known tokenizer difference (accepted with `accept_tokenizer_difference`): llama.cpp splits "

@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoint import replace_file, sha256_file
 from ..errors import INCOMPLETE, INTERNAL, ArtifactFailed, BadInput, Incomplete, WorkbenchError, as_resource_error
-from ..manifest import folder_digest, manifest_path, now, read_manifest, tool_versions
+from ..manifest import folder_digest, last_step, manifest_path, now, read_manifest, tool_versions
 from ..engines import ENGINES, engine_python, engine_version
 from ..safety import claim, exclusive, remove_owned
 from .spec import SOURCE, UNMERGED, Release, Stage, check_contained
@@ -169,7 +169,7 @@ def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
         return state.get("key"), "ok" if state.get("passed") else state.get("verdict", "failed")
     if artifact_digest(stage.output) is None:
         return None, None
-    last = (read_manifest(stage.output) or {}).get("steps", [{}])[-1]
+    last = last_step(stage.output)
     return (last.get("release") or {}).get("key"), last.get("status")
 
 
@@ -177,7 +177,7 @@ def _foreign(release: Release, stage: Stage) -> bool:
     """An existing output this release did not make (no release record naming it)."""
     if stage.kind == "verify" or not stage.output.exists():
         return False
-    last = ((read_manifest(stage.output) or {}).get("steps") or [{}])[-1]
+    last = last_step(stage.output)
     return (last.get("release") or {}).get("name") != release.name
 
 

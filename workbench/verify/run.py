@@ -22,7 +22,7 @@ from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_co
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
-from ..manifest import now, read_manifest
+from ..manifest import last_step, now
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .launch import EngineFailed, Server, port_in_use
@@ -73,8 +73,7 @@ def default_reference(artifact: Path, kind: str) -> tuple[Path | None, str]:
     (engine vs. transformers on the same weights); otherwise the source recorded in its manifest."""
     if kind == "full":
         return artifact, ""
-    steps = (read_manifest(artifact) or {}).get("steps", [])
-    source = (steps[-1].get("inputs", {}).get("model") or {}).get("path") if steps else None
+    source = (last_step(artifact).get("inputs", {}).get("model") or {}).get("path")
     if source is None:
         return None, f"no reference: {artifact.name} has no manifest naming its source; pass --reference or --no-reference"
     if not Path(source, CONFIG_NAME).exists():
@@ -442,7 +441,7 @@ def _chat_facts(artifact: Path, spec: EngineSpec, config: dict | None, reference
     if spec.artifact != "gguf":
         return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
     stops, config = _gguf_stops(artifact), config or _config_of(reference)
-    known = tuple(d["text"] for d in ((read_manifest(artifact) or {}).get("steps") or [{}])[-1].get("tokenizer_differences", []))
+    known = tuple(d["text"] for d in last_step(artifact).get("tokenizer_differences", []))
     if reference is not None and (reference / "tokenizer.json").is_file():
         return replace(chat_facts(reference, config, gguf_stops=stops), known_differences=known)
     try:
