@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import assert_one_line_error, run
 from llamacpp import run_llamacpp
 from workbench.experts import EXPERT_LAYOUTS
-from workbench.quality import compare_logits, model_logits
+from logits import compare_logits, model_logits
 
 import families as family_builder
 

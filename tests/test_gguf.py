@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 from conftest import assert_one_line_error, run
 from llamacpp import run_llamacpp
 from workbench.convert.gguf import gguf_metadata
-from workbench.quality import compare_logits
+from logits import compare_logits
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 # llama.cpp vs. transformers (float32 on the same bf16 weights), on 4 held-out blocks of 128 tokens

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import run
-from workbench.quality import compare_logits, model_logits
+from logits import compare_logits, model_logits
 
 # fp32 merge vs. peft's unmerged fp32 forward: only summation order differs.
 MAX_REL_ERROR_FP32 = 1e-5

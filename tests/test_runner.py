@@ -13,7 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from workbench.quality import PairStats, compare_logits, next_token_targets
+from logits import compare_logits
+from workbench.quality import PairStats, next_token_targets
 from workbench.runner import LayerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
