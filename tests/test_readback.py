@@ -42,6 +42,16 @@ def test_vllm_fp8_is_described_to_compressed_tensors_as_per_tensor_float_quantiz
     assert fp8_as_compressed_tensors({**seed, "activation_scheme": "dynamic"})["config_groups"]["group_0"]["input_activations"]["dynamic"]
 
 
+def test_a_quantization_config_over_unquantized_weights_is_not_read_back_as_passed(llama, blocks, copy_of):
+    """Every module ignored by its config: the reader decodes nothing, and that is a failure, never a pass."""
+    model = copy_of(llama, "claims-fp8")
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {**fp8_as_compressed_tensors({"activation_scheme": "dynamic"}), "ignore": ["re:.*"]}
+    (model / "config.json").write_text(json.dumps(config))
+    failures = read_back(model, llama, blocks).failures()
+    assert len(failures) == 1 and "decoded no quantized module" in failures[0], failures
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(ARTIFACTS))
 def test_every_format_is_read_back_by_its_own_library(quantized_llama, recipe, figures):

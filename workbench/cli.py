@@ -199,6 +199,7 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
     artifact stays, marked failed in its workbench.json.
     """
     from .quantize.run import quantize as run_quantize
+    from .readback import describe as describe_read_back
 
     if not method and not recipe_path:
         raise click.UsageError("give --method or --recipe")
@@ -217,7 +218,7 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
         click.echo(f"held-out ({m['eval_tokens']} tokens): perplexity {m['ppl_source']:.3f} -> {m['ppl_quantized']:.3f} "
                    f"({m['ppl_delta']:+.2%}), mean KL {m['mean_kl']:.2e}, top-1 agreement {m['top1_agreement']:.2%}")
         if "read_back" in m:
-            click.echo(f"read back: {_read_back_line(m['read_back'])}")
+            click.echo(f"read back: {describe_read_back(m['read_back'])}")
         click.echo(f"output: {step['output']}")
     if step["status"] == "failed":
         for failure in m.get("read_back", {}).get("failures", [])[:3]:
@@ -225,13 +226,6 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
         click.echo(f"FAILED gates: {', '.join(step['failed_gates'])} (limits {step['gates']}); the artifact is kept, "
                    "marked failed in its workbench.json", err=True)
         sys.exit(1)
-
-
-def _read_back_line(read: dict) -> str:
-    if read["refusal"]:
-        return read["refusal"]
-    return (f"{read['reader']} decoded {read['decoded_modules']} modules; every layer within {read['max_error']:.1%} "
-            f"of the source (limit {read['limits']['max_error']:.0%}){'' if not read['failures'] else '; FAILED'}")
 
 
 @cli.group()

@@ -68,6 +68,9 @@ class ReadBack:
         layer furthest from the source's; and every module far past the same module in the other layers."""
         if self.refusal:
             return [self.refusal]
+        if not any(m.role != "layer" for m in self.modules):
+            return [f"{self.reader} decoded no quantized module, though config.json says the model is quantized: "
+                    "nothing was read back"]
         max_error, max_gain_off = LIMITS[self.kind]
         out, named = [], set()
         for m in self.modules:
@@ -116,13 +119,17 @@ class ReadBack:
                 "max_gain_deviation": round(max((abs(m.gain - 1) for m in judged), default=0.0), 4),
                 "refusal": self.refusal, "failures": self.failures()}
 
-    def summary(self) -> str:
-        if self.refusal:
-            return self.refusal
-        d = self.as_dict()
-        return (f"{self.reader} decoded {d['decoded_modules']} modules; each layer's update within {d['max_error']:.1%} "
-                f"of the source's (gain within {d['max_gain_deviation']:.1%}; limits {LIMITS[self.kind][0]:.0%}, "
-                f"{LIMITS[self.kind][1]:.0%})")
+
+def describe(read: dict) -> str:
+    """One line for a read-back as ``ReadBack.as_dict`` records it."""
+    if read["refusal"]:
+        return read["refusal"]
+    if read["failures"]:
+        return "; ".join(read["failures"][:3])
+    limits = read["limits"]
+    return (f"{read['reader']} decoded {read['decoded_modules']} modules; each layer's update within {read['max_error']:.1%} "
+            f"of the source's (gain within {read['max_gain_deviation']:.1%}; limits {limits['max_error']:.0%}, "
+            f"{limits['max_gain_deviation']:.0%})")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..safety import remote_code_trusted
-from .probes import CHAT_MESSAGES, PROMPTS, Check, Client
+from .probes import CHAT_MESSAGES, PROMPTS, Check, Client, EndpointUnanswered
 
 MARK = "Q7xZ"  # an assistant reply that no template writes, to find what follows a turn
 LONG_MARGIN = 32  # tokens past the original context
@@ -141,10 +141,6 @@ def probe_end_of_turn(client: Client, facts: ChatFacts) -> Check:
     return Check("end-of-turn", "passed", f"a chat turn ends with finish_reason=stop on each of {names}")
 
 
-class EndpointUnanswered(Exception):
-    """The engine's tokenizer endpoint answered 5xx: the check could not run (the engine's failure)."""
-
-
 def _engine_tokens(client: Client, api: str, text: str) -> list[int]:
     try:
         if api == "llamacpp":
@@ -156,18 +152,7 @@ def _engine_tokens(client: Client, api: str, text: str) -> list[int]:
         raise
 
 
-def _unanswered(name: str, probe):
-    """``probe`` with an unanswered endpoint counted as incomplete (by the engine), not failed (by the artifact)."""
-    def run(*args) -> Check:
-        try:
-            return probe(*args)
-        except EndpointUnanswered as exc:
-            return Check(name, "incomplete", str(exc))
-    run.__doc__ = probe.__doc__
-    return run
-
-
-def _probe_tokenizer(client: Client, facts: ChatFacts, api: str | None) -> Check:
+def probe_tokenizer(client: Client, facts: ChatFacts, api: str | None) -> Check:
     """The engine's tokenizer gives the artifact's ids for the probes' prompts and the rendered chat prompt: an
     engine that rebuilds the tokenizer its own way feeds the model other tokens than it was trained on."""
     if api is None:
@@ -192,7 +177,7 @@ def _shown(facts: ChatFacts, ids) -> str:
     return "[" + ", ".join(f"{i} {facts.pieces[i]!r}" if 0 <= i < len(facts.pieces) else str(i) for i in ids) + "]"
 
 
-def _probe_special_tokens(client: Client, facts: ChatFacts, api: str | None) -> Check:
+def probe_special_tokens(client: Client, facts: ChatFacts, api: str | None) -> Check:
     """Each special token the chat template writes is one token, the same id, in the engine's tokenizer."""
     if api is None:
         return Check("special-tokens", "incomplete", "the engine has no tokenizer endpoint")
@@ -235,7 +220,3 @@ def probe_chat(client: Client, facts: ChatFacts, max_tokens: int) -> Check:
     ok = isinstance(content, str) and r["choices"][0].get("finish_reason") in ("stop", "length")
     compared = "the template's length" if facts.chat_ids else "length not compared: no tokenizer files"
     return Check("chat", "passed" if ok else "failed", f"{prompt_tokens} prompt tokens ({compared}): {str(content)[:60]!r}")
-
-
-probe_tokenizer = _unanswered("tokenizer", _probe_tokenizer)
-probe_special_tokens = _unanswered("special-tokens", _probe_special_tokens)

@@ -264,11 +264,19 @@ def _ask_tokens(client: Client, probing: Probing, prompt: str) -> tuple[list[int
     return ids, values, choice.get("text", ""), len(tokens)
 
 
+class EndpointUnanswered(Exception):
+    """An engine endpoint a check needs (its tokenizer's) answered 5xx: the check could not run, by the
+    engine's failure, not the artifact's."""
+
+
 def guarded(name: str, fn) -> Check:
-    """Run one probe, timed; a probe that breaks is a failed check with the reason, never an exception."""
+    """Run one probe, timed; a probe that breaks is a failed check with the reason (incomplete when an endpoint
+    it needs did not answer), never an exception."""
     t0 = time.perf_counter()
     try:
         result = fn()
+    except EndpointUnanswered as exc:
+        result = Check(name, "incomplete", str(exc))
     except Exception as exc:  # noqa: BLE001 - whatever broke is the probe's finding
         result = Check(name, "failed", f"{type(exc).__name__}: {exc}")
     result.seconds = round(time.perf_counter() - t0, 3)

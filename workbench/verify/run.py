@@ -230,7 +230,7 @@ def read_back_check(artifact: Path, reference: Path) -> Check | None:
     from transformers import AutoTokenizer
 
     from ..quantize.calibration import evaluation_blocks
-    from ..readback import SAMPLES, SEQ_LEN, read_back
+    from ..readback import SAMPLES, SEQ_LEN, describe, read_back
 
     t0 = time.perf_counter()
     try:
@@ -240,9 +240,9 @@ def read_back_check(artifact: Path, reference: Path) -> Check | None:
         return Check("read-back", "incomplete", f"could not run: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     if read is None:
         return None
-    failures = read.failures()
-    return Check("read-back", "failed" if failures else "passed", "; ".join(failures[:3]) or read.summary(),
-                 metrics=read.as_dict(), seconds=round(time.perf_counter() - t0, 1))
+    recorded = read.as_dict()
+    return Check("read-back", "failed" if recorded["failures"] else "passed", describe(recorded), metrics=recorded,
+                 seconds=round(time.perf_counter() - t0, 1))
 
 
 def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int, on_event) -> dict:
