@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -484,10 +485,16 @@ def inspect_cmd(path, tps, check, as_json):
               "plus the unfinished artifacts they read.")
 @click.option("--force", is_flag=True, help="Redo the selected stages even when their outputs are up to date.")
 @click.option("--dry-run", is_flag=True, help="Print the plan: which stages would run and why, which are cached.")
-@click.option("--json", "as_json", is_flag=True, help="Print the release index (or with --dry-run the plan) as JSON on stdout.")
+@click.option("--store", type=click.Path(path_type=Path), help="A folder every job reads (overrides the file's `store`): "
+              "stages finished by other jobs are taken from it, stages built here are put in it, by stage key.")
+@click.option("--plan", "stage_plan", is_flag=True, help="Print the stage graph as jobs for another scheduler: each stage, "
+              "the stages it needs, its resources and the `--only` command that runs it (needs a store).")
+@click.option("--gather", is_flag=True, help="Build nothing: take every stage the jobs finished from the store, then "
+              "write the cards, reports and release.json as a one-machine run would.")
+@click.option("--json", "as_json", is_flag=True, help="Print the release index (or with --dry-run or --plan the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="One line per finished stage and the verdict (for CI logs).")
 @_trust_remote_code
-def release(file, out, only, force, dry_run, as_json, quiet):
+def release(file, out, only, force, dry_run, store, stage_plan, gather, as_json, quiet):
     """Run a release FILE (YAML): merge, quantize, convert and verify as it says, in dependency order.
 
     A stage is skipped when its key (sha256 of its inputs' content, its options and recipe, the tool
@@ -504,13 +511,27 @@ def release(file, out, only, force, dry_run, as_json, quiet):
     Exit codes: 0 every stage passed and every artifact is what it must be, 1 an artifact failed a check,
     2 bad release file or input, 3 engine or memory missing, 4 incomplete (a required check could not run,
     or an artifact is short of its requirement), 5 internal error.
+
+    \b
+    Fanning out (a CI matrix, several machines): `--plan --json` lists the stages as jobs; each job runs its
+    `--only ID --store STORE` command in its own working folder once the jobs it needs have finished; then
+    `--gather --store STORE` writes the release from what the jobs put in the store.
     """
     from .release.console import ConsoleObserver
     from .release.publish import table, verdict
-    from .release.run import plan, run_release
+    from .release.run import plan, run_release, stage_graph
     from .release.spec import load_release
 
-    spec = load_release(file, out)
+    if sum((dry_run, stage_plan, gather)) > 1:
+        raise click.UsageError("--dry-run, --plan and --gather go one at a time")
+    spec = load_release(file, out, store)
+    if stage_plan:
+        graph = stage_graph(spec)
+        if as_json:
+            click.echo(json.dumps(graph, indent=2))
+        for job in [] if as_json else graph:
+            click.echo(f"{job['id']:28} {job['kind']:9} needs {', '.join(job['needs']) or '-':20} {shlex.join(job['command'])}")
+        return
     if dry_run:
         decisions = plan(spec, tuple(only), force)
         if as_json:
@@ -524,7 +545,7 @@ def release(file, out, only, force, dry_run, as_json, quiet):
     # --json alone: nothing but the index; with -q also one line per stage on stderr
     observer = ConsoleObserver(quiet or as_json, silent=as_json and not quiet)
     try:
-        index = run_release(spec, tuple(only), force, observer)
+        index = run_release(spec, tuple(only), force, observer, gather=gather)
     finally:
         observer.close()
     if as_json:
@@ -540,8 +561,8 @@ def release(file, out, only, force, dry_run, as_json, quiet):
         Console(width=None if sys.stdout.isatty() else 160).print(grid)
         click.echo(f"index: {index['reports']['index']}")
     served = sum(a["state"] == "served" for a in index["artifacts"].values())
-    click.echo(f"{verdict(index)}: release {index['name']} ({served}/{len(index['artifacts'])} artifacts served) -> "
-               f"{index['output']}", err=True)
+    scope = f"stages {', '.join(index['only'])}" if index["only"] else f"{served}/{len(index['artifacts'])} artifacts served"
+    click.echo(f"{verdict(index)}: release {index['name']} ({scope}) -> {index['output']}", err=True)
     sys.exit(index["exit_code"])
 
 

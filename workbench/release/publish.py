@@ -24,7 +24,9 @@ from .spec import SOURCE, Release, Stage
 INDEX = "release.json"
 
 
-def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str) -> dict:
+def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str, partial: bool = False) -> dict:
+    """The release's files from this run's stage ``results``. ``partial`` (--only): the verdict covers the
+    stages run here (a job of a fanned-out release), not the artifacts' requirements."""
     stages = [_stage_entry(s, results.get(s.id)) for s in release.stages]
     by_id = {e["id"]: e for e in stages}
     artifacts = {}
@@ -49,13 +51,13 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
         artifacts[stage.id]["files"] = manifest.get("files", {}) if manifest else {}
         artifacts[stage.id]["manifest"] = str(manifest_path(stage.output)) if manifest else None
     failures = [r for r in results.values() if r.action in ("failed", "incomplete", "blocked")]
-    passed = not failures and all(e["status"] == "ok" for e in stages) and all(a["meets_requirement"] for a in artifacts.values())
+    passed = not failures and (partial or all(e["status"] == "ok" for e in stages) and all(a["meets_requirement"] for a in artifacts.values()))
     index = {
         "workbench_release": 2, "name": release.name, "workbench": __version__,
         "file": {"path": str(release.file), "sha256": sha256_file(release.file)},
         "output": str(release.output), "started": started, "finished": now(),
         "versions": keys.versions, "engines": keys.engine_versions,
-        "stages": stages, "artifacts": artifacts, "passed": passed,
+        "stages": stages, "artifacts": artifacts, "passed": passed, "only": [s.id for s in release.stages if s.id in results] if partial else None,
         # the first failure's code; a release that is not done (an artifact short of its requirement) is incomplete
         "exit_code": next((r.exit_code for r in failures if r.exit_code), 0 if passed else INCOMPLETE),
     }
@@ -110,7 +112,7 @@ def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
         entry = {"id": stage.id, "kind": stage.kind, "action": "not selected", "key": key,
                  "status": status or "missing", "output": str(stage.output)}
     else:
-        status = "ok" if result.action in ("built", "cached") else result.action  # failed | incomplete | blocked
+        status = "ok" if result.action in ("built", "cached", "fetched") else result.action  # failed | incomplete | blocked
         entry = {"id": stage.id, "kind": stage.kind, "action": result.action, "key": result.key, "status": status,
                  "output": result.output, "seconds": result.seconds}
         if result.error:

@@ -27,6 +27,7 @@ from ..manifest import folder_digest, last_step, manifest_path, now, read_manife
 from ..engines import ENGINES, engine_python, engine_version
 from ..safety import claim, exclusive, remove_owned
 from .spec import SOURCE, UNMERGED, Release, Stage, check_contained
+from .store import Store
 
 MARKER = "stage.json"  # written last into a verify stage's report folder
 CARD = "README.md"
@@ -58,7 +59,7 @@ class Decision:
 class StageResult:
     id: str
     kind: str
-    action: str  # built | cached | failed | incomplete | blocked
+    action: str  # built | cached | fetched (from the store) | failed | incomplete | blocked
     output: str
     key: str | None = None
     seconds: float = 0.0
@@ -74,10 +75,12 @@ class Keys:
     its stat, so asking again is cheap and sees a change), an artifact's files as listed in its manifest
     (the model card excluded: it is rewritten every run)."""
 
-    def __init__(self, release: Release):
+    def __init__(self, release: Release, pinned_engines: dict[str, str | None] | None = None):
         self.release = release
         self._engines: dict[str, str | None] = {}
         self.versions = tool_versions()
+        # verify stage id -> the engine version the job that ran it recorded (--gather serves nothing itself)
+        self.pinned_engines = pinned_engines or {}
 
     def source_digest(self, which: str) -> str:
         path = self.release.base if which == "base" else self.release.adapter
@@ -96,6 +99,13 @@ class Keys:
         if name not in self._engines:
             self._engines[name] = engine_version(ENGINES[name], engine_python(ENGINES[name]))
         return self._engines[name]
+
+    def engine_of(self, stage: Stage) -> str | None:
+        name = stage.options["engine"]
+        if stage.id in self.pinned_engines:
+            self._engines.setdefault(name, self.pinned_engines[stage.id])
+            return self.pinned_engines[stage.id]
+        return self.engine(name)
 
     @property
     def engine_versions(self) -> dict[str, str | None]:
@@ -122,7 +132,7 @@ class Keys:
         if stage.kind == "gguf" and stage.options.get("imatrix") not in (None, "default"):
             extra = {"imatrix_sha256": _file_sha256(Path(stage.options["imatrix"]))}
         if stage.kind == "verify":
-            extra = {"engine_version": self.engine(stage.options["engine"])}
+            extra = {"engine_version": self.engine_of(stage)}
         blob = {"kind": stage.kind, "options": stage.options, "inputs": inputs, "versions": self.versions, **extra}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -234,13 +244,15 @@ def plan(release: Release, only: tuple[str, ...] = (), force: bool = False) -> l
         d = decide(release, keys, stage, stage.id in forced, rebuilt)
         if d.run:
             rebuilt.add(stage.id)
-            d.estimate = stage_estimate(release, stage)
+            estimate = stage_estimate(release, stage)
+            d.estimate = ("reference " if stage.kind == "verify" else "") + estimate.describe() if estimate else None
         decisions.append(d)
     return decisions
 
 
-def stage_estimate(release: Release, stage: Stage) -> str | None:
-    """A model-running stage's estimate, from the base's header (a merge keeps its shapes)."""
+def stage_estimate(release: Release, stage: Stage):
+    """A model-running stage's runner.Estimate, from the base's header (a merge keeps its shapes); None for
+    the stages that stream tensors without running the model."""
     from ..checkpoint import Checkpoint
     from ..quantize.recipe import load
     from ..quantize.run import quantize_estimate
@@ -249,25 +261,59 @@ def stage_estimate(release: Release, stage: Stage) -> str | None:
     if stage.kind == "quantize":
         o = stage.options
         recipe = load(o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None).with_overrides(**o["overrides"])
-        return quantize_estimate(Checkpoint(release.base), recipe).describe()
+        return quantize_estimate(Checkpoint(release.base), recipe)
     if stage.kind == "verify":
-        return "reference " + reference_estimate(release.base, PROMPTS, MAX_TOKENS).describe()
+        return reference_estimate(release.base, PROMPTS, MAX_TOKENS)
     return None
+
+
+def stage_graph(release: Release) -> list[dict]:
+    """The stages as jobs for another scheduler (a CI matrix, Ray): each with the artifacts it needs, the
+    resources it asks for (GPUs: one per engine rank; memory: the runner's estimate) and the command that
+    runs it alone. Jobs share their outputs through the release's store, so each may run on its own machine
+    once the jobs it needs have finished."""
+    if release.store is None:
+        raise BadInput(f"{release.file.name}: a plan's jobs share their outputs through a store: add `store: FOLDER` "
+                       "to the release file or pass --store")
+    graph = []
+    for stage in release.stages:
+        estimate = stage_estimate(release, stage)
+        o = stage.options
+        ranks = max(o["tp"]) * o["pp"] * o["dp"] if stage.kind == "verify" else 0
+        graph.append({
+            "id": stage.id, "kind": stage.kind, "needs": [n for n in stage.needs if n not in (SOURCE, UNMERGED)],
+            "resources": {"cpus": 1, "gpus": ranks, "memory_bytes": estimate.peak_bytes if estimate else None},
+            "command": ["workbench", "release", str(release.file), "--only", stage.id, "--store", str(release.store)],
+        })
+    return graph
 
 
 # ---------------------------------------------------------------- running
 
-def run_release(release: Release, only: tuple[str, ...] = (), force: bool = False, observer: Observer | None = None) -> dict:
-    """Run the selected stages; returns the release index (also written to <output>/release.json)."""
+def run_release(release: Release, only: tuple[str, ...] = (), force: bool = False, observer: Observer | None = None,
+                gather: bool = False) -> dict:
+    """Run the selected stages; returns the release index (also written to <output>/release.json). With a
+    store, a stage another job finished is taken from it and a stage built here is put there. ``gather``
+    builds nothing: every stage not finished here is taken from the store as its job left it."""
     with exclusive(release.output, "release output"):
         check_contained(release)
-        return _run_locked(release, only, force, observer or Observer())
+        store = Store(release.store) if release.store else None
+        if gather and store is None:
+            raise BadInput(f"{release.file.name}: --gather takes the stages from a store: add `store: FOLDER` or pass --store")
+        pinned = _recorded_engines(release, store) if gather else {}
+        return _run_locked(release, Keys(release, pinned), only, force, observer or Observer(), store, gather)
 
 
-def _run_locked(release: Release, only: tuple[str, ...], force: bool, observer: Observer) -> dict:
+def _recorded_engines(release: Release, store: Store) -> dict[str, str | None]:
+    """The engine version each verify job recorded in the store (the gathering machine serves nothing)."""
+    pointers = {s.id: store.pointer(release.name, s.id) for s in release.stages if s.kind == "verify"}
+    return {stage_id: p.get("engine_version") for stage_id, p in pointers.items() if p}
+
+
+def _run_locked(release: Release, keys: Keys, only: tuple[str, ...], force: bool, observer: Observer,
+                store: Store | None, gather: bool) -> dict:
     started = now()
-    keys, chosen = Keys(release), select(release, only)
-    forced = _forced(release, only, force)
+    chosen, forced = select(release, only), _forced(release, only, force)
     for stage in release.stages:
         if stage.id in chosen and _foreign(release, stage) and stage.id not in forced:
             raise BadInput(f"output exists and was not made by release {release.name!r}: {stage.output} (use --force to replace it)")
@@ -278,28 +324,66 @@ def _run_locked(release: Release, only: tuple[str, ...], force: bool, observer: 
         failed_inputs = [n for n in stage.needs if n in results and results[n].action in ("failed", "incomplete", "blocked")]
         if failed_inputs:
             result = StageResult(stage.id, stage.kind, "blocked", str(stage.output), error=f"{failed_inputs[0]} failed")
-            observer.stage_finished(result)
-            results[stage.id] = result
-            continue
-        try:
-            d = decide(release, keys, stage, stage.id in forced, set())
-        except WorkbenchError as exc:
-            result = StageResult(stage.id, stage.kind, _action(exc.exit_code), str(stage.output), error=str(exc),
-                                 exit_code=exc.exit_code)
-            observer.stage_finished(result)
-            results[stage.id] = result
-            continue
-        observer.stage_started(stage, number, len(selected), d.reason)
-        if not d.run:
-            result = StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key)
         else:
-            result = _run_stage(release, stage, d.key, observer, logs, keys)
+            result = _settle(release, keys, stage, stage.id in forced, observer, logs, store, gather, (number, len(selected)))
         observer.stage_finished(result)
         results[stage.id] = result
         gc.collect()
     from .publish import publish
 
-    return publish(release, keys, results, started)
+    return publish(release, keys, results, started, partial=bool(only))
+
+
+def _settle(release: Release, keys: Keys, stage: Stage, forced: bool, observer: Observer, logs: Path,
+            store: Store | None, gather: bool, position: tuple[int, int]) -> StageResult:
+    """One stage: cached here, taken from the store, built (and put in the store), or (gathering) missing."""
+    try:
+        d = decide(release, keys, stage, forced, set())
+    except WorkbenchError as exc:
+        return StageResult(stage.id, stage.kind, _action(exc.exit_code), str(stage.output), error=str(exc), exit_code=exc.exit_code)
+    observer.stage_started(stage, *position, d.reason)
+    if not d.run:
+        if store is not None and store.result(d.key) is None:
+            _put(release, store, stage, StageResult(stage.id, stage.kind, "built", str(stage.output), d.key), keys)
+        return StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key)
+    if store is not None and d.key and not forced:
+        taken = _take(store, stage, d.key, logs, gather)
+        if taken is not None:
+            return taken
+    if gather:
+        why = "its inputs are not all in the store" if d.key is None else "not in the store: no job has run it"
+        return StageResult(stage.id, stage.kind, "incomplete", str(stage.output), d.key, error=why, exit_code=INCOMPLETE)
+    result = _run_stage(release, stage, d.key, observer, logs, keys)
+    if store is not None and d.key:
+        _put(release, store, stage, result, keys)
+    return result
+
+
+def _outputs(stage: Stage) -> list[Path]:
+    """What a stage writes, in the order it makes them whole (a .gguf's sidecar manifest, then the file)."""
+    return [manifest_path(stage.output), stage.output] if stage.kind == "gguf" else [stage.output]
+
+
+def _put(release: Release, store: Store, stage: Stage, result: StageResult, keys: Keys) -> None:
+    entry = {"action": result.action, "error": result.error, "exit_code": result.exit_code, "seconds": result.seconds,
+             "engine_version": keys.engine_of(stage) if stage.kind == "verify" else None}
+    store.put(result.key, _outputs(stage), entry, Path(result.log) if result.log else None, (release.name, stage.id))
+
+
+def _take(store: Store, stage: Stage, key: str, logs: Path, gather: bool) -> StageResult | None:
+    """The stage as a job left it in the store: only a finished one, unless gathering (failures are reported
+    then, and redone by a job)."""
+    entry = store.result(key)
+    if entry is None or (entry["action"] != "built" and not gather):
+        return None
+    log = logs / f"{stage.id}.log"
+    fetched = store.fetch(key, _outputs(stage), log)
+    finished = entry["action"] == "built"
+    if finished and (not fetched or recorded_key(stage)[0] != key):  # a damaged entry is not trusted
+        return None
+    action = "fetched" if finished else entry["action"]
+    return StageResult(stage.id, stage.kind, action, str(stage.output), key, entry.get("seconds", 0.0), entry.get("error"),
+                       entry.get("exit_code", 0), str(log) if log.is_file() else None)
 
 
 def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, logs: Path, keys: Keys) -> StageResult:

@@ -29,6 +29,7 @@ TOP = {
     "base_model": ((str,), "the base's hub id for model cards (default: the base folder's name)"),
     "license": ((str,), "license for model cards"),
     "output": ((str,), "output root"),
+    "store": ((str,), "a folder every node reads: finished stages by key, shared by jobs on several machines"),
     "gates": ((dict,), "default quality gates"),
     "artifacts": ((dict,), "artifacts to build, by id"),
     "verify": ((list,), "verify matrix"),
@@ -73,6 +74,7 @@ class Release:
     license: str | None
     output: Path
     stages: list[Stage] = field(default_factory=list)  # in dependency order
+    store: Path | None = None  # release/store.py: where jobs on other machines put and find finished stages
 
     def stage(self, stage_id: str) -> Stage:
         return next(s for s in self.stages if s.id == stage_id)
@@ -103,7 +105,7 @@ def _path(here: Path, value: str, where: str) -> Path:
     return (here / expanded).resolve()
 
 
-def load_release(file: Path, output: Path | None = None) -> Release:
+def load_release(file: Path, output: Path | None = None, store: Path | None = None) -> Release:
     file = Path(file).absolute()
     if not file.is_file():
         raise BadInput(f"release file not found: {file}")
@@ -127,6 +129,7 @@ def load_release(file: Path, output: Path | None = None) -> Release:
         file=file, text=text, name=data["name"], base=base, adapter=adapter,
         base_model=data.get("base_model") or base.name, license=data.get("license"),
         output=Path(output).absolute() if output else _path(here, data.get("output", f"{file.stem}-release"), f"{where}: output"),
+        store=Path(store).absolute() if store else _path(here, data["store"], f"{where}: store") if data.get("store") else None,
     )
     defaults = _gates(data.get("gates"), (*QUANTIZE_GATES, *VERIFY_GATES), f"{where}: gates")
     _artifact_stages(release, data["artifacts"], defaults, here, where)
