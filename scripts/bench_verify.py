@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 import fixtures  # noqa: E402
 from benchlib import save  # noqa: E402
 
-from workbench.verify.launch import free_port  # noqa: E402
+from workbench.process import free_port  # noqa: E402
 from workbench.engines import ENGINES, engine_python  # noqa: E402
 
 

@@ -69,6 +69,14 @@ QUANTIZE_CALIBRATION = ("--samples", "32", "--seq-len", "128")
 
 
 @pytest.fixture(scope="session")
+def merged(llama, llama_lora, tmp_path_factory) -> Path:
+    """The fixture's LoRA merged into the Llama (bf16), shared by the tests that serve it."""
+    out = tmp_path_factory.mktemp("verify") / "llama-lora-merged"
+    assert run("merge", llama, llama_lora, "--out", out).exit_code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def quantized_llama(llama, tmp_path_factory):
     """``make(recipe, format=None)``: the trained Llama quantized with that recipe (32 x 128 calibration
     samples), made once per session."""

@@ -6,7 +6,6 @@ then vLLM itself serving an FP8 artifact through them, and a control with a wron
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch

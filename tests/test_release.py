@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_one_line_error, run
+from workbench.process import session_alive
 from workbench.release.run import ENGINE_GROUPS
 
 RELEASE_FILE = ROOT / "examples" / "fixture-release.yaml"
@@ -324,6 +325,31 @@ verify:
     assert Path(by_id["fp8"]["log"]).read_text().count("FAILED: quality gates failed") == 1
     plan = {p["id"]: p for p in json.loads(run("release", path, "--dry-run", "--json").stdout)}
     assert plan["fp8"]["run"] and plan["fp8"]["reason"] == "last run failed" and not plan["f16"]["run"]
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_example_release_over_a_local_two_node_ray_cluster_equals_the_plain_run(released, tmp_path, figures):
+    out, plain, plain_seconds = released
+    t0 = time.monotonic()
+    result = release(RELEASE_FILE, "--out", tmp_path / "ray", "--ray", "local:2", "--json", timeout=1800)
+    seconds = time.monotonic() - t0
+    assert result.returncode == 0, result.stderr
+    index = json.loads(result.stdout)
+    cluster = index["cluster"]
+    assert cluster["nodes"] == 2 and [j["id"] for j in cluster["jobs"]] == [s["id"] for s in plain["stages"]]
+    assert all(j["exit_code"] == 0 for j in cluster["jobs"]), cluster["jobs"]
+    assert len({j["node"] for j in cluster["jobs"]}) == 2  # independent stages ran on both nodes
+    assert all(not session_alive(sid) for sid in cluster["local_node_sessions"])  # every Ray process is gone
+    assert {s["id"]: s["action"] for s in index["stages"]} == {s["id"]: "fetched" for s in plain["stages"]}
+    for artifact_id, entry in plain["artifacts"].items():
+        other = index["artifacts"][artifact_id]
+        assert (entry["state"], entry["kernels"]) == (other["state"], other["kernels"]), artifact_id
+        assert [v["verdict"] for v in entry["verifications"]] == [v["verdict"] for v in other["verifications"]]
+    ray_hashes = {k: v for k, v in artifact_hashes(tmp_path / "ray").items() if not k.startswith("store/")}  # its default store
+    assert artifact_hashes(out) == ray_hashes
+    figures["release over a local 2-node Ray cluster"] = {"plain s": round(plain_seconds, 1), "ray s": round(seconds, 1),
+                                                         "ray": cluster["ray"]}
 
 
 # ---------------------------------------------------------------- SIGKILL at random points, then a re-run

@@ -15,19 +15,12 @@ import xml.etree.ElementTree as ET
 import pytest
 
 from conftest import assert_one_line_error, run
-from workbench.engines import ENGINES, multinode_commands, thread_binding
+from workbench.engines import ENGINES, Layout, multinode_commands, thread_binding
 from workbench.errors import EnvironmentProblem
 from workbench.verify.launch import Server, first_error_line
 from workbench.verify.probes import stop_string
 
 EAGER = "--extra-arg=--enforce-eager"  # CPU CI: skip torch.compile (ready in ~20-50 s instead of ~90)
-
-
-@pytest.fixture(scope="module")
-def merged(llama, llama_lora, tmp_path_factory):
-    out = tmp_path_factory.mktemp("verify") / "llama-lora-merged"
-    assert run("merge", llama, llama_lora, "--out", out).exit_code == 0
-    return out
 
 
 def stand_in_engine(tmp_path, body: str):
@@ -124,13 +117,15 @@ def test_sglang_not_installed_says_how_to_install(merged, tmp_path):
     assert "workbench engines install sglang" in run("verify", merged, "--server", "sglang", "--python", sys.executable).stderr
 
 
-def test_multinode_commands_are_printed():
-    vllm = "\n".join(multinode_commands(ENGINES["vllm"], "/m", 8, 2))
-    assert "ray start --head" in vllm and "--tensor-parallel-size 8 --pipeline-parallel-size 2" in vllm
-    sglang = multinode_commands(ENGINES["sglang"], "/m", 8, 2)
-    assert len(sglang) == 2 and "--nnodes 2 --node-rank 1 --dist-init-addr HEAD_IP:5000" in sglang[1]
-    result = run("verify", "/m", "--server", "sglang", "--tp", "8", "--nodes", "2")
-    assert result.exit_code == 0 and "--node-rank 0" in result.output
+def test_multinode_commands_for_real_hosts_and_layouts_nodes_cannot_share(merged):
+    vllm = "\n".join(multinode_commands(ENGINES["vllm"], "/m", Layout(8, 2), 2))
+    assert "ray start --head" in vllm
+    assert "vllm serve /m --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray" in vllm
+    sglang = multinode_commands(ENGINES["sglang"], "/m", Layout(8), 2)
+    assert len(sglang) == 2 and "--tp 8 --nnodes 2 --node-rank 1 --dist-init-addr HEAD_IP:5000" in sglang[1]
+    assert_one_line_error(run("verify", merged, "--server", "llamacpp", "--nodes", "2"), 2, "llamacpp has no multi-node serving")
+    assert_one_line_error(run("verify", merged, "--server", "sglang", "--tp", "3", "--nodes", "2"), 2,
+                          "tp=3 is 3 rank(s), which 2 nodes cannot share equally")
 
 
 def test_preflight_from_a_config_alone(llama, tmp_path):
@@ -460,7 +455,7 @@ def test_sglang_gpu_command_lines_pass_its_own_parser(merged, llama_lora):
     tps = (1, 2, 8)  # launched as a GPU machine gets it: no CPU-only settings
     launches = [Server(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
                 for tp in tps]
-    nodes = [c.splitlines()[1].split()[3:] for c in multinode_commands(ENGINES["sglang"], str(merged), 8, 2)]
+    nodes = [c.splitlines()[1].split()[3:] for c in multinode_commands(ENGINES["sglang"], str(merged), Layout(16), 2)]
     typo = ["--model-path", str(merged), "--tensor-parallel-sise", "2"]
     # LoRA served unmerged (refused at start-up on CPU, so checked here) and pipeline / data parallel
     lora = Server(ENGINES["sglang"], merged, tp=2, python=python, gpu=True, adapters={"ad": llama_lora}, lora_rank=8).argv()[3:]

@@ -342,7 +342,9 @@ def _tp_list(value: str) -> list[int]:
               "alone (ARTIFACT may be a config.json or a folder without weights); start and write nothing.")
 @click.option("--no-marlin", is_flag=True, help="Preflight for a deploy without Marlin kernels (e.g. CPU).")
 @click.option("--nodes", type=int, default=1, show_default=True,
-              help="With N > 1, print the multi-node serving commands for this layout and exit (not run here).")
+              help="Serve each layout across N nodes, run here as N local nodes (SGLang: one process per node; vLLM: a "
+                   "Ray cluster of N nodes), each in its own process group with its own port and CPUs; the commands "
+                   "for N real hosts are printed and kept in the report.")
 @click.option("--min-token-agreement", type=float, help="Gate: smallest fraction of the engine's greedy tokens that are "
               "the reference's top-1 (default by kind: 0.95 full precision, 0.9 8-bit, 0.8 4-bit).")
 @click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")
@@ -370,7 +372,6 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
     Exit codes: 0 passed, 1 the artifact failed a check, 2 bad input, 3 engine missing or broken,
     4 incomplete (e.g. no reference model for a quantized artifact), 5 internal error.
     """
-    from .engines import ENGINES, multinode_commands
     from .verify.run import preflight_only as run_preflight, verify as run_verify
 
     if preflight_only:
@@ -383,15 +384,11 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
         sys.exit(0 if result["passed"] else 1)
     if engine is None:
         raise click.UsageError("give --server (or --preflight-only)")
-    if nodes > 1:
-        for tp in tps:
-            click.echo("\n\n".join(multinode_commands(ENGINES[engine], str(artifact), tp, nodes)))
-        return
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     gates = {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta)) if v is not None}
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
                         force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens,
-                        pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency)
+                        pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency, nodes=nodes)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -400,10 +397,12 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
         for run in report["runs"]:
             for c in run["checks"]:
                 click.echo(f"{run.get('layout', 'tp=' + str(run['tp']))} {c['name']:14} {c['status']:10} {c['detail'].splitlines()[0] if c['detail'] else ''}")
+        for tp, commands in (report["multinode_commands"] or {}).items():
+            click.echo(f"on {nodes} hosts (tp={tp}; HEAD_IP: the first host's address):\n" + "\n".join(commands))
         if report["kernels"] != "native":  # reference kernels, or the native CPU kernel and its instruction sets
             click.echo(f"kernels: {report['kernels']}")
         click.echo(f"reports: {report['reports']['markdown']}")
-    layout = "".join(f" {axis}={n}" for axis, n in (("pp", pp), ("dp", dp)) if n > 1)
+    layout = "".join(f" {axis}={n}" for axis, n in (("pp", pp), ("dp", dp), ("nodes", nodes)) if n > 1)
     click.echo(f"{report['verdict'].upper()}: {report['artifact']} on {engine} tp={','.join(map(str, tps))}{layout}", err=as_json)
     sys.exit(VERDICT_EXIT[report["verdict"]])
 
@@ -491,10 +490,13 @@ def inspect_cmd(path, tps, check, as_json):
               "the stages it needs, its resources and the `--only` command that runs it (needs a store).")
 @click.option("--gather", is_flag=True, help="Build nothing: take every stage the jobs finished from the store, then "
               "write the cards, reports and release.json as a one-machine run would.")
+@click.option("--ray", "ray_address", metavar="ADDRESS", help="Run each stage as a Ray task on a cluster (HOST:PORT), or on a "
+              "local one: auto (one node) or local:N (N nodes on this machine); the outputs meet in the store "
+              "(default for a local cluster: <output>/store). Needs `pip install workbench[ray]`.")
 @click.option("--json", "as_json", is_flag=True, help="Print the release index (or with --dry-run or --plan the plan) as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="One line per finished stage and the verdict (for CI logs).")
 @_trust_remote_code
-def release(file, out, only, force, dry_run, store, stage_plan, gather, as_json, quiet):
+def release(file, out, only, force, dry_run, store, stage_plan, gather, ray_address, as_json, quiet):
     """Run a release FILE (YAML): merge, quantize, convert and verify as it says, in dependency order.
 
     A stage is skipped when its key (sha256 of its inputs' content, its options and recipe, the tool
@@ -522,8 +524,10 @@ def release(file, out, only, force, dry_run, store, stage_plan, gather, as_json,
     from .release.run import plan, run_release, stage_graph
     from .release.spec import load_release
 
-    if sum((dry_run, stage_plan, gather)) > 1:
-        raise click.UsageError("--dry-run, --plan and --gather go one at a time")
+    if sum((dry_run, stage_plan, gather, bool(ray_address))) > 1:
+        raise click.UsageError("--dry-run, --plan, --gather and --ray go one at a time")
+    if ray_address and (only or force):
+        raise click.UsageError("--ray runs the whole release (each stage a task); --only and --force apply without it")
     spec = load_release(file, out, store)
     if stage_plan:
         graph = stage_graph(spec)
@@ -545,7 +549,12 @@ def release(file, out, only, force, dry_run, store, stage_plan, gather, as_json,
     # --json alone: nothing but the index; with -q also one line per stage on stderr
     observer = ConsoleObserver(quiet or as_json, silent=as_json and not quiet)
     try:
-        index = run_release(spec, tuple(only), force, observer, gather=gather)
+        if ray_address:
+            from .release.fanout import run_on_ray
+
+            index = run_on_ray(spec, ray_address, observer)
+        else:
+            index = run_release(spec, tuple(only), force, observer, gather=gather)
     finally:
         observer.close()
     if as_json:

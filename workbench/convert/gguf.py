@@ -30,7 +30,7 @@ from ..errors import BadInput, EnvironmentProblem
 from ..families import check_handled, expert_count
 from ..hf import adds_bos, quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
-from ..verify.guard import set_parent_death_signal
+from ..guard import set_parent_death_signal
 from ..engines import ENGINES, check_installed, engine_python
 from .imatrix import importance_matrix
 from ..quantize.recipe import Calibration

