@@ -69,7 +69,7 @@ def test_method_names_users_type():
 
 
 def _synopses() -> dict[str, set[str]]:
-    """Each `workbench ...` synopsis line in the README's code blocks (continuation lines joined): options."""
+    """Each command's synopsis lines in the README's code blocks (continuation lines joined): their options."""
     text = (ROOT / "README.md").read_text()
     found: dict[str, set[str]] = {}
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
@@ -82,7 +82,7 @@ def _synopses() -> dict[str, set[str]]:
                 line += " " + lines[i]
             words = line.split()
             path = [w for w in words[1:4] if re.fullmatch(r"[a-z]+", w)]
-            found[" ".join(path)] = set(re.findall(r"(?<![\w=-])(--[a-z][a-z0-9-]*|-q)\b", line))
+            found.setdefault(" ".join(path), set()).update(re.findall(r"(?<![\w=-])(--[a-z][a-z0-9-]*|-q)\b", line))
     return found
 
 

@@ -6,7 +6,9 @@ commands for real hosts pass the engines' own parsers. Every process the nodes s
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import time
 
 import pytest
@@ -83,3 +85,25 @@ def test_vllm_over_a_local_two_node_ray_cluster(merged, tmp_path, monkeypatch, f
     assert parsed[0] == ["0", "2", "2", "ray"], done.stderr[-1500:]
     assert parsed[1] == ["2"] and "--pipeline-parallel-sise" in done.stderr  # the parser does refuse
     figures["vllm over a 2-node local Ray cluster"] = {"refused after s": round(seconds, 1)}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_sigkill_of_the_workbench_takes_every_node_down(merged, tmp_path):
+    """SIGKILLed while the Ray nodes and the engine run: each guard takes its group and session down."""
+    record = tmp_path / "groups.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "workbench", "verify", str(merged), "--server", "vllm", "--tp", "2",
+                             "--nodes", "2", "--report", str(tmp_path / "r"), "--extra-arg=--enforce-eager"],
+                            env={**os.environ, "WORKBENCH_GUARD_RECORD": str(record)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (not record.exists() or len(record.read_text().split()) < 3):
+        time.sleep(0.5)
+    groups = [int(x) for x in record.read_text().split()]
+    assert len(groups) == 3  # two Ray nodes, then the engine
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 30  # the guards' grace is 10 s
+    while any(group_alive(g) or session_alive(g) for g in groups) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [g for g in groups if group_alive(g) or session_alive(g)]

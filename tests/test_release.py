@@ -348,6 +348,9 @@ def test_example_release_over_a_local_two_node_ray_cluster_equals_the_plain_run(
         assert [v["verdict"] for v in entry["verifications"]] == [v["verdict"] for v in other["verifications"]]
     ray_hashes = {k: v for k, v in artifact_hashes(tmp_path / "ray").items() if not k.startswith("store/")}  # its default store
     assert artifact_hashes(out) == ray_hashes
+    manifest = json.loads((tmp_path / "ray" / "tiny-llama-lora-merged" / "workbench.json").read_text())
+    assert manifest["state"]["cluster"] == {"ray": cluster["ray"], "nodes": 2}
+    assert {v["engine"]: v["engine_version"] for v in manifest["verifications"]}["sglang"] == "0.5.15"
     figures["release over a local 2-node Ray cluster"] = {"plain s": round(plain_seconds, 1), "ray s": round(seconds, 1),
                                                          "ray": cluster["ray"]}
 

@@ -37,7 +37,7 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
         verifications = [v for v in (_verification(release.stage(e["id"]), e) for e in verify_entries) if v]
         state, reason = artifact_state(stage, entry, verify_entries, verifications)
         if entry["status"] == "ok":
-            _record_in_manifest(stage, verifications, state, reason)
+            _record_in_manifest(stage, verifications, state, reason, cluster)
         artifacts[stage.id] = {
             "kind": stage.kind, "path": str(stage.output), "status": entry["status"],
             "from": stage.needs[0], "quality": entry.get("metrics", {}),
@@ -147,13 +147,17 @@ def _verification(stage: Stage, entry: dict) -> dict | None:
             "runs": runs, "report": str(stage.output / "report.json")}
 
 
-def _record_in_manifest(stage: Stage, verifications: list[dict], state: str, reason: str) -> None:
+def _record_in_manifest(stage: Stage, verifications: list[dict], state: str, reason: str, cluster: dict | None) -> None:
+    """The verifications (each with its engine's version) and the state; for a release run over Ray, its version
+    and nodes."""
     path = manifest_path(stage.output)
     manifest = read_manifest(stage.output)
     if manifest is None:
         return
     manifest["verifications"] = verifications
     manifest["state"] = {"state": state, "reason": reason, "require": stage.require}
+    if cluster:
+        manifest["state"]["cluster"] = {"ray": cluster["ray"], "nodes": cluster["nodes"]}
     replace_file(path, json.dumps(manifest, indent=2) + "\n")
 
 
