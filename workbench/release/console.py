@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from .run import Observer, StageResult
+from .run import Observer
+from .state import StageResult
 from .spec import Stage
 
 

@@ -18,7 +18,7 @@ from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
 from ..errors import INCOMPLETE
 from ..manifest import last_step, manifest_path, now, read_manifest
 from ..engines import ENGINES, model_args
-from .run import CARD, Keys, StageResult, artifact_digest, recorded_key
+from .state import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
 
 INDEX = "release.json"

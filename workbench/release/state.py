@@ -1,0 +1,150 @@
+"""What a release knows about its stages between runs: each stage's key (what it was made from), the key
+recorded with a finished output, an artifact's digest, and the result of a stage in this run. Read by the
+runner (run.py), the store's users and the publisher (publish.py), which import this and not each other."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import sha256_file
+from ..engines import ENGINES, engine_python, engine_version
+from ..errors import BadInput
+from ..manifest import folder_digest, last_step, manifest_path, read_manifest, tool_versions
+from .spec import SOURCE, UNMERGED, Release, Stage
+
+MARKER = "stage.json"  # written last into a verify stage's report folder
+CARD = "README.md"
+
+
+@dataclass
+class StageResult:
+    id: str
+    kind: str
+    action: str  # built | cached | fetched (from the store) | failed | incomplete | blocked
+    output: str
+    key: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+    exit_code: int = 0
+    log: str | None = None
+
+
+class Keys:
+    """Stage keys. Inputs are identified by content: the source folders' sha256 (each file's digest cached by
+    its stat, so asking again is cheap and sees a change), an artifact's files as listed in its manifest
+    (the model card excluded: it is rewritten every run)."""
+
+    def __init__(self, release: Release, pinned_engines: dict[str, str | None] | None = None):
+        self.release = release
+        self._engines: dict[str, str | None] = {}
+        self.versions = tool_versions()
+        # verify stage id -> the engine version the job that ran it recorded (--gather serves nothing itself)
+        self.pinned_engines = pinned_engines or {}
+
+    def source_digest(self, which: str) -> str:
+        path = self.release.base if which == "base" else self.release.adapter
+        if not path.is_dir():
+            raise BadInput(f"{which} not found: {path}")
+        return folder_digest(path)["sha256"]
+
+    def sources_read(self, stage: Stage) -> dict[str, str]:
+        """The digests of the source folders a stage reads (which must not change while it runs)."""
+        reads = {"base"} if SOURCE in stage.needs or stage.kind == "merge" else set()
+        if UNMERGED in stage.needs or stage.kind == "merge":
+            reads.add("adapter")
+        return {which: self.source_digest(which) for which in sorted(reads)}
+
+    def engine(self, name: str) -> str | None:
+        if name not in self._engines:
+            self._engines[name] = engine_version(ENGINES[name], engine_python(ENGINES[name]))
+        return self._engines[name]
+
+    def engine_of(self, stage: Stage) -> str | None:
+        name = stage.options["engine"]
+        if stage.id in self.pinned_engines:
+            self._engines.setdefault(name, self.pinned_engines[stage.id])
+            return self.pinned_engines[stage.id]
+        return self.engine(name)
+
+    @property
+    def engine_versions(self) -> dict[str, str | None]:
+        return dict(self._engines)
+
+    def input_digest(self, artifact_id: str) -> str | None:
+        if artifact_id == SOURCE:
+            return self.source_digest("base")
+        if artifact_id == UNMERGED:
+            return self.source_digest("adapter")
+        return artifact_digest(self.release.stage(artifact_id).output)
+
+    def key(self, stage: Stage) -> str | None:
+        """None while an input is not built."""
+        if stage.kind == "merge":
+            inputs = {"base": self.source_digest("base"), "adapter": self.source_digest("adapter")}
+        else:
+            inputs = {n: self.input_digest(n) for n in stage.needs}
+            if None in inputs.values():
+                return None
+        extra = {}
+        if stage.kind == "quantize":
+            extra = _quantize_inputs(stage.options)
+        if stage.kind == "gguf" and stage.options.get("imatrix") not in (None, "default"):
+            extra = {"imatrix_sha256": _file_sha256(Path(stage.options["imatrix"]))}
+        if stage.kind == "verify":
+            extra = {"engine_version": self.engine_of(stage)}
+        blob = {"kind": stage.kind, "options": stage.options, "inputs": inputs, "versions": self.versions, **extra}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _quantize_inputs(options: dict) -> dict:
+    """The recipe's text and a calibration file's content are inputs too."""
+    from ..quantize.recipe import load
+
+    recipe = load(options["recipe"], Path(options["recipe_path"]) if options["recipe_path"] else None)
+    data = options["overrides"].get("data")
+    calibration = _file_sha256(Path(data)) if data and data != "default" else None
+    return {"recipe_text": recipe.source, "calibration_sha256": calibration}
+
+
+def _file_sha256(path: Path) -> str:
+    if not path.is_file():
+        raise BadInput(f"calibration file not found: {path}")
+    return sha256_file(path)
+
+
+def artifact_digest(output: Path) -> str | None:
+    """sha256 over the (name, sha256) of an artifact's files as its manifest lists them; None when the
+    output or its manifest is missing or a file's size differs (a damaged or foreign output)."""
+    manifest = read_manifest(output) if output.exists() else None
+    if not manifest or not manifest.get("files"):
+        return None
+    folder = output if output.is_dir() else output.parent
+    files = {n: f for n, f in manifest["files"].items() if n != CARD}
+    for name, entry in files.items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != entry["size"]:
+            return None
+    return hashlib.sha256("".join(f"{n}\0{f['sha256']}\n" for n, f in sorted(files.items())).encode()).hexdigest()
+
+
+def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
+    """(key, status) recorded with a stage's finished output, or (None, None)."""
+    if stage.kind == "verify":
+        marker = stage.output / MARKER
+        try:
+            state = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None, None
+        return state.get("key"), "ok" if state.get("passed") else state.get("verdict", "failed")
+    if artifact_digest(stage.output) is None:
+        return None, None
+    last = last_step(stage.output)
+    return (last.get("release") or {}).get("key"), last.get("status")
+
+
+def outputs(stage: Stage) -> list[Path]:
+    """What a stage writes, in the order it makes them whole (a .gguf's sidecar manifest, then the file)."""
+    return [manifest_path(stage.output), stage.output] if stage.kind == "gguf" else [stage.output]
