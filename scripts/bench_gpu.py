@@ -93,7 +93,7 @@ def layer_inputs(runner, index: int, names: list[str]) -> dict[str, torch.Tensor
     """The inputs [tokens, in] each named projection of layer ``index`` gets on the evaluation text."""
     from transformers import AutoTokenizer
 
-    from workbench.quantize.calibration import evaluation_blocks
+    from workbench.texts import evaluation_blocks
 
     streams = runner.streams(evaluation_blocks(AutoTokenizer.from_pretrained(runner.weights.checkpoint.path)))
     captured: dict[str, list] = {n: [] for n in names}

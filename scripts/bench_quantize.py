@@ -29,7 +29,7 @@ from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, sys.argv[1])
-from workbench.quantize.calibration import default_text, token_windows
+from workbench.texts import default_text, token_windows
 model_dir, out, samples, seq_len = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 ids = token_windows(AutoTokenizer.from_pretrained(model_dir), [default_text("calibration")], samples, seq_len, 0)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")

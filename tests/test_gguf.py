@@ -309,7 +309,7 @@ def test_imatrix_makes_iq_quants_closer_to_f16(llama, tmp_path, figures):
     are closer to the F16 file than without it, Q4_K_M is about the same (measured on this fixture: -1.5%
     to +2% mean KL), and IQ3_XXS, which llama.cpp makes only with one, converts."""
     from workbench.manifest import read_manifest
-    from workbench.quantize.calibration import evaluation_blocks
+    from workbench.texts import evaluation_blocks
 
     plain, weighted = tmp_path / "plain", tmp_path / "imatrix"
     assert run("convert", "gguf", llama, "--outtype", "f16,q4_k_m,iq4_xs,iq3_s", "--out", plain, "-q").exit_code == 0

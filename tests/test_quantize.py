@@ -14,7 +14,7 @@ from conftest import assert_one_line_error, run
 from workbench.checkpoint import Checkpoint
 from workbench.engines import cpu_features
 from workbench.quantize import fp8
-from workbench.quantize.calibration import calibration_samples
+from workbench.texts import calibration_samples
 from workbench.quantize.recipe import load
 
 SEED_CONFIG = {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
@@ -66,7 +66,7 @@ def test_fp8_static_writes_the_seed_format(llama, fp8_static, figures):
 def test_calibration_and_evaluation_start_with_bos_when_the_tokenizer_adds_one(llama, qwen2):
     """The Llama fixture's tokenizer adds <s>, the Qwen2 one adds nothing (as the real ones): every sample and
     held-out block begins as the engines' prompts do, so the activation outliers at BOS reach the scales."""
-    from workbench.quantize.calibration import evaluation_blocks
+    from workbench.texts import evaluation_blocks
 
     cal = load("fp8", None).calibration
     for model, bos_first in ((llama, True), (qwen2, False)):
@@ -162,7 +162,7 @@ def check_bnb_artifact(source, out, quant_type, double_quant, tmp_path, figures)
     4-bit, and loaded back by transformers it has the perplexity the quality report measured."""
     from transformers import BitsAndBytesConfig
 
-    from workbench.quantize.calibration import evaluation_blocks
+    from workbench.texts import evaluation_blocks
 
     bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
                                     bnb_4bit_compute_dtype=torch.bfloat16)

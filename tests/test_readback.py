@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 import controls
 from conftest import run
 from workbench.engines import cpu_features
-from workbench.quantize.calibration import evaluation_blocks
+from workbench.texts import evaluation_blocks
 from workbench.readback import SAMPLES, SEQ_LEN, fp8_as_compressed_tensors, read_back
 
 ARTIFACTS = {  # recipe -> --format

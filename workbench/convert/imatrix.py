@@ -43,7 +43,7 @@ def importance_matrix(model_dir: Path, gguf_names: dict[str, str], calibration: 
     only, as llama-imatrix without --process-output."""
     from transformers import AutoTokenizer
 
-    from ..quantize.calibration import calibration_samples
+    from ..texts import calibration_samples
 
     runner = LayerRunner(model_dir)
     samples = calibration_samples(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted()), calibration)

@@ -20,7 +20,7 @@ from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LE
 from ..runner import Estimate, LayerRunner, estimate
 from .. import experts
 from . import bnb, compressor, fp8, walk
-from .calibration import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
+from ..texts import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
 from .recipe import NEEDS_CALIBRATION, Recipe, load
 from ..safety import remote_code_trusted
 

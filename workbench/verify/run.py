@@ -234,7 +234,7 @@ def read_back_check(artifact: Path, reference: Path) -> Check | None:
     (workbench/readback.py); None for a format no library here reads (native GPTQ/AWQ files)."""
     from transformers import AutoTokenizer
 
-    from ..quantize.calibration import evaluation_blocks
+    from ..texts import evaluation_blocks
     from ..readback import SAMPLES, SEQ_LEN, describe, read_back
 
     t0 = time.perf_counter()

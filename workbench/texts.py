@@ -1,5 +1,6 @@
-"""Calibration and evaluation text: a local .txt / .jsonl / .parquet file, or the embedded default (the Python
-standard library's source, which every machine has). Samples are windows of seq_len tokens drawn with a
+"""Calibration and evaluation text, shared by the verbs (quantize calibrates and reports on it, convert's
+importance matrix calibrates on it, verify's read-back runs it): a local .txt / .jsonl / .parquet file, or the
+embedded default (the Python standard library's source, which every machine has). Samples are windows of seq_len tokens drawn with a
 seeded generator; the default evaluation text never overlaps the default calibration text."""
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInput
-from ..hf import adds_bos
-from .recipe import Calibration
+from .errors import BadInput
+from .hf import adds_bos
 
 EVALUATION_EVERY = 10  # every 10th standard-library module is evaluation text, the rest calibration text
 EVALUATION_BLOCKS, EVALUATION_SEQ_LEN = 16, 256  # the quality report's held-out text: 4096 tokens
@@ -78,7 +78,8 @@ def _bos(tokenizer) -> torch.Tensor:
     return torch.tensor([tokenizer.bos_token_id] if adds_bos(tokenizer) else [], dtype=torch.long)
 
 
-def calibration_samples(tokenizer, cal: Calibration) -> torch.Tensor:
+def calibration_samples(tokenizer, cal) -> torch.Tensor:
+    """``cal``: a recipe's calibration settings (quantize/recipe.Calibration)."""
     return token_windows(tokenizer, load_texts(cal.data, cal.field), cal.samples, cal.seq_len, cal.seed, cal.chat_template)
 
 
