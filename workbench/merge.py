@@ -41,7 +41,7 @@ from .experts import EXPERT_LAYOUTS, renamer
 from .families import check_handled, expert_count, expert_intermediate
 from .hf import torch_threads
 from .manifest import folder_digest, now, tool_versions, write_manifest
-from .quantize.bnb import Bnb4bit
+from .bnb4 import Bnb4bit
 from .safety import check_remote_code
 
 ADAPTER_CONFIG = "adapter_config.json"
