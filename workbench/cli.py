@@ -141,7 +141,8 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
     template and generation config come from the adapter folder when it has them, else from the base.
     Everything is checked before anything is written.
     """
-    from .merge import default_output, plan_merge, run_merge
+    from .lora import plan_merge
+    from .merge import default_output, run_merge
 
     shard_bytes = parse_size(max_shard_size)
     if double_quant and base_quant not in ("nf4", "fp4"):

@@ -32,6 +32,7 @@ from torch import nn
 from . import experts
 from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
 from .errors import BadInput
+from .lora import merged_tensor, plan_merge
 from .safety import remote_code_trusted
 
 COMPUTE_DTYPE = torch.float32
@@ -48,11 +49,9 @@ def compute_device() -> torch.device:
 
 class Weights:
     """A checkpoint's tensors by name, or a base with a LoRA adapter folded in on the fly in float32 (the
-    math of ``workbench merge``, which equals peft's unmerged forward pass)."""
+    math of lora.py, which equals peft's unmerged forward pass)."""
 
     def __init__(self, model_dir: Path, adapter: Path | None = None):
-        from .merge import plan_merge
-
         self.checkpoint = Checkpoint(model_dir)
         self.store = self.checkpoint.store
         # the engine serves the adapter on the full-precision base: no QLoRA base quantization here
@@ -64,8 +63,6 @@ class Weights:
         return name in self.outputs or name in self.store
 
     def _merged(self, name: str) -> torch.Tensor | None:
-        from .merge import merged_tensor
-
         o = self.outputs.get(name)
         if o is None or (o.delta is None and not o.from_adapter):
             return None

@@ -675,7 +675,7 @@ def convert_lora_adapter(
     """A peft LoRA adapter as a llama.cpp LoRA GGUF (load it with ``--lora`` / ``lora_path`` on the base's
     GGUF). llama.cpp scales each pair by adapter.lora.alpha / rank; scales that differ per module (rsLoRA,
     rank and alpha patterns) are folded into lora_b. Checked against the base like ``workbench merge``."""
-    from ..merge import plan_merge
+    from ..lora import plan_merge
 
     if outtype not in ADAPTER_OUTTYPES:
         raise BadInput(f"adapter outtype must be one of {', '.join(ADAPTER_OUTTYPES)}, got {outtype}")

@@ -315,7 +315,8 @@ def _record(release: Release, stage: Stage, key: str) -> dict:
 # required check could not run, any other WorkbenchError for bad input or a missing engine.
 
 def _run_merge(release, stage, key, event, progress) -> None:
-    from ..merge import plan_merge, run_merge
+    from ..lora import plan_merge
+    from ..merge import run_merge
 
     o = stage.options
     plan = plan_merge(release.base, release.adapter, o["dtype"], o.get("base_quant", "auto"), o.get("double_quant", False))
