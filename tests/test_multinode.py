@@ -26,11 +26,17 @@ def _verify_on_nodes(merged, engine: str, tmp_path, monkeypatch):
                  "--extra-arg=--enforce-eager" if engine == "vllm" else "--max-tokens=24")
     seconds = time.monotonic() - t0
     groups = [int(x) for x in record.read_text().split()] if record.exists() else []
-    deadline = time.monotonic() + 15
-    while any(group_alive(g) or session_alive(g) for g in groups) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [g for g in groups if group_alive(g) or session_alive(g)], "a node outlived the verification"
+    assert not _left(groups), "a node outlived the verification"
     return result, groups, seconds
+
+
+def _left(groups: list[int], wait: float = 30) -> list[int]:
+    """The guards' groups (each also its session) that still have a process after up to ``wait`` seconds (the
+    guards' grace is 10 s)."""
+    deadline = time.monotonic() + wait
+    while (left := [g for g in groups if group_alive(g) or session_alive(g)]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 @pytest.mark.slow
@@ -103,7 +109,4 @@ def test_sigkill_of_the_workbench_takes_every_node_down(merged, tmp_path):
     assert len(groups) == 3  # two Ray nodes, then the engine
     proc.kill()
     proc.wait()
-    deadline = time.monotonic() + 30  # the guards' grace is 10 s
-    while any(group_alive(g) or session_alive(g) for g in groups) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [g for g in groups if group_alive(g) or session_alive(g)]
+    assert not _left(groups)
