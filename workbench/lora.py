@@ -40,6 +40,8 @@ STACKED_EXPERTS = re.compile(r"\.experts(\.base_layer)*$")
 INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MERGE_DTYPES = ("auto", *DTYPES)  # auto: the base's
+BASE_QUANTS = ("auto", "none", "nf4", "fp4")  # how a QLoRA base is quantized back before the merge (_base_quant)
 # An adapter whose recorded base name says 4-bit bitsandbytes was trained QLoRA (Unsloth's "-bnb-4bit"
 # bases are NF4 with double quantization).
 FOUR_BIT_BASE = re.compile(r"bnb[-_]?4bit|4bit", re.IGNORECASE)

@@ -12,6 +12,7 @@ from pathlib import Path
 from ..checkpoint import parse_size
 from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
+from ..lora import BASE_QUANTS, MERGE_DTYPES
 from ..families import check_handled
 from ..safety import check_name, check_no_remote_code_flag, check_remote_code, inside
 from ..yamlfile import check_types, parse_mapping
@@ -41,8 +42,6 @@ ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,
 # engine's CPU build cannot compute) or checked (built and quality-gated; the reason it is not served is stated)
 REQUIREMENTS = ("served", "served-native", "checked")
 MERGE = {"dtype": (str,), "max_shard_size": (str, int), "base_quant": (str,), "double_quant": (bool,)}
-MERGE_BASE_QUANTS = ("auto", "none", "nf4", "fp4")
-MERGE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration": (str,), "field": (str,),
             "ignore": (list,), "format": (str,), "gates": (dict,)}
 VERIFY = {"artifact": (str,), "engine": (str,), "tp": (int, list), "pp": (int,), "dp": (int,), "concurrency": (int,),
@@ -215,8 +214,8 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
         options = {"dtype": dtype, "max_shard_bytes": parse_size(spec["merge"].get("max_shard_size"))}
         base_quant = spec["merge"].get("base_quant")
         if base_quant is not None:  # only when given: existing release keys stay valid
-            if base_quant not in MERGE_BASE_QUANTS:
-                raise BadInput(f"{at}.merge: base_quant must be one of {', '.join(MERGE_BASE_QUANTS)}, got {base_quant!r}")
+            if base_quant not in BASE_QUANTS:
+                raise BadInput(f"{at}.merge: base_quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}")
             options.update(base_quant=base_quant, double_quant=bool(spec["merge"].get("double_quant", False)))
         return Stage(artifact_id, kind, (SOURCE,), options, release.output / f"{release.name}-{artifact_id}")
     source = spec.get("from", default_from)
