@@ -212,7 +212,7 @@ def _settle(release: Release, keys: Keys, stage: Stage, forced: bool, observer: 
         return StageResult(stage.id, stage.kind, _action(exc.exit_code), str(stage.output), error=str(exc), exit_code=exc.exit_code)
     observer.stage_started(stage, *position, d.reason)
     if not d.run:
-        if store is not None and store.result(d.key) is None:
+        if store is not None and (store.result(d.key) or {}).get("action") != "built":  # the store learns of it
             _put(release, store, stage, StageResult(stage.id, stage.kind, "built", str(stage.output), d.key), keys)
         return StageResult(stage.id, stage.kind, "cached", str(stage.output), d.key)
     if store is not None and d.key and not forced:
