@@ -102,10 +102,21 @@ def test_engine_install_that_fails_says_where_the_log_is(tmp_path, monkeypatch):
     assert not (tmp_path / "engines" / "broken" / ".installed").exists()
 
 
-def test_engine_install_keeps_a_finished_environment(tmp_path, monkeypatch):
+def test_engine_install_keeps_a_finished_environment_and_adds_a_pin_added_since(tmp_path, monkeypatch):
+    """A finished environment (its marker written) is kept; a pinned requirement it lacks is pip-installed into it."""
+    import click
+
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path))
-    folder = tmp_path / "engines" / ENGINES["vllm"].folder
-    folder.mkdir(parents=True)
+    spec = dataclasses.replace(ENGINES["llamacpp"], folder="kept", requirements=("--no-cache-dir", f"click=={click.__version__}"))
+    folder = tmp_path / "engines" / "kept"
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')  # this Python, as that environment's
+    (folder / "bin" / "python").chmod(0o755)
     (folder / ".installed").touch()
-    result = run("engines", "install", "vllm")
-    assert result.exit_code == 0 and f"vllm: {folder} (kept)" in result.stderr
+    said = []
+    assert install(spec, said.append) == folder and said == [f"llamacpp: {folder} (kept)"]
+    added = dataclasses.replace(spec, requirements=(*spec.requirements, "workbench-no-such-distribution==0.0.1"))
+    with pytest.raises(Exception) as info:
+        install(added, said.append)
+    assert said[-1] == f"llamacpp: adding workbench-no-such-distribution==0.0.1 to {folder}"
+    assert info.value.exit_code == 3 and "adding workbench-no-such-distribution==0.0.1 to llamacpp failed" in str(info.value)

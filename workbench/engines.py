@@ -399,6 +399,12 @@ def install(spec: EngineSpec, on_line=lambda line: None, python: str | None = No
     exists, so an interrupted install is redone from scratch. pip's output goes to <folder>.install.log."""
     folder = managed_folder(spec)
     if (folder / INSTALLED_MARKER).exists():
+        missing = _missing_pins(spec, folder)
+        if missing:  # a requirement added since this environment was made
+            on_line(f"{spec.name}: adding {' '.join(missing)} to {folder}")
+            done = subprocess.run([str(folder / "bin" / "python"), "-m", "pip", "install", "-q", *missing], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise EnvironmentProblem(f"adding {' '.join(missing)} to {spec.name} failed: {done.stderr.strip()[-300:]}")
         on_line(f"{spec.name}: {folder} (kept)")
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -426,6 +432,17 @@ def install(spec: EngineSpec, on_line=lambda line: None, python: str | None = No
     (folder / INSTALLED_MARKER).touch()
     on_line(f"{spec.name}: ready at {folder / 'bin' / 'python'}")
     return folder
+
+
+def _missing_pins(spec: EngineSpec, folder: Path) -> list[str]:
+    """The pinned requirements (name==version) a kept environment does not have at that version."""
+    steps = spec.cpu_requirements if spec.cpu_requirements and not has_cuda_gpu() else (spec.requirements,)
+    pins = [r for step in steps for r in step if "==" in r and not r.startswith("-")]
+    probe = ("import importlib.metadata as m, sys\nfor pin in sys.argv[1:]:\n    name, want = pin.split('==')\n"
+             "    try:\n        ok = m.version(name.split('[')[0]).split('+')[0] == want\n    except m.PackageNotFoundError:\n        ok = False\n"
+             "    if not ok:\n        print(pin)")
+    done = subprocess.run([str(folder / "bin" / "python"), "-c", probe, *pins], capture_output=True, text=True, timeout=120)
+    return done.stdout.split() if done.returncode == 0 else pins
 
 
 def installed() -> list[dict]:
