@@ -563,7 +563,7 @@ def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(parent, final.name)
-        _remove(tmp)
+        remove_path(tmp)
         if make_dir:
             tmp.mkdir()
             claim(tmp)  # a killed run's folder is known as ours by this marker, removed before the rename
@@ -575,16 +575,17 @@ def _atomic_output(final: Path, force: bool, make_dir: bool) -> Iterator[Path]:
         yield tmp
         if make_dir:
             (tmp / OWNED_MARKER).unlink()
-        _rename_into_place(tmp, final, force)
+        rename_into_place(tmp, final, force)
     except BaseException as exc:
         full = as_disk_full(exc, final, _size(tmp)) if isinstance(exc, OSError) else None  # measured before removal
-        _remove(tmp)
+        remove_path(tmp)
         if full is not None:
             raise full from None
         raise
 
 
-def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
+def rename_into_place(tmp: Path, final: Path, force: bool) -> None:
+    """Rename ``tmp`` to ``final``; with ``force`` an existing ``final`` is renamed away first, removed after."""
     old = None
     if os.path.lexists(final):
         if not force:  # made by another process while this one wrote
@@ -593,7 +594,7 @@ def _rename_into_place(tmp: Path, final: Path, force: bool) -> None:
         os.rename(final, old)
     os.rename(tmp, final)
     if old is not None:
-        _remove(old)
+        remove_path(old)
 
 
 def _size(path: Path) -> int:
@@ -602,7 +603,7 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():
@@ -615,7 +616,7 @@ def _remove_stale_partials(parent: Path, name: str) -> None:
         pid = p.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)) and (owned(p) or p.name.startswith(f".{name}{_REPLACED}")
                                                             or not p.is_dir()):
-            _remove(p)
+            remove_path(p)
 
 
 def _pid_alive(pid: int) -> bool:

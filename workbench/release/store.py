@@ -22,7 +22,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..checkpoint import replace_file
+from ..checkpoint import remove_path, rename_into_place, replace_file
 from ..errors import BadInput
 from ..safety import check_name
 
@@ -59,7 +59,7 @@ class Store:
             if log is not None and log.is_file():
                 shutil.copyfile(log, staging / "log")
             (staging / RESULT).write_text(json.dumps(result, indent=2) + "\n")
-            _rename_over(staging, self._entry(key))
+            rename_into_place(staging, self._entry(key), force=True)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         release, stage_id = pointer
@@ -87,9 +87,9 @@ class Store:
             staging = path.with_name(f".{path.name}.fetch-{uuid.uuid4().hex[:8]}")
             try:
                 _copy(files / path.name, staging)
-                _rename_over(staging, path)
+                rename_into_place(staging, path, force=True)
             finally:
-                _remove(staging)
+                remove_path(staging)
         if log is not None and (self._entry(key) / "log").is_file():
             log.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self._entry(key) / "log", log)
@@ -106,21 +106,3 @@ def _copy(source: Path, target: Path) -> None:
     target.mkdir()
     for child in source.iterdir():
         _copy(child, target / child.name)
-
-
-def _rename_over(source: Path, target: Path) -> None:
-    """Rename ``source`` to ``target``; an existing target is renamed away first and removed after."""
-    if not os.path.lexists(target):
-        os.rename(source, target)
-        return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(target, old)
-    os.rename(source, target)
-    _remove(old)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif os.path.lexists(path):
-        path.unlink()
