@@ -80,7 +80,7 @@ def test_vllm_over_a_local_two_node_ray_cluster(merged, tmp_path, monkeypatch, f
     assert result.exit_code == 4, result.output[-3000:]
     report = json.loads(result.stdout)
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
-    assert checks["startup"]["status"] == "incomplete"
+    assert checks["startup"]["status"] == "incomplete" and report["nodes"] == 2 and report["nodes_ray"] == "2.60.0"
     assert "current platform cpu does not support ray" in report["runs"][0]["engine_error"], checks["startup"]["detail"]
     commands = multinode_commands(ENGINES["vllm"], str(merged), Layout(2, 2), 2)
     serve = commands[-1].splitlines()[1].split()  # vllm serve MODEL FLAGS...

@@ -168,7 +168,7 @@ def verify(
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
         "reference": str(reference) if reference else None, "reference_note": missing or None,
-        "pp": pp, "dp": dp, "nodes": nodes,
+        "pp": pp, "dp": dp, "nodes": nodes, "nodes_ray": _ray_version(spec, python, nodes),
         "multinode_commands": {str(tp): multinode_commands(spec, artifact.name, Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
         "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
@@ -427,6 +427,13 @@ def _check_engine_options(spec: EngineSpec, pp: int, dp: int, adapters: tuple[st
     refusal = gpu_only_refusal(spec)
     if refusal:
         raise EnvironmentProblem(refusal)
+
+
+def _ray_version(spec: EngineSpec, python: str, nodes: int) -> str | None:
+    """The Ray in the engine's environment when its local nodes form a Ray cluster (else None)."""
+    if nodes < 2 or spec.multinode is None or spec.multinode.via != "ray":
+        return None
+    return engine_version(replace(spec, module="ray"), python)
 
 
 def _check_nodes(spec: EngineSpec, nodes: int, layouts: list[Layout]) -> None:
