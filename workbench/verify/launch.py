@@ -98,7 +98,7 @@ class Server:
         self._plugin_dir: str | None = None
         self.node_procs: list[subprocess.Popen] = []  # nodes 1.. of a multi-node server ("ranks")
         self.node_ports = [free_port(spec.max_port) for _ in range(1, nodes)] if spec.multinode and spec.multinode.via == "ranks" else []
-        self.init_port = free_port(spec.max_port) if nodes > 1 else None
+        self.init_port = free_port(spec.max_port) if self.node_ports else None  # node 0's process-group port
         self.cluster = None  # the local Ray cluster of a multi-node server ("ray")
         if reference_kernels:
             self.generic_env.update({k: v for k, v in reference_kernels.env.items() if k not in os.environ})
