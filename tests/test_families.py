@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import assert_one_line_error, run
 from llamacpp import run_llamacpp
-from workbench.experts import EXPERT_LAYOUTS
+from workbench.families import family_of
 from logits import compare_logits, model_logits
 
 import families as family_builder
@@ -133,7 +133,7 @@ def test_fp8(family, model, tmp_path, figures):
     layers = config["num_hidden_layers"]
     per_layer = LLAMACPP[family].get("linears_per_layer") or len(LLAMACPP[family].get("projections", SEPARATE))
     assert metrics["layers_quantized"] == layers * per_layer
-    layout = EXPERT_LAYOUTS.get(config["model_type"])
+    layout = family_of(config).experts
     routers = [f"model.layers.{i}.{layout.block}.gate" for i in range(layers)] if layout else []
     assert metrics["ignored_layers"] == ["lm_head", *routers]
     if layout:  # every expert's projection in vLLM's per-expert fp8 names, the routers left in bf16

@@ -389,9 +389,10 @@ def test_moe_experts_are_refused_by_formats_that_would_leave_them_unquantized(me
 
 
 def test_moe_experts_of_an_unknown_layout_are_refused(tiny_moe, tmp_path, monkeypatch):
-    from workbench import experts
+    from workbench import families
 
-    monkeypatch.delitem(experts.EXPERT_LAYOUTS, "qwen3_moe")
+    monkeypatch.delitem(families.FAMILIES, "Qwen3MoeForCausalLM")
+    monkeypatch.delitem(families.BY_MODEL_TYPE, "qwen3_moe")
     assert_one_line_error(run("quantize", tiny_moe("qwen3_moe"), "--method", "fp8", "--out", tmp_path / "q"), 2,
                           "MoE experts of Qwen3MoeExperts are not supported: no expert layout for 'qwen3_moe'")
     assert not (tmp_path / "q").exists()

