@@ -19,7 +19,7 @@ import yaml
 
 from conftest import ROOT, assert_one_line_error, run
 from workbench.process import session_alive
-from workbench.release.run import ENGINE_GROUPS
+from workbench.release.kinds import ENGINE_GROUPS
 
 RELEASE_FILE = ROOT / "examples" / "fixture-release.yaml"
 WORKBENCH = os.path.join(os.path.dirname(sys.executable), "workbench")

@@ -14,10 +14,11 @@ from pathlib import Path
 import yaml
 
 from .. import __version__
-from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
+from ..checkpoint import replace_file, sha256_file
 from ..errors import INCOMPLETE
 from ..manifest import last_step, manifest_path, now, read_manifest
 from ..engines import ENGINES, model_args
+from .kinds import KINDS
 from .state import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
 
@@ -33,7 +34,7 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
     artifacts = {}
     for stage in release.artifacts:
         entry = by_id[stage.id]
-        verify_entries = [e for e in stages if e["kind"] == "verify" and release.stage(e["id"]).needs[0] == stage.id]
+        verify_entries = [e for e in stages if KINDS[e["kind"]].report and release.stage(e["id"]).needs[0] == stage.id]
         verifications = [v for v in (_verification(release.stage(e["id"]), e) for e in verify_entries) if v]
         state, reason = artifact_state(stage, entry, verify_entries, verifications)
         if entry["status"] == "ok":
@@ -121,7 +122,7 @@ def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
             entry["error"] = result.error
         if result.log:
             entry["log"] = result.log
-    if stage.kind != "verify" and entry["status"] == "ok":
+    if not KINDS[stage.kind].report and entry["status"] == "ok":
         last = last_step(stage.output)
         entry["metrics"] = {k: v for k, v in last.get("metrics", {}).items() if isinstance(v, (int, float, str))}
     return entry
@@ -195,65 +196,14 @@ def cpu_command(engine: str, argv: list[str], model_name: str, cpu_env: dict[str
 
 def _front_matter(release: Release, stage: Stage) -> dict:
     source = stage.needs[0]
-    base = release.base_model if source == SOURCE else f"{release.name}-{source}"
-    meta = {"base_model": base, "library_name": "gguf" if stage.kind == "gguf" else "transformers",
-            "pipeline_tag": "text-generation"}
+    kind = dict(KINDS[stage.kind].card_meta(stage))
+    meta = {"base_model": release.base_model if source == SOURCE else f"{release.name}-{source}",
+            "library_name": kind.pop("library_name", "transformers"), "pipeline_tag": "text-generation"}
     if release.license:
         meta["license"] = release.license
-    tags = ["workbench"]
-    if stage.kind == "merge":
-        meta["base_model_relation"] = "finetune"
-        tags += ["lora", "merged"]
-    elif stage.kind == "quantize":
-        meta["base_model_relation"] = "quantized"
-        q = last_step(stage.output).get("options", {})
-        config = json.loads((stage.output / CONFIG_NAME).read_text()).get("quantization_config", {})
-        meta["quantization"] = {"method": q.get("method"), "scheme": q.get("scheme"), "format": q.get("format"),
-                                "recipe": q.get("recipe"), "quant_method": config.get("quant_method")}
-        tags += [q.get("method"), q.get("format")]
-    else:
-        meta["base_model_relation"] = "quantized"  # the Hub's relation for GGUF conversions
+    tags = ["workbench", *kind.pop("tags", [])]
+    meta.update(kind)
     return {**meta, "tags": [t for t in dict.fromkeys(tags) if t]}
-
-
-def _quality_lines(stage: Stage, quality: dict) -> list[str]:
-    if stage.kind == "quantize" and "ppl_source" in quality:
-        return ["| held-out text | source | this artifact |", "|---|---|---|",
-                f"| perplexity ({quality['eval_tokens']} tokens) | {quality['ppl_source']:.3f} | {quality['ppl_quantized']:.3f} "
-                f"({quality['ppl_delta']:+.2%}) |",
-                f"| mean KL divergence (nats) | | {quality['mean_kl']:.2e} |",
-                f"| top-1 agreement | | {quality['top1_agreement']:.2%} |", *_read_back_lines(quality.get("read_back"))]
-    if stage.kind == "gguf" and "bits_per_weight" in quality:
-        fallbacks = quality.get("fallback_tensors", 0)
-        return [f"Read back from the file: {quality['bits_per_weight']:.2f} bits per weight over all tensors; "
-                + (f"{fallbacks} matrices stored in another type (rows not a multiple of the type's block: "
-                   "listed in workbench.json)." if fallbacks else "every matrix in the file type's own types."),
-                *_tokenizer_difference_lines(stage)]
-    if stage.kind == "merge" and "self_check_max_rel_error" in quality:
-        return [f"Merge self-check: {quality['self_check_modules']} modules, largest relative error "
-                f"{quality['self_check_max_rel_error']:.2e} of the written weights against W·x + s·B(A·x)."]
-    return []
-
-
-def _read_back_lines(read: dict | None) -> list[str]:
-    if not read or read["refusal"]:
-        return []
-    return ["", f"Read back by {read['reader']} (the format's own library, not the workbench's code): "
-                f"{read['decoded_modules']} modules decoded; every decoder layer's output within {read['max_error']:.1%} "
-                "of the source model's on held-out text."]
-
-
-def _tokenizer_difference_lines(stage: Stage) -> list[str]:
-    """A known tokenizer difference the release accepted, as the conversion recorded it."""
-    differences = last_step(stage.output).get("tokenizer_differences") or []
-    if not differences:
-        return []
-    lines = ["", f"Known tokenizer difference (accepted with `accept_tokenizer_difference`): llama.cpp splits "
-                 f"{len(differences)} probe text(s) otherwise than transformers:", "",
-             "| text | transformers | llama.cpp |", "|---|---|---|"]
-    for d in differences:
-        lines.append(f"| `{d['text']!r}` | {' '.join(d['transformers'][0])} | {' '.join(d['llamacpp'][0])} |")
-    return lines
 
 
 def _verification_lines(info: dict, model_name: str) -> list[str]:
@@ -289,13 +239,11 @@ def _card(release: Release, stage: Stage, artifacts: dict, title: str, model_nam
     info = artifacts[stage.id]
     meta = yaml.safe_dump(_front_matter(release, stage), sort_keys=False).strip()
     source = release.base_model if stage.needs[0] == SOURCE else f"{release.name}-{stage.needs[0]}"
-    made = {"merge": f"LoRA adapter `{release.adapter.name}` merged into `{release.base_model}`" if release.adapter else "",
-            "quantize": f"Quantized from `{source}`", "gguf": f"Converted to GGUF from `{source}`"}
     lines = ["---", meta, "---", "", f"# {title}", "",
-             f"{made[stage.kind]} by workbench {__version__} (release `{release.name}`). How it was made, step by step, "
+             f"{KINDS[stage.kind].made(release, source)} by workbench {__version__} (release `{release.name}`). How it was made, step by step, "
              f"with every input's sha256 and the tool versions: `{manifest_path(stage.output).name}`.", "",
              "## Proven serving", "", *_verification_lines(info, model_name), ""]
-    quality = _quality_lines(stage, info["quality"])
+    quality = KINDS[stage.kind].quality_lines(stage, info["quality"])
     if quality:
         lines += ["## Quality", "", *quality, ""]
     return "\n".join(lines)
@@ -306,14 +254,14 @@ def _write_cards(release: Release, artifacts: dict) -> None:
     for stage in release.artifacts:
         if artifacts[stage.id]["status"] != "ok":
             continue
-        if stage.kind == "gguf":
+        if KINDS[stage.kind].sidecar_manifest:  # a single file: one card for all of them, beside them
             gguf_sections.append(_card(release, stage, artifacts, stage.output.name, stage.output.name).split("---\n", 2)[2])
             continue
         name = stage.output.name
         card = _card(release, stage, artifacts, name, name)
         replace_file(stage.output / CARD, card)
         _list_in_manifest(stage.output, stage.output / CARD)
-    ggufs = [s for s in release.artifacts if s.kind == "gguf" and artifacts[s.id]["status"] == "ok"]
+    ggufs = [s for s in release.artifacts if KINDS[s.kind].sidecar_manifest and artifacts[s.id]["status"] == "ok"]
     if ggufs:
         meta = yaml.safe_dump({**_front_matter(release, ggufs[0]), "tags": ["workbench", "gguf"]}, sort_keys=False).strip()
         files = ["| file | type | size |", "|---|---|---|"] + [
@@ -335,7 +283,7 @@ def _list_in_manifest(folder: Path, card: Path) -> None:
 def junit_xml(release: Release, index: dict) -> bytes:
     """One test suite for the builds (a failed quality gate is a failure), then each verify report's suites."""
     suites = ET.Element("testsuites", name=f"workbench release {release.name}")
-    builds = [e for e in index["stages"] if e["kind"] != "verify"]
+    builds = [e for e in index["stages"] if not KINDS[e["kind"]].report]
     suite = ET.SubElement(suites, "testsuite", name="build", tests=str(len(builds)),
                           failures=str(sum(e["status"] != "ok" for e in builds)))
     for e in builds:
@@ -345,7 +293,7 @@ def junit_xml(release: Release, index: dict) -> bytes:
         else:
             ET.SubElement(case, "system-out").text = f"{e['action']}: {e['output']}"
     for e in index["stages"]:
-        if e["kind"] == "verify":
+        if KINDS[e["kind"]].report:
             junit = Path(e["output"]) / "junit.xml"
             if junit.is_file():
                 for verify_suite in ET.parse(junit).getroot():

@@ -12,25 +12,21 @@ from __future__ import annotations
 
 import fnmatch
 import gc
-import json
 import shutil
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from .. import __version__
 from ..checkpoint import replace_file
-from ..errors import INCOMPLETE, INTERNAL, ArtifactFailed, BadInput, Incomplete, WorkbenchError, as_resource_error
+from ..errors import INCOMPLETE, INTERNAL, BadInput, WorkbenchError, as_resource_error
 from ..manifest import last_step, manifest_path, now
-from ..safety import claim, exclusive, remove_owned
+from ..safety import exclusive, remove_owned
+from .kinds import KINDS
 from .publish import publish
 from .spec import SOURCE, UNMERGED, Release, Stage, check_contained
-from .state import MARKER, Keys, StageResult, outputs, recorded_key
+from .state import Keys, StageResult, outputs, recorded_key
 from .store import Store
-
-ENGINE_GROUPS = "engine-groups.txt"  # under reports/: each engine guard's process group id, appended at start
-
 
 class Observer:
     """What the command line shows; every method may be left as is."""
@@ -55,7 +51,7 @@ class Decision:
 
 def _foreign(release: Release, stage: Stage) -> bool:
     """An existing output this release did not make (no release record naming it)."""
-    if stage.kind == "verify" or not stage.output.exists():
+    if KINDS[stage.kind].report or not stage.output.exists():
         return False
     last = last_step(stage.output)
     return (last.get("release") or {}).get("name") != release.name
@@ -114,27 +110,10 @@ def plan(release: Release, only: tuple[str, ...] = (), force: bool = False) -> l
         d = decide(release, keys, stage, stage.id in forced, rebuilt)
         if d.run:
             rebuilt.add(stage.id)
-            estimate = stage_estimate(release, stage)
-            d.estimate = ("reference " if stage.kind == "verify" else "") + estimate.describe() if estimate else None
+            estimate = KINDS[stage.kind].estimate(release, stage)
+            d.estimate = ("reference " if KINDS[stage.kind].report else "") + estimate.describe() if estimate else None
         decisions.append(d)
     return decisions
-
-
-def stage_estimate(release: Release, stage: Stage):
-    """A model-running stage's runner.Estimate, from the base's header (a merge keeps its shapes); None for
-    the stages that stream tensors without running the model."""
-    from ..checkpoint import Checkpoint
-    from ..quantize.recipe import load
-    from ..quantize.run import quantize_estimate
-    from ..verify.probes import MAX_TOKENS, PROMPTS, reference_estimate
-
-    if stage.kind == "quantize":
-        o = stage.options
-        recipe = load(o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None).with_overrides(**o["overrides"])
-        return quantize_estimate(Checkpoint(release.base), recipe)
-    if stage.kind == "verify":
-        return reference_estimate(release.base, PROMPTS, MAX_TOKENS)
-    return None
 
 
 def stage_graph(release: Release) -> list[dict]:
@@ -147,9 +126,9 @@ def stage_graph(release: Release) -> list[dict]:
                        "to the release file or pass --store")
     graph = []
     for stage in release.stages:
-        estimate = stage_estimate(release, stage)
+        estimate = KINDS[stage.kind].estimate(release, stage)
         o = stage.options
-        ranks = max(o["tp"]) * o["pp"] * o["dp"] if stage.kind == "verify" else 0
+        ranks = max(o["tp"]) * o["pp"] * o["dp"] if KINDS[stage.kind].report else 0  # one GPU per engine rank
         graph.append({
             "id": stage.id, "kind": stage.kind, "needs": [n for n in stage.needs if n not in (SOURCE, UNMERGED)],
             "resources": {"cpus": 1, "gpus": ranks, "memory_bytes": estimate.peak_bytes if estimate else None},
@@ -177,7 +156,7 @@ def run_release(release: Release, only: tuple[str, ...] = (), force: bool = Fals
 
 def _recorded_engines(release: Release, store: Store) -> dict[str, str | None]:
     """The engine version each verify job recorded in the store (the gathering machine serves nothing)."""
-    pointers = {s.id: store.pointer(release.name, s.id) for s in release.stages if s.kind == "verify"}
+    pointers = {s.id: store.pointer(release.name, s.id) for s in release.stages if KINDS[s.kind].report}
     return {stage_id: p.get("engine_version") for stage_id, p in pointers.items() if p}
 
 
@@ -230,7 +209,7 @@ def _settle(release: Release, keys: Keys, stage: Stage, forced: bool, observer: 
 
 def _put(release: Release, store: Store, stage: Stage, result: StageResult, keys: Keys) -> None:
     entry = {"action": result.action, "error": result.error, "exit_code": result.exit_code, "seconds": result.seconds,
-             "engine_version": keys.engine_of(stage) if stage.kind == "verify" else None}
+             "engine_version": keys.engine_of(stage) if KINDS[stage.kind].report else None}
     store.put(result.key, outputs(stage), entry, Path(result.log) if result.log else None, (release.name, stage.id))
 
 
@@ -263,7 +242,7 @@ def _run_stage(release: Release, stage: Stage, key: str, observer: Observer, log
     result = StageResult(stage.id, stage.kind, "built", str(stage.output), key)
     try:
         before = keys.sources_read(stage)
-        RUNNERS[stage.kind](release, stage, key, event, observer.progress)
+        KINDS[stage.kind].run(release, stage, key, event, observer.progress)
         _check_sources_unchanged(keys, stage, before)
     except WorkbenchError as exc:
         result.action, result.error, result.exit_code = _action(exc.exit_code), str(exc), exc.exit_code
@@ -288,7 +267,7 @@ def _check_sources_unchanged(keys: Keys, stage: Stage, before: dict[str, str]) -
     if not changed:
         return
     which = changed[0]
-    if stage.kind == "verify":
+    if KINDS[stage.kind].report:
         remove_owned(stage.output, "report folder")
     elif stage.output.is_dir():
         shutil.rmtree(stage.output)  # made by this stage a moment ago
@@ -301,83 +280,3 @@ def _check_sources_unchanged(keys: Keys, stage: Stage, before: dict[str, str]) -
 
 def _action(exit_code: int) -> str:
     return "incomplete" if exit_code == INCOMPLETE else "failed"
-
-
-def _input_path(release: Release, artifact_id: str) -> Path:
-    return release.base if artifact_id == SOURCE else release.stage(artifact_id).output
-
-
-def _record(release: Release, stage: Stage, key: str) -> dict:
-    return {"release": {"name": release.name, "stage": stage.id, "key": key, "file": str(release.file)}}
-
-
-# Each runner builds its stage's output or raises: ArtifactFailed for a failed check, Incomplete when a
-# required check could not run, any other WorkbenchError for bad input or a missing engine.
-
-def _run_merge(release, stage, key, event, progress) -> None:
-    from ..lora import plan_merge
-    from ..merge import run_merge
-
-    o = stage.options
-    plan = plan_merge(release.base, release.adapter, o["dtype"], o.get("base_quant", "auto"), o.get("double_quant", False))
-    for warning in plan.warnings:
-        event(f"warning: {warning}")
-    event(f"merging {len(plan.deltas)} LoRA modules into {len(plan.outputs)} tensors")
-    options = {"base": str(release.base), "adapter": str(release.adapter), "out": str(stage.output),
-               "dtype_option": stage.options["dtype"]}
-    run_merge(plan, stage.output, True, stage.options["max_shard_bytes"], options, progress, _record(release, stage, key))
-
-
-def _run_quantize(release, stage, key, event, progress) -> None:
-    from ..quantize.run import quantize
-
-    o = stage.options
-    step = quantize(_input_path(release, stage.needs[0]), o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None,
-                    o["overrides"], stage.output, True, o["gates"], event, _record(release, stage, key), progress)
-    m = step["metrics"]
-    event(f"held-out: perplexity {m['ppl_delta']:+.2%}, KL {m['mean_kl']:.2e}, top-1 {m['top1_agreement']:.2%}")
-    if step["status"] != "ok":
-        raise ArtifactFailed(f"quality gates failed: {', '.join(step['failed_gates'])} (limits {step['gates']})")
-
-
-def _run_gguf(release, stage, key, event, progress) -> None:
-    from ..convert.gguf import convert_gguf
-    from ..convert.imatrix import DEFAULT_CALIBRATION
-
-    data = stage.options.get("imatrix")
-    convert_gguf(_input_path(release, stage.needs[0]), [stage.options["outtype"]], stage.output, True, None, progress, event,
-                 _record(release, stage, key), imatrix=replace(DEFAULT_CALIBRATION, data=data) if data else None,
-                 accept_tokenizer_difference=stage.options.get("accept_tokenizer_difference", False))
-
-
-def _run_verify(release, stage, key, event, progress) -> None:
-    from ..verify.run import verify
-
-    o = stage.options
-    remove_owned(stage.output, "report folder")  # a killed run's partial report is never trusted
-    stage.output.mkdir(parents=True)
-    claim(stage.output)
-    report = verify(_input_path(release, stage.needs[0]), o["engine"], o["tp"], reference=_reference(release, stage),
-                    report_dir=stage.output, ready_timeout=o["timeout"],
-                    max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
-                    gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS, pp=o["pp"], dp=o["dp"],
-                    adapters=tuple(o["adapters"]), concurrency=o["concurrency"])
-    replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "verdict": report["verdict"],
-                                                    "finished": now(), "workbench": __version__}, indent=2))
-    if report["passed"]:
-        return
-    status = "failed" if report["verdict"] == "failed" else "incomplete"
-    checks = [f"tp={r['tp']} {c['name']}" for r in report["runs"] for c in r["checks"] if c["status"] == status]
-    message = f"verification {report['verdict']}: {', '.join(checks)} (see {report['reports']['markdown']})"
-    raise ArtifactFailed(message) if status == "failed" else Incomplete(message)
-
-
-def _reference(release: Release, stage: Stage) -> Path | None:
-    """What a quantized or converted artifact is compared with: the artifact it was made from, where this run
-    keeps it (a job's fetched copy may name, in its manifest, a folder on another node); None: verify's own
-    choice (a full-precision artifact is its own reference)."""
-    made_by = release.stage(stage.needs[0]) if stage.needs[0] != SOURCE else None
-    return _input_path(release, made_by.needs[0]) if made_by is not None and made_by.kind in ("quantize", "gguf") else None
-
-
-RUNNERS = {"merge": _run_merge, "quantize": _run_quantize, "gguf": _run_gguf, "verify": _run_verify}

@@ -190,6 +190,19 @@ def _requirement(spec: dict, at: str) -> dict:
 def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, where, gguf_types) -> Stage:
     at = f"{where}: artifacts.{artifact_id}"
     check_name(artifact_id, f"{where}: artifact id")
+    kind = _artifact_kind(artifact_id, spec, at)
+    if kind == "merge":
+        return _merge_stage(release, artifact_id, spec, at)
+    source = spec.get("from", default_from)
+    if any(s.id == source and s.kind == "gguf" for s in release.stages):
+        raise BadInput(f"{at}: {source!r} is a .gguf file; {kind} reads a model folder")
+    if kind == "quantize":
+        return _quantize_stage(release, artifact_id, spec["quantize"], source, defaults, here, at)
+    return _gguf_stage(release, artifact_id, spec, source, here, at, gguf_types)
+
+
+def _artifact_kind(artifact_id: str, spec, at: str) -> str:
+    """The one kind an artifact entry names (merge, quantize or gguf), its keys checked."""
     if artifact_id in (SOURCE, UNMERGED):
         raise BadInput(f"{at}: {SOURCE!r} and {UNMERGED!r} are reserved ids")
     if not isinstance(spec, dict):
@@ -201,44 +214,48 @@ def _artifact_stage(release, artifact_id, spec, default_from, defaults, here, wh
     kinds = [k for k in ("merge", "quantize", "gguf") if k in spec]
     if len(kinds) != 1:
         raise BadInput(f"{at} needs exactly one of merge, quantize, gguf (got {', '.join(kinds) or 'none'})")
-    kind = kinds[0]
-    if kind == "merge":
-        if release.adapter is None:
-            raise BadInput(f"{at}: merge needs an adapter at the top of the file")
-        if "from" in spec:
-            raise BadInput(f"{at}: merge reads base and adapter; 'from' does not apply")
-        check_types(spec["merge"], MERGE, f"{at}.merge")
-        dtype = spec["merge"].get("dtype", "auto")
-        if dtype not in MERGE_DTYPES:
-            raise BadInput(f"{at}.merge: dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
-        options = {"dtype": dtype, "max_shard_bytes": parse_size(spec["merge"].get("max_shard_size"))}
-        base_quant = spec["merge"].get("base_quant")
-        if base_quant is not None:  # only when given: existing release keys stay valid
-            if base_quant not in BASE_QUANTS:
-                raise BadInput(f"{at}.merge: base_quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}")
-            options.update(base_quant=base_quant, double_quant=bool(spec["merge"].get("double_quant", False)))
-        return Stage(artifact_id, kind, (SOURCE,), options, release.output / f"{release.name}-{artifact_id}")
-    source = spec.get("from", default_from)
-    if any(s.id == source and s.kind == "gguf" for s in release.stages):
-        raise BadInput(f"{at}: {source!r} is a .gguf file; {kind} reads a model folder")
-    if kind == "quantize":
-        q = spec["quantize"]
-        check_types(q, QUANTIZE, f"{at}.quantize")
-        if "recipe" not in q:
-            raise BadInput(f"{at}.quantize: missing key 'recipe' (a shipped name like fp8-static, or a .yaml path)")
-        recipe = q["recipe"]
-        recipe_path = str(_path(here, recipe, f"{at}.quantize.recipe")) if recipe.endswith((".yaml", ".yml")) else None
-        calibration = q.get("calibration")
-        if calibration and calibration != "default":
-            calibration = str(_path(here, calibration, f"{at}.quantize.calibration"))
-        options = {
-            "recipe": None if recipe_path else recipe, "recipe_path": recipe_path,
-            "overrides": {"samples": q.get("samples"), "seq_len": q.get("seq_len"), "data": calibration,
-                          "field": q.get("field"), "ignore": q.get("ignore"), "format": q.get("format")},
-            "gates": {**{k: v for k, v in defaults.items() if k in QUANTIZE_GATES},
-                      **_gates(q.get("gates"), QUANTIZE_GATES, f"{at}.quantize.gates")},
-        }
-        return Stage(artifact_id, kind, (source,), options, release.output / f"{release.name}-{artifact_id}")
+    return kinds[0]
+
+
+def _merge_stage(release: Release, artifact_id: str, spec: dict, at: str) -> Stage:
+    if release.adapter is None:
+        raise BadInput(f"{at}: merge needs an adapter at the top of the file")
+    if "from" in spec:
+        raise BadInput(f"{at}: merge reads base and adapter; 'from' does not apply")
+    merge = spec["merge"]
+    check_types(merge, MERGE, f"{at}.merge")
+    dtype = merge.get("dtype", "auto")
+    if dtype not in MERGE_DTYPES:
+        raise BadInput(f"{at}.merge: dtype must be one of {', '.join(MERGE_DTYPES)}, got {dtype!r}")
+    options = {"dtype": dtype, "max_shard_bytes": parse_size(merge.get("max_shard_size"))}
+    base_quant = merge.get("base_quant")
+    if base_quant is not None:  # only when given: existing release keys stay valid
+        if base_quant not in BASE_QUANTS:
+            raise BadInput(f"{at}.merge: base_quant must be one of {', '.join(BASE_QUANTS)}, got {base_quant!r}")
+        options.update(base_quant=base_quant, double_quant=bool(merge.get("double_quant", False)))
+    return Stage(artifact_id, "merge", (SOURCE,), options, release.output / f"{release.name}-{artifact_id}")
+
+
+def _quantize_stage(release: Release, artifact_id: str, q: dict, source: str, defaults: dict, here: Path, at: str) -> Stage:
+    check_types(q, QUANTIZE, f"{at}.quantize")
+    if "recipe" not in q:
+        raise BadInput(f"{at}.quantize: missing key 'recipe' (a shipped name like fp8-static, or a .yaml path)")
+    recipe = q["recipe"]
+    recipe_path = str(_path(here, recipe, f"{at}.quantize.recipe")) if recipe.endswith((".yaml", ".yml")) else None
+    calibration = q.get("calibration")
+    if calibration and calibration != "default":
+        calibration = str(_path(here, calibration, f"{at}.quantize.calibration"))
+    options = {
+        "recipe": None if recipe_path else recipe, "recipe_path": recipe_path,
+        "overrides": {"samples": q.get("samples"), "seq_len": q.get("seq_len"), "data": calibration,
+                      "field": q.get("field"), "ignore": q.get("ignore"), "format": q.get("format")},
+        "gates": {**{k: v for k, v in defaults.items() if k in QUANTIZE_GATES},
+                  **_gates(q.get("gates"), QUANTIZE_GATES, f"{at}.quantize.gates")},
+    }
+    return Stage(artifact_id, "quantize", (source,), options, release.output / f"{release.name}-{artifact_id}")
+
+
+def _gguf_stage(release: Release, artifact_id: str, spec: dict, source: str, here: Path, at: str, gguf_types: dict) -> Stage:
     outtype = spec["gguf"].lower()
     if outtype not in OUTTYPES:
         raise BadInput(f"{at}: unknown gguf type {spec['gguf']!r} (known: {', '.join(OUTTYPES)})")

@@ -9,13 +9,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import sha256_file
 from ..engines import ENGINES, engine_python, engine_version
 from ..errors import BadInput
 from ..manifest import folder_digest, last_step, manifest_path, read_manifest, tool_versions
+from .kinds import KINDS, MARKER
 from .spec import SOURCE, UNMERGED, Release, Stage
 
-MARKER = "stage.json"  # written last into a verify stage's report folder
 CARD = "README.md"
 
 
@@ -52,9 +51,8 @@ class Keys:
 
     def sources_read(self, stage: Stage) -> dict[str, str]:
         """The digests of the source folders a stage reads (which must not change while it runs)."""
-        reads = {"base"} if SOURCE in stage.needs or stage.kind == "merge" else set()
-        if UNMERGED in stage.needs or stage.kind == "merge":
-            reads.add("adapter")
+        reads = set(KINDS[stage.kind].reads_sources)
+        reads |= {which for which, need in (("base", SOURCE), ("adapter", UNMERGED)) if need in stage.needs}
         return {which: self.source_digest(which) for which in sorted(reads)}
 
     def engine(self, name: str) -> str | None:
@@ -82,37 +80,16 @@ class Keys:
 
     def key(self, stage: Stage) -> str | None:
         """None while an input is not built."""
-        if stage.kind == "merge":
-            inputs = {"base": self.source_digest("base"), "adapter": self.source_digest("adapter")}
+        kind = KINDS[stage.kind]
+        if kind.reads_sources:
+            inputs = {which: self.source_digest(which) for which in kind.reads_sources}
         else:
             inputs = {n: self.input_digest(n) for n in stage.needs}
             if None in inputs.values():
                 return None
-        extra = {}
-        if stage.kind == "quantize":
-            extra = _quantize_inputs(stage.options)
-        if stage.kind == "gguf" and stage.options.get("imatrix") not in (None, "default"):
-            extra = {"imatrix_sha256": _file_sha256(Path(stage.options["imatrix"]))}
-        if stage.kind == "verify":
-            extra = {"engine_version": self.engine_of(stage)}
+        extra = kind.key_extras(stage, self)
         blob = {"kind": stage.kind, "options": stage.options, "inputs": inputs, "versions": self.versions, **extra}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _quantize_inputs(options: dict) -> dict:
-    """The recipe's text and a calibration file's content are inputs too."""
-    from ..quantize.recipe import load
-
-    recipe = load(options["recipe"], Path(options["recipe_path"]) if options["recipe_path"] else None)
-    data = options["overrides"].get("data")
-    calibration = _file_sha256(Path(data)) if data and data != "default" else None
-    return {"recipe_text": recipe.source, "calibration_sha256": calibration}
-
-
-def _file_sha256(path: Path) -> str:
-    if not path.is_file():
-        raise BadInput(f"calibration file not found: {path}")
-    return sha256_file(path)
 
 
 def artifact_digest(output: Path) -> str | None:
@@ -132,7 +109,7 @@ def artifact_digest(output: Path) -> str | None:
 
 def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
     """(key, status) recorded with a stage's finished output, or (None, None)."""
-    if stage.kind == "verify":
+    if KINDS[stage.kind].report:
         marker = stage.output / MARKER
         try:
             state = json.loads(marker.read_text())
@@ -147,4 +124,4 @@ def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
 
 def outputs(stage: Stage) -> list[Path]:
     """What a stage writes, in the order it makes them whole (a .gguf's sidecar manifest, then the file)."""
-    return [manifest_path(stage.output), stage.output] if stage.kind == "gguf" else [stage.output]
+    return [manifest_path(stage.output), stage.output] if KINDS[stage.kind].sidecar_manifest else [stage.output]
