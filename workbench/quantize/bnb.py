@@ -12,11 +12,12 @@ from ..checkpoint import PlannedTensor
 
 
 class Codec:
-    """bitsandbytes 4-bit in the one-walk quantizer (quantize/walk.py): no calibration; the quality report
-    runs each layer with its dequantized weights, which is what bitsandbytes' 4-bit Linear computes with
-    (it dequantizes to the compute dtype and runs a dense matmul)."""
+    """bitsandbytes 4-bit in the one-walk quantizer (quantize/walk.py, its Codec protocol): no calibration;
+    the quality report runs each layer with its dequantized weights, which is what bitsandbytes' 4-bit
+    Linear computes with (it dequantizes to the compute dtype and runs a dense matmul)."""
 
     calibrates = False
+    writes_experts = False  # a mixture of experts is refused before anything is written
     extra_layer_bytes = 2.5  # the dequantized copy (bf16) and the packed codes, per parameter
 
     def __init__(self, quant_type: str, double_quant: bool):

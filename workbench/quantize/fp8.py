@@ -139,9 +139,10 @@ class Quantized:
 
 
 class Codec:
-    """vLLM's fp8 format in the one-walk quantizer (quantize/walk.py)."""
+    """vLLM's fp8 format in the one-walk quantizer (quantize/walk.py, its Codec protocol)."""
 
     extra_layer_bytes = 1  # the layer's fp8 copy, per parameter
+    calibrates: bool  # static activation scales only
     writes_experts = True  # per expert, as vLLM's fused-MoE loader reads them
 
     def __init__(self, scheme: str):

@@ -61,41 +61,14 @@ def quantize(
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    recipe = load(method, recipe_path)
-    if overrides:
-        recipe = recipe.with_overrides(**overrides)
     model_dir = Path(model_dir)
-    source = Checkpoint(model_dir)
-    check_handled(source.config, f"quantize {model_dir}")
-    if source.config.get("quantization_config"):
-        raise BadInput(f"{model_dir} is already quantized ({source.config['quantization_config'].get('quant_method')}); "
-                       "quantize the merged bf16/fp16 model")
-    out = Path(out) if out else default_output(model_dir, recipe)
-    if out.exists() and not force:
-        raise BadInput(f"output exists: {out} (use --force to replace it)")
-    arch = (source.config.get("architectures") or ["?"])[0]
+    recipe, source, out = _check_inputs(model_dir, method, recipe_path, overrides, out, force)
     needs = quantize_estimate(source, recipe)
     check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
     runner = LayerRunner(model_dir)
-    stacked = fp8.stacked_experts(runner.model)
-    if stacked:  # not nn.Linear: they would stay unquantized, most of the model, with the report still passing
-        raise BadInput(f"{arch} holds weights as stacked 3-D parameters ({stacked[0]}, {len(stacked)} in all) that the "
-                       "layer runner cannot split per expert; nothing written")
-    routers = experts.routers(runner.model)
     codec = own_codec(recipe)
-    if routers and not getattr(codec, "writes_experts", False):
-        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts yet (fp8 does); nothing written")
-    names = [n for n in fp8.linear_modules(runner.model) if n not in routers]
-    targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
-    ignored = [runner.checkpoint_name(n) for n in ignored + routers]  # as vLLM names them: the checkpoint's names
-    if not targets:
-        raise BadInput(f"{arch} has no torch.nn.Linear layer to quantize with {recipe.method} besides the ignored "
-                       f"{ignored} (Conv1D layers, as in GPT-2, are not supported)")
-    absent = [n for n in targets if runner.checkpoint_name(n) + ".weight" not in source.store]
-    if absent:
-        raise BadInput(f"{absent[0]} has no weight of its own in the checkpoint (tied?); add it to the ignore list")
-    walk.check_targets(runner, targets)
+    targets, ignored, warnings = _select_targets(runner, source, recipe, codec)
     for w in warnings:
         on_event(f"warning: {w}")
 
@@ -108,56 +81,21 @@ def quantize(
     on_event(f"estimated: {needs.describe()}")
 
     with atomic_output_dir(out, force) as tmp:
-        t = time.perf_counter()
         if codec is not None:  # formats our own code writes, in one walk through the layer runner
-            calibrating = f"calibrating on {samples.shape[0]} samples x {samples.shape[1]} tokens, " if samples is not None else ""
-            on_event(f"{len(targets)} layers: {calibrating}writing and evaluating, one decoder layer at a time")
-            try:
-                sha, measured, walked = walk.quantize_layers(runner, source, targets, codec, samples, blocks, tmp, on_progress)
-            except Exception as exc:
-                raise as_out_of_memory(exc, f"quantizing {model_dir.name}") or exc from None
-            phases.update(walked)
-            config = dict(source.config)
-            config["quantization_config"] = codec.quantization_config(ignored, str(source.dtype).removeprefix("torch."))
-            write_json(tmp / CONFIG_NAME, config)
-            swapped = len(targets)
+            sha, measured = _quantize_in_one_walk(runner, source, targets, ignored, codec, samples, blocks, tmp,
+                                                  phases, on_event, on_progress)
         else:  # llm-compressor -> compressed-tensors
-            on_event("source on the evaluation text, layer by layer")
-            reference = runner.streams(blocks)
-            runner.walk(reference)
-            reference_hidden = runner.normed(torch.cat([s.hidden for s in reference]))
-            phases["reference"] = time.perf_counter() - t
-            on_event(f"llm-compressor {recipe.method} {recipe.scheme} on {len(targets)} layers")
-            t = time.perf_counter()
-            with torch_threads(1):  # measured here: calibration under contention runs ~4x slower with 2 threads
-                compressor.run_oneshot(model_dir, replace(recipe, ignore=ignored), samples, tmp)
-            sha, swapped = {}, len(targets)
-            phases["quantize"] = time.perf_counter() - t
-            on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
-            t = time.perf_counter()
-            measured = compressor.compare_written(tmp, runner, reference_hidden, blocks)
-        if codec is None:
-            phases["quantized_report"] = time.perf_counter() - t
+            sha, measured = _quantize_with_llm_compressor(runner, source, recipe, targets, ignored, samples, blocks, tmp,
+                                                          phases, on_event)
         copy_side_files([(model_dir, n) for n in source.side_files() if not (tmp / n).exists()], tmp)
         (tmp / "recipe.yaml").write_text(recipe.source)
-        quality = _quality(measured, blocks)
-        limits = {**DEFAULT_GATES.get(recipe.name, FALLBACK_GATES), **(gates or {})}
-        failed = _failed_gates(quality, limits)
-        t = time.perf_counter()
-        on_event("reading the written artifact back with its format's own library, layer by layer")
-        read = read_back(tmp, model_dir, blocks[:READ_BACK_SAMPLES, :READ_BACK_SEQ_LEN])
-        phases["read_back"] = time.perf_counter() - t
-        if read is not None:
-            quality["read_back"] = read.as_dict()
-            failed += ["read_back"] if read.failures() else []
+        quality, limits, failed = _gate_quality(measured, blocks, recipe, gates, tmp, model_dir, phases, on_event)
         step = {
             "verb": "quantize", "started": started, "seconds": round(time.perf_counter() - t0, 2),
             "inputs": {"model": folder_digest(model_dir)},
-            "options": {"recipe": recipe.name, "method": recipe.method, "scheme": recipe.scheme, "format": recipe.format,
-                        **({"double_quant": recipe.double_quant} if recipe.method == "bnb" else {}),
-                        "ignore": recipe.ignore, "calibration": vars(recipe.calibration) if recipe.calibration else None},
+            "options": _recipe_options(recipe),
             "versions": tool_versions(),
-            "metrics": {"layers_quantized": swapped, "ignored_layers": ignored, **quality,
+            "metrics": {"layers_quantized": len(targets), "ignored_layers": ignored, **quality,
                         "phase_seconds": {k: round(v, 2) for k, v in phases.items()}},
             "gates": limits, "failed_gates": failed, "warnings": warnings,
             "status": "failed" if failed else "ok",
@@ -167,7 +105,116 @@ def quantize(
     return {"output": str(out.absolute()), **step}
 
 
-def own_codec(recipe: Recipe):
+def _check_inputs(model_dir: Path, method: str | None, recipe_path: Path | None, overrides: dict | None,
+                  out: Path | None, force: bool) -> tuple[Recipe, Checkpoint, Path]:
+    """(the recipe with its overrides, the source checkpoint, the output folder); refuses an already
+    quantized source and an existing output without ``force``."""
+    recipe = load(method, recipe_path)
+    if overrides:
+        recipe = recipe.with_overrides(**overrides)
+    source = Checkpoint(model_dir)
+    check_handled(source.config, f"quantize {model_dir}")
+    if source.config.get("quantization_config"):
+        raise BadInput(f"{model_dir} is already quantized ({source.config['quantization_config'].get('quant_method')}); "
+                       "quantize the merged bf16/fp16 model")
+    out = Path(out) if out else default_output(model_dir, recipe)
+    if out.exists() and not force:
+        raise BadInput(f"output exists: {out} (use --force to replace it)")
+    return recipe, source, out
+
+
+def _select_targets(runner: LayerRunner, source: Checkpoint, recipe: Recipe,
+                    codec: walk.Codec | None) -> tuple[list[str], list[str], list[str]]:
+    """(the Linear layers to quantize, the ignored ones by their checkpoint names, warnings); refuses stacked
+    expert weights, experts the codec does not write, no target at all, and targets that have no weight of
+    their own in the checkpoint or lie outside the decoder layers."""
+    arch = (source.config.get("architectures") or ["?"])[0]
+    stacked = fp8.stacked_experts(runner.model)
+    if stacked:  # not nn.Linear: they would stay unquantized, most of the model, with the report still passing
+        raise BadInput(f"{arch} holds weights as stacked 3-D parameters ({stacked[0]}, {len(stacked)} in all) that the "
+                       "layer runner cannot split per expert; nothing written")
+    routers = experts.routers(runner.model)
+    if routers and not (codec is not None and codec.writes_experts):
+        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts yet (fp8 does); nothing written")
+    names = [n for n in fp8.linear_modules(runner.model) if n not in routers]
+    targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
+    ignored = [runner.checkpoint_name(n) for n in ignored + routers]  # as vLLM names them: the checkpoint's names
+    if not targets:
+        raise BadInput(f"{arch} has no torch.nn.Linear layer to quantize with {recipe.method} besides the ignored "
+                       f"{ignored} (Conv1D layers, as in GPT-2, are not supported)")
+    absent = [n for n in targets if runner.checkpoint_name(n) + ".weight" not in source.store]
+    if absent:
+        raise BadInput(f"{absent[0]} has no weight of its own in the checkpoint (tied?); add it to the ignore list")
+    walk.check_targets(runner, targets)
+    return targets, ignored, warnings
+
+
+def _quantize_in_one_walk(runner: LayerRunner, source: Checkpoint, targets: list[str], ignored: list[str],
+                          codec: walk.Codec, samples: torch.Tensor | None, blocks: torch.Tensor, tmp: Path,
+                          phases: dict[str, float], on_event, on_progress) -> tuple[dict[str, str], dict]:
+    """Calibrate, write and evaluate layer by layer (quantize/walk.py), then config.json with the codec's
+    quantization_config; returns (sha256 per written file, the quality figures)."""
+    calibrating = f"calibrating on {samples.shape[0]} samples x {samples.shape[1]} tokens, " if samples is not None else ""
+    on_event(f"{len(targets)} layers: {calibrating}writing and evaluating, one decoder layer at a time")
+    try:
+        sha, measured, walked = walk.quantize_layers(runner, source, targets, codec, samples, blocks, tmp, on_progress)
+    except Exception as exc:
+        raise as_out_of_memory(exc, f"quantizing {source.path.name}") or exc from None
+    phases.update(walked)
+    config = dict(source.config)
+    config["quantization_config"] = codec.quantization_config(ignored, str(source.dtype).removeprefix("torch."))
+    write_json(tmp / CONFIG_NAME, config)
+    return sha, measured
+
+
+def _quantize_with_llm_compressor(runner: LayerRunner, source: Checkpoint, recipe: Recipe, targets: list[str],
+                                  ignored: list[str], samples: torch.Tensor | None, blocks: torch.Tensor, tmp: Path,
+                                  phases: dict[str, float], on_event) -> tuple[dict[str, str], dict]:
+    """The source's final hidden states on ``blocks`` first, then llm-compressor writes compressed-tensors,
+    then the written artifact is evaluated in transformers; returns (no known sha256, the quality figures)."""
+    t = time.perf_counter()
+    on_event("source on the evaluation text, layer by layer")
+    reference = runner.streams(blocks)
+    runner.walk(reference)
+    reference_hidden = runner.normed(torch.cat([s.hidden for s in reference]))
+    phases["reference"] = time.perf_counter() - t
+    on_event(f"llm-compressor {recipe.method} {recipe.scheme} on {len(targets)} layers")
+    t = time.perf_counter()
+    with torch_threads(1):  # measured here: calibration under contention runs ~4x slower with 2 threads
+        compressor.run_oneshot(source.path, replace(recipe, ignore=ignored), samples, tmp)
+    phases["quantize"] = time.perf_counter() - t
+    on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
+    t = time.perf_counter()
+    measured = compressor.compare_written(tmp, runner, reference_hidden, blocks)
+    phases["quantized_report"] = time.perf_counter() - t
+    return {}, measured
+
+
+def _gate_quality(measured: dict, blocks: torch.Tensor, recipe: Recipe, gates: dict | None, tmp: Path, model_dir: Path,
+          phases: dict[str, float], on_event) -> tuple[dict, dict, list[str]]:
+    """(the quality figures, the gates applied, the failed ones): the recipe's gates with the user's on top,
+    and the written artifact read back with its format's own library."""
+    quality = _quality(measured, blocks)
+    limits = {**DEFAULT_GATES.get(recipe.name, FALLBACK_GATES), **(gates or {})}
+    failed = _failed_gates(quality, limits)
+    t = time.perf_counter()
+    on_event("reading the written artifact back with its format's own library, layer by layer")
+    read = read_back(tmp, model_dir, blocks[:READ_BACK_SAMPLES, :READ_BACK_SEQ_LEN])
+    phases["read_back"] = time.perf_counter() - t
+    if read is not None:
+        quality["read_back"] = read.as_dict()
+        failed += ["read_back"] if read.failures() else []
+    return quality, limits, failed
+
+
+def _recipe_options(recipe: Recipe) -> dict:
+    """The manifest step's record of the recipe."""
+    return {"recipe": recipe.name, "method": recipe.method, "scheme": recipe.scheme, "format": recipe.format,
+            **({"double_quant": recipe.double_quant} if recipe.method == "bnb" else {}),
+            "ignore": recipe.ignore, "calibration": vars(recipe.calibration) if recipe.calibration else None}
+
+
+def own_codec(recipe: Recipe) -> walk.Codec | None:
     """The codec for a format the workbench writes itself (one walk), or None (llm-compressor's)."""
     if recipe.format == "fp8":
         return fp8.Codec(recipe.scheme)

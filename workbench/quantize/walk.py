@@ -1,22 +1,46 @@
 """Quantization in one walk through the layer runner, for the formats written by the workbench's own code
-(a codec: fp8.Codec, bnb.Codec): per decoder layer, calibrate its input scales on the calibration samples
-(when the codec needs them), run the source on the evaluation text, write the layer's quantized tensors,
-then run what exactly was written (the codec's emulation) on the same text. Peak memory: one layer, its
-quantized copy, the hidden states; the report keeps per-position statistics only (quality.PairStats),
-never the logits."""
+(a codec, as the ``Codec`` protocol says: fp8.Codec, bnb.Codec): per decoder layer, calibrate its input
+scales on the calibration samples (when the codec needs them), run the source on the evaluation text, write
+the layer's quantized tensors, then run what exactly was written (the codec's emulation) on the same text.
+Peak memory: one layer, its quantized copy, the hidden states; the report keeps per-position statistics
+only (quality.PairStats), never the logits."""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from typing import Protocol
 
 import torch
+from torch import nn
 
 from ..checkpoint import Checkpoint, PlannedTensor, StreamedWriter, plan_shards
 from ..errors import BadInput
 from ..quality import compare_final_hidden
 from ..runner import LayerRunner
 from . import fp8
+
+
+class Codec(Protocol):
+    """A format the workbench writes itself, as the walk uses it."""
+
+    calibrates: bool  # whether it needs the calibration samples (each target's input amax)
+    writes_experts: bool  # whether it quantizes the experts of a mixture-of-experts model
+    extra_layer_bytes: float  # memory per parameter of a layer beyond the layer itself while it is written
+
+    def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
+        """The tensors written for the target weight ``name`` of ``shape``, with their dtypes and shapes."""
+
+    def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], object]:
+        """(the tensors to write for the weight ``name``, by name; the record of what was written that
+        ``emulated`` takes), given the layer's weight, its input amax and the checkpoint's dtype of it."""
+
+    def emulated(self, layer: nn.Module, written: dict[str, object]) -> contextlib.AbstractContextManager:
+        """A context in which ``layer`` computes with what was written (the records by module name) and
+        after which it is as before."""
+
+    def quantization_config(self, ignored: list[str], compute_dtype: str) -> dict:
+        """config.json's ``quantization_config``, given the unquantized layers' names and the compute dtype."""
 
 
 def layer_of(runner: LayerRunner, name: str) -> int | None:
@@ -28,7 +52,7 @@ def layer_of(runner: LayerRunner, name: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
-def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
+def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec: Codec) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
     """Write order (tensors outside the layers first, then layer by layer) and the planned tensors."""
     weights = target_weights(runner, targets)
     outside, by_layer = [], {}
@@ -59,7 +83,7 @@ def check_targets(runner: LayerRunner, targets: list[str]) -> None:
 
 
 @torch.inference_mode()
-def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str], codec, samples: torch.Tensor | None,
+def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str], codec: Codec, samples: torch.Tensor | None,
                     blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict, dict[str, float]]:
     """Write the quantized checkpoint's weights into ``folder``; returns (sha256 per file, quality figures of
     the emulated artifact against the source on ``blocks``, seconds per phase)."""
@@ -121,7 +145,7 @@ class Clock:
 
 
 def _write_layer(runner: LayerRunner, layer, names: list[str], prefix: str, weights: set[str], amax: dict[str, float],
-                 codec, source: Checkpoint, writer: StreamedWriter) -> dict:
+                 codec: Codec, source: Checkpoint, writer: StreamedWriter) -> dict:
     """Write one layer's tensors in plan order: targets through the codec (given the layer's weight and the
     checkpoint's dtype of it), the rest copied. Returns the codec's record of each target, by module name."""
     written = {}

@@ -296,71 +296,69 @@ def reference_check(client: Client, probing: Probing, name: str = "reference") -
 
 def run_probes(client: Client, probing: Probing) -> list[Check]:
     """The base probes against one running server; each probe's failure is recorded, never raised."""
-    checks: list[Check] = []
+    replies: dict[str, str] = {}  # the completion probe's greedy reply to each prompt: streaming and stop compare with it
+    return [guarded("models", lambda: _probe_models(client)),
+            guarded("completion", lambda: _probe_completion(client, probing, replies)),
+            guarded("streaming", lambda: _probe_streaming(client, probing, replies)),
+            guarded("stop", lambda: _probe_stop(client, probing, replies)),
+            guarded("eos", lambda: _probe_eos(client, probing)),
+            guarded("reference", lambda: reference_check(client, probing))]
 
-    def probe(name):
-        def wrap(fn):
-            result = guarded(name, fn)
-            checks.append(result)
-            return result
-        return wrap
 
-    def greedy(prompt: str, **kw) -> dict:
-        body = {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0, **kw}
-        return client.post("/v1/completions", body)["choices"][0]
+def _greedy(client: Client, probing: Probing, prompt: str, **kw) -> dict:
+    body = {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0, **kw}
+    return client.post("/v1/completions", body)["choices"][0]
 
-    @probe("models")
-    def _models():
-        ids = [m.get("id") for m in client.get("/v1/models").get("data", [])]
-        return Check("models", "passed" if client.model in ids else "failed", f"served: {ids}")
 
-    replies: dict[str, str] = {}
+def _probe_models(client: Client) -> Check:
+    ids = [m.get("id") for m in client.get("/v1/models").get("data", [])]
+    return Check("models", "passed" if client.model in ids else "failed", f"served: {ids}")
 
-    @probe("completion")
-    def _completion():
-        for prompt in probing.prompts:
-            replies[prompt] = greedy(prompt).get("text", "")
-        empty = [p for p, text in replies.items() if not text]
-        return Check("completion", "failed" if empty else "passed",
-                     f"{len(replies) - len(empty)}/{len(replies)} prompts answered: {replies[probing.prompts[0]][:60]!r}")
 
-    @probe("streaming")
-    def _streaming():
-        prompt = probing.prompts[0]
-        if prompt not in replies:
-            return Check("streaming", "incomplete", "no non-streamed reply to compare with (the completion probe broke)")
-        chunks = client.stream("/v1/completions", {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0})
-        text = "".join(c["choices"][0].get("text", "") for c in chunks if c.get("choices"))
-        ok = text == replies[prompt]
-        return Check("streaming", "passed" if ok else "failed", f"{len(chunks)} SSE chunks" + ("" if ok else f": {text!r} != {replies[prompt]!r}"))
+def _probe_completion(client: Client, probing: Probing, replies: dict[str, str]) -> Check:
+    """Every prompt answered; the replies are kept in ``replies``."""
+    for prompt in probing.prompts:
+        replies[prompt] = _greedy(client, probing, prompt).get("text", "")
+    empty = [p for p, text in replies.items() if not text]
+    return Check("completion", "failed" if empty else "passed",
+                 f"{len(replies) - len(empty)}/{len(replies)} prompts answered: {replies[probing.prompts[0]][:60]!r}")
 
-    @probe("stop")
-    def _stop():
-        found = next(((p, stop_string(t)) for p, t in replies.items() if stop_string(t)), None)
-        if found is None:
-            return Check("stop", "incomplete", "no greedy reply long enough to take a stop string from")
-        prompt, (stop, at) = found
-        choice = greedy(prompt, stop=[stop])
-        expected = replies[prompt][:at]
-        ok = choice.get("finish_reason") == "stop" and choice.get("text") == expected
-        return Check("stop", "passed" if ok else "failed",
-                     f"stop {stop!r} (from the model's own reply): finish_reason={choice.get('finish_reason')}, "
-                     f"{choice.get('text')!r}" + ("" if ok else f", expected {expected!r}"))
 
-    @probe("eos")
-    def _eos():
-        if not probing.eos_ids:
-            return Check("eos", "incomplete", "the artifact names no EOS token (generation_config, config or GGUF metadata)")
-        # forcing the EOS token first must end generation at once: proves the engine knows the EOS id
-        eos = probing.eos_ids[0]
-        r = client.post("/v1/completions", {"prompt": probing.prompts[-1], "max_tokens": 16, "temperature": 0,
-                                            "logit_bias": {str(eos): 100}})
-        choice, tokens = r["choices"][0], r.get("usage", {}).get("completion_tokens")
-        ok = choice.get("finish_reason") == "stop" and (tokens or 0) <= 1
-        return Check("eos", "passed" if ok else "failed", f"EOS id {eos}: finish_reason={choice.get('finish_reason')} after {tokens} token(s)")
+def _probe_streaming(client: Client, probing: Probing, replies: dict[str, str]) -> Check:
+    """The first prompt streamed (SSE) gives the same text as its non-streamed reply."""
+    prompt = probing.prompts[0]
+    if prompt not in replies:
+        return Check("streaming", "incomplete", "no non-streamed reply to compare with (the completion probe broke)")
+    chunks = client.stream("/v1/completions", {"prompt": prompt, "max_tokens": probing.max_tokens, "temperature": 0})
+    text = "".join(c["choices"][0].get("text", "") for c in chunks if c.get("choices"))
+    ok = text == replies[prompt]
+    return Check("streaming", "passed" if ok else "failed", f"{len(chunks)} SSE chunks" + ("" if ok else f": {text!r} != {replies[prompt]!r}"))
 
-    probe("reference")(lambda: reference_check(client, probing))
-    return checks
+
+def _probe_stop(client: Client, probing: Probing, replies: dict[str, str]) -> Check:
+    """A stop string taken from a reply ends that reply right before it."""
+    found = next(((p, stop_string(t)) for p, t in replies.items() if stop_string(t)), None)
+    if found is None:
+        return Check("stop", "incomplete", "no greedy reply long enough to take a stop string from")
+    prompt, (stop, at) = found
+    choice = _greedy(client, probing, prompt, stop=[stop])
+    expected = replies[prompt][:at]
+    ok = choice.get("finish_reason") == "stop" and choice.get("text") == expected
+    return Check("stop", "passed" if ok else "failed",
+                 f"stop {stop!r} (from the model's own reply): finish_reason={choice.get('finish_reason')}, "
+                 f"{choice.get('text')!r}" + ("" if ok else f", expected {expected!r}"))
+
+
+def _probe_eos(client: Client, probing: Probing) -> Check:
+    if not probing.eos_ids:
+        return Check("eos", "incomplete", "the artifact names no EOS token (generation_config, config or GGUF metadata)")
+    # forcing the EOS token first must end generation at once: proves the engine knows the EOS id
+    eos = probing.eos_ids[0]
+    r = client.post("/v1/completions", {"prompt": probing.prompts[-1], "max_tokens": 16, "temperature": 0,
+                                        "logit_bias": {str(eos): 100}})
+    choice, tokens = r["choices"][0], r.get("usage", {}).get("completion_tokens")
+    ok = choice.get("finish_reason") == "stop" and (tokens or 0) <= 1
+    return Check("eos", "passed" if ok else "failed", f"EOS id {eos}: finish_reason={choice.get('finish_reason')} after {tokens} token(s)")
 
 
 def _compare(probing: Probing, ask) -> Check:
