@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from workbench.verify.preflight import preflight
+from workbench.preflight import preflight
 
 LLAMA_70B_LIKE = {"hidden_size": 8192, "num_attention_heads": 64, "num_key_value_heads": 8, "intermediate_size": 29568}
 

@@ -15,7 +15,7 @@ from workbench.engines import ENGINES, Layout, launch_defaults
 from workbench.verify.adapters import check_adapter, engine_rank, parse_adapters
 from workbench.verify.chat import ChatFacts, chat_facts, chat_prompt_problem, rope_original
 from workbench.verify.load import _prefix_agreement, load_prompts
-from workbench.verify.preflight import preflight
+from workbench.preflight import preflight
 from workbench.verify.probes import PROMPTS
 
 

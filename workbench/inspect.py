@@ -10,7 +10,7 @@ from .checkpoint import MANIFEST_NAME, Checkpoint, numel, sha256_file
 from .errors import ArtifactFailed, BadInput
 from .manifest import manifest_path, read_manifest
 from .safety import remote_code_request
-from .verify.preflight import preflight
+from .preflight import preflight
 
 
 def inspect(path: Path, tps: list[int], check: bool = False) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..families import expert_count, expert_intermediate
+from .families import expert_count, expert_intermediate
 
 # Layers by how TP splits them: column-parallel split their output features, row-parallel their input.
 # (name, parallel style, in features, out features) as functions of the config.

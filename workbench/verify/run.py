@@ -10,8 +10,10 @@ import contextlib
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from .. import __version__
@@ -27,7 +29,7 @@ from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, reque
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .launch import EngineFailed, Server, port_in_use
 from .load import probe_concurrency
-from .preflight import preflight, quant_of
+from ..preflight import preflight, quant_of
 from .probes import Check, Client, Probing, Reference, guarded, reference_check, reference_estimate, run_probes, verdict
 from .report import write_reports
 
@@ -129,6 +131,44 @@ def verify(
     ``pp``/``dp``: pipeline and data parallel sizes of every run. ``adapters``: NAME=PATH LoRA adapters
     served unmerged beside the base ``artifact``, each compared with peft (base + that adapter). ``nodes`` > 1: each
     layout served by that many local nodes (the engine's multi-node path), the ranks spread over them."""
+    checked = _check_inputs(artifact, engine, tps, python, reference, report_dir, extra_args, port, marlin, dtype,
+                            no_reference, pp, dp, adapters, nodes)
+    probing = _probing(checked, no_reference, gates, prompts, max_tokens)
+    facts = _chat_facts(checked.artifact, checked.spec, checked.config, checked.reference)
+    gpu, features = has_cuda_gpu(), cpu_features()
+    kernels = reference_kernels(checked.spec, checked.config, gpu)
+    kernels_note = f"reference: {kernels.label}" if kernels else native_kernels(checked.spec, checked.config, gpu, features)
+    report = _report_head(checked, engine, tps, dtype, gates, pp, dp, nodes, facts, kernels_note, features)
+    report_dir = _report_folder(checked.report_dir)
+    if kernels:
+        on_event(f"{checked.spec.name} serves {checked.config['quantization_config']['quant_method']} here with reference kernels: {kernels.label}")
+    start_server = partial(Server, checked.spec, checked.artifact, python=checked.python, port=port,
+                           max_model_len=max_model_len, dtype=dtype, extra_args=extra_args, ready_timeout=ready_timeout,
+                           groups_file=groups_file, pp=pp, dp=dp, reference_kernels=kernels, nodes=nodes)
+    _serve_each_tp(start_server, tps, checked, probing, facts, dtype, force, concurrency, report, report_dir, on_event)
+    return _finish_report(report, report_dir)
+
+
+@dataclass
+class _Checked:
+    """What the input checks settle, for the phases after them."""
+
+    spec: EngineSpec
+    artifact: Path  # absolute
+    config: dict | None  # None for a GGUF
+    kind: str  # which tolerances apply (artifact_kind)
+    preflight: dict[int, list[str]]  # by TP size: why it will not load (empty: it will)
+    adapters: list[Adapter]
+    python: str  # the engine's interpreter
+    reference: Path | None
+    missing_reference: str  # why there is no reference
+    report_dir: Path  # absolute, not made yet
+
+
+def _check_inputs(artifact: Path, engine: str, tps: list[int], python: str | None, reference: Path | None,
+                  report_dir: Path | None, extra_args: tuple[str, ...], port: int | None, marlin: bool, dtype: str | None,
+                  no_reference: bool, pp: int, dp: int, adapters: tuple[str, ...], nodes: int) -> _Checked:
+    """Every check of verify's inputs, in order, before anything is started or written: bad input raises."""
     spec = ENGINES[engine]
     _check_engine_options(spec, pp, dp, adapters)
     _check_nodes(spec, nodes, [Layout(tp, pp, dp) for tp in tps])
@@ -152,66 +192,103 @@ def verify(
         else default_reference(artifact, kind)
     if reference is not None and not (reference / CONFIG_NAME).exists():
         raise BadInput(f"reference model not found: {reference}")
-    probing = Probing(kind=kind, eos_ids=eos_ids(artifact, spec), token_ids=spec.token_ids,
-                      no_reference=no_reference, missing_reference=missing, gates=gates or {})
+    return _Checked(spec, artifact, config, kind, table, lora, python, reference, missing, report_dir)
+
+
+def _probing(checked: _Checked, no_reference: bool, gates: dict | None, prompts: tuple[str, ...],
+             max_tokens: int | None) -> Probing:
+    """What the probes need besides the server; the reference is added once it is loaded."""
+    probing = Probing(kind=checked.kind, eos_ids=eos_ids(checked.artifact, checked.spec), token_ids=checked.spec.token_ids,
+                      no_reference=no_reference, missing_reference=checked.missing_reference, gates=gates or {})
     if prompts:
         probing = replace(probing, prompts=tuple(prompts))
     if max_tokens:
         probing = replace(probing, max_tokens=max_tokens)
-    facts = _chat_facts(artifact, spec, config, reference)
-    gpu, features = has_cuda_gpu(), cpu_features()
-    kernels = reference_kernels(spec, config, gpu)
-    report = {
-        "kernels": f"reference: {kernels.label}" if kernels else native_kernels(spec, config, gpu, features),
+    return probing
+
+
+def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | None, gates: dict | None, pp: int, dp: int,
+                 nodes: int, facts: ChatFacts, kernels_note: str, features: list[str]) -> dict:
+    """The report's fields known before any engine starts; "runs" is filled as each TP size is served."""
+    spec, artifact, python = checked.spec, checked.artifact, checked.python
+    return {
+        "kernels": kernels_note,
         "cpu_features": features, "trust_remote_code": remote_code_trusted(),
-        "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": kind, "dtype": dtype,
-        "tp": tps, "preflight": {str(tp): reasons for tp, reasons in table.items()}, "runs": [],
+        "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": checked.kind, "dtype": dtype,
+        "tp": tps, "preflight": {str(tp): reasons for tp, reasons in checked.preflight.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
-        "reference": str(reference) if reference else None, "reference_note": missing or None,
+        "reference": str(checked.reference) if checked.reference else None, "reference_note": checked.missing_reference or None,
         "pp": pp, "dp": dp, "nodes": nodes, "nodes_ray": _ray_version(spec, python, nodes),
         "multinode_commands": {str(tp): multinode_commands(spec, artifact.name, Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
-        "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in lora},
+        "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in checked.adapters},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
-    report_dir = _report_folder(report_dir)
-    if kernels:
-        on_event(f"{spec.name} serves {config['quantization_config']['quant_method']} here with reference kernels: {kernels.label}")
 
+
+def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked: _Checked, probing: Probing,
+                   facts: ChatFacts, dtype: str | None, force: bool, concurrency: int, report: dict, report_dir: Path,
+                   on_event) -> None:
+    """Serve and probe the artifact at each TP size in turn, unless refused, while the references run in a
+    thread beside; each run is appended to ``report["runs"]``. ``start_server(tp=, log_path=, adapters=,
+    lora_rank=)``: a Server with verify's other options."""
+    spec, lora = checked.spec, checked.adapters
     served = {a.name: a.path for a in lora if not a.reasons}
     refused = [a for a in lora if a.reasons]
+    lora_rank = engine_rank(spec, [a for a in lora if not a.reasons]) if served else None
     cancel = threading.Event()  # set on the way out (Ctrl-C, an error): a running reference stops at its next layer
     with ThreadPoolExecutor(1) as pool, _setting_on_exit(cancel):
-        # the references run, layer by layer, while the engine starts
-        # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
-        ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
-        ref_prompts = probing.prompts + ((facts.long_prompt,) if facts.long_prompt else ())
-        if reference:
-            needs = reference_estimate(reference, ref_prompts, probing.max_tokens)
-            report["reference_estimate"] = {"peak_gib": round(needs.peak_bytes / 2**30, 2), "seconds": round(needs.seconds, 1)}
-            on_event(f"reference model, layer by layer: estimated {needs.describe()} per model")
-            check_fits(f"for the reference model {reference.name}", needs.peak_bytes)
-        pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel)
-                   for name, path in {None: None, **served}.items()} if reference else {}
-        read = pool.submit(read_back_check, artifact, reference) if reference and kind != "full" and spec.artifact != "gguf" else None
+        pending, read = _start_references(pool, checked, probing, facts, served, dtype, cancel, report, on_event)
         for tp in tps:
-            if refused and not force:
-                report["runs"].append({"tp": tp, "checks": [_refused_adapter(a) for a in refused]})
-                on_event(f"tp={tp}: not started: {len(refused)} adapter(s) cannot be served unmerged")
+            not_started = None if force else _not_started(tp, refused, checked.preflight, on_event)
+            if not_started is not None:
+                report["runs"].append(not_started)
                 continue
-            if table[tp] and not force:
-                report["runs"].append({"tp": tp, "checks": [Check("preflight", "failed", "; ".join(table[tp])).as_dict()]})
-                on_event(f"tp={tp}: refused by preflight: {'; '.join(table[tp])}")
-                continue
-            server = Server(spec, artifact, tp=tp, python=python, port=port, max_model_len=max_model_len, dtype=dtype,
-                            extra_args=extra_args, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log",
-                            ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp, adapters=served,
-                            lora_rank=engine_rank(spec, [a for a in lora if not a.reasons]) if served else None,
-                            reference_kernels=kernels, nodes=nodes)
+            server = start_server(tp=tp, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log", adapters=served,
+                                  lora_rank=lora_rank)
             run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
             run["checks"] += [_refused_adapter(a) for a in refused]
             if read is not None and read.result() is not None:
                 run["checks"].insert(1, read.result().as_dict())
             report["runs"].append(run)
+
+
+def _start_references(pool: ThreadPoolExecutor, checked: _Checked, probing: Probing, facts: ChatFacts,
+                      served: dict[str, Path], dtype: str | None, cancel: threading.Event, report: dict,
+                      on_event) -> tuple[dict[str | None, Future], Future | None]:
+    """Submit the reference models (the base, and base + each served adapter) and the read-back check, to run
+    layer by layer while the engine starts. Returns (the pending references by adapter name, None for the
+    base; empty without a reference) and the pending read-back check (or None)."""
+    reference, spec = checked.reference, checked.spec
+    # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
+    ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
+    ref_prompts = probing.prompts + ((facts.long_prompt,) if facts.long_prompt else ())
+    if reference:
+        needs = reference_estimate(reference, ref_prompts, probing.max_tokens)
+        report["reference_estimate"] = {"peak_gib": round(needs.peak_bytes / 2**30, 2), "seconds": round(needs.seconds, 1)}
+        on_event(f"reference model, layer by layer: estimated {needs.describe()} per model")
+        check_fits(f"for the reference model {reference.name}", needs.peak_bytes)
+    pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel)
+               for name, path in {None: None, **served}.items()} if reference else {}
+    read = pool.submit(read_back_check, checked.artifact, reference) if reference and checked.kind != "full" and spec.artifact != "gguf" else None
+    return pending, read
+
+
+def _not_started(tp: int, refused: list[Adapter], preflight: dict[int, list[str]], on_event) -> dict | None:
+    """The run of a TP size that is not started (an adapter cannot be served unmerged, or the preflight
+    refuses it), or None."""
+    if refused:
+        run = {"tp": tp, "checks": [_refused_adapter(a) for a in refused]}
+        on_event(f"tp={tp}: not started: {len(refused)} adapter(s) cannot be served unmerged")
+        return run
+    if preflight[tp]:
+        run = {"tp": tp, "checks": [Check("preflight", "failed", "; ".join(preflight[tp])).as_dict()]}
+        on_event(f"tp={tp}: refused by preflight: {'; '.join(preflight[tp])}")
+        return run
+    return None
+
+
+def _finish_report(report: dict, report_dir: Path) -> dict:
+    """The verdict over every run's checks ("incomplete" without a run), written as the CI reports."""
     report["verdict"] = verdict([c for run in report["runs"] for c in run["checks"]]) if report["runs"] else "incomplete"
     report["passed"] = report["verdict"] == "passed"
     report["finished"] = now()
