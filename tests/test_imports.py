@@ -15,12 +15,13 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """The workbench modules ``path`` imports at module level (what runs when it is imported)."""
+def _imports(path: Path, everywhere: bool = False) -> set[str]:
+    """The workbench modules ``path`` imports at module level (what runs when it is imported), or anywhere in it."""
     module = _module(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree) if everywhere else tree.body:
         if isinstance(node, ast.ImportFrom):
             base = package.split(".")
             if node.level:
@@ -60,3 +61,46 @@ def test_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert len(graph) > 40 and "workbench.release.state" in graph["workbench.release.publish"]
+
+
+def _readme_layers() -> dict[str, list[str]]:
+    """The layers of the README's Design section, bottom last: layer name (column 0) -> its modules (column 15)."""
+    text = (ROOT / "README.md").read_text().split("## Design", 1)[1].split("```", 2)[1]
+    layers: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line[:15].strip():
+            layer = line[:15].strip()
+        if len(line) > 15 and line[15] != " ":
+            name = line[15:].split()[0].removesuffix(".py").removesuffix("/")
+            layers.setdefault(layer, []).append("workbench" if name == "__init__" else name)
+    return layers
+
+
+LAYERS = _readme_layers()
+ORDER = list(reversed(LAYERS))  # bottom up
+
+
+def _place(module: str) -> tuple[int, str]:
+    """(layer index, top-level name) of a workbench module."""
+    top = module.split(".")[1] if "." in module else "workbench"
+    layer = next(n for n, tops in LAYERS.items() if top in tops)
+    return ORDER.index(layer), top
+
+
+def test_modules_import_only_their_layer_or_below():
+    graph = {_module(p): _imports(p, everywhere=True) for p in PACKAGE.rglob("*.py")}  # function-level imports too
+    wrong = []
+    for module, imported in sorted(graph.items()):
+        layer, top = _place(module)
+        for target in sorted(imported):
+            target_layer, target_top = _place(target)
+            if target_layer > layer or (ORDER[layer] == "verbs" and target_layer == layer and target_top != top):
+                wrong.append(f"{module} ({ORDER[layer]}) imports {target} ({ORDER[target_layer]})")
+    assert not wrong, "\n".join(wrong)
+    assert ORDER == ["foundation", "core", "verbs", "release", "command line"]
+
+
+def test_the_readme_places_every_module_once():
+    names = [t for tops in LAYERS.values() for t in tops]
+    tops = {_module(p).split(".")[1] if "." in _module(p) else "workbench" for p in PACKAGE.rglob("*.py")}
+    assert sorted(names) == sorted(tops)

@@ -271,7 +271,7 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     and the tensors llama.cpp stored in another type.
     """
     from .convert.gguf import convert_gguf as run_convert, convert_lora_adapter, parse_outtypes
-    from .quantize.recipe import Calibration
+    from .texts import Calibration
 
     types = parse_outtypes(list(outtypes))
     if adapter is not None:
@@ -480,6 +480,50 @@ def inspect_cmd(path, tps, check, as_json):
         click.echo(f"check: {info['check']['files']} files match the manifest")
 
 
+def _echo_stage_graph(spec, as_json: bool) -> None:
+    """`release --plan`: the stage graph as jobs, as JSON or one line per stage."""
+    from .release.run import stage_graph
+
+    graph = stage_graph(spec)
+    if as_json:
+        click.echo(json.dumps(graph, indent=2))
+        return
+    for job in graph:
+        click.echo(f"{job['id']:28} {job['kind']:9} needs {', '.join(job['needs']) or '-':20} {shlex.join(job['command'])}")
+
+
+def _echo_dry_run(spec, only: tuple[str, ...], force: bool, as_json: bool) -> None:
+    """`release --dry-run`: which stages would run and why, as JSON or one line per stage."""
+    from .release.run import plan
+
+    decisions = plan(spec, only, force)
+    if as_json:
+        click.echo(json.dumps([{"id": d.stage.id, "kind": d.stage.kind, "run": d.run, "reason": d.reason,
+                                "key": d.key, "output": str(d.stage.output), "estimate": d.estimate} for d in decisions], indent=2))
+        return
+    for d in decisions:
+        click.echo(f"{'run ' if d.run else 'skip'}  {d.stage.id:28} {d.stage.kind:9} {d.reason}"
+                   + (f" ({d.estimate})" if d.estimate else ""))
+
+
+def _run_release_stages(spec, only: tuple[str, ...], force: bool, gather: bool, ray_address: str | None, quiet: bool,
+                        as_json: bool) -> dict:
+    """Run the release here, or each stage as a Ray task; returns its index."""
+    from .release.console import ConsoleObserver
+    from .release.run import run_release
+
+    # --json alone: nothing but the index; with -q also one line per stage on stderr
+    observer = ConsoleObserver(quiet or as_json, silent=as_json and not quiet)
+    try:
+        if ray_address:
+            from .release.fanout import run_on_ray
+
+            return run_on_ray(spec, ray_address, observer)
+        return run_release(spec, only, force, observer, gather=gather)
+    finally:
+        observer.close()
+
+
 @cli.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), help="Output root (overrides the file's `output`).")
@@ -522,9 +566,7 @@ def release(file, out, only, force, dry_run, store, stage_plan, gather, ray_addr
     `--only ID --store STORE` command in its own working folder once the jobs it needs have finished; then
     `--gather --store STORE` writes the release from what the jobs put in the store.
     """
-    from .release.console import ConsoleObserver
     from .release.publish import table, verdict
-    from .release.run import plan, run_release, stage_graph
     from .release.spec import load_release
 
     if sum((dry_run, stage_plan, gather, bool(ray_address))) > 1:
@@ -533,33 +575,12 @@ def release(file, out, only, force, dry_run, store, stage_plan, gather, ray_addr
         raise click.UsageError("--ray runs the whole release (each stage a task); --only and --force apply without it")
     spec = load_release(file, out, store)
     if stage_plan:
-        graph = stage_graph(spec)
-        if as_json:
-            click.echo(json.dumps(graph, indent=2))
-        for job in [] if as_json else graph:
-            click.echo(f"{job['id']:28} {job['kind']:9} needs {', '.join(job['needs']) or '-':20} {shlex.join(job['command'])}")
+        _echo_stage_graph(spec, as_json)
         return
     if dry_run:
-        decisions = plan(spec, tuple(only), force)
-        if as_json:
-            click.echo(json.dumps([{"id": d.stage.id, "kind": d.stage.kind, "run": d.run, "reason": d.reason,
-                                    "key": d.key, "output": str(d.stage.output), "estimate": d.estimate} for d in decisions], indent=2))
-            return
-        for d in decisions:
-            click.echo(f"{'run ' if d.run else 'skip'}  {d.stage.id:28} {d.stage.kind:9} {d.reason}"
-                       + (f" ({d.estimate})" if d.estimate else ""))
+        _echo_dry_run(spec, tuple(only), force, as_json)
         return
-    # --json alone: nothing but the index; with -q also one line per stage on stderr
-    observer = ConsoleObserver(quiet or as_json, silent=as_json and not quiet)
-    try:
-        if ray_address:
-            from .release.fanout import run_on_ray
-
-            index = run_on_ray(spec, ray_address, observer)
-        else:
-            index = run_release(spec, tuple(only), force, observer, gather=gather)
-    finally:
-        observer.close()
+    index = _run_release_stages(spec, tuple(only), force, gather, ray_address, quiet, as_json)
     if as_json:
         click.echo(json.dumps(index, indent=2))
     elif not quiet:

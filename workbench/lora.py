@@ -25,8 +25,8 @@ from .checkpoint import (
     side_files,
 )
 from .errors import BadInput
-from .experts import EXPERT_LAYOUTS, renamer
-from .families import check_handled, expert_count, expert_intermediate
+from .experts import renamer
+from .families import check_handled, expert_count, expert_intermediate, family_of
 from .bnb4 import Bnb4bit
 from .safety import check_remote_code
 
@@ -36,8 +36,6 @@ PEFT_PREFIX = "base_model.model."
 OUTPUT_EMBEDDING = "lm_head.weight"
 # peft's ParamWrapper on a stacked experts module, nested once per further adapted parameter
 STACKED_EXPERTS = re.compile(r"\.experts(\.base_layer)*$")
-# Input embeddings an untied lm_head falls back to in a tied checkpoint, by architecture family.
-INPUT_EMBEDDINGS = ("model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MERGE_DTYPES = ("auto", *DTYPES)  # auto: the base's
@@ -221,17 +219,51 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     cfg = load_adapter_config(adapter_dir)
     base = Checkpoint(base_dir)
     check_handled(base.config, f"merge into {base_dir}")
+    adapter = _adapter_weights(adapter_dir)
+    warnings: list[str] = []
+    factors, kinds, replacements = _sort_adapter_tensors(adapter)
+    config = dict(base.config)
+    names = _base_names(base, config)
+    new_vocab = _check_replacements(replacements, names, base, adapter, config.get("vocab_size"))
+    deltas = _lora_deltas(factors, kinds, replacements, cfg, names, base, adapter)
+    _check_targets_covered(cfg, base, deltas)
+
+    outputs = _outputs_in_base_order(base, replacements, deltas)
+    untied = _untied_output_embedding(names, replacements, deltas)
+    if untied is not None:
+        outputs.append(untied)
+        config["tie_word_embeddings"] = False
+        warnings.append("the adapter changes one of the tied embeddings: lm_head is written explicitly and tie_word_embeddings set to false")
+    if new_vocab is not None:
+        _check_vocab_resized_together(outputs, names.input_embedding, base, adapter)
+        config["vocab_size"] = new_vocab
+
+    out_dtype = base.dtype if dtype == "auto" else DTYPES[dtype]
+    dtype_name = next(k for k, v in CONFIG_DTYPES.items() if v == out_dtype)
+    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
+
+    named = cfg.get("base_model_name_or_path")
+    if named and Path(named).name not in (base_dir.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name):
+        warnings.append(f"the adapter names its base {named!r}, not {base_dir.resolve().name!r}")
+
+    quant = _base_quant(base_quant, double_quant, named, warnings)
+    return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings, quant)
+
+
+def _adapter_weights(adapter_dir: Path) -> TensorStore:
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         other = "adapter_model.bin exists: re-save it with safe_serialization=True" if (adapter_dir / "adapter_model.bin").exists() else "missing"
         raise BadInput(f"adapter weights {weights}: {other}")
-    adapter = TensorStore([weights])
-    warnings: list[str] = []
+    return TensorStore([weights])
 
-    # --- sort adapter tensors into LoRA factors and whole replacement tensors
+
+def _sort_adapter_tensors(adapter: TensorStore) -> tuple[dict[str, dict[str, str]], dict[str, str], dict[str, str]]:
+    """The adapter's tensors sorted into LoRA factors (module -> role -> adapter key), each module's layer
+    kind, and whole replacement tensors (base tensor name -> adapter key)."""
     factors: dict[str, dict[str, str]] = {}
     kinds: dict[str, str] = {}
-    replacements: dict[str, str] = {}  # base tensor name -> adapter key
+    replacements: dict[str, str] = {}
     for key in adapter.tensors:
         if not key.startswith(PEFT_PREFIX):
             raise BadInput(f"adapter tensor {key!r} is not a peft tensor (expected the prefix {PEFT_PREFIX!r})")
@@ -249,23 +281,41 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
                 replacements.setdefault(name, key)
             elif WRAPPER_INFIXES[infix]:
                 replacements[name.replace(infix, ".")] = key  # the wrapper's active tensor wins
+    return factors, kinds, replacements
 
-    config = dict(base.config)
-    tied = bool(config.get("tie_word_embeddings", False)) and OUTPUT_EMBEDDING not in base.store
-    input_embedding = next((n for n in INPUT_EMBEDDINGS if n in base.store), None)
 
-    def base_tensor(name: str) -> str | None:
-        if name in base.store:
+@dataclass(frozen=True)
+class _BaseNames:
+    """The base's tensors by the names the adapter uses: in a tied checkpoint that stores no lm_head,
+    lm_head.weight is the input embedding."""
+
+    store: TensorStore
+    tied: bool
+    input_embedding: str | None
+
+    def source(self, name: str) -> str | None:
+        """The base tensor ``name`` reads, or None when the base has none."""
+        if name in self.store:
             return name
-        if tied and name == OUTPUT_EMBEDDING:
-            return input_embedding
+        if self.tied and name == OUTPUT_EMBEDDING:
+            return self.input_embedding
         return None
 
-    # --- replacement tensors: must name a base tensor; only vocabulary rows may grow
-    vocab = config.get("vocab_size")
+
+def _base_names(base: Checkpoint, config: dict) -> _BaseNames:
+    tied = bool(config.get("tie_word_embeddings", False)) and OUTPUT_EMBEDDING not in base.store
+    input_embedding = family_of(config).input_embedding
+    input_embedding = input_embedding if input_embedding in base.store else None
+    return _BaseNames(base.store, tied, input_embedding)
+
+
+def _check_replacements(replacements: dict[str, str], names: _BaseNames, base: Checkpoint, adapter: TensorStore,
+                        vocab: int | None) -> int | None:
+    """Replacement tensors must name a base tensor; only vocabulary rows may grow. Returns the resized
+    vocabulary size, None when it stays."""
     new_vocab = None
     for name, key in replacements.items():
-        src = base_tensor(name)
+        src = names.source(name)
         if src is None:
             raise BadInput(f"adapter replaces {name}, which the base model does not have (adapter trained on another model?)")
         want, got = base.store.tensors[src].shape, adapter.tensors[key].shape
@@ -276,10 +326,13 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
                 new_vocab = got[0]
             else:
                 raise BadInput(f"adapter tensor {name} has shape {list(got)}, base has {list(want)} (adapter trained on another shape?)")
+    return new_vocab
 
-    # --- LoRA deltas: every factor pair must fit its base weight
+
+def _lora_deltas(factors: dict[str, dict[str, str]], kinds: dict[str, str], replacements: dict[str, str], cfg: dict,
+                 names: _BaseNames, base: Checkpoint, adapter: TensorStore) -> dict[str, Delta]:
+    """The LoRA deltas by the tensor they update; every factor pair must fit its base weight."""
     deltas: dict[str, Delta] = {}
-    use_rslora = bool(cfg.get("use_rslora"))
     for module, parts in sorted(factors.items()):
         if "A" not in parts or "B" not in parts:
             raise BadInput(f"adapter has an incomplete LoRA pair for {module} (found {sorted(parts)})")
@@ -289,30 +342,38 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
             deltas.update(_expert_deltas(module, parts, cfg, base, adapter))
             continue
         weight = module + ".weight"
-        src = base_tensor(weight)
+        src = names.source(weight)
         if src is None:
             raise BadInput(f"adapter targets {module}, which the base model does not have (adapter trained on another model?)")
-        r = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
-        alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
-        a_shape, b_shape = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
-        if a_shape[0] != r or b_shape[1] != r:
-            raise BadInput(f"adapter {module}: LoRA rank {a_shape[0]} does not match the config's r={r}")
-        kind = kinds[module]
-        fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
         # the weight the delta lands on: a replacement (resized embedding) or the base tensor
         target_shape = adapter.tensors[replacements[weight]].shape if weight in replacements else base.store.tensors[src].shape
-        oriented = (a_shape[1], b_shape[0]) if (kind == "embedding" or fan_in_fan_out) else (b_shape[0], a_shape[1])
-        if tuple(target_shape) != oriented:
-            raise BadInput(
-                f"adapter {module}: LoRA update has shape {list(oriented)}, base weight has {list(target_shape)} "
-                "(adapter trained on another shape?)"
-            )
-        if "magnitude" in parts and adapter.tensors[parts["magnitude"]].shape != (oriented[1 if fan_in_fan_out else 0],):
-            raise BadInput(f"adapter {module}: DoRA magnitude does not match the weight's output size")
-        scale = alpha / math.sqrt(r) if use_rslora else alpha / r
-        deltas[weight] = Delta(module, kind, parts["A"], parts["B"], scale, fan_in_fan_out, parts.get("magnitude"))
+        deltas[weight] = _module_delta(module, parts, kinds[module], cfg, target_shape, adapter)
+    return deltas
 
-    # --- every module the config targets must have its LoRA pair (catches adapters of another model)
+
+def _module_delta(module: str, parts: dict[str, str], kind: str, cfg: dict, target_shape: tuple[int, ...],
+                  adapter: TensorStore) -> Delta:
+    """One module's LoRA (or DoRA) delta, its rank and shapes checked against the config and the weight."""
+    r = _pattern_value(cfg.get("rank_pattern"), module, cfg["r"])
+    alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
+    a_shape, b_shape = adapter.tensors[parts["A"]].shape, adapter.tensors[parts["B"]].shape
+    if a_shape[0] != r or b_shape[1] != r:
+        raise BadInput(f"adapter {module}: LoRA rank {a_shape[0]} does not match the config's r={r}")
+    fan_in_fan_out = bool(cfg.get("fan_in_fan_out")) and kind == "linear"
+    oriented = (a_shape[1], b_shape[0]) if (kind == "embedding" or fan_in_fan_out) else (b_shape[0], a_shape[1])
+    if tuple(target_shape) != oriented:
+        raise BadInput(
+            f"adapter {module}: LoRA update has shape {list(oriented)}, base weight has {list(target_shape)} "
+            "(adapter trained on another shape?)"
+        )
+    if "magnitude" in parts and adapter.tensors[parts["magnitude"]].shape != (oriented[1 if fan_in_fan_out else 0],):
+        raise BadInput(f"adapter {module}: DoRA magnitude does not match the weight's output size")
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return Delta(module, kind, parts["A"], parts["B"], scale, fan_in_fan_out, parts.get("magnitude"))
+
+
+def _check_targets_covered(cfg: dict, base: Checkpoint, deltas: dict[str, Delta]) -> None:
+    """Every module the config targets must have its LoRA pair (catches adapters of another model)."""
     lora_modules = {d.module for d in deltas.values()}
     missing = [
         n[: -len(".weight")]
@@ -323,7 +384,9 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     if missing:
         raise BadInput(f"adapter has no LoRA weights for {len(missing)} targeted modules, e.g. {missing[0]} (adapter trained on another model?)")
 
-    # --- output tensors in the base's on-disk order, then an untied lm_head if the adapter needs one
+
+def _outputs_in_base_order(base: Checkpoint, replacements: dict[str, str], deltas: dict[str, Delta]) -> list[OutputTensor]:
+    """One output per base tensor, in the base's on-disk order."""
     outputs: list[OutputTensor] = []
     for file in base.weight_files:
         for name in base.store.names_in(file):
@@ -331,32 +394,27 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
                 outputs.append(OutputTensor(name, replacements[name], True, deltas.get(name)))
             else:
                 outputs.append(OutputTensor(name, name, False, deltas.get(name)))
-    if tied and (OUTPUT_EMBEDDING in deltas or OUTPUT_EMBEDDING in replacements or input_embedding in deltas or input_embedding in replacements):
-        # peft's forward pass: each of the tied pair sees its own adapter on the shared weight, so the pair
-        # is no longer equal; write lm_head explicitly rather than change the shared tensor.
-        if OUTPUT_EMBEDDING in replacements:
-            outputs.append(OutputTensor(OUTPUT_EMBEDDING, replacements[OUTPUT_EMBEDDING], True, deltas.get(OUTPUT_EMBEDDING)))
-        else:
-            outputs.append(OutputTensor(OUTPUT_EMBEDDING, input_embedding, False, deltas.get(OUTPUT_EMBEDDING)))
-        config["tie_word_embeddings"] = False
-        warnings.append("the adapter changes one of the tied embeddings: lm_head is written explicitly and tie_word_embeddings set to false")
+    return outputs
 
-    if new_vocab is not None:
-        vocab_rows = {o.name: output_shape(o, base, adapter)[0] for o in outputs if o.name in (OUTPUT_EMBEDDING, input_embedding)}
-        if len(set(vocab_rows.values())) > 1:
-            raise BadInput(f"adapter resizes the vocabulary of only some embeddings: {vocab_rows}")
-        config["vocab_size"] = new_vocab
 
-    out_dtype = base.dtype if dtype == "auto" else DTYPES[dtype]
-    dtype_name = next(k for k, v in CONFIG_DTYPES.items() if v == out_dtype)
-    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
+def _untied_output_embedding(names: _BaseNames, replacements: dict[str, str], deltas: dict[str, Delta]) -> OutputTensor | None:
+    """lm_head as its own output when the adapter changes either of the tied embeddings, else None."""
+    changed = any(n in deltas or n in replacements for n in (OUTPUT_EMBEDDING, names.input_embedding))
+    if not (names.tied and changed):
+        return None
+    # peft's forward pass: each of the tied pair sees its own adapter on the shared weight, so the pair
+    # is no longer equal; write lm_head explicitly rather than change the shared tensor.
+    if OUTPUT_EMBEDDING in replacements:
+        return OutputTensor(OUTPUT_EMBEDDING, replacements[OUTPUT_EMBEDDING], True, deltas.get(OUTPUT_EMBEDDING))
+    return OutputTensor(OUTPUT_EMBEDDING, names.input_embedding, False, deltas.get(OUTPUT_EMBEDDING))
 
-    named = cfg.get("base_model_name_or_path")
-    if named and Path(named).name not in (base_dir.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name):
-        warnings.append(f"the adapter names its base {named!r}, not {base_dir.resolve().name!r}")
 
-    quant = _base_quant(base_quant, double_quant, named, warnings)
-    return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings, quant)
+def _check_vocab_resized_together(outputs: list[OutputTensor], input_embedding: str | None, base: Checkpoint,
+                                  adapter: TensorStore) -> None:
+    """A resized vocabulary must be resized in every embedding the merge writes."""
+    vocab_rows = {o.name: output_shape(o, base, adapter)[0] for o in outputs if o.name in (OUTPUT_EMBEDDING, input_embedding)}
+    if len(set(vocab_rows.values())) > 1:
+        raise BadInput(f"adapter resizes the vocabulary of only some embeddings: {vocab_rows}")
 
 
 def _expert_deltas(module: str, parts: dict[str, str], cfg: dict, base: Checkpoint, adapter: TensorStore) -> dict[str, Delta]:
@@ -364,7 +422,7 @@ def _expert_deltas(module: str, parts: dict[str, str], cfg: dict, base: Checkpoi
     ``experts.gate_up_proj`` [E, 2I, H], gate rows first, and ``experts.down_proj`` [E, H, I]) as updates of
     the checkpoint's per-expert tensors; which parameter a pair adapts follows from its shapes."""
     config = base.config
-    layout = EXPERT_LAYOUTS.get(config.get("model_type"))
+    layout = family_of(config).experts
     if layout is None:
         raise BadInput(f"adapter targets the experts of {module}: no expert layout for {config.get('model_type')!r}")
     experts, hidden, inter = expert_count(config), config["hidden_size"], expert_intermediate(config)
@@ -379,7 +437,7 @@ def _expert_deltas(module: str, parts: dict[str, str], cfg: dict, base: Checkpoi
     r = rank_rows // experts
     alpha = _pattern_value(cfg.get("alpha_pattern"), module, cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-    block = renamer(config["model_type"], to_checkpoint=True)(STACKED_EXPERTS.sub("", module) + ".")
+    block = renamer(layout, to_checkpoint=True)(STACKED_EXPERTS.sub("", module) + ".")
     deltas = {}
     for e in range(experts):
         for proj, rows in split:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +18,18 @@ from .hf import adds_bos
 EVALUATION_EVERY = 10  # every 10th standard-library module is evaluation text, the rest calibration text
 EVALUATION_BLOCKS, EVALUATION_SEQ_LEN = 16, 256  # the quality report's held-out text: 4096 tokens
 EVALUATION_TOKENS = EVALUATION_BLOCKS * EVALUATION_SEQ_LEN
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Which calibration text, and how much of it (a recipe's calibration section, the imatrix options)."""
+
+    data: str = "default"
+    field: str = "text"
+    samples: int = 128
+    seq_len: int = 256
+    seed: int = 0
+    chat_template: bool = False
 
 
 def default_text(split: str) -> str:
@@ -79,7 +92,7 @@ def _bos(tokenizer) -> torch.Tensor:
 
 
 def calibration_samples(tokenizer, cal) -> torch.Tensor:
-    """``cal``: a recipe's calibration settings (quantize/recipe.Calibration)."""
+    """``cal``: the calibration settings (a recipe's, or the importance matrix's)."""
     return token_windows(tokenizer, load_texts(cal.data, cal.field), cal.samples, cal.seq_len, cal.seed, cal.chat_template)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import math
 import os
+import re
 import signal
 import subprocess
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,17 +26,17 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
+from ..engines import ENGINES, check_installed, engine_python
 from ..errors import BadInput, EnvironmentProblem
 from ..families import check_handled, expert_count
+from ..guard import set_parent_death_signal
 from ..hf import adds_bos, quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
-from ..guard import set_parent_death_signal
-from ..engines import ENGINES, check_installed, engine_python
-from .imatrix import importance_matrix
-from ..quantize.recipe import Calibration
 from ..safety import remote_code_trusted
-from .gguf_tables import (ARCHITECTURES, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
-                          TOKENIZER_PROBES)
+from ..texts import Calibration
+from .gguf_tables import (CONVERTIBLE, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
+                          TOKENIZER_PROBES, gguf_arch)
+from .imatrix import importance_matrix
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
 # LongRoPE's names in rope_scaling (Phi-3 128k called it "su")
@@ -121,16 +121,16 @@ def plan_conversion(model_dir: Path) -> Plan:
     config = model.config
     arch_name = (config.get("architectures") or ["?"])[0]
     check_handled(config, f"convert {model_dir} to GGUF")
-    if arch_name not in ARCHITECTURES:
-        raise BadInput(f"unsupported architecture {arch_name}; supported: {', '.join(ARCHITECTURES)}")
+    if arch_name not in CONVERTIBLE:
+        raise BadInput(f"unsupported architecture {arch_name}; supported: {', '.join(CONVERTIBLE)}")
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "?")
         raise BadInput(f"{model_dir} is already quantized ({method}); convert the merged bf16/fp16 model instead "
                        "and pick a GGUF outtype for the quantization")
-    arch = ARCHITECTURES[arch_name]
+    arch = CONVERTIBLE[arch_name]
     hparams = _hparams(config)
     vocab = _vocab(Path(model_dir), hparams["vocab_size"])
-    names = gguf.get_tensor_name_map(arch.gguf_arch, hparams["block_count"])
+    names = gguf.get_tensor_name_map(gguf_arch(arch), hparams["block_count"])
     tensors = []
     if hparams["rope_type"] == "llama3":  # llama.cpp applies Llama 3's frequency scaling from a tensor
         factors = llama3_rope_factors(hparams)
@@ -388,20 +388,31 @@ def _encoded_info(shape: tuple[int, ...], outtype: str) -> tuple[tuple[int, ...]
 
 
 def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> None:
-    h = plan.hparams
     w.add_type(gguf.GGUFType.MODEL)
-    # general.* as llama.cpp's converter writes them: gguf-py's metadata from the model card and the folder
-    # name (basename, version, size label, license, base models, tags)
+    _write_general(w, plan, name)
+    w.add_file_type(OUTTYPES[outtype].file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _write_hparams(w, plan)
+    _write_tokenizer(w, plan)
+
+
+def _write_general(w: gguf.GGUFWriter, plan: Plan, name: str) -> None:
+    """general.* as llama.cpp's converter writes them: gguf-py's metadata from the model card and the folder
+    name (basename, version, size label, license, base models, tags)."""
     params = sum(int(np.prod(t.shape)) for t in plan.tensors if t.read)
     per_expert = sum(int(np.prod(t.shape[1:])) for t in plan.tensors if t.experts)
-    experts = h["expert_count"] or 0
+    experts = plan.hparams["expert_count"] or 0
     logging.getLogger("gguf.metadata").setLevel(logging.ERROR)
     meta = gguf.Metadata.load(None, plan.model.path, None, params)
     meta.name = meta.name or name
     meta.size_label = meta.size_label or gguf.size_label(params, params - per_expert * experts, per_expert, experts)
     meta.set_gguf_meta_model(w)
-    w.add_file_type(OUTTYPES[outtype].file_type)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_hparams(w: gguf.GGUFWriter, plan: Plan) -> None:
+    """The architecture's hyperparameters: sizes, attention, RoPE and its scaling, experts, and the keys
+    particular to the architecture."""
+    h = plan.hparams
     w.add_context_length(h["context_length"])
     w.add_embedding_length(h["embedding_length"])
     w.add_feed_forward_length(h["feed_forward_length"])
@@ -430,11 +441,16 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(h["rope_original_context"])) if scale > 1 else 1.0)
     config = plan.model.config
     rope = _rope_parameters(config)[0]
-    for field_name, method in ARCHITECTURES[plan.arch_name].extra_keys:
+    for field_name, method in CONVERTIBLE[plan.arch_name].extra_keys:
         getattr(w, method)((config[field_name] if field_name in config else rope.get(field_name)) or 0)
-    if ARCHITECTURES[plan.arch_name].swa_layers:
+    if CONVERTIBLE[plan.arch_name].swa_layers:
         w.add_sliding_window_pattern(_sliding_layers(config))
-    w.add_vocab_size(h["vocab_size"])
+
+
+def _write_tokenizer(w: gguf.GGUFWriter, plan: Plan) -> None:
+    """The vocabulary: its size, tokens, scores and types, then the special tokens and chat template."""
+    vocab_size = plan.hparams["vocab_size"]
+    w.add_vocab_size(vocab_size)
     vocab = plan.vocab
     w.add_tokenizer_model(vocab.model)
     w.add_tokenizer_pre(vocab.pre)
@@ -445,7 +461,7 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
     w.add_token_types(vocab.types)
     # gguf-py logs every template detail it cannot map; the converter reports what matters itself
     logging.getLogger("gguf.vocab").setLevel(logging.ERROR)
-    special = gguf.SpecialVocab(plan.model.path, load_merges=vocab.model == "gpt2", n_vocab=h["vocab_size"])
+    special = gguf.SpecialVocab(plan.model.path, load_merges=vocab.model == "gpt2", n_vocab=vocab_size)
     special.add_special_token["bos"] = vocab.add_bos  # what the tokenizer really does, always written
     special.add_to_gguf(w, quiet=True)
 
@@ -453,7 +469,7 @@ def _write_metadata(w: gguf.GGUFWriter, plan: Plan, outtype: str, name: str) -> 
 def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Callable[[int, int], None] | None = None) -> str:
     """Stream one direct outtype (f32/f16/bf16/q8_0) to ``path``; returns the file's sha256, computed by a
     thread that reads behind the writer."""
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[plan.arch_name].gguf_arch])
+    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(CONVERTIBLE[plan.arch_name])])
     _write_metadata(w, plan, outtype, name)
     for t in plan.tensors:
         shape, dtype, nbytes, qtype = _encoded_info(t.shape, "f32" if t.float32 else outtype)
@@ -577,13 +593,12 @@ def convert_gguf(
         spec = ENGINES["llamacpp"]
         python = engine_python(spec, llamacpp_python)
         check_installed(spec, python)
-    name = model_dir.absolute().name
-    steps = []
     with ThreadPoolExecutor(1) as pool:
         # the input's hash overlaps the conversion (hashlib releases the GIL)
-        input_digest = pool.submit(folder_digest, model_dir)
-        _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event,
-                     record or {}, imatrix)
+        conversion = _Conversion(plan=plan, model_dir=model_dir, outtypes=outtypes, paths=paths, force=force, python=python,
+                                 name=model_dir.absolute().name, input_digest=pool.submit(folder_digest, model_dir),
+                                 on_tensor=on_tensor, on_event=on_event, extra=record or {}, imatrix=imatrix)
+        steps = _convert_all(conversion)
     return steps
 
 
@@ -596,74 +611,112 @@ def check_imatrix_use(outtypes: list[str], imatrix: Calibration | None) -> None:
                        f"{', '.join(OUTTYPES[t].label for t in outtypes)}")
 
 
-def _convert_all(plan, model_dir, outtypes, paths, force, python, name, input_digest, steps, on_tensor, on_event, extra,
-                 imatrix_calibration) -> None:
-    imatrix_options = None
-    unproven = [not plan.vocab.proven]
-    differences: list[dict] = []  # texts llama.cpp tokenizes otherwise than transformers (accepted by the user)
+@dataclass
+class _Conversion:
+    """One convert_gguf call: what every file it writes shares."""
 
-    def record(outtype: str, path: Path, content: Path, t0: float, started: str, sha256: str) -> None:
-        """The sidecar manifest, written before the file is renamed into place (see write_file_manifest);
-        the first file written proves an unnamed pre-tokenizer first (a failure leaves nothing)."""
-        if unproven[0]:
-            differences.extend(prove_tokenizer(plan, content, python))
-            _tokenizer_verdict(plan, differences, on_event)
-            unproven[0] = False
-        used = imatrix_options if not OUTTYPES[outtype].direct else None
-        accepted = {"accept_tokenizer_difference": True} if plan.accept_tokenizer_difference else {}
-        step = {
-            "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
-            "inputs": {"model": input_digest.result()},
-            "options": {"outtype": outtype, "out": str(path), **({"imatrix": used} if used else {}), **accepted},
-            **({"tokenizer_differences": differences} if differences else {}),
-            "versions": tool_versions(),
-            "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
-                        "tokenizer": plan.vocab.model, "pre_tokenizer": plan.vocab.pre, **quant_census(content, OUTTYPES[outtype].label)},
-            "warnings": plan.warnings, "status": "ok", **extra,
-        }
-        write_file_manifest(path, step, parent=model_dir, sha256=sha256, content=content)
-        steps.append({"output": str(path), **step})
+    plan: Plan
+    model_dir: Path
+    outtypes: list[str]
+    paths: dict[str, Path]  # outtype -> output file
+    force: bool
+    python: str | None  # the llama.cpp engine's interpreter (quantize, the tokenizer proof)
+    name: str  # general.name when the model card gives none
+    input_digest: Future  # the input folder's sha256, hashed alongside the conversion
+    on_tensor: Callable[[int, int], None] | None
+    on_event: Callable[[str], None]
+    extra: dict  # fields added to every manifest step
+    imatrix: Calibration | None
+    # texts llama.cpp tokenizes otherwise than transformers (accepted by the user); None until the first file
+    # written proves a tokenizer that needs it
+    tokenizer_differences: list[dict] | None = field(init=False)
 
-    f16_path = paths.get("f16")
-    indirect = [t for t in outtypes if not OUTTYPES[t].direct]
-    for outtype in [t for t in outtypes if OUTTYPES[t].direct]:
-        t0, started = time.perf_counter(), now()
-        on_event(f"writing {paths[outtype].name}")
-        with atomic_output_file(paths[outtype], force) as tmp:
-            digest = write_direct(plan, outtype, tmp, name, on_tensor)
-            record(outtype, paths[outtype], tmp, t0, started, digest)
+    def __post_init__(self) -> None:
+        self.tokenizer_differences = [] if self.plan.vocab.proven else None
+
+
+def _convert_all(c: _Conversion) -> list[dict]:
+    """Every outtype's file; returns their manifest steps. The direct types first, then llama.cpp's quantize types."""
+    steps = [_write_direct_file(c, outtype) for outtype in c.outtypes if OUTTYPES[outtype].direct]
+    indirect = [t for t in c.outtypes if not OUTTYPES[t].direct]
     if indirect:
-        # one F16 pass feeds every llama.cpp quantization (a scratch file unless F16 was asked for)
-        # named like a partial output of the first quantization, so a killed run's scratch is cleaned up
-        first = paths[indirect[0]]
-        first.parent.mkdir(parents=True, exist_ok=True)
-        scratch = None if f16_path else first.with_name(f".{first.name}.partial-f16-{os.getpid()}")
-        imatrix_file = first.with_name(f".{first.name}.partial-imatrix-{os.getpid()}.npz")
-        try:
-            if scratch is not None:
-                on_event("writing the F16 pass for llama.cpp's quantize")
-                write_direct(plan, "f16", scratch, name, on_tensor)
-            imatrix = None
-            if imatrix_calibration is not None:
-                cal = imatrix_calibration
-                on_event(f"importance matrix on {cal.samples} x {cal.seq_len} tokens of {cal.data}, layer by layer")
-                clock = time.perf_counter()
-                computed = importance_matrix(model_dir, {t.hf_name: t.gguf_name for t in plan.tensors if t.hf_name}, cal)
-                computed.save(imatrix_file)
-                imatrix = {"path": str(imatrix_file), "file": "workbench (layer runner)", "dataset": cal.data,
-                           "chunks": computed.chunks}
-                imatrix_options = {"data": cal.data, "samples": cal.samples, "seq_len": cal.seq_len, "seed": cal.seed,
-                                   "entries": len(computed.values), "seconds": round(time.perf_counter() - clock, 2)}
-            for outtype in indirect:
-                t0, started = time.perf_counter(), now()
-                on_event(f"llama.cpp quantize -> {paths[outtype].name}")
-                with atomic_output_file(paths[outtype], force) as tmp:
-                    quantize_with_llamacpp(f16_path or scratch, tmp, outtype, python, os.cpu_count() or 1, imatrix)
-                    record(outtype, paths[outtype], tmp, t0, started, sha256_file(tmp))
-        finally:
-            if scratch is not None:
-                scratch.unlink(missing_ok=True)
-            imatrix_file.unlink(missing_ok=True)
+        steps += _quantize_files(c, indirect)
+    return steps
+
+
+def _write_direct_file(c: _Conversion, outtype: str) -> dict:
+    t0, started = time.perf_counter(), now()
+    path = c.paths[outtype]
+    c.on_event(f"writing {path.name}")
+    with atomic_output_file(path, c.force) as tmp:
+        digest = write_direct(c.plan, outtype, tmp, c.name, c.on_tensor)
+        step = _record_file(c, outtype, tmp, t0, started, digest)
+    return step
+
+
+def _quantize_files(c: _Conversion, indirect: list[str]) -> list[dict]:
+    """llama.cpp's quantize types, all from one F16 pass (a scratch file unless F16 was asked for)."""
+    f16_path = c.paths.get("f16")
+    # named like a partial output of the first quantization, so a killed run's scratch is cleaned up
+    first = c.paths[indirect[0]]
+    first.parent.mkdir(parents=True, exist_ok=True)
+    scratch = None if f16_path else first.with_name(f".{first.name}.partial-f16-{os.getpid()}")
+    imatrix_file = first.with_name(f".{first.name}.partial-imatrix-{os.getpid()}.npz")
+    try:
+        if scratch is not None:
+            c.on_event("writing the F16 pass for llama.cpp's quantize")
+            write_direct(c.plan, "f16", scratch, c.name, c.on_tensor)
+        imatrix, imatrix_options = _importance_matrix(c, imatrix_file) if c.imatrix is not None else (None, None)
+        steps = []
+        for outtype in indirect:
+            t0, started = time.perf_counter(), now()
+            c.on_event(f"llama.cpp quantize -> {c.paths[outtype].name}")
+            with atomic_output_file(c.paths[outtype], c.force) as tmp:
+                quantize_with_llamacpp(f16_path or scratch, tmp, outtype, c.python, os.cpu_count() or 1, imatrix)
+                steps.append(_record_file(c, outtype, tmp, t0, started, sha256_file(tmp), imatrix_options))
+        return steps
+    finally:
+        if scratch is not None:
+            scratch.unlink(missing_ok=True)
+        imatrix_file.unlink(missing_ok=True)
+
+
+def _importance_matrix(c: _Conversion, imatrix_file: Path) -> tuple[dict, dict]:
+    """llama.cpp's importance matrix on the calibration text, saved to ``imatrix_file``; returns the quantize
+    script's imatrix argument and the options the manifests record."""
+    cal = c.imatrix
+    c.on_event(f"importance matrix on {cal.samples} x {cal.seq_len} tokens of {cal.data}, layer by layer")
+    clock = time.perf_counter()
+    computed = importance_matrix(c.model_dir, {t.hf_name: t.gguf_name for t in c.plan.tensors if t.hf_name}, cal)
+    computed.save(imatrix_file)
+    imatrix = {"path": str(imatrix_file), "file": "workbench (layer runner)", "dataset": cal.data,
+               "chunks": computed.chunks}
+    options = {"data": cal.data, "samples": cal.samples, "seq_len": cal.seq_len, "seed": cal.seed,
+               "entries": len(computed.values), "seconds": round(time.perf_counter() - clock, 2)}
+    return imatrix, options
+
+
+def _record_file(c: _Conversion, outtype: str, content: Path, t0: float, started: str, sha256: str,
+                 imatrix_options: dict | None = None) -> dict:
+    """The sidecar manifest, written before the file is renamed into place (see write_file_manifest); returns
+    its step. The first file written proves an unnamed pre-tokenizer first (a failure leaves nothing)."""
+    if c.tokenizer_differences is None:
+        c.tokenizer_differences = prove_tokenizer(c.plan, content, c.python)
+        _tokenizer_verdict(c.plan, c.tokenizer_differences, c.on_event)
+    path, differences, plan = c.paths[outtype], c.tokenizer_differences, c.plan
+    accepted = {"accept_tokenizer_difference": True} if plan.accept_tokenizer_difference else {}
+    step = {
+        "verb": "convert-gguf", "started": started, "seconds": round(time.perf_counter() - t0, 2),
+        "inputs": {"model": c.input_digest.result()},
+        "options": {"outtype": outtype, "out": str(path), **({"imatrix": imatrix_options} if imatrix_options else {}), **accepted},
+        **({"tokenizer_differences": differences} if differences else {}),
+        "versions": tool_versions(),
+        "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
+                    "tokenizer": plan.vocab.model, "pre_tokenizer": plan.vocab.pre, **quant_census(content, OUTTYPES[outtype].label)},
+        "warnings": plan.warnings, "status": "ok", **c.extra,
+    }
+    write_file_manifest(path, step, parent=c.model_dir, sha256=sha256, content=content)
+    return {"output": str(path), **step}
 
 
 ADAPTER_OUTTYPES = ("f32", "f16", "bf16")
@@ -702,7 +755,7 @@ def convert_lora_adapter(
             b = _permute(b, target.permute_heads)
         pairs += [(target.gguf_name + ".lora_a", a), (target.gguf_name + ".lora_b", b)]
     with atomic_output_file(path, force) as tmp:
-        w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[ARCHITECTURES[plan.arch_name].gguf_arch])
+        w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(CONVERTIBLE[plan.arch_name])])
         w.add_type(gguf.GGUFType.ADAPTER)
         w.add_name(Path(adapter_dir).absolute().name)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")

@@ -8,21 +8,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import BadInput
+from ..texts import Calibration
 from ..yamlfile import check_types, parse_mapping
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # the names users type for --method -> shipped recipe files (every recipe's own name works too)
 METHOD_ALIASES = {"fp8": "fp8-static", "gptq": "gptq-w4a16", "awq": "awq-w4a16", "w8a8": "w8a8-int8", "int8": "w8a8-int8"}
-
-
-@dataclass(frozen=True)
-class Calibration:
-    data: str = "default"
-    field: str = "text"
-    samples: int = 128
-    seq_len: int = 256
-    seed: int = 0
-    chat_template: bool = False
 
 
 @dataclass(frozen=True)
