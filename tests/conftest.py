@@ -79,14 +79,14 @@ def merged(llama, llama_lora, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def quantized_llama(llama, tmp_path_factory):
     """``make(recipe, format=None)``: the trained Llama quantized with that recipe (32 x 128 calibration
-    samples), made once per session."""
+    samples; a recipe name ending in "-kv" with --kv-cache fp8), made once per session."""
     root = tmp_path_factory.mktemp("quantized")
 
     def make(recipe: str, fmt: str | None = None) -> Path:
         out = root / (recipe + (f"-{fmt}" if fmt else ""))
         if not out.exists():
-            extra = ("--format", fmt) if fmt else ()
-            result = run("quantize", llama, "--method", recipe, *QUANTIZE_CALIBRATION, *extra, "--out", out)
+            extra = (("--format", fmt) if fmt else ()) + (("--kv-cache", "fp8") if recipe.endswith("-kv") else ())
+            result = run("quantize", llama, "--method", recipe.removesuffix("-kv"), *QUANTIZE_CALIBRATION, *extra, "--out", out)
             assert result.exit_code == 0, result.output + result.stderr
         return out
 

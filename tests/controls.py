@@ -110,7 +110,47 @@ def awq_zero_point_negated(artifact: Path, out: Path) -> tuple[Path, str]:
     return out, module
 
 
+def fp8_block_scale_missing(artifact: Path, out: Path) -> tuple[Path, str]:
+    """A writer that skipped one module's block scales (the index agrees: nothing else is wrong)."""
+    module = "model.layers.1.mlp.down_proj"
+    _edit(_copy(artifact, out), lambda tensors: tensors.pop(f"{module}.weight_scale_inv", None) is not None)
+    index = out / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    del data["weight_map"][f"{module}.weight_scale_inv"]
+    index.write_text(json.dumps(data, indent=2))
+    return out, module
+
+
+def fp8_block_scale_nan(artifact: Path, out: Path) -> tuple[Path, str]:
+    module = "model.layers.2.self_attn.o_proj"
+
+    def edit(tensors):
+        name = f"{module}.weight_scale_inv"
+        if name not in tensors:
+            return False
+        tensors[name] = tensors[name].clone()
+        tensors[name][0, 1] = float("nan")
+        return True
+
+    _edit(_copy(artifact, out), edit)
+    return out, module
+
+
+def fp8_block_size_disagrees(artifact: Path, out: Path) -> tuple[Path, str]:
+    """Scales for 128x128 blocks, the config saying 64x64."""
+    _config(_copy(artifact, out), lambda q: q.update(weight_block_size=[64, 64]))
+    return out, "model.layers.0."  # the first module the reader decodes
+
+
+def fp8_kv_scale_zero(artifact: Path, out: Path) -> tuple[Path, str]:
+    tensor = "model.layers.1.self_attn.k_scale"
+    _edit(_copy(artifact, out), scaled(tensor, 0.0))
+    return out, tensor
+
+
 CONTROLS = {
+    "fp8-static-kv": [fp8_kv_scale_zero],
+    "fp8-block": [fp8_block_scale_missing, fp8_block_scale_nan, fp8_block_size_disagrees],
     "fp8": [fp8_weight_scale_doubled, fp8_qkv_not_requantized, fp8_input_scale_zero, fp8_lm_head_not_ignored],
     "gptq-w4a16": [gptq_group_size_disagrees],
     "awq-w4a16": [awq_zero_point_negated],

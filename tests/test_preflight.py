@@ -57,6 +57,18 @@ def test_fp8_block_sizes():
     assert "gate_proj: per-rank output 14784 not a multiple of FP8 block_n 128" in table[2]
 
 
+def test_fp8_blocks_at_tp1_bind_every_merged_shard_but_the_last():
+    """vLLM at TP=1 checks q and k of qkv_proj and gate of gate_up_proj (the last shard may end in a partial
+    block) and no row-parallel input: 2 KV heads of 32 (k_proj 64) refuse, v_proj and down_proj's 320 do not."""
+    config = with_quant({"hidden_size": 256, "num_attention_heads": 8, "num_key_value_heads": 2, "intermediate_size": 320},
+                        quant_method="fp8", activation_scheme="dynamic", weight_block_size=[128, 128])
+    table = preflight(config, [1, 2])
+    assert table[1] == ["k_proj: per-rank output 64 not a multiple of FP8 block_n 128",
+                        "gate_proj: per-rank output 320 not a multiple of FP8 block_n 128"]
+    assert "v_proj: per-rank output 32 not a multiple of FP8 block_n 128" in table[2]
+    assert "down_proj: per-rank input 160 not a multiple of FP8 block_k 128" in table[2]
+
+
 def test_compressed_tensors_w4a16_group_size_is_found():
     config = with_quant(LLAMA_70B_LIKE, quant_method="compressed-tensors", config_groups={
         "group_0": {"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "group_size": 128, "strategy": "group"},

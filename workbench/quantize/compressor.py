@@ -17,6 +17,10 @@ from .recipe import Recipe
 from ..safety import remote_code_trusted
 
 
+# the workbench's fp8 schemes as llm-compressor's preset schemes
+FP8_SCHEMES = {"static": "FP8", "dynamic": "FP8_DYNAMIC", "block": "FP8_BLOCK"}
+
+
 def _modifiers(recipe: Recipe) -> list:
     from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
@@ -28,8 +32,7 @@ def _modifiers(recipe: Recipe) -> list:
         "awq": lambda: [AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=ignore)],
         "w8a8": lambda: [SmoothQuantModifier(smoothing_strength=recipe.smoothing_strength),
                          GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)],
-        "fp8": lambda: [QuantizationModifier(targets="Linear", scheme="FP8" if recipe.scheme == "static" else "FP8_DYNAMIC",
-                                             ignore=ignore)],
+        "fp8": lambda: [QuantizationModifier(targets="Linear", scheme=FP8_SCHEMES[recipe.scheme], ignore=ignore)],
     }
     return build[recipe.method]()
 

@@ -27,6 +27,7 @@ class Recipe:
     actorder: str | None = "static"  # GPTQ activation ordering
     smoothing_strength: float = 0.8  # SmoothQuant, for w8a8
     double_quant: bool = True  # bitsandbytes: quantize the block scales too (QLoRA's default)
+    kv_cache: str | None = None  # "fp8": calibrate and write FP8 KV-cache scales too (quantize/kv_cache.py)
     name: str = ""
     source: str = ""  # the YAML text, copied into the artifact
 
@@ -45,15 +46,17 @@ class Recipe:
 SCHEMA = {
     "method": (str,), "scheme": (str,), "targets": (list,), "ignore": (list,), "calibration": (dict,),
     "format": (str,), "actorder": (str, type(None)), "smoothing_strength": (float, int), "double_quant": (bool,),
+    "kv_cache": (str, type(None)),
 }
 # method -> (schemes, formats); the first format is the default. Only FP8 has the seed's own "fp8" format.
 METHODS = {
-    "fp8": (("static", "dynamic"), ("fp8", "compressed-tensors")),
+    "fp8": (("static", "dynamic", "block"), ("fp8", "compressed-tensors")),
     "gptq": (("w4a16",), ("compressed-tensors",)),
     "awq": (("w4a16",), ("compressed-tensors",)),
     "w8a8": (("w8a8",), ("compressed-tensors",)),
     "bnb": (("nf4", "fp4"), ("bitsandbytes",)),
 }
+KV_CACHE_KINDS = ("fp8",)
 NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8")}
 CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_len": (int,), "seed": (int,), "chat_template": (bool,)}
 
@@ -96,6 +99,22 @@ def load(method: str | None, path: Path | None) -> Recipe:
     return validate(Recipe(**data, calibration=cal, name=file.stem, source=text))
 
 
+def needs_calibration(recipe: Recipe) -> bool:
+    """Whether the recipe calibrates on text: its scheme's activation scales, or KV-cache scales."""
+    return (recipe.method, recipe.scheme) in NEEDS_CALIBRATION or recipe.kv_cache is not None
+
+
+def _with_kv_cache(recipe: Recipe) -> Recipe:
+    """KV-cache scales: FP8 only, in the fp8 format the workbench writes; calibrated on the recipe's text, or
+    the embedded default when the scheme itself needs none."""
+    if recipe.kv_cache not in KV_CACHE_KINDS:
+        raise BadInput(f"recipe: kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {recipe.kv_cache!r}")
+    if (recipe.method, recipe.format) != ("fp8", "fp8"):
+        raise BadInput(f"recipe: kv_cache scales are written in vLLM's fp8 format only (method fp8, format fp8), not "
+                       f"{recipe.method} in {recipe.format}")
+    return recipe if recipe.calibration is not None else replace(recipe, calibration=Calibration())
+
+
 def validate(recipe: Recipe) -> Recipe:
     if recipe.method not in METHODS:
         raise BadInput(f"recipe: method must be one of {', '.join(METHODS)}, got {recipe.method!r}")
@@ -108,6 +127,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise BadInput(f"recipe: targets must be [Linear] for {recipe.method}, got {recipe.targets}")
     if (recipe.method, recipe.scheme) in NEEDS_CALIBRATION and recipe.calibration is None:
         raise BadInput(f"recipe: {recipe.method} {recipe.scheme} needs a calibration section")
+    if recipe.kv_cache is not None:
+        recipe = _with_kv_cache(recipe)
     cal = recipe.calibration
     if cal is not None and (cal.samples < 1 or cal.seq_len < 2):
         raise BadInput(f"recipe: calibration needs samples >= 1 and seq_len >= 2, got {cal.samples}, {cal.seq_len}")

@@ -18,10 +18,10 @@ from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
 from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, read_back
 from ..runner import Estimate, LayerRunner, estimate
-from .. import experts
-from . import bnb, compressor, fp8, walk
+from .. import experts, kvcache
+from . import bnb, compressor, fp8, fp8_block, walk
 from ..texts import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
-from .recipe import NEEDS_CALIBRATION, Recipe, load
+from .recipe import Recipe, load, needs_calibration
 from ..safety import remote_code_trusted
 
 # Quality gates by recipe: quantized vs. source on 4096 held-out tokens, with a margin over what the trained
@@ -32,6 +32,7 @@ from ..safety import remote_code_trusted
 DEFAULT_GATES = {
     "fp8-static": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
     "fp8-dynamic": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
+    "fp8-block": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
     "gptq-w4a16": {"max_ppl_delta": 0.03, "max_kl": 0.01, "min_top1": 0.93},
     "awq-w4a16": {"max_ppl_delta": 0.03, "max_kl": 0.01, "min_top1": 0.93},
     "w8a8-int8": {"max_ppl_delta": 0.01, "max_kl": 0.005, "min_top1": 0.95},
@@ -75,7 +76,7 @@ def quantize(
     t0, started = time.perf_counter(), now()
     phases: dict[str, float] = {}
     samples = None
-    if recipe.calibration is not None and (recipe.method, recipe.scheme) in NEEDS_CALIBRATION:
+    if recipe.calibration is not None and needs_calibration(recipe):
         samples = calibration_samples(tokenizer, recipe.calibration)
     blocks = evaluation_blocks(tokenizer)
     on_event(f"estimated: {needs.describe()}")
@@ -83,7 +84,7 @@ def quantize(
     with atomic_output_dir(out, force) as tmp:
         if codec is not None:  # formats our own code writes, in one walk through the layer runner
             sha, measured = _quantize_in_one_walk(runner, source, targets, ignored, codec, samples, blocks, tmp,
-                                                  phases, on_event, on_progress)
+                                                  phases, on_event, on_progress, recipe.kv_cache is not None)
         else:  # llm-compressor -> compressed-tensors
             sha, measured = _quantize_with_llm_compressor(runner, source, recipe, targets, ignored, samples, blocks, tmp,
                                                           phases, on_event)
@@ -151,18 +152,21 @@ def _select_targets(runner: LayerRunner, source: Checkpoint, recipe: Recipe,
 
 def _quantize_in_one_walk(runner: LayerRunner, source: Checkpoint, targets: list[str], ignored: list[str],
                           codec: walk.Codec, samples: torch.Tensor | None, blocks: torch.Tensor, tmp: Path,
-                          phases: dict[str, float], on_event, on_progress) -> tuple[dict[str, str], dict]:
+                          phases: dict[str, float], on_event, on_progress, kv_cache: bool) -> tuple[dict[str, str], dict]:
     """Calibrate, write and evaluate layer by layer (quantize/walk.py), then config.json with the codec's
-    quantization_config; returns (sha256 per written file, the quality figures)."""
+    quantization_config (and the KV-cache scales' description); returns (sha256 per written file, the quality
+    figures)."""
     calibrating = f"calibrating on {samples.shape[0]} samples x {samples.shape[1]} tokens, " if samples is not None else ""
     on_event(f"{len(targets)} layers: {calibrating}writing and evaluating, one decoder layer at a time")
     try:
-        sha, measured, walked = walk.quantize_layers(runner, source, targets, codec, samples, blocks, tmp, on_progress)
+        sha, measured, walked = walk.quantize_layers(runner, source, targets, codec, samples, blocks, tmp, on_progress, kv_cache)
     except Exception as exc:
         raise as_out_of_memory(exc, f"quantizing {source.path.name}") or exc from None
     phases.update(walked)
     config = dict(source.config)
     config["quantization_config"] = codec.quantization_config(ignored, str(source.dtype).removeprefix("torch."))
+    if kv_cache:
+        config["quantization_config"]["kv_cache_scheme"] = kvcache.SCHEME
     write_json(tmp / CONFIG_NAME, config)
     return sha, measured
 
@@ -211,13 +215,14 @@ def _recipe_options(recipe: Recipe) -> dict:
     """The manifest step's record of the recipe."""
     return {"recipe": recipe.name, "method": recipe.method, "scheme": recipe.scheme, "format": recipe.format,
             **({"double_quant": recipe.double_quant} if recipe.method == "bnb" else {}),
+            **({"kv_cache": recipe.kv_cache} if recipe.kv_cache else {}),
             "ignore": recipe.ignore, "calibration": vars(recipe.calibration) if recipe.calibration else None}
 
 
 def own_codec(recipe: Recipe) -> walk.Codec | None:
     """The codec for a format the workbench writes itself (one walk), or None (llm-compressor's)."""
     if recipe.format == "fp8":
-        return fp8.Codec(recipe.scheme)
+        return fp8_block.Codec() if recipe.scheme == "block" else fp8.Codec(recipe.scheme)
     if recipe.format == "bitsandbytes":
         return bnb.Codec(recipe.scheme, recipe.double_quant)
     return None

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from .. import kvcache
 from ..checkpoint import Checkpoint, PlannedTensor, StreamedWriter, plan_shards
 from ..errors import BadInput
 from ..quality import compare_final_hidden
@@ -52,22 +53,29 @@ def layer_of(runner: LayerRunner, name: str) -> int | None:
     return int(index) if index.isdigit() else None
 
 
-def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec: Codec) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
-    """Write order (tensors outside the layers first, then layer by layer) and the planned tensors."""
+def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec: Codec,
+         kv_cache: bool = False) -> tuple[list[str], dict[int, list[str]], list[PlannedTensor]]:
+    """Write order (tensors outside the layers first, then layer by layer, each layer's KV-cache scales after
+    its tensors) and the planned tensors."""
     weights = target_weights(runner, targets)
     outside, by_layer = [], {}
     for file in source.weight_files:
         for name in source.store.names_in(file):
             index = layer_of(runner, name)
             (outside if index is None else by_layer.setdefault(index, [])).append(name)
-    planned = []
-    for name in outside + [n for i in sorted(by_layer) for n in by_layer[i]]:
-        info = source.store.tensors[name]
-        if name not in weights:
-            planned.append(PlannedTensor(name, info.dtype, info.shape))
-            continue
-        planned += codec.planned(name, info.shape)
+    planned = [PlannedTensor(n, source.store.tensors[n].dtype, source.store.tensors[n].shape) for n in outside]
+    for i in sorted(by_layer):
+        for name in by_layer[i]:
+            info = source.store.tensors[name]
+            planned += codec.planned(name, info.shape) if name in weights else [PlannedTensor(name, info.dtype, info.shape)]
+        planned += kvcache.planned(attention_names(runner, i)) if kv_cache else []
     return outside, by_layer, planned
+
+
+def attention_names(runner: LayerRunner, index: int) -> list[str]:
+    """The checkpoint names of decoder layer ``index``'s attention modules."""
+    prefix = runner.layer_prefix(index)
+    return [runner.checkpoint_name(f"{prefix}.{n}") for n in kvcache.attention_modules(runner.layers[index])]
 
 
 def target_weights(runner: LayerRunner, targets: list[str]) -> set[str]:
@@ -84,49 +92,75 @@ def check_targets(runner: LayerRunner, targets: list[str]) -> None:
 
 @torch.inference_mode()
 def quantize_layers(runner: LayerRunner, source: Checkpoint, targets: list[str], codec: Codec, samples: torch.Tensor | None,
-                    blocks: torch.Tensor, folder, on_layer=None) -> tuple[dict[str, str], dict, dict[str, float]]:
-    """Write the quantized checkpoint's weights into ``folder``; returns (sha256 per file, quality figures of
-    the emulated artifact against the source on ``blocks``, seconds per phase)."""
+                    blocks: torch.Tensor, folder, on_layer=None, kv_cache: bool = False) -> tuple[dict[str, str], dict, dict[str, float]]:
+    """Write the quantized checkpoint's weights (and, with ``kv_cache``, each layer's FP8 KV-cache scales) into
+    ``folder``; returns (sha256 per file, quality figures of the emulated artifact against the source on
+    ``blocks``, seconds per phase)."""
     check_targets(runner, targets)
-    outside, by_layer, planned = plan(source, runner, targets, codec)
-    writer = StreamedWriter(folder, plan_shards(planned, source.largest_file_bytes))
+    outside, by_layer, planned = plan(source, runner, targets, codec, kv_cache)
+    walk = _Walk(runner, source, codec, StreamedWriter(folder, plan_shards(planned, source.largest_file_bytes)),
+                 target_weights(runner, targets), kv_cache)
     for name in outside:
-        writer.copy(source.store, name)
-    phases = dict.fromkeys(("read", "calibration", "source_eval", "write", "emulated_eval", "head"), 0.0)
-    clock = Clock(phases)
-    with clock("calibration"):
-        calibration = runner.streams(samples) if samples is not None and codec.calibrates else []
-    with clock("source_eval"):
+        walk.writer.copy(source.store, name)
+    with walk.clock("calibration"):
+        calibration = runner.streams(samples) if samples is not None and (codec.calibrates or kv_cache) else []
+    with walk.clock("source_eval"):
         reference = runner.streams(blocks)
         candidate = [s.fork() for s in reference]
-    weights = target_weights(runner, targets)
-    unrouted = 0
     for i in range(runner.num_layers):
-        prefix = runner.layer_prefix(i) + "."
-        local = [t.removeprefix(prefix) for t in targets if t.startswith(prefix)]
-        loading = time.perf_counter()
-        with runner.layer(i) as layer:
-            phases["read"] += time.perf_counter() - loading
-            with clock("calibration"), fp8.input_amax(layer, local) as amax:
-                for s in calibration:
-                    runner.forward(layer, i, s)
-            with clock("source_eval"):
-                for s in reference:
-                    runner.forward(layer, i, s)
-            unrouted += fp8.fill_unrouted(amax) if calibration else 0
-            with clock("write"):
-                written = _write_layer(runner, layer, by_layer.get(i, []), prefix, weights, amax, codec, source, writer)
-            with clock("emulated_eval"), codec.emulated(layer, written):
-                for s in candidate:
-                    runner.forward(layer, i, s)
+        local = [t.removeprefix(runner.layer_prefix(i) + ".") for t in targets if t.startswith(runner.layer_prefix(i) + ".")]
+        walk.layer(i, local, by_layer.get(i, []), calibration, reference, candidate)
         if on_layer:
             on_layer(i + 1, runner.num_layers)
-    with clock("head"):
+    with walk.clock("head"):
         final = [runner.normed(torch.cat([s.hidden for s in streams])) for streams in (reference, candidate)]
         quality = compare_final_hidden(runner, *final, blocks)
-    if unrouted:
-        quality["experts_never_routed"] = unrouted  # in calibration; given their layer's input scale
-    return writer.sha256, quality, phases
+    if walk.unrouted:
+        quality["experts_never_routed"] = walk.unrouted  # in calibration; given their layer's input scale
+    return walk.writer.sha256, quality, walk.phases
+
+
+class _Walk:
+    """One quantization walk's state: what writes, what it has timed, the experts no calibration token reached."""
+
+    def __init__(self, runner: LayerRunner, source: Checkpoint, codec: Codec, writer: StreamedWriter, weights: set[str],
+                 kv_cache: bool):
+        self.runner, self.source, self.codec, self.writer, self.weights, self.kv_cache = runner, source, codec, writer, weights, kv_cache
+        self.phases = dict.fromkeys(("read", "calibration", "source_eval", "write", "emulated_eval", "head"), 0.0)
+        self.clock = Clock(self.phases)
+        self.unrouted = 0
+
+    def layer(self, i: int, local: list[str], names: list[str], calibration: list, reference: list, candidate: list) -> None:
+        """Decoder layer ``i``: calibrated on ``calibration``, the source run on ``reference``, written, and what
+        was written run on ``candidate`` (the streams move on to the next layer)."""
+        runner, prefix = self.runner, self.runner.layer_prefix(i) + "."
+        loading = time.perf_counter()
+        with runner.layer(i) as layer:
+            self.phases["read"] += time.perf_counter() - loading
+            kv_seen = kvcache.observed(layer) if self.kv_cache else contextlib.nullcontext({})
+            with self.clock("calibration"), fp8.input_amax(layer, local) as amax, kv_seen as kv_amax:
+                for s in calibration:
+                    runner.forward(layer, i, s)
+            with self.clock("source_eval"):
+                for s in reference:
+                    runner.forward(layer, i, s)
+            self.unrouted += fp8.fill_unrouted(amax) if calibration else 0
+            with self.clock("write"):
+                written = _write_layer(runner, layer, names, prefix, self.weights, amax, self.codec, self.source, self.writer)
+                kv_scales = self._write_kv_scales(i, kv_amax)
+            kv_read = kvcache.applied(layer, kv_scales) if self.kv_cache else contextlib.nullcontext()
+            with self.clock("emulated_eval"), self.codec.emulated(layer, written), kv_read:
+                for s in candidate:
+                    runner.forward(layer, i, s)
+
+    def _write_kv_scales(self, i: int, kv_amax: dict[str, list[float]]) -> dict:
+        """Each attention module's (k_scale, v_scale), written under its checkpoint name, by its name in the layer."""
+        written = {}
+        for local, checkpoint_name in zip(kv_amax, attention_names(self.runner, i)):
+            written[local] = kvcache.scales(kv_amax[local])
+            for kind, scale in zip("kv", written[local]):
+                self.writer.write(f"{checkpoint_name}.{kind}_scale", scale)
+        return written
 
 
 class Clock:

@@ -43,7 +43,7 @@ ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,
 REQUIREMENTS = ("served", "served-native", "checked")
 MERGE = {"dtype": (str,), "max_shard_size": (str, int), "base_quant": (str,), "double_quant": (bool,)}
 QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration": (str,), "field": (str,),
-            "ignore": (list,), "format": (str,), "gates": (dict,)}
+            "ignore": (list,), "format": (str,), "kv_cache": (str,), "gates": (dict,)}
 VERIFY = {"artifact": (str,), "engine": (str,), "tp": (int, list), "pp": (int,), "dp": (int,), "concurrency": (int,),
           "dtype": (str,), "max_model_len": (int,), "extra_args": (list,), "timeout": (int, float), "gates": (dict,),
           "id": (str,)}
@@ -248,7 +248,8 @@ def _quantize_stage(release: Release, artifact_id: str, q: dict, source: str, de
     options = {
         "recipe": None if recipe_path else recipe, "recipe_path": recipe_path,
         "overrides": {"samples": q.get("samples"), "seq_len": q.get("seq_len"), "data": calibration,
-                      "field": q.get("field"), "ignore": q.get("ignore"), "format": q.get("format")},
+                      "field": q.get("field"), "ignore": q.get("ignore"), "format": q.get("format"),
+                      **({"kv_cache": q["kv_cache"]} if "kv_cache" in q else {})},  # only when given: keys stay valid
         "gates": {**{k: v for k, v in defaults.items() if k in QUANTIZE_GATES},
                   **_gates(q.get("gates"), QUANTIZE_GATES, f"{at}.quantize.gates")},
     }

