@@ -148,7 +148,31 @@ def fp8_kv_scale_zero(artifact: Path, out: Path) -> tuple[Path, str]:
     return out, tensor
 
 
+def nvfp4_global_scale_doubled(artifact: Path, out: Path) -> tuple[Path, str]:
+    """One module's global scale written twice too large: its decoded weights come out half as large."""
+    module = "model.layers.1.mlp.down_proj"
+    _edit(_copy(artifact, out), scaled(f"{module}.weight_global_scale", 2.0))
+    return out, module
+
+
+def mxfp4_scale_exponent_off_by_one(artifact: Path, out: Path) -> tuple[Path, str]:
+    """One module's E8M0 group scales one power of two too large: its decoded weights come out doubled."""
+    module = "model.layers.2.self_attn.o_proj"
+
+    def edit(tensors):
+        name = f"{module}.weight_scale"
+        if name not in tensors:
+            return False
+        tensors[name] = tensors[name] + 1
+        return True
+
+    _edit(_copy(artifact, out), edit)
+    return out, module
+
+
 CONTROLS = {
+    "nvfp4-a16": [nvfp4_global_scale_doubled],
+    "mxfp4-a16": [mxfp4_scale_exponent_off_by_one],
     "fp8-static-kv": [fp8_kv_scale_zero],
     "fp8-block": [fp8_block_scale_missing, fp8_block_scale_nan, fp8_block_size_disagrees],
     "fp8": [fp8_weight_scale_doubled, fp8_qkv_not_requantized, fp8_input_scale_zero, fp8_lm_head_not_ignored],

@@ -45,7 +45,7 @@ ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k
 SAMPLES, SEQ_LEN = 4, 128  # held-out tokens per read-back: every quantized module sees 512 real inputs
 # the largest output error per module and gain deviation a correct artifact of each kind shows on the
 # trained fixtures (measured: see tests/test_readback.py), with margin; a broken scale or layout is far past
-LIMITS = {"fp8": (0.12, 0.05), "int8": (0.12, 0.05), "int4": (0.35, 0.12)}
+LIMITS = {"fp8": (0.12, 0.05), "int8": (0.12, 0.05), "int4": (0.35, 0.12), "fp4": (0.35, 0.12)}
 FP8_LARGEST = 448.0  # float8_e4m3fn
 SATURATED_LIMIT = 0.05  # share of a module's held-out inputs past its static scale's range
 # a module this many times the median error of the same module in the other layers, and past the floor
@@ -348,7 +348,8 @@ def kind_of(config: dict) -> str:
         return KINDS[method]
     weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
     bits = min((w.get("num_bits", 16) for w in weights), default=16)
-    return "fp8" if any(w.get("type") == "float" for w in weights) and bits == 8 else "int8" if bits == 8 else "int4"
+    floats = any(w.get("type") == "float" for w in weights)
+    return {(True, 8): "fp8", (False, 8): "int8", (True, 4): "fp4"}.get((floats, bits), "int4")
 
 
 @torch.inference_mode()

