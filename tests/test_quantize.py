@@ -324,7 +324,7 @@ def one_error_line(result, message, folder):
 def test_unknown_method(llama, tmp_path):
     one_error_line(run("quantize", llama, "--method", "int3", "--out", tmp_path / "q"),
                    "unknown method 'int3'; available: awq, awq-w4a16, bnb-nf4, fp8, fp8-block, fp8-dynamic, fp8-static, gptq, gptq-w4a16, int8, "
-                   "mxfp4-a16, nvfp4-a16, w8a8, w8a8-int8", tmp_path)
+                   "mxfp4-a16, nvfp4, nvfp4-a16, w8a8, w8a8-int8", tmp_path)
 
 
 @pytest.mark.parametrize("text, message", [

