@@ -36,12 +36,17 @@ def _config(folder: Path, edit) -> None:
     path.write_text(json.dumps(config, indent=2))
 
 
-def scaled(name: str, factor: float):
+def changed(name: str, change):
+    """An edit replacing tensor ``name`` (in whichever shard holds it) by ``change(tensor)``."""
     def edit(tensors):
         if name in tensors:
-            tensors[name] = tensors[name] * factor
+            tensors[name] = change(tensors[name])
             return True
     return edit
+
+
+def scaled(name: str, factor: float):
+    return changed(name, lambda t: t * factor)
 
 
 def fp8_weight_scale_doubled(artifact: Path, out: Path) -> tuple[Path, str]:
@@ -124,15 +129,12 @@ def fp8_block_scale_missing(artifact: Path, out: Path) -> tuple[Path, str]:
 def fp8_block_scale_nan(artifact: Path, out: Path) -> tuple[Path, str]:
     module = "model.layers.2.self_attn.o_proj"
 
-    def edit(tensors):
-        name = f"{module}.weight_scale_inv"
-        if name not in tensors:
-            return False
-        tensors[name] = tensors[name].clone()
-        tensors[name][0, 1] = float("nan")
-        return True
+    def one_nan(t):
+        t = t.clone()
+        t[0, 1] = float("nan")
+        return t
 
-    _edit(_copy(artifact, out), edit)
+    _edit(_copy(artifact, out), changed(f"{module}.weight_scale_inv", one_nan))
     return out, module
 
 
@@ -158,15 +160,7 @@ def nvfp4_global_scale_doubled(artifact: Path, out: Path) -> tuple[Path, str]:
 def mxfp4_scale_exponent_off_by_one(artifact: Path, out: Path) -> tuple[Path, str]:
     """One module's E8M0 group scales one power of two too large: its decoded weights come out doubled."""
     module = "model.layers.2.self_attn.o_proj"
-
-    def edit(tensors):
-        name = f"{module}.weight_scale"
-        if name not in tensors:
-            return False
-        tensors[name] = tensors[name] + 1
-        return True
-
-    _edit(_copy(artifact, out), edit)
+    _edit(_copy(artifact, out), changed(f"{module}.weight_scale", lambda t: t + 1))
     return out, module
 
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from functools import partial
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -113,20 +114,24 @@ class EmulatedFP8Linear(nn.Module):
     fp8 weights, accumulated in float32, rescaled. Holds the fp8 weight (1 byte per parameter) and
     dequantizes it per call."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, act_scale: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None, act_scale: torch.Tensor | None = None):
         super().__init__()
         self.weight_fp8, self.scale = weight, scale  # after vLLM's fused re-quantization
         self.bias = bias
         self.act_scale = act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        scale = self.act_scale if self.act_scale is not None else (xf.abs().amax() / FP8_MAX).clamp_min(1e-12)
-        xq = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
-        y = xq @ self.weight_fp8.float().mul_(self.scale).T  # in place: one float32 copy of the weight, not two
+        y = self.quantized_input(x.float()) @ self.dequantized_weight().T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.act_scale if self.act_scale is not None else (x.abs().amax() / FP8_MAX).clamp_min(1e-12)
+        return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_fp8.float().mul_(self.scale)  # in place: one float32 copy of the weight, not two
 
 
 @dataclass
@@ -174,30 +179,41 @@ def emulated(module: nn.Module, written: dict[str, Quantized]):
     emulation, with vLLM's load-time semantics: the shards of a fused layer are re-quantized to the
     group's largest weight scale; input scales are shared as ``input_group`` says. The replaced layers' own weights are
     dropped (the caller's runner reloads them); the layers are put back on exit."""
-    from ..runner import LayerRunner
-
     groups: dict[str, list[str]] = {}
     acts: dict[str, torch.Tensor] = {}
     for n, q in written.items():
         groups.setdefault(fused_group(n), []).append(n)
         if q.input_scale is not None:
             acts[input_group(n)] = torch.maximum(acts.get(input_group(n), q.input_scale.float()), q.input_scale.float())
-    swapped = []
+    builders = {}
     for members in groups.values():
         max_scale = max(written[n].scale.float() for n in members)
         act = acts.get(input_group(members[0]))
         for n in members:
             dq = written[n].weight.float().mul_(written[n].scale.float())
             requantized = dq.div_(max_scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8)
-            parent, _, leaf = n.rpartition(".")
-            owner = module.get_submodule(parent) if parent else module
-            original = getattr(owner, leaf)
-            bias = original.bias.detach().clone() if original.bias is not None else None
-            LayerRunner.unload(original)
-            setattr(owner, leaf, EmulatedFP8Linear(requantized, max_scale, bias, act))
-            swapped.append((owner, leaf, original))
+            builders[n] = partial(EmulatedFP8Linear, requantized, max_scale, act_scale=act)
+    with swapped(module, builders) as count:
+        yield count
+
+
+@contextlib.contextmanager
+def swapped(module: nn.Module, builders: dict[str, Callable[..., nn.Module]]):
+    """While open, each Linear of ``module`` named in ``builders`` is replaced by ``builders[name](bias=its bias)``;
+    its own weights are dropped (the caller's runner reloads them), and it is put back on exit."""
+    from ..runner import LayerRunner
+
+    replaced = []
+    for name, build in builders.items():
+        parent, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(parent) if parent else module
+        original = getattr(owner, leaf)
+        bias = original.bias.detach().clone() if original.bias is not None else None
+        LayerRunner.unload(original)
+        setattr(owner, leaf, build(bias=bias))
+        replaced.append((owner, leaf, original))
     try:
-        yield len(swapped)
+        yield len(replaced)
     finally:
-        for owner, leaf, original in swapped:
+        for owner, leaf, original in replaced:
             setattr(owner, leaf, original)

@@ -11,15 +11,14 @@ whole number of blocks (the TP preflight checks that). The quality report emulat
 
 from __future__ import annotations
 
-import contextlib
 import math
-from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..checkpoint import PlannedTensor
-from .fp8 import FP8, FP8_MAX
+from .fp8 import FP8, FP8_MAX, EmulatedFP8Linear, Quantized, swapped
 
 BLOCK = (128, 128)  # [out, in], as the releases and vLLM's kernels use
 GROUP_SCALE_FLOOR = 1e-10  # vLLM's per-token-group quantization: scale = max(amax, floor) / 448
@@ -61,25 +60,15 @@ def quantize_activation(x: torch.Tensor, group: int = BLOCK[1]) -> torch.Tensor:
     return dq.reshape(padded.shape)[..., :width]
 
 
-class EmulatedBlockFP8Linear(nn.Module):
+class EmulatedBlockFP8Linear(EmulatedFP8Linear):
     """What a GPU computes for one block-FP8 layer: FP8 activations per token group times FP8 block weights,
     in float32."""
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight_fp8, self.scale, self.bias = weight, scale, bias
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize_activation(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = quantize_activation(x) @ dequantize_weight(self.weight_fp8, self.scale).T
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
-
-
-@dataclass
-class Quantized:
-    weight: torch.Tensor
-    scale: torch.Tensor
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_weight(self.weight_fp8, self.scale)
 
 
 class Codec:
@@ -95,26 +84,10 @@ class Codec:
 
     def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Quantized]:
         q, scale = quantize_weight(weight)
-        return {name: q, name.removesuffix(".weight") + ".weight_scale_inv": scale}, Quantized(q, scale)
+        return {name: q, name.removesuffix(".weight") + ".weight_scale_inv": scale}, Quantized(q, scale, None)
 
-    @contextlib.contextmanager
     def emulated(self, layer: nn.Module, written: dict[str, Quantized]):
-        from ..runner import LayerRunner
-
-        swapped = []
-        for name, q in written.items():
-            parent, _, leaf = name.rpartition(".")
-            owner = layer.get_submodule(parent) if parent else layer
-            original = getattr(owner, leaf)
-            bias = original.bias.detach().clone() if original.bias is not None else None
-            LayerRunner.unload(original)
-            setattr(owner, leaf, EmulatedBlockFP8Linear(q.weight, q.scale, bias))
-            swapped.append((owner, leaf, original))
-        try:
-            yield len(swapped)
-        finally:
-            for owner, leaf, original in swapped:
-                setattr(owner, leaf, original)
+        return swapped(layer, {name: partial(EmulatedBlockFP8Linear, q.weight, q.scale) for name, q in written.items()})
 
     def quantization_config(self, ignored: list[str], compute_dtype: str) -> dict:
         """As the DeepSeek-V3 and Qwen3 FP8 releases carry it, with the unquantized Linear layers under the
