@@ -133,6 +133,26 @@ def test_dry_run_of_a_fresh_release_runs_everything_and_writes_nothing(tmp_path)
     assert not out.exists()
 
 
+def test_kv_cache_in_a_release_file_is_part_of_its_stage_key(tmp_path):
+    """`kv_cache: fp8` in a quantize section changes that stage's key; releases without it keep theirs (the
+    option is recorded only when given); a kind the workbench does not write is refused before anything runs."""
+    def from_source(d, **quantize):
+        d["artifacts"]["fp8"].update({"from": "source"})
+        d["artifacts"]["fp8"]["quantize"].update(quantize)
+
+    keys = {}
+    for name, extra in (("plain", {}), ("kv", {"kv_cache": "fp8"})):
+        (tmp_path / name).mkdir()
+        path = write_release(tmp_path / name, lambda d: from_source(d, **extra))
+        result = run("release", path, "--out", tmp_path / "out", "--dry-run", "--json", "--only", "fp8")
+        assert result.exit_code == 0, result.stderr
+        keys[name] = json.loads(result.stdout)[0]["key"]
+    assert keys["plain"] and keys["kv"] and keys["plain"] != keys["kv"]
+    path = write_release(tmp_path, lambda d: from_source(d, kv_cache="int8"))
+    assert_one_line_error(run("release", path, "--out", tmp_path / "out", "--dry-run", "--only", "fp8"), 2,
+                          "kv_cache must be one of fp8, got 'int8'")
+
+
 def test_output_not_made_by_the_release_is_not_clobbered(tmp_path):
     out = tmp_path / "out"
     foreign = out / "tiny-llama-lora-merged"
