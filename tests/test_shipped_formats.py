@@ -43,14 +43,18 @@ def moe_fixtures():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["llama", "qwen3-moe", "mixtral"])
-def test_fp8_block_quantizes_passes_its_gate_and_is_read_back(name, llama, moe_fixtures, tmp_path, figures):
+@pytest.mark.parametrize("name, kv_cache", [("llama", False), ("qwen3-moe", False), ("mixtral", False), ("qwen3-moe", True)])
+def test_fp8_block_quantizes_passes_its_gate_and_is_read_back(name, kv_cache, llama, moe_fixtures, tmp_path, figures):
+    """Each fixture in block FP8; the MoE one with FP8 KV-cache scales too (one k and v scale per layer)."""
     model = llama if name == "llama" else moe_fixtures[name]
     out = tmp_path / "q"
-    result = run("quantize", model, "--method", "fp8-block", "--out", out, "--json")
+    kv = ["--kv-cache", "fp8", "--samples", "32", "--seq-len", "128"] if kv_cache else []
+    result = run("quantize", model, "--method", "fp8-block", *kv, "--out", out, "--json")
     assert result.exit_code == 0, result.stderr
     step = json.loads(result.output)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config.pop("kv_cache_scheme", None) == ({"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+                                                    "symmetric": True} if kv_cache else None)
     assert {k: v for k, v in config.items() if k != "modules_to_not_convert"} == RELEASE_CONFIG
     routers = [n for n in config["modules_to_not_convert"] if n.endswith(".gate")]
     assert config["modules_to_not_convert"][0] == "lm_head" and len(routers) == (0 if name == "llama" else 2)
@@ -64,7 +68,8 @@ def test_fp8_block_quantizes_passes_its_gate_and_is_read_back(name, llama, moe_f
     assert step["status"] == "ok" and m["ppl_delta"] < 0.01 and m["top1_agreement"] > 0.95
     read = m["read_back"]
     assert read["reader"].startswith("compressed-tensors") and read["failures"] == [] and read["decoded_modules"] > 0
-    figures[f"fp8-block {name}: quality vs source"] = {
+    assert read["kv_scales_checked"] == (2 * 2 if kv_cache else 0)  # k and v of 2 layers
+    figures[f"fp8-block {name}{' + FP8 KV cache' if kv_cache else ''}: quality vs source"] = {
         "ppl_delta": m["ppl_delta"], "mean_kl": m["mean_kl"], "top1": m["top1_agreement"],
         "layers_quantized": m["layers_quantized"], "read_back_max_error": read["max_error"],
         "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
