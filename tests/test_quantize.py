@@ -3,6 +3,7 @@ and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -319,6 +320,27 @@ def test_w4a16_on_vllm_cpu_runs_on_avx512_with_its_kernel_named_and_is_refused_o
 def one_error_line(result, message, folder):
     assert_one_line_error(result, 2, message)
     assert not [p.name for p in folder.iterdir() if p.name.startswith(("q", ".q"))]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--method", "gptq", "--kv-cache", "fp8"], "kv_cache scales are written in vLLM's fp8 format only"),
+    (["--method", "fp8", "--format", "compressed-tensors", "--kv-cache", "fp8"], "not fp8 in compressed-tensors"),
+])
+def test_kv_cache_scales_only_where_the_workbench_writes_them(llama, tmp_path, args, message):
+    one_error_line(run("quantize", llama, *args, "--out", tmp_path / "q"), message, tmp_path)
+
+
+def test_kv_cache_scales_that_saw_no_keys_are_refused_not_written(llama, tmp_path, monkeypatch):
+    """A model whose attention the calibration never reaches (here: every call bypasses the hook) gets no scale of 0."""
+    from workbench import kvcache
+
+    monkeypatch.setattr(kvcache, "_through_attention", lambda on_kv: contextlib.nullcontext())
+    result = run("quantize", llama, "--method", "fp8-dynamic", "--kv-cache", "fp8", "--samples", "4", "--seq-len", "32",
+                 "--out", tmp_path / "q")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]  # after the progress lines
+    assert result.exit_code == 2 and errors == [result.stderr.strip().splitlines()[-1]], result.stderr
+    assert "model.layers.0.self_attn: the calibration samples reached no keys" in errors[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing half-written
 
 
 def test_unknown_method(llama, tmp_path):

@@ -4,6 +4,7 @@ loader where vLLM loads the format on this CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -66,6 +67,15 @@ def test_every_format_is_read_back_by_its_own_library(quantized_llama, recipe, f
     assert 0.002 < read["max_error"] < read["limits"]["max_error"] / 2, read
     figures[f"read-back {recipe}: largest layer-update error vs source"] = {
         k: read[k] for k in ("reader", "max_error", "where", "max_gain_deviation")}
+
+
+@pytest.mark.slow
+def test_a_kv_scale_no_held_out_key_reached_is_not_passed(quantized_llama, llama, blocks, monkeypatch):
+    from workbench import kvcache
+
+    monkeypatch.setattr(kvcache, "_through_attention", lambda on_kv: contextlib.nullcontext())
+    failures = read_back(quantized_llama("fp8-static-kv"), llama, blocks).failures()
+    assert len(failures) == 1 and failures[0].startswith("model.layers.0.self_attn.k_scale: no held-out key"), failures
 
 
 CONTROL_CASES = [(recipe, c) for recipe, cs in controls.CONTROLS.items() for c in cs]

@@ -436,7 +436,10 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
             for e, g in _same_calls(expected.outputs.get(name, []), got.outputs.get(name, [])):
                 _add(module_sums[module], _sums(e, g))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
-    readings += [ModuleReading(local[n], 0.0, 1.0, past / max(total, 1), role="kv") for n, (past, total) in kv_counts.items()]
+    unseen = [local[n] for n, (_, total) in kv_counts.items() if not total]
+    if unseen:  # never a pass for a scale nothing was compared with
+        raise ReaderRefused(f"{unseen[0]}: no held-out key or value reached it through the attention (not checked)")
+    readings += [ModuleReading(local[n], 0.0, 1.0, past / total, role="kv") for n, (past, total) in kv_counts.items()]
     modules_read = [_from_sums(m, *acc) for m, acc in module_sums.items() if acc[1] > 0]  # an expert no token reached: none
     for m in modules_read:
         past, total = clipped.get(m.module, (0, 0))

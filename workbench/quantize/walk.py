@@ -68,6 +68,9 @@ def plan(source: Checkpoint, runner: LayerRunner, targets: list[str], codec: Cod
         for name in by_layer[i]:
             info = source.store.tensors[name]
             planned += codec.planned(name, info.shape) if name in weights else [PlannedTensor(name, info.dtype, info.shape)]
+        if kv_cache and not attention_names(runner, i):
+            raise BadInput(f"--kv-cache: {runner.layer_prefix(i)} has no attention module with k_proj or qkv_proj to "
+                           "write KV-cache scales for")
         planned += kvcache.planned(attention_names(runner, i)) if kv_cache else []
     return outside, by_layer, planned
 
@@ -157,6 +160,9 @@ class _Walk:
         """Each attention module's (k_scale, v_scale), written under its checkpoint name, by its name in the layer."""
         written = {}
         for local, checkpoint_name in zip(kv_amax, attention_names(self.runner, i)):
+            if not all(kv_amax[local]):
+                raise BadInput(f"{checkpoint_name}: the calibration samples reached no keys or values of it through "
+                               "transformers' sdpa/eager attention; no KV-cache scale can be calibrated")
             written[local] = kvcache.scales(kv_amax[local])
             for kind, scale in zip("kv", written[local]):
                 self.writer.write(f"{checkpoint_name}.{kind}_scale", scale)
