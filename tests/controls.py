@@ -150,6 +150,11 @@ def fp8_kv_scale_zero(artifact: Path, out: Path) -> tuple[Path, str]:
     return out, tensor
 
 
+def compressed_tensors_kv_scale_zero(artifact: Path, out: Path) -> tuple[Path, str]:
+    """The same defect in compressed-tensors' kv_cache_scheme (llm-compressor's scales, shape [1])."""
+    return fp8_kv_scale_zero(artifact, out)
+
+
 def nvfp4_global_scale_doubled(artifact: Path, out: Path) -> tuple[Path, str]:
     """One module's global scale written twice too large: its decoded weights come out half as large."""
     module = "model.layers.1.mlp.down_proj"
@@ -168,6 +173,7 @@ CONTROLS = {
     "nvfp4-a16": [nvfp4_global_scale_doubled],
     "mxfp4-a16": [mxfp4_scale_exponent_off_by_one],
     "fp8-static-kv": [fp8_kv_scale_zero],
+    "w8a8-int8-kv": [compressed_tensors_kv_scale_zero],
     "fp8-block": [fp8_block_scale_missing, fp8_block_scale_nan, fp8_block_size_disagrees],
     "fp8": [fp8_weight_scale_doubled, fp8_qkv_not_requantized, fp8_input_scale_zero, fp8_lm_head_not_ignored],
     "gptq-w4a16": [gptq_group_size_disagrees],

@@ -323,10 +323,10 @@ def one_error_line(result, message, folder):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--method", "gptq", "--kv-cache", "fp8"], "kv_cache scales are written in vLLM's fp8 format only"),
-    (["--method", "fp8", "--format", "compressed-tensors", "--kv-cache", "fp8"], "not fp8 in compressed-tensors"),
+    (["--method", "bnb-nf4", "--kv-cache", "fp8"],
+     "kv_cache scales are written in the fp8 and compressed-tensors formats, not bnb in bitsandbytes"),
 ])
-def test_kv_cache_scales_only_where_the_workbench_writes_them(llama, tmp_path, args, message):
+def test_kv_cache_scales_only_in_formats_engines_read_them_from(llama, tmp_path, args, message):
     one_error_line(run("quantize", llama, *args, "--out", tmp_path / "q"), message, tmp_path)
 
 

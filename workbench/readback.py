@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from . import kvcache
+from . import experts, kvcache
 from .checkpoint import Checkpoint
 from .errors import BadInput
 from .runner import LayerRunner
@@ -143,12 +143,14 @@ def describe(read: dict) -> str:
 
 @dataclass
 class InputQuantization:
-    """A module's input quantization as its scheme says: ``dynamic`` (scales from each input, the library's
-    own function) applied in the read-back; a static one only checked for the share of held-out inputs
-    past the largest value its written scale represents (clipping on other text is calibration quality,
-    which quantize's report measures; a scale of 0 clips everything)."""
+    """A module's input quantization as its scheme says. ``quantize`` applies it (the library's own function,
+    with the written scales). The read-back applies a ``dynamic`` one (scales from each input) and only checks
+    a static one for the share of held-out inputs past the largest value its written scale represents
+    (clipping on other text is calibration quality, which quantize's report measures; a scale of 0 clips
+    everything); the quality report of an artifact applies both (``decoded_final_hidden``)."""
 
-    dynamic: object  # x -> x quantized and dequantized, or None (static)
+    quantize: object  # x -> x quantized and dequantized
+    dynamic: bool = True
     largest: float = 0.0  # static: the largest input the written scale represents
 
 
@@ -203,14 +205,16 @@ class CompressedTensorsReader:
         if args is None:
             return None
         state = types.SimpleNamespace(quantization_status=QuantizationStatus.FROZEN,
-                                      input_scale=tensors.get(f"{module}.input_scale"),
-                                      input_zero_point=tensors.get(f"{module}.input_zero_point"))
+                                      **{f"input_{p}": tensors.get(f"{module}.input_{p}") for p in ("scale", "zero_point", "global_scale")})
+
+        def quantize(x: torch.Tensor) -> torch.Tensor:
+            return forward_quantize(state, x, "input", args)
         if args.dynamic:
-            return InputQuantization(lambda x: forward_quantize(state, x, "input", args))
+            return InputQuantization(quantize)
         if state.input_scale is None:
             raise ReaderRefused(f"{module}.input_scale is missing: the scheme quantizes its input statically")
         largest = FP8_LARGEST if args.type == "float" else 2 ** (args.num_bits - 1) - 1
-        return InputQuantization(None, float(state.input_scale.float().max()) * largest)
+        return InputQuantization(quantize, dynamic=False, largest=float(state.input_scale.float().max()) * largest)
 
     def _scheme(self, module: str):
         from compressed_tensors.utils.match import match_name
@@ -410,30 +414,28 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     """Decoder layer ``index`` as the source has it and as the reader decodes the artifact's (its other
     tensors, e.g. norms a smoothing folded scales into, from the artifact too), each run on the source's
     hidden states. Compared: the layer's update (output - input), which smoothing leaves unchanged, and
-    each decoded module's output, to name the module when the layer is off. ``streams`` move on with the
-    source's output."""
-    prefix = runner.layer_prefix(index) + "."
-    local = {runner.module_name(n).removeprefix(prefix): n for n in checkpoint.store.tensors if n.startswith(prefix)}
-    linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
-    tensors = _tensors(checkpoint, list(local.values()))
-    decoded = reader.weights({n: t for n, t in tensors.items() if _in_modules(runner, n, prefix, linears)})
-    modules = {module: runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix) for module in decoded}
+    each decoded module's output, to name the module when the layer is off. The decoded layer's routers give
+    the source's routing, so that each expert is compared on the tokens the source sent it. ``streams`` move
+    on with the source's output."""
+    local, tensors, decoded, modules = _layer_read(runner, index, layer, checkpoint, reader)
     layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in decoded}, {}
     kv_scales = {n: tensors[local[n]] for n in local if n.endswith(("k_scale", "v_scale"))}  # by layer-local name
     kv_counts = {n: [0, 0] for n in kv_scales}
+    prefix = runner.layer_prefix(index) + "."
+    routers = [r.removeprefix(prefix) for r in experts.routers(runner.model) if r.startswith(prefix)]
     for s in streams:
         hidden = s.hidden
-        expected = _module_outputs(layer, modules.values())
-        with expected:
+        with _module_outputs(layer, modules.values()) as expected, _module_outputs(layer, routers) as routing:
             runner.forward(layer, index, s)
         candidate = s.fork()
         candidate.hidden = hidden
         with _decoded_layer(layer, decoded, modules, local, tensors, reader, clipped), _module_outputs(layer, modules.values()) as got, \
+                _module_outputs(layer, routers, replay=routing.outputs), \
                 kvcache.seen(layer, partial(_count_past_kv_scales, kv_scales, kv_counts)):
             runner.forward(layer, index, candidate)
         _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
         for module, name in modules.items():
-            for e, g in _same_calls(expected.outputs.get(name, []), got.outputs.get(name, [])):
+            for e, g in zip(expected.outputs.get(name, []), got.outputs.get(name, []), strict=True):
                 _add(module_sums[module], _sums(e, g))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
     unseen = [local[n] for n, (_, total) in kv_counts.items() if not total]
@@ -445,6 +447,60 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
         past, total = clipped.get(m.module, (0, 0))
         m.clipped = past / total if total else 0.0
     return readings + modules_read
+
+
+def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader) -> tuple[dict, dict, dict, dict]:
+    """Decoder layer ``index`` of the artifact: (checkpoint name by layer-local name, its tensors by checkpoint
+    name, the reader's decoded weights by module's checkpoint name, each such module's layer-local name)."""
+    prefix = runner.layer_prefix(index) + "."
+    local = {runner.module_name(n).removeprefix(prefix): n for n in checkpoint.store.tensors if n.startswith(prefix)}
+    linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    _check_owned(layer, local)
+    tensors = _tensors(checkpoint, list(local.values()))
+    decoded = reader.weights({n: t for n, t in tensors.items() if _in_modules(runner, n, prefix, linears)})
+    modules = {module: runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix) for module in decoded}
+    return local, tensors, decoded, modules
+
+
+def _check_owned(layer, local: dict[str, str]) -> None:
+    """Refuse a tensor no module of the source's layer has a place for (an expert written under another
+    projection name): read back or evaluated, it would leave that module the source's, a pass nobody checked.
+    A tensor belongs to the deepest module its name starts with, as a parameter of it or of its weight
+    (bitsandbytes' ``weight.quant_state...``)."""
+    modules = {n for n, _ in layer.named_modules() if n}
+    for name, checkpoint_name in local.items():
+        parts = name.split(".")
+        owner = max((i for i in range(1, len(parts)) if ".".join(parts[:i]) in modules), default=0)
+        rest = parts[owner:]
+        if len(rest) > 1 and rest[0] != "weight":
+            raise ReaderRefused(f"{checkpoint_name}: the source has no module {checkpoint_name.rpartition('.')[0]} for "
+                                "this tensor (written under another name?)")
+
+
+@torch.inference_mode()
+def decoded_final_hidden(artifact: Path, runner: LayerRunner, blocks: torch.Tensor) -> torch.Tensor:
+    """The artifact as its format's library decodes it, run on ``blocks`` layer by layer through ``runner``
+    (the source's, for what the artifact leaves unquantized: embeddings, final norm): decoded weights, its
+    other layer tensors, every input quantization its scheme names (static ones with their written scales)
+    and its KV-cache scales applied. Returns the final normed hidden states [positions, hidden]; a reader's
+    refusal is a BadInput naming the tensor."""
+    checkpoint = Checkpoint(artifact)
+    try:
+        reader = reader_for(artifact, checkpoint.config)
+        if reader is None:
+            raise ReaderRefused(f"no reader knows {artifact}'s quantization_config")
+        streams = runner.streams(blocks)
+        for i in range(runner.num_layers):
+            with runner.layer(i) as layer:
+                local, tensors, decoded, modules = _layer_read(runner, i, layer, checkpoint, reader)
+                kv = {a: tuple(tensors[local[f"{a}.{k}_scale"]] for k in "kv") for a in kvcache.attention_modules(layer)
+                      if f"{a}.k_scale" in local and f"{a}.v_scale" in local}
+                with _decoded_layer(layer, decoded, modules, local, tensors, reader, {}, static=True), kvcache.applied(layer, kv):
+                    for s in streams:
+                        runner.forward(layer, i, s)
+    except ReaderRefused as exc:
+        raise BadInput(f"the written artifact cannot be evaluated: {exc}") from None
+    return runner.normed(torch.cat([s.hidden for s in streams]))
 
 
 def _count_past_kv_scales(kv_scales: dict, counts: dict, attention: str, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -467,15 +523,18 @@ def _in_modules(runner: LayerRunner, name: str, prefix: str, modules: set[str]) 
 
 class _module_outputs:
     """While open, the outputs of each named submodule of ``layer``, one per call (a routed expert is called
-    for the tokens routed to it, or not at all)."""
+    for the tokens routed to it, or not at all); with ``replay`` (outputs by name, as recorded), each call
+    returns the recorded output of the same call instead of its own."""
 
-    def __init__(self, layer, names):
-        self.layer, self.names, self.outputs, self.handles = layer, list(names), {}, []
+    def __init__(self, layer, names, replay: dict | None = None):
+        self.layer, self.names, self.outputs, self.handles, self.replay = layer, list(names), {}, [], replay
 
     def __enter__(self):
         for name in self.names:
             def keep(_m, _args, out, name=name):
-                self.outputs.setdefault(name, []).append(out.float())
+                calls = self.outputs.setdefault(name, [])
+                calls.append(out if self.replay is None else self.replay[name][len(calls)])
+                return calls[-1] if self.replay is not None else None
             self.handles.append(self.layer.get_submodule(name).register_forward_hook(keep))
         return self
 
@@ -485,10 +544,11 @@ class _module_outputs:
 
 
 @contextlib.contextmanager
-def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: dict, reader, clipped: dict):
-    """``layer`` with the reader's weights, the reader's dynamic input quantization, and the artifact's other
-    parameters (norms, biases) in place of the source's; the source's back on exit. ``clipped[module]``
-    counts [inputs past a static scale's range, inputs]."""
+def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: dict, reader, clipped: dict,
+                   static: bool = False):
+    """``layer`` with the reader's weights, the reader's dynamic input quantization (static too, with
+    ``static``), and the artifact's other parameters (norms, biases) in place of the source's; the source's
+    back on exit. ``clipped[module]`` counts [inputs past a static scale's range, inputs]."""
     saved, handles = [], []
     params = dict(layer.named_parameters())
     replaced = {modules[m] + ".weight": w for m, w in decoded.items()}
@@ -503,7 +563,8 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
             saved.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, torch.nn.Parameter(value.to(params[name].dtype), requires_grad=False))
         for module, name in modules.items():
-            handles += _input_hooks(layer.get_submodule(name), reader.activations(module, tensors), clipped.setdefault(module, [0, 0]))
+            handles += _input_hooks(layer.get_submodule(name), reader.activations(module, tensors),
+                                    clipped.setdefault(module, [0, 0]), static)
         yield
     finally:
         for h in handles:
@@ -512,19 +573,13 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
             setattr(owner, attr, value)
 
 
-def _same_calls(expected: list, got: list) -> list:
-    """Pairs of outputs of the same calls: all of them when both runs called the module alike; none when the
-    routing differed (an expert given other tokens; the layer's update still counts that)."""
-    if len(expected) != len(got) or any(e.shape != g.shape for e, g in zip(expected, got)):
-        return []
-    return list(zip(expected, got))
-
-
-def _input_hooks(module, quantization: InputQuantization | None, counts: list[int]) -> list:
+def _input_hooks(module, quantization: InputQuantization | None, counts: list[int], static: bool = False) -> list:
+    """Hooks on ``module`` that quantize its input (dynamic ones; static ones too with ``static``) or else
+    count the inputs past a static scale's range into ``counts``."""
     if quantization is None:
         return []
-    if quantization.dynamic is not None:
-        q = quantization.dynamic
+    if quantization.dynamic or static:
+        q = quantization.quantize
         return [module.register_forward_pre_hook(lambda _m, args: (q(args[0].float()).to(args[0].dtype), *args[1:]))]
 
     def count(_m, args):

@@ -8,10 +8,6 @@ states, whatever the depth. The model's own forward (run once per batch with eve
 recorder) computes what each layer is given: scaled embeddings, masks per attention type, rotary
 embeddings, the KV cache; so each family's forward code is transformers', not a copy.
 
-The one exception: ``quantize/compressor.compare_written`` runs a compressed-tensors artifact whole in
-transformers, because llm-compressor has just held that whole model in memory anyway and compressed-tensors
-decompresses it on the model's own call; ``readback.py`` reads the same artifacts layer by layer here.
-
 Why not accelerate's disk offload: it pages weights in per forward call, so N sample batches read the
 checkpoint N times; llm-compressor's sequential pipeline walks layer by layer but only inside its own
 oneshot, with the whole model in memory.

@@ -1,6 +1,8 @@
-"""GPTQ, AWQ, INT8 W8A8 (and FP8 in the compressed-tensors format) through llm-compressor's ``oneshot``,
-written in the compressed-tensors format that vLLM and SGLang read. llm-compressor calibrates layer by
-layer (its sequential pipeline), so a model needs memory for its weights plus one layer's activations."""
+"""GPTQ, AWQ, INT8 W8A8, NVFP4/MXFP4 (and FP8 in the compressed-tensors format) through llm-compressor's
+``oneshot``, written in the compressed-tensors format that vLLM and SGLang read. llm-compressor calibrates
+layer by layer (its sequential pipeline), so a model needs memory for its weights plus one layer's
+activations. A mixture of experts is linearized by llm-compressor (one Linear per expert, every expert
+calibrated on every token) and saved under the checkpoint's own expert names."""
 
 from __future__ import annotations
 
@@ -12,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import EnvironmentProblem
+from .. import kvcache
+from ..checkpoint import Checkpoint
+from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
+from ..families import ExpertLayout
 from .recipe import Recipe
 from ..safety import remote_code_trusted
 
@@ -21,19 +26,41 @@ from ..safety import remote_code_trusted
 FP8_SCHEMES = {"static": "FP8", "dynamic": "FP8_DYNAMIC", "block": "FP8_BLOCK"}
 
 
+# --kv-cache kinds as compressed-tensors' kv_cache_scheme: one static scale per tensor, calibrated by
+# llm-compressor on the keys and values the attention sees (written as <attention>.k_scale / v_scale)
+KV_CACHE_SCHEMES = {"fp8": kvcache.SCHEME}
+# (method, scheme) -> the input channels one weight scale covers in llm-compressor's preset scheme: a weight
+# whose input is not a whole number of groups is refused by it deep in its run ("strict division")
+GROUP_SIZES = {("gptq", "w4a16"): 128, ("awq", "w4a16"): 128, ("fp4", "nvfp4a16"): 16, ("fp4", "nvfp4"): 16,
+               ("fp4", "mxfp4a16"): 32, ("fp8", "block"): 128}
+# the projection names llm-compressor gives a linearized expert
+LINEAR_EXPERT_NAMES = ExpertLayout("gate_proj", "up_proj", "down_proj")
+
+
+def check_groups(recipe: Recipe, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse (naming the first) a target weight, by checkpoint name -> shape, whose input channels are not
+    whole groups of the recipe's scheme."""
+    group = GROUP_SIZES.get((recipe.method, recipe.scheme))
+    for name, shape in shapes.items():
+        if group and shape[-1] % group:
+            raise BadInput(f"{name}: its {shape[-1]} input channels are not whole groups of {group}, as {recipe.name} "
+                           "quantizes them; add the module to the ignore list or use another method; nothing written")
+
+
 def _modifiers(recipe: Recipe) -> list:
     from llmcompressor.modifiers.awq import AWQModifier
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier
 
-    ignore = list(recipe.ignore)
+    common = {"targets": "Linear", "ignore": list(recipe.ignore),
+              **({"kv_cache_scheme": KV_CACHE_SCHEMES[recipe.kv_cache]} if recipe.kv_cache else {})}
     build = {
-        "gptq": lambda: [GPTQModifier(targets="Linear", scheme="W4A16", ignore=ignore, actorder=recipe.actorder)],
-        "awq": lambda: [AWQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=ignore)],
+        "gptq": lambda: [GPTQModifier(scheme="W4A16", actorder=recipe.actorder, **common)],
+        "awq": lambda: [AWQModifier(scheme="W4A16_ASYM", **common)],
         "w8a8": lambda: [SmoothQuantModifier(smoothing_strength=recipe.smoothing_strength),
-                         GPTQModifier(targets="Linear", scheme="W8A8", ignore=ignore)],
-        "fp8": lambda: [QuantizationModifier(targets="Linear", scheme=FP8_SCHEMES[recipe.scheme], ignore=ignore)],
-        "fp4": lambda: [QuantizationModifier(targets="Linear", scheme=recipe.scheme.upper(), ignore=ignore)],
+                         GPTQModifier(scheme="W8A8", **common)],
+        "fp8": lambda: [QuantizationModifier(scheme=FP8_SCHEMES[recipe.scheme], **common)],
+        "fp4": lambda: [QuantizationModifier(scheme=recipe.scheme.upper(), **common)],
     }
     return build[recipe.method]()
 
@@ -67,9 +94,23 @@ def _output_to(log: Path):
                 os.close(fd)
 
 
-def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, folder: Path) -> None:
-    """Quantize a fresh copy of the model (in its own dtype) and save it compressed into ``folder``.
-    llm-compressor's own output goes to a log, kept and named in the error only if it fails."""
+def _expert_renamings(layout: ExpertLayout | None) -> list:
+    """transformers' renamings from the checkpoint's expert projection names to llm-compressor's: reverted on
+    save, they give the written experts the checkpoint's names (Mixtral's w1/w3/w2), which engines load by."""
+    from transformers.core_model_loading import WeightRenaming
+
+    if layout is None:
+        return []
+    pairs = zip((layout.gate, layout.up, layout.down), (LINEAR_EXPERT_NAMES.gate, LINEAR_EXPERT_NAMES.up, LINEAR_EXPERT_NAMES.down))
+    return [WeightRenaming(source_patterns=rf"\.experts\.(\d+)\.{ours}\.", target_patterns=rf".experts.\1.{theirs}.")
+            for ours, theirs in pairs if ours != theirs]
+
+
+def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, folder: Path,
+                experts: ExpertLayout | None = None) -> None:
+    """Quantize a fresh copy of the model (in its own dtype; ``experts``: the family's expert layout, for a
+    mixture of experts) and save it compressed into ``folder``. llm-compressor's own output goes to a log,
+    kept and named in the error only if it fails."""
     log = Path(tempfile.mkstemp(prefix=f"workbench-{recipe.method}-", suffix=".log")[1])
     try:
         with _output_to(log):
@@ -78,7 +119,10 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
             from transformers import AutoModelForCausalLM
 
             _cpu_without_pinning()
+            from llmcompressor.modeling.moe.linearize import linearize_moe
+
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=remote_code_trusted())
+            linearize_moe(model)  # stacked experts -> one Linear each; nothing for a dense model
             kwargs = {}
             if samples is not None:
                 data = {"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()}
@@ -88,35 +132,18 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
                           # makes GPTQ's sums (and so the weights) differ run to run
                           "shuffle_calibration_samples": False}
             oneshot(model=model, recipe=_modifiers(recipe), **kwargs)
+            model._weight_conversions = list(getattr(model, "_weight_conversions", None) or []) + _expert_renamings(experts)
             model.save_pretrained(folder, save_compressed=True)
     except Exception as exc:  # llm-compressor raises many kinds; the log has its story
         raise EnvironmentProblem(f"llm-compressor {recipe.method} failed: {str(exc).splitlines()[0]} (log: {log})") from None
     log.unlink()
 
 
-# methods whose artifacts are evaluated in the source's dtype: compressed-tensors decompresses 4-bit floats
-# into the checkpoint's dtype, which float32 activations cannot multiply
-EVALUATED_IN_SOURCE_DTYPE = ("fp4",)
-
-
-def compare_written(folder: Path, runner, reference_hidden: torch.Tensor, blocks: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """The written artifact (loaded whole in transformers, in ``dtype``: compressed-tensors decompresses it, as
-    llm-compressor held the whole model anyway) against the source's final hidden states from the layer
-    runner, through the same unquantized lm_head; its loading output is captured."""
-    from transformers import AutoModelForCausalLM
-
-    from ..quality import compare_final_hidden
-
-    with tempfile.NamedTemporaryFile(prefix="workbench-eval-", suffix=".log") as log, _output_to(Path(log.name)):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=remote_code_trusted()).eval()
-    finals: list[torch.Tensor] = []  # the decoder's output (after its final norm), through the whole model's
-    # forward: compressed-tensors decompresses on the model's own call
-    hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: finals.append(out.last_hidden_state))
-    with torch.inference_mode():
-        for b in blocks.split(4):
-            model(input_ids=b)
-    hook.remove()
-    del model
-    hidden = torch.cat(finals).float()
-    return compare_final_hidden(runner, reference_hidden, hidden.reshape(-1, hidden.shape[-1]), blocks)
+def check_quantized(folder: Path, targets: list[str]) -> None:
+    """Every target module (by checkpoint name) was written quantized (it has a ``weight_scale``): what
+    llm-compressor left in 16 bits would otherwise pass unnoticed under a report of the rest."""
+    written = Checkpoint(folder).store.tensors
+    missing = [t for t in targets if t + ".weight_scale" not in written]
+    if missing:
+        raise ArtifactFailed(f"llm-compressor left {len(missing)} of the {len(targets)} target modules unquantized or "
+                             f"wrote them under other names, e.g. {missing[0]}; nothing written")

@@ -27,7 +27,7 @@ class Recipe:
     actorder: str | None = "static"  # GPTQ activation ordering
     smoothing_strength: float = 0.8  # SmoothQuant, for w8a8
     double_quant: bool = True  # bitsandbytes: quantize the block scales too (QLoRA's default)
-    kv_cache: str | None = None  # "fp8": calibrate and write FP8 KV-cache scales too (quantize/kv_cache.py)
+    kv_cache: str | None = None  # "fp8": calibrate and write FP8 KV-cache scales too (kvcache.py, or llm-compressor's)
     name: str = ""
     source: str = ""  # the YAML text, copied into the artifact
 
@@ -60,6 +60,7 @@ METHODS = {
     "fp4": (("nvfp4a16", "nvfp4", "mxfp4a16"), ("compressed-tensors",)),
 }
 KV_CACHE_KINDS = ("fp8",)
+KV_CACHE_FORMATS = ("fp8", "compressed-tensors")  # vLLM reads KV-cache scales from both
 NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8"), ("fp4", "nvfp4")}
 CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_len": (int,), "seed": (int,), "chat_template": (bool,)}
 
@@ -108,12 +109,12 @@ def needs_calibration(recipe: Recipe) -> bool:
 
 
 def _with_kv_cache(recipe: Recipe) -> Recipe:
-    """KV-cache scales: FP8 only, in the fp8 format the workbench writes; calibrated on the recipe's text, or
-    the embedded default when the scheme itself needs none."""
+    """KV-cache scales: FP8, in vLLM's fp8 format (the workbench's walk) or compressed-tensors' kv_cache_scheme
+    (llm-compressor); calibrated on the recipe's text, or the embedded default when the scheme needs none."""
     if recipe.kv_cache not in KV_CACHE_KINDS:
         raise BadInput(f"recipe: kv_cache must be one of {', '.join(KV_CACHE_KINDS)}, got {recipe.kv_cache!r}")
-    if (recipe.method, recipe.format) != ("fp8", "fp8"):
-        raise BadInput(f"recipe: kv_cache scales are written in vLLM's fp8 format only (method fp8, format fp8), not "
+    if recipe.format not in KV_CACHE_FORMATS:
+        raise BadInput(f"recipe: kv_cache scales are written in the {' and '.join(KV_CACHE_FORMATS)} formats, not "
                        f"{recipe.method} in {recipe.format}")
     return recipe if recipe.calibration is not None else replace(recipe, calibration=Calibration())
 

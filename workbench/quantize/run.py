@@ -16,7 +16,8 @@ from ..errors import BadInput, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..hf import quiet_transformers, torch_threads
 from ..manifest import folder_digest, now, tool_versions, write_manifest
-from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, read_back
+from ..quality import compare_final_hidden
+from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, decoded_final_hidden, read_back
 from ..runner import Estimate, LayerRunner, estimate
 from .. import experts, kvcache
 from . import bnb, compressor, fp8, fp8_block, walk
@@ -140,8 +141,8 @@ def _select_targets(runner: LayerRunner, source: Checkpoint, recipe: Recipe,
         raise BadInput(f"{arch} holds weights as stacked 3-D parameters ({stacked[0]}, {len(stacked)} in all) that the "
                        "layer runner cannot split per expert; nothing written")
     routers = experts.routers(runner.model)
-    if routers and not (codec is not None and codec.writes_experts):
-        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts yet (fp8 does); nothing written")
+    if routers and codec is not None and not codec.writes_experts:
+        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts (fp8 and the llm-compressor methods do); nothing written")
     names = [n for n in fp8.linear_modules(runner.model) if n not in routers]
     targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
     ignored = [runner.checkpoint_name(n) for n in ignored + routers]  # as vLLM names them: the checkpoint's names
@@ -152,6 +153,9 @@ def _select_targets(runner: LayerRunner, source: Checkpoint, recipe: Recipe,
     if absent:
         raise BadInput(f"{absent[0]} has no weight of its own in the checkpoint (tied?); add it to the ignore list")
     walk.check_targets(runner, targets)
+    if codec is None:
+        weights = [runner.checkpoint_name(t) + ".weight" for t in targets]
+        compressor.check_groups(recipe, {n: tuple(source.store.tensors[n].shape) for n in weights})
     return targets, ignored, warnings
 
 
@@ -180,7 +184,9 @@ def _quantize_with_llm_compressor(runner: LayerRunner, source: Checkpoint, recip
                                   ignored: list[str], samples: torch.Tensor | None, blocks: torch.Tensor, tmp: Path,
                                   phases: dict[str, float], on_event) -> tuple[dict[str, str], dict]:
     """The source's final hidden states on ``blocks`` first, then llm-compressor writes compressed-tensors,
-    then the written artifact is evaluated in transformers; returns (no known sha256, the quality figures)."""
+    then the written artifact is evaluated layer by layer as compressed-tensors decodes it (transformers
+    cannot be the evaluator: loading a mixture of experts it fuses the per-expert weights and drops NVFP4's
+    global scales); returns (no known sha256, the quality figures)."""
     t = time.perf_counter()
     on_event("source on the evaluation text, layer by layer")
     reference = runner.streams(blocks)
@@ -190,12 +196,12 @@ def _quantize_with_llm_compressor(runner: LayerRunner, source: Checkpoint, recip
     on_event(f"llm-compressor {recipe.method} {recipe.scheme} on {len(targets)} layers")
     t = time.perf_counter()
     with torch_threads(1):  # measured here: calibration under contention runs ~4x slower with 2 threads
-        compressor.run_oneshot(source.path, replace(recipe, ignore=ignored), samples, tmp)
+        compressor.run_oneshot(source.path, replace(recipe, ignore=ignored), samples, tmp, runner.family.experts)
     phases["quantize"] = time.perf_counter() - t
-    on_event("evaluating the written artifact in transformers (compressed-tensors decompresses it)")
+    compressor.check_quantized(tmp, [runner.checkpoint_name(t) for t in targets])
+    on_event("evaluating the written artifact layer by layer, as compressed-tensors decodes it")
     t = time.perf_counter()
-    dtype = source.dtype if recipe.method in compressor.EVALUATED_IN_SOURCE_DTYPE else torch.float32
-    measured = compressor.compare_written(tmp, runner, reference_hidden, blocks, dtype)
+    measured = compare_final_hidden(runner, reference_hidden, decoded_final_hidden(tmp, runner, blocks), blocks)
     phases["quantized_report"] = time.perf_counter() - t
     return {}, measured
 
