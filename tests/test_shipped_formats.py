@@ -102,7 +102,7 @@ def test_llm_compressor_quantizes_every_expert_under_the_checkpoints_names(name,
     calibration = ["--samples", "32", "--seq-len", "128"] if recipe in ("nvfp4", "gptq-w4a16") else []
     result = run("quantize", source, "--method", recipe, *calibration, "--out", out, "--json")
     assert result.exit_code == 0, result.stderr
-    step = json.loads(result.output)
+    step = json.loads(result.stdout)
     m, read = step["metrics"], step["metrics"]["read_back"]
     assert step["status"] == "ok" and m["layers_quantized"] == MOE_TARGETS[name], m
     written = Checkpoint(out).store.tensors

@@ -114,29 +114,46 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
     log = Path(tempfile.mkstemp(prefix=f"workbench-{recipe.method}-", suffix=".log")[1])
     try:
         with _output_to(log):
-            from datasets import Dataset
-            from llmcompressor import oneshot
-            from transformers import AutoModelForCausalLM
-
-            _cpu_without_pinning()
-            from llmcompressor.modeling.moe.linearize import linearize_moe
-
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=remote_code_trusted())
-            linearize_moe(model)  # stacked experts -> one Linear each; nothing for a dense model
-            kwargs = {}
-            if samples is not None:
-                data = {"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()}
-                kwargs = {"dataset": Dataset.from_dict(data), "max_seq_length": samples.shape[1],
-                          "num_calibration_samples": samples.shape[0],
-                          # the samples are already drawn with the recipe's seed; its own shuffle is unseeded and
-                          # makes GPTQ's sums (and so the weights) differ run to run
-                          "shuffle_calibration_samples": False}
-            oneshot(model=model, recipe=_modifiers(recipe), **kwargs)
-            model._weight_conversions = list(getattr(model, "_weight_conversions", None) or []) + _expert_renamings(experts)
-            model.save_pretrained(folder, save_compressed=True)
+            _quantize_and_save(model_dir, recipe, samples, folder, experts)
     except Exception as exc:  # llm-compressor raises many kinds; the log has its story
         raise EnvironmentProblem(f"llm-compressor {recipe.method} failed: {str(exc).splitlines()[0]} (log: {log})") from None
+    finally:
+        _library_logs_to_stderr("WARNING")
     log.unlink()
+
+
+def _library_logs_to_stderr(level: str) -> None:
+    """loguru's messages (llm-compressor's and compressed-tensors') from ``level`` on to whatever ``sys.stderr``
+    is when they are written: importing llm-compressor sends them to stdout, where ``--json``'s document goes."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message), level=level, format="{time:HH:mm:ss} | {level} - {message}")
+
+
+def _quantize_and_save(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, folder: Path,
+                       experts: ExpertLayout | None) -> None:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.redirect_stdout(sys.stderr):  # its import logs (to stdout) already
+        from llmcompressor import oneshot
+        from llmcompressor.modeling.moe.linearize import linearize_moe
+    _library_logs_to_stderr("INFO")  # after llm-compressor's import set them up; the log, while it holds stderr
+    _cpu_without_pinning()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=remote_code_trusted())
+    linearize_moe(model)  # stacked experts -> one Linear each; nothing for a dense model
+    kwargs = {}
+    if samples is not None:
+        data = {"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()}
+        kwargs = {"dataset": Dataset.from_dict(data), "max_seq_length": samples.shape[1],
+                  "num_calibration_samples": samples.shape[0],
+                  # the samples are already drawn with the recipe's seed; its own shuffle is unseeded and
+                  # makes GPTQ's sums (and so the weights) differ run to run
+                  "shuffle_calibration_samples": False}
+    oneshot(model=model, recipe=_modifiers(recipe), **kwargs)
+    model._weight_conversions = list(getattr(model, "_weight_conversions", None) or []) + _expert_renamings(experts)
+    model.save_pretrained(folder, save_compressed=True)
 
 
 def check_quantized(folder: Path, targets: list[str]) -> None:
