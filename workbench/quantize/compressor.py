@@ -30,7 +30,8 @@ FP8_SCHEMES = {"static": "FP8", "dynamic": "FP8_DYNAMIC", "block": "FP8_BLOCK"}
 # llm-compressor on the keys and values the attention sees (written as <attention>.k_scale / v_scale)
 KV_CACHE_SCHEMES = {"fp8": kvcache.SCHEME}
 # (method, scheme) -> the input channels one weight scale covers in llm-compressor's preset scheme: a weight
-# whose input is not a whole number of groups is refused by it deep in its run ("strict division")
+# whose input is not a whole number of groups is refused by it deep in its run ("strict division"); FP8_BLOCK
+# it writes, but compressed-tensors cannot quantize such an input in its groups of 128 (measured: 96 channels)
 GROUP_SIZES = {("gptq", "w4a16"): 128, ("awq", "w4a16"): 128, ("fp4", "nvfp4a16"): 16, ("fp4", "nvfp4"): 16,
                ("fp4", "mxfp4a16"): 32, ("fp8", "block"): 128}
 # the projection names llm-compressor gives a linearized expert
