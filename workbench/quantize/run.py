@@ -243,7 +243,7 @@ def own_codec(recipe: Recipe) -> walk.Codec | None:
 def quantize_estimate(source: Checkpoint, recipe: Recipe) -> Estimate:
     """Own formats: one walk over the calibration and the evaluation tokens (the source and its emulation),
     with the layer's quantized copy. llm-compressor: it loads the whole model in its dtype and keeps float32
-    working copies (two per parameter, as measured on the fixtures, with margin); the report then walks the
+    working copies (counted as two float32 per parameter); the report then walks the
     written model layer by layer."""
     cal = recipe.calibration.samples * recipe.calibration.seq_len if recipe.calibration else 0
     tokens = EVALUATION_TOKENS
