@@ -38,7 +38,7 @@ import torch
 
 from . import experts, kvcache
 from .checkpoint import Checkpoint
-from .errors import BadInput
+from .errors import ArtifactFailed, BadInput
 from .runner import LayerRunner
 
 ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call
@@ -483,7 +483,7 @@ def decoded_final_hidden(artifact: Path, runner: LayerRunner, blocks: torch.Tens
     (the source's, for what the artifact leaves unquantized: embeddings, final norm): decoded weights, its
     other layer tensors, every input quantization its scheme names (static ones with their written scales)
     and its KV-cache scales applied. Returns the final normed hidden states [positions, hidden]; a reader's
-    refusal is a BadInput naming the tensor."""
+    refusal is an ArtifactFailed naming the tensor."""
     checkpoint = Checkpoint(artifact)
     try:
         reader = reader_for(artifact, checkpoint.config)
@@ -499,7 +499,7 @@ def decoded_final_hidden(artifact: Path, runner: LayerRunner, blocks: torch.Tens
                     for s in streams:
                         runner.forward(layer, i, s)
     except ReaderRefused as exc:
-        raise BadInput(f"the written artifact cannot be evaluated: {exc}") from None
+        raise ArtifactFailed(f"the written artifact cannot be evaluated: {exc}") from None
     return runner.normed(torch.cat([s.hidden for s in streams]))
 
 

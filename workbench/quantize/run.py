@@ -142,7 +142,8 @@ def _select_targets(runner: LayerRunner, source: Checkpoint, recipe: Recipe,
                        "layer runner cannot split per expert; nothing written")
     routers = experts.routers(runner.model)
     if routers and codec is not None and not codec.writes_experts:
-        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts (fp8 and the llm-compressor methods do); nothing written")
+        raise BadInput(f"{arch} is a mixture of experts: {recipe.name} does not quantize experts (fp8 and the "
+                       "llm-compressor methods do); nothing written")
     names = [n for n in fp8.linear_modules(runner.model) if n not in routers]
     targets, ignored, warnings = fp8.resolve_targets(names, recipe.ignore)
     ignored = [runner.checkpoint_name(n) for n in ignored + routers]  # as vLLM names them: the checkpoint's names
