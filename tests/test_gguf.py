@@ -305,9 +305,10 @@ def test_k_quants_report_their_real_bits_per_weight_and_fallbacks(converted, lla
 @pytest.mark.engine
 def test_imatrix_makes_iq_quants_closer_to_f16(llama, tmp_path, figures):
     """--imatrix: the importance matrix (mean input square per column, from the layer runner) reaches
-    llama.cpp's quantize. On held-out text (the quality report's, 8 x 256 tokens) the IQ types made with it
-    are closer to the F16 file than without it, Q4_K_M is about the same (measured on this fixture: -1.5%
-    to +2% mean KL), and IQ3_XXS, which llama.cpp makes only with one, converts."""
+    llama.cpp's quantize. On held-out text (the quality report's, 8 x 256 tokens) IQ3_S made with it is
+    closer to the F16 file than without it (mean KL x0.81 on an AMX CPU, x0.83 on an AVX-512 one without
+    AMX), the 4-bit types about the same (IQ4_XS x0.93 / x1.04, Q4_K_M x1.02 / x0.91: within this small
+    model's noise), and IQ3_XXS, which llama.cpp makes only with one, converts."""
     from workbench.manifest import read_manifest
     from workbench.texts import evaluation_blocks
 
@@ -334,7 +335,7 @@ def test_imatrix_makes_iq_quants_closer_to_f16(llama, tmp_path, figures):
             **{f"{k} without": v for k, v in without.items()}, **{f"{k} with": v for k, v in with_.items()}}
         kl[label] = with_["mean_kl_vs_f16"] / without["mean_kl_vs_f16"]
     figures["gguf IQ3_XXS llama vs F16, with imatrix"] = quality(weighted / "llama-IQ3_XXS.gguf")
-    assert kl["IQ4_XS"] < 0.97 and kl["IQ3_S"] < 0.9 and kl["Q4_K_M"] < 1.05, kl
+    assert kl["IQ3_S"] < 0.9 and kl["IQ4_XS"] < 1.1 and kl["Q4_K_M"] < 1.1, kl
 
 
 def test_iq_types_that_need_an_imatrix_are_refused_without_one(llama, tmp_path):

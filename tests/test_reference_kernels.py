@@ -107,11 +107,17 @@ def vllm_report(artifact, folder):
     return result, json.loads((folder / "report.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def served_fp8(fp8_artifact, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served") / "r"
+    return (*vllm_report(fp8_artifact, folder), folder)
+
+
 @pytest.mark.slow
 @pytest.mark.engine
-def test_vllm_serves_the_fp8_artifact_through_its_own_loader_with_reference_kernels(fp8_artifact, tmp_path, figures):
-    result, report = vllm_report(fp8_artifact, tmp_path / "r")
-    assert result.exit_code == 0, (result.stderr, (tmp_path / "r" / "summary.md").read_text())
+def test_vllm_serves_the_fp8_artifact_through_its_own_loader_with_reference_kernels(served_fp8, figures):
+    result, report, folder = served_fp8
+    assert result.exit_code == 0, (result.stderr, (folder / "summary.md").read_text())
     assert report["kernels"].startswith("reference: vLLM's own loader")
     run_ = report["runs"][0]
     assert run_["env"]["VLLM_DISABLED_KERNELS"] == "CPUFp8PerTensorScaledMMLinearKernel"
@@ -122,9 +128,13 @@ def test_vllm_serves_the_fp8_artifact_through_its_own_loader_with_reference_kern
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_a_weight_scale_off_by_two_is_caught_by_vllms_loader_and_the_reference(fp8_artifact, tmp_path, copy_of):
+def test_a_weight_scale_off_by_two_is_caught_by_the_read_back_and_moves_vllm_away_from_the_source(
+        fp8_artifact, served_fp8, tmp_path, copy_of, figures):
     """Known-wrong control: every down_proj weight_scale doubled. The project's own emulation would read the
-    same wrong scale; vLLM's loader applies it as a GPU would, and the served model leaves the source."""
+    same wrong scale; vLLM's loader applies it as a GPU would: the served model is further from the source
+    than the correct artifact's. The reference comparison's gate (96 tokens) alone does not always see it
+    (measured: 89/96 top-1, max |dlogprob| 0.385, inside the FP8 gate, on an AVX-512 CPU without AMX; past
+    it on an AMX one); the read-back names the module either way."""
     broken = copy_of(fp8_artifact, "broken")
     for shard in broken.glob("*.safetensors"):
         tensors = load_file(shard)
@@ -133,8 +143,13 @@ def test_a_weight_scale_off_by_two_is_caught_by_vllms_loader_and_the_reference(f
         save_file(tensors, shard, metadata={"format": "pt"})
     result, report = vllm_report(broken, tmp_path / "r")
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
-    assert result.exit_code == 1 and checks["reference"]["status"] == "failed", checks["reference"]
+    assert result.exit_code == 1 and report["verdict"] == "failed", report["verdict"]
     assert checks["read-back"]["status"] == "failed" and "down_proj" in checks["read-back"]["detail"], checks["read-back"]
+    correct = next(c for c in served_fp8[1]["runs"][0]["checks"] if c["name"] == "reference")["metrics"]
+    broken = checks["reference"]["metrics"]
+    figures["fp8, every down_proj weight_scale doubled, on vLLM: reference vs the correct artifact's"] = {
+        k: (broken[k], correct[k]) for k in ("token_agreement", "max_logprob_delta")}
+    assert broken["token_agreement"] < correct["token_agreement"] and broken["max_logprob_delta"] > correct["max_logprob_delta"]
 
 
 @pytest.mark.slow

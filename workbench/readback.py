@@ -50,6 +50,9 @@ FP8_LARGEST = 448.0  # float8_e4m3fn
 SATURATED_LIMIT = 0.05  # share of a module's held-out inputs past its static scale's range
 # a module this many times the median error of the same module in the other layers, and past the floor
 OUTLIER, OUTLIER_FLOOR = 4.0, 0.10
+# a module's output error flows into every module after it (v_proj's into o_proj, at the same size): the layer
+# names the first module called whose error is at least this share of the layer's worst, where it starts
+INHERITED_SHARE = 0.8
 
 
 @dataclass
@@ -83,9 +86,7 @@ class ReadBack:
         for m in self.modules:
             if m.role == "module" or (m.error <= max_error and abs(m.gain - 1) <= max_gain_off):
                 continue
-            layer = m.module.split(" ")[0] + "."
-            worst = max((p for p in self.modules if p.role == "module" and p.module.startswith(layer)),
-                        key=lambda p: (p.error != p.error, p.error), default=m)
+            worst = _origin([p for p in self.modules if p.role == "module" and p.module.startswith(m.module.split(" ")[0] + ".")]) or m
             named.add(worst.module)
             out.append(f"{worst.module}: read by {self.reader}, its output differs from the source's by "
                        f"{worst.error:.1%} (gain {worst.gain:.3f}); {m.module} {m.error:.1%} off, past the "
@@ -127,6 +128,16 @@ class ReadBack:
                 "where": worst.module if worst else None,
                 "max_gain_deviation": round(max((abs(m.gain - 1) for m in judged), default=0.0), 4),
                 "refusal": self.refusal, "failures": self.failures()}
+
+
+def _origin(modules: list[ModuleReading]) -> ModuleReading | None:
+    """Of a layer's modules (in the order the layer calls them), the first with a NaN error, else the first
+    whose error is at least INHERITED_SHARE of the largest."""
+    if not modules:
+        return None
+    nan = [m for m in modules if m.error != m.error]
+    largest = max(m.error for m in modules)
+    return nan[0] if nan else next(m for m in modules if m.error >= INHERITED_SHARE * largest)
 
 
 def describe(read: dict) -> str:
@@ -423,6 +434,7 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     kv_counts = {n: [0, 0] for n in kv_scales}
     prefix = runner.layer_prefix(index) + "."
     routers = [r.removeprefix(prefix) for r in experts.routers(runner.model) if r.startswith(prefix)]
+    called = {}  # layer-local module names, in the order of their first call
     for s in streams:
         hidden = s.hidden
         with _module_outputs(layer, modules.values()) as expected, _module_outputs(layer, routers) as routing:
@@ -434,6 +446,7 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
                 kvcache.seen(layer, partial(_count_past_kv_scales, kv_scales, kv_counts)):
             runner.forward(layer, index, candidate)
         _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
+        called.update(dict.fromkeys(got.outputs))
         for module, name in modules.items():
             for e, g in zip(expected.outputs.get(name, []), got.outputs.get(name, []), strict=True):
                 _add(module_sums[module], _sums(e, g))
@@ -442,7 +455,9 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     if unseen:  # never a pass for a scale nothing was compared with
         raise ReaderRefused(f"{unseen[0]}: no held-out key or value reached it through the attention (not checked)")
     readings += [ModuleReading(local[n], 0.0, 1.0, past / total, role="kv") for n, (past, total) in kv_counts.items()]
-    modules_read = [_from_sums(m, *acc) for m, acc in module_sums.items() if acc[1] > 0]  # an expert no token reached: none
+    rank = {name: i for i, name in enumerate(called)}
+    modules_read = [_from_sums(m, *module_sums[m]) for m in sorted(module_sums, key=lambda m: rank.get(modules[m], len(rank)))
+                    if module_sums[m][1] > 0]  # in call order; an expert no token reached: none
     for m in modules_read:
         past, total = clipped.get(m.module, (0, 0))
         m.clipped = past / total if total else 0.0
