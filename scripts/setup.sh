@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the workbench into ./.venv and, through `workbench engines install`, the serving engines into
-# their own environments under $WORKBENCH_HOME/engines (default ~/.cache/workbench). Idempotent: a
-# finished environment is kept.
-#   scripts/setup.sh            workbench + vLLM + SGLang + llama.cpp
-#   scripts/setup.sh --no-engines
+# their own environments under $WORKBENCH_HOME/engines (default ~/.cache/workbench), while the fixtures
+# train beside them. Idempotent: a finished environment and built fixtures are kept.
+#   scripts/setup.sh                      workbench + vLLM + SGLang + llama.cpp (+ LMDeploy's parser)
+#   scripts/setup.sh --no-engines         the workbench only
+#   scripts/setup.sh --fixtures main|all  also build the fixtures (main: the release's; all: every family's)
+# Each phase's seconds go to $WORKBENCH_PHASES (a file, "name<TAB>seconds" lines) when that is set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -11,22 +13,56 @@ PYTHON=${PYTHON:-python3}
 log() { printf '[setup] %s\n' "$*" >&2; }
 # pip, without the warnings about this machine's unused mirror folders
 pip_q() { "$@" 2> >(grep -v "^WARNING: Location" >&2); }
+phase() { [ -z "${WORKBENCH_PHASES:-}" ] || printf '%s\t%s\n' "$1" "$2" >> "$WORKBENCH_PHASES"; }
 
 engines=1
-for arg in "$@"; do
-  case "$arg" in
+fixtures=none
+while [ $# -gt 0 ]; do
+  case "$1" in
     --no-engines) engines=0 ;;
-    *) echo "usage: scripts/setup.sh [--no-engines]" >&2; exit 2 ;;
+    --fixtures) fixtures=${2:-}; shift ;;
+    *) echo "usage: scripts/setup.sh [--no-engines] [--fixtures main|all]" >&2; exit 2 ;;
   esac
+  shift
 done
+case "$fixtures" in none|main|all) ;; *) echo "setup.sh: --fixtures takes main or all" >&2; exit 2 ;; esac
+
+t0=$SECONDS
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 # torch 2.13.0 is pinned everywhere: a looser spec pulls the registry's CUDA build (several GB)
 pip_q .venv/bin/pip install -q "torch==2.13.0"
 pip_q .venv/bin/pip install -q -e ".[test]"
 log "workbench: $(.venv/bin/workbench --version)"
+phase "workbench install" $((SECONDS - t0))
+
+# The fixtures train on the CPU while the engines download and install (mostly network and disk); on a
+# fresh machine that overlap saves the whole training time. A failed build is reported here and retried
+# by whatever needs the fixtures next (the first test, the demo).
+pid=""
+if [ "$fixtures" != none ]; then
+  mkdir -p out
+  fixture_log=out/fixtures-build.log
+  (
+    start=$SECONDS
+    .venv/bin/python scripts/fixtures.py
+    [ "$fixtures" = main ] || .venv/bin/python scripts/families.py all
+    phase "fixtures ($fixtures, beside the engines)" $((SECONDS - start))
+  ) > "$fixture_log" 2>&1 &
+  pid=$!
+  log "building the fixtures in the background (log: $fixture_log)"
+fi
 if [ "$engines" = 1 ]; then
+  t1=$SECONDS
   # llama.cpp compiles from the sdist for this CPU: ~12 minutes on 2 cores the first time, then pip's
   # wheel cache makes it quick. LMDeploy serves on NVIDIA GPUs only: without one it gets only what its
   # command-line parser needs (~2 minutes), so the tests check its command lines with its own parser.
   .venv/bin/workbench engines install vllm sglang llamacpp lmdeploy
+  phase "engine installs" $((SECONDS - t1))
+fi
+if [ -n "$pid" ]; then
+  t2=$SECONDS
+  if ! wait "$pid"; then
+    log "building the fixtures failed (log: $fixture_log); they are retried where they are needed"
+  fi
+  phase "fixtures, waited for after the installs" $((SECONDS - t2))
 fi

@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
-# The whole test suite, engine tests included: installs what it needs first (scripts/setup.sh), builds
-# the fixtures (cached), then runs pytest. Extra arguments go to pytest.
+# The whole test suite, engine tests included: installs what it needs first (scripts/setup.sh: the
+# engines install while every fixture trains beside them), then runs pytest. Extra arguments go to pytest:
+#   scripts/test.sh                   everything (what CI runs)
+#   scripts/test.sh -m "not slow"     the fast loop: no fixture training beyond the cached ones, no engine
+#   scripts/test.sh tests/test_verify.py -k chat
+# Each phase's seconds go to $WORKBENCH_PHASES when that is set (.ci/run prints them as a table).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh --no-engines
-# On a fresh machine the fixtures train (CPU) while the engines download and install (mostly network and
-# disk): ~15 minutes saved. A build that fails here is retried, and reported, by the first test that needs it.
-mkdir -p out
-log=out/fixtures-build.log
-(.venv/bin/python scripts/fixtures.py && .venv/bin/python scripts/families.py all) > "$log" 2>&1 &
-fixtures=$!
-scripts/setup.sh
-wait "$fixtures" || echo "[test] building the fixtures failed (log: $log); the tests will retry" >&2
-exec .venv/bin/python -m pytest "$@"
+scripts/setup.sh --fixtures all
+start=$SECONDS
+set +e
+.venv/bin/python -m pytest "$@"
+code=$?
+set -e
+[ -z "${WORKBENCH_PHASES:-}" ] || printf 'tests (pytest)\t%s\n' $((SECONDS - start)) >> "$WORKBENCH_PHASES"
+exit $code

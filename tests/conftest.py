@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +25,24 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def fixture_root() -> Path:
-    return fixture_builder.ensure_fixtures()
+    """The trained fixtures; release files (the example's) find them through $WORKBENCH_FIXTURES."""
+    import os
+
+    root = fixture_builder.ensure_fixtures()
+    os.environ["WORKBENCH_FIXTURES"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def released(fixture_root, tmp_path_factory):
+    """The example release (examples/fixture-release.yaml), uninterrupted, as CI runs it: (output root, index,
+    seconds). Tests about what it served read its reports instead of serving the same cells again."""
+    from releases import RELEASE_FILE, release_json
+
+    out = tmp_path_factory.mktemp("release") / "out"
+    t0 = time.monotonic()
+    index = release_json(RELEASE_FILE, "--out", out)
+    return out, index, time.monotonic() - t0
 
 
 # random MoE models with the fixture tokenizer (transformers 5 holds their experts as stacked 3-D parameters,
@@ -111,6 +131,26 @@ def run(*args: str):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
+EAGER = "--extra-arg=--enforce-eager"  # CPU CI: vLLM without torch.compile, ready in ~25-50 s instead of ~90
+
+
+def verify_cli(artifact: Path, report: Path, *args, server: str = "vllm", compiled: bool = False):
+    """`workbench verify ARTIFACT --server SERVER ARGS --report REPORT` as users run it, vLLM eager unless the
+    test is about compilation (``compiled``): (click's result, report.json's content or None). An engine an
+    earlier test left up with the very same command answers instead of a new one (the session's pool): the
+    checks are verify's own either way. Tests about start-up and teardown call `run("verify", ...)`."""
+    eager = [EAGER] if server == "vllm" and not compiled else []
+    with _POOL.active() if _POOL is not None else contextlib.nullcontext():
+        result = run("verify", artifact, "--server", server, *eager, *args, "--report", report)
+    path = Path(report) / "report.json"
+    return result, json.loads(path.read_text()) if path.is_file() else None
+
+
+def checks_of(report: dict, run_index: int = 0) -> dict[str, dict]:
+    """A report's checks of one run (one TP size), by name."""
+    return {c["name"]: c for c in report["runs"][run_index]["checks"]}
+
+
 @pytest.fixture
 def copy_of(tmp_path):
     def _copy(src: Path, name: str | None = None) -> Path:
@@ -142,10 +182,99 @@ def figures() -> dict[str, dict]:
     return _FIGURES
 
 
-def pytest_terminal_summary(terminalreporter):
+@pytest.hookimpl(trylast=True)  # after pytest's own tmp_path set-up
+def pytest_configure(config):
+    """Every engine guard of this run records its group in one file (a release records its own in its reports,
+    a test may set its own): the run's engine starts are counted from those files at the end."""
+    import os
+
+    if not hasattr(config, "workerinput") and "WORKBENCH_GUARD_RECORD" not in os.environ:
+        record = config._tmp_path_factory.getbasetemp() / "engine-groups.txt"
+        os.environ["WORKBENCH_GUARD_RECORD"] = str(record)
+
+
+def _engine_starts(basetemp: Path) -> int:
+    """Guards started in this run: one line per engine process group (a multi-node server has one per node)."""
+    files = [*basetemp.rglob("engine-groups.txt"), *basetemp.rglob("groups.txt")]
+    return sum(len(f.read_text().split()) for f in files if f.is_file())
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    basetemp = config._tmp_path_factory.getbasetemp()
+    terminalreporter.section("engine starts")
+    terminalreporter.write_line(f"engine process groups started: {_engine_starts(basetemp)}; "
+                                + ", ".join(f"{k}: {v}" for k, v in ENGINE_STARTS.items()))
     if not _FIGURES:
         return
     terminalreporter.section("measured figures")
     for label, values in _FIGURES.items():
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         terminalreporter.write_line(f"{label}: {shown}")
+
+
+# per-test limits in seconds, fixture set-up included (the first test of a shared engine or release pays for it);
+# the ini's `timeout` (300 s) holds for the rest. A test marked @pytest.mark.timeout(N) keeps its own.
+TIMEOUTS = {"engine": 1500, "slow": 900}
+ENGINE_LOG_LINES = 40
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            limit = next((s for marker, s in TIMEOUTS.items() if item.get_closest_marker(marker)), None)
+            if limit:
+                item.add_marker(pytest.mark.timeout(limit))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test (a timeout included) carries the end of every engine log written while it ran: the engine's
+    own error is usually the cause, and its server is gone by the time anyone looks."""
+    if call.when == "setup":
+        item.stash[_STARTED] = time.time()
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed:
+        return
+    for log in _engine_logs(item, item.stash.get(_STARTED, 0.0)):
+        lines = log.read_text(errors="replace").splitlines()[-ENGINE_LOG_LINES:]
+        report.sections.append((f"engine log {log}", "\n".join(lines)))
+
+
+_STARTED = pytest.StashKey[float]()
+
+
+def _engine_logs(item, since: float) -> list[Path]:
+    """Engine logs (verify writes them to <report>/logs/, shared servers to their own folder) written since
+    ``since`` under the test's tmp_path and the shared servers' folder."""
+    roots = [r for r in (item.funcargs.get("tmp_path"), SHARED_LOGS) if r is not None and Path(r).is_dir()]
+    found = {p for root in roots for p in Path(root).rglob("logs/*.log")}
+    return sorted(p for p in found if p.stat().st_mtime >= since)
+
+
+SHARED_LOGS: Path | None = None  # the engine pool's log folder, once it exists
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_pool(tmp_path_factory):
+    """Engines kept up for the whole run, paused between tests, at most two (least recently used stopped
+    first): verify's own pool (workbench/verify/pool.py), used by every `verify_cli` call. Stopped at the end
+    of the session, also when a test failed or the run was interrupted; the guard takes them down if pytest
+    itself is killed."""
+    global SHARED_LOGS, _POOL
+    from workbench.verify.pool import ServerPool
+
+    SHARED_LOGS = tmp_path_factory.mktemp("shared-engines") / "logs"
+    SHARED_LOGS.mkdir()
+    with ServerPool(keep=2, log_dir=SHARED_LOGS) as pool:
+        _POOL = pool
+        yield pool
+        _POOL = None
+    ENGINE_STARTS["verify_cli engines started"] = pool.started
+    ENGINE_STARTS["verify_cli engines reused"] = pool.reused
+
+
+_POOL = None  # the session's engine pool, for verify_cli
+
+
+ENGINE_STARTS: dict[str, int] = {}

@@ -16,7 +16,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, checks_of, run, verify_cli
 from llamacpp import run_llamacpp
 from workbench.families import family_of
 from logits import compare_logits, model_logits
@@ -298,7 +298,7 @@ def test_tokenization_in_llamacpp_equals_transformers(family, model, family_gguf
 FAMILY_VERIFY = ["--concurrency", "0"]
 # vLLM in the checkpoint's bfloat16; SGLang in float32, where its math equals the reference exactly (in
 # bfloat16 its CPU MoE path lands 0.198 from the reference on Qwen3-MoE, vLLM's 0.040, over the 0.1 gate)
-SERVED = {"vllm": ["--extra-arg=--enforce-eager"], "sglang": ["--dtype", "float32"]}
+SERVED = {"vllm": [], "sglang": ["--dtype", "float32"]}
 # SGLang 0.5.15 re-creates a SentencePiece tokenizer from the class its tokenizer_config names (transformers 5's
 # LlamaTokenizer) rather than reading tokenizer.json, and loses the "▁" the model was trained with before text:
 # its tokens differ from the artifact's, and so does the length of a chat prompt whose template puts text
@@ -316,10 +316,9 @@ VLLM_FLOAT32 = {"mixtral"}
 @pytest.mark.parametrize("server", list(SERVED))
 def test_served(family, model, tmp_path, figures, server):
     dtype = ["--dtype", "float32"] if server == "vllm" and family in VLLM_FLOAT32 else []
-    result = run("verify", model, "--server", server, "--tp", "1", "--max-model-len", "512", *SERVED[server], *dtype,
-                 *FAMILY_VERIFY, "--report", tmp_path / "r")
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    result, report = verify_cli(model, tmp_path / "r", "--tp", "1", "--max-model-len", "512", *SERVED[server], *dtype,
+                                *FAMILY_VERIFY, server=server)
+    checks = checks_of(report)
     if server == "sglang" and family in SGLANG_CANNOT:  # the engine's own error, in the report
         assert result.exit_code == 1 and checks["startup"]["status"] == "failed"
         assert SGLANG_CANNOT[family] in checks["startup"]["detail"], checks["startup"]["detail"]
@@ -386,10 +385,10 @@ def test_gguf_served_by_llamacpp(family, model, family_gguf, tmp_path, figures):
     """Scored by text (llama.cpp's server returns no token ids: SentencePiece continuations keep their
     leading space); the end of turn is the header's EOS, which transformers' GGUF reader misnames for a
     SentencePiece file."""
-    result = run("verify", family_gguf / f"{model.name}-Q8_0.gguf", "--server", "llamacpp", "--reference", model, *FAMILY_VERIFY,
-                 "--report", tmp_path / "r")
+    result, report = verify_cli(family_gguf / f"{model.name}-Q8_0.gguf", tmp_path / "r", "--reference", model, *FAMILY_VERIFY,
+                                server="llamacpp")
     assert result.exit_code == 0, (result.output + result.stderr, (tmp_path / "r" / "summary.md").read_text())
-    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    checks = checks_of(report)
     assert checks["reference"]["metrics"]["scored_by"] == "text" and "(GGUF eos)" in checks["end-of-turn"]["detail"]
     figures[f"{family} verify llama.cpp Q8_0 vs transformers"] = checks["reference"]["metrics"]
 

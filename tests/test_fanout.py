@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, assert_one_line_error, run
-from test_release import WORKBENCH, artifact_hashes
+from releases import WORKBENCH, artifact_hashes, release
 from workbench.errors import BadInput
 from workbench.release.store import Store
 
@@ -41,10 +41,6 @@ verify:
   - {{artifact: q8_0, engine: llamacpp}}
 """)
     return path
-
-
-def release(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([WORKBENCH, "release", *map(str, args)], capture_output=True, text=True, timeout=900)
 
 
 def test_plan_and_gather_need_a_store(fixture_root, tmp_path):

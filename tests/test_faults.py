@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,11 +17,10 @@ import pytest
 import yaml
 
 from conftest import assert_one_line_error, run
+from releases import WORKBENCH
 from workbench.release.run import Observer, run_release
 from workbench.release.spec import load_release
 from workbench.safety import LOCK_NAME
-
-WORKBENCH = os.path.join(os.path.dirname(sys.executable), "workbench")
 
 
 def folder_hash(folder: Path) -> str:

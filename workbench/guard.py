@@ -62,6 +62,7 @@ def main(argv: list[str]) -> int:
             terminating.append(time.monotonic())
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the group signal below reaches us too
             _signal_group(signal.SIGTERM)
+            _signal_group(signal.SIGCONT)  # an engine paused between runs (verify/pool.py) sees it now
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)

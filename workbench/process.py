@@ -62,6 +62,16 @@ def stop_guarded(proc: subprocess.Popen, grace: float) -> None:
     proc.wait()
 
 
+def signal_session(sid: int, sig: int, spare: int) -> None:
+    """Send ``sig`` to every process of session ``sid`` except ``spare`` (its guard, which must stay able to act)."""
+    for pid in session_alive(sid):
+        if pid != spare:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+
 def session_alive(sid: int) -> list[int]:
     """The processes still in session ``sid`` (zombies excluded)."""
     alive = []

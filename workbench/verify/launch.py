@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -15,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import BadInput, EnvironmentProblem
-from ..process import GUARD_RECORD_ENV, HOST, free_port, port_in_use, start_guarded, stop_guarded
+from ..process import GUARD_RECORD_ENV, HOST, free_port, port_in_use, signal_session, start_guarded, stop_guarded
 from ..safety import remote_code_trusted
 from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args, node_flags,
                        usable_cpus, workbench_home)
@@ -100,6 +101,7 @@ class Server:
         self.node_ports = [free_port(spec.max_port) for _ in range(1, nodes)] if spec.multinode and spec.multinode.via == "ranks" else []
         self.init_port = free_port(spec.max_port) if self.node_ports else None  # node 0's process-group port
         self.cluster = None  # the local Ray cluster of a multi-node server ("ray")
+        self.reused = False  # handed to this run already up by a serving session (pool.py)
         if reference_kernels:
             self.generic_env.update({k: v for k, v in reference_kernels.env.items() if k not in os.environ})
 
@@ -131,6 +133,38 @@ class Server:
             argv.append(s.remote_code_flag)
         defaults = [x for flag, value in zip(s.args[::2], s.args[1::2]) if flag not in self.extra_args for x in (flag, value)]
         return argv + defaults + self.cpu_args + list(self.extra_args)
+
+    def identity(self) -> tuple:
+        """What makes two servers the same engine process for a client: every node's command with its ports
+        left out, the variables set for it, and where its guard records its group."""
+        ports = {str(p): "{port}" for p in (self.port, self.init_port, *self.node_ports) if p is not None}
+        commands = tuple(tuple(ports.get(a, a).replace(f"{HOST}:{self.init_port}", f"{HOST}:{{port}}") for a in self.argv(rank))
+                         for rank in range(self.nodes if self.node_ports else 1))
+        kernels = self.reference_kernels.label if self.reference_kernels else None
+        return commands, tuple(sorted(self.applied_env.items())), kernels, str(self.groups_file)
+
+    def alive(self) -> bool:
+        """Started and not exited (every node)."""
+        return self.proc is not None and all(p.poll() is None for p in (self.proc, *self.node_procs))
+
+    def pause(self) -> None:
+        """Stop the engine's processes (SIGSTOP) while it waits for another run: an idle engine may spin (SGLang's
+        scheduler takes a whole core). Each guard stays awake: it still takes the engine down if we die."""
+        self._signal_engine(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_engine(signal.SIGCONT)
+
+    def _signal_engine(self, sig: int) -> None:
+        for guard in (self.proc, *self.node_procs):
+            if guard is not None and guard.poll() is None:
+                signal_session(guard.pid, sig, spare=guard.pid)  # the guard leads its session: sid == its pid
+
+    def log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
 
     @property
     def applied_env(self) -> dict[str, str]:
@@ -234,6 +268,7 @@ class Server:
 
     def stop(self, grace: float = 15.0) -> None:
         """SIGTERM the whole process group, then SIGKILL whatever is left after ``grace`` seconds."""
+        self.resume()  # a paused engine would not see the SIGTERM
         for proc in [*self.node_procs, *([self.proc] if self.proc is not None else [])]:
             stop_guarded(proc, grace)
         self.proc, self.node_procs = None, []

@@ -29,6 +29,7 @@ from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, reque
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .launch import EngineFailed, Server, port_in_use
 from .load import probe_concurrency
+from .pool import ServerPool, current_pool
 from ..preflight import preflight, quant_of
 from .probes import Check, Client, Probing, Reference, guarded, reference_check, reference_estimate, run_probes, verdict
 from .report import write_reports
@@ -237,6 +238,7 @@ def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked:
     refused = [a for a in lora if a.reasons]
     lora_rank = engine_rank(spec, [a for a in lora if not a.reasons]) if served else None
     cancel = threading.Event()  # set on the way out (Ctrl-C, an error): a running reference stops at its next layer
+    pool = current_pool()  # a serving session's (servers kept up between runs), else one that keeps none
     with ThreadPoolExecutor(1) as pool, _setting_on_exit(cancel):
         pending, read = _start_references(pool, checked, probing, facts, served, dtype, cancel, report, on_event)
         for tp in tps:
@@ -246,7 +248,7 @@ def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked:
                 continue
             server = start_server(tp=tp, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log", adapters=served,
                                   lora_rank=lora_rank)
-            run = _serve_and_probe(server, pending, probing, facts, concurrency, on_event)
+            run = _serve_and_probe(pool, server, pending, probing, facts, concurrency, on_event)
             run["checks"] += [_refused_adapter(a) for a in refused]
             if read is not None and read.result() is not None:
                 run["checks"].insert(1, read.result().as_dict())
@@ -328,25 +330,28 @@ def read_back_check(artifact: Path, reference: Path) -> Check | None:
                  seconds=round(time.perf_counter() - t0, 1))
 
 
-def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int, on_event) -> dict:
-    tp = server.tp
-    run = {"tp": tp, "layout": server.layout.label(), "argv": server.argv(), "env": server.applied_env,
-           "cpu_env": server.cpu_env, "cpu_args": server.cpu_args, "log": str(server.log_path), "checks": []}
+def _serve_and_probe(pool: ServerPool, server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int,
+                     on_event) -> dict:
+    """Start ``server`` (or take the identical one the pool keeps up) and run every check against it."""
+    run = {"tp": server.tp, "layout": server.layout.label(), "checks": []}
     on_event(f"{server.layout.label()}: starting {server.spec.name} (log {server.log_path})")
     t0 = time.perf_counter()
     try:
-        with server:
-            run["startup_seconds"] = server.startup_seconds
-            on_event(f"{server.layout.label()}: ready in {server.startup_seconds}s, probing")
-            startup = Check("startup", "passed", f"ready in {server.startup_seconds}s", seconds=server.startup_seconds)
-            client = Client(server.url, str(server.model), server.spec.request_extra)
+        with pool.serve(server) as live:
+            _describe_launch(run, live)
+            run["startup_seconds"] = live.startup_seconds
+            kept = " (kept up by this session since an earlier run)" if live.reused else ""
+            on_event(f"{live.layout.label()}: ready in {live.startup_seconds}s{kept}, probing")
+            startup = Check("startup", "passed", f"ready in {live.startup_seconds}s{kept}", seconds=live.startup_seconds)
+            client = Client(live.url, str(live.model), live.spec.request_extra)
             base = _with_reference(probing, pending.get(None))
-            checks = run_probes(client, base) + _serving_checks(client, server, base, facts, concurrency)
-            for name in server.adapters:
-                checks += _adapter_checks(server, name, _with_reference(probing, pending.get(name)))
-            _quote_engine_error(server, checks, run)
+            checks = run_probes(client, base) + _serving_checks(client, live, base, facts, concurrency)
+            for name in live.adapters:
+                checks += _adapter_checks(live, name, _with_reference(probing, pending.get(name)))
+            _quote_engine_error(live, checks, run)
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
     except EngineFailed as exc:
+        _describe_launch(run, server)
         run["engine_error"] = server.first_error()
         # the engine's own refusal of what it cannot do on this machine says nothing of the artifact
         limit = next((m for known, m in ENGINE_LIMITS.items() if known in (run["engine_error"] or "")), None)
@@ -354,6 +359,12 @@ def _serve_and_probe(server: Server, pending: dict, probing: Probing, facts: Cha
                                seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
+
+
+def _describe_launch(run: dict, server: Server) -> None:
+    """How the engine that answered was started (the kept server's own port and log when it was reused)."""
+    run.update({"argv": server.argv(), "env": server.applied_env, "cpu_env": server.cpu_env, "cpu_args": server.cpu_args,
+                "log": str(server.log_path), "reused_server": server.reused})
 
 
 def _serving_checks(client: Client, server: Server, probing: Probing, facts: ChatFacts, concurrency: int) -> list[Check]:
