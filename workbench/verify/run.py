@@ -238,7 +238,7 @@ def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked:
     refused = [a for a in lora if a.reasons]
     lora_rank = engine_rank(spec, [a for a in lora if not a.reasons]) if served else None
     cancel = threading.Event()  # set on the way out (Ctrl-C, an error): a running reference stops at its next layer
-    pool = current_pool()  # a serving session's (servers kept up between runs), else one that keeps none
+    servers = current_pool()  # a serving session's (servers kept up between runs), else one that keeps none
     with ThreadPoolExecutor(1) as pool, _setting_on_exit(cancel):
         pending, read = _start_references(pool, checked, probing, facts, served, dtype, cancel, report, on_event)
         for tp in tps:
@@ -248,7 +248,7 @@ def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked:
                 continue
             server = start_server(tp=tp, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log", adapters=served,
                                   lora_rank=lora_rank)
-            run = _serve_and_probe(pool, server, pending, probing, facts, concurrency, on_event)
+            run = _serve_and_probe(servers, server, pending, probing, facts, concurrency, on_event)
             run["checks"] += [_refused_adapter(a) for a in refused]
             if read is not None and read.result() is not None:
                 run["checks"].insert(1, read.result().as_dict())
@@ -330,14 +330,14 @@ def read_back_check(artifact: Path, reference: Path) -> Check | None:
                  seconds=round(time.perf_counter() - t0, 1))
 
 
-def _serve_and_probe(pool: ServerPool, server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int,
+def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int,
                      on_event) -> dict:
     """Start ``server`` (or take the identical one the pool keeps up) and run every check against it."""
     run = {"tp": server.tp, "layout": server.layout.label(), "checks": []}
     on_event(f"{server.layout.label()}: starting {server.spec.name} (log {server.log_path})")
     t0 = time.perf_counter()
     try:
-        with pool.serve(server) as live:
+        with servers.serve(server) as live:
             _describe_launch(run, live)
             run["startup_seconds"] = live.startup_seconds
             kept = " (kept up by this session since an earlier run)" if live.reused else ""
