@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -20,14 +21,15 @@ import fixtures as fixture_builder  # noqa: E402
 
 from workbench.cli import cli  # noqa: E402
 
-torch.set_num_threads(2)
+# one torch thread per test worker when scripts/test.sh runs two (pytest-xdist), two otherwise: never more
+# threads than the machine's 2 cores, where OpenMP's spinning would cost more than it gives
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+torch.set_num_threads(1 if WORKER else 2)
 
 
 @pytest.fixture(scope="session")
 def fixture_root() -> Path:
     """The trained fixtures; release files (the example's) find them through $WORKBENCH_FIXTURES."""
-    import os
-
     root = fixture_builder.ensure_fixtures()
     os.environ["WORKBENCH_FIXTURES"] = str(root)
     return root
@@ -184,13 +186,34 @@ def figures() -> dict[str, dict]:
 
 @pytest.hookimpl(trylast=True)  # after pytest's own tmp_path set-up
 def pytest_configure(config):
-    """Every engine guard of this run records its group in one file (a release records its own in its reports,
-    a test may set its own): the run's engine starts are counted from those files at the end."""
-    import os
+    """The run's folder (the controller's basetemp when tests run in workers) collects what each process
+    measured; every engine guard of the run records its group there too (a release records its own in its
+    reports, a test may set its own): the run's engine starts are counted from those files at the end."""
+    if not hasattr(config, "workerinput"):
+        run_dir = config._tmp_path_factory.getbasetemp()
+        os.environ[RUN_DIR] = str(run_dir)
+        os.environ.setdefault("WORKBENCH_GUARD_RECORD", str(run_dir / "engine-groups.txt"))
 
-    if not hasattr(config, "workerinput") and "WORKBENCH_GUARD_RECORD" not in os.environ:
-        record = config._tmp_path_factory.getbasetemp() / "engine-groups.txt"
-        os.environ["WORKBENCH_GUARD_RECORD"] = str(record)
+
+RUN_DIR = "WORKBENCH_TEST_RUN"
+
+
+@pytest.hookimpl(trylast=True)  # after the session's fixtures are torn down (the engine pool's counts)
+def pytest_sessionfinish(session):
+    folder = Path(os.environ.get(RUN_DIR, ""))
+    if folder.name and folder.is_dir():
+        (folder / f"measured-{WORKER or 'main'}.json").write_text(json.dumps({"figures": _FIGURES, "pool": ENGINE_STARTS}))
+
+
+def _measured(folder: Path) -> tuple[dict, dict]:
+    """Every process's figures and engine-pool counts, merged."""
+    figures, pool = {}, {}
+    for path in sorted(folder.glob("measured-*.json")):
+        data = json.loads(path.read_text())
+        figures.update(data["figures"])
+        for key, count in data["pool"].items():
+            pool[key] = pool.get(key, 0) + count
+    return figures, pool
 
 
 def _engine_starts(basetemp: Path) -> int:
@@ -200,14 +223,17 @@ def _engine_starts(basetemp: Path) -> int:
 
 
 def pytest_terminal_summary(terminalreporter, config):
+    if hasattr(config, "workerinput"):
+        return
     basetemp = config._tmp_path_factory.getbasetemp()
+    figures, pool = _measured(basetemp)
     terminalreporter.section("engine starts")
     terminalreporter.write_line(f"engine process groups started: {_engine_starts(basetemp)}; "
-                                + ", ".join(f"{k}: {v}" for k, v in ENGINE_STARTS.items()))
-    if not _FIGURES:
+                                + ", ".join(f"{k}: {v}" for k, v in pool.items()))
+    if not figures:
         return
     terminalreporter.section("measured figures")
-    for label, values in _FIGURES.items():
+    for label, values in figures.items():
         shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
         terminalreporter.write_line(f"{label}: {shown}")
 
@@ -218,12 +244,21 @@ TIMEOUTS = {"engine": 1500, "slow": 900}
 ENGINE_LOG_LINES = 40
 
 
+# the test groups that take longest, first: two workers (--dist loadgroup) start on them at once
+FIRST_GROUPS = ("release", "test_families")
+
+
 def pytest_collection_modifyitems(items):
+    """Per-test time limits, and the groups two workers share the run by: a test file is one group (its module
+    fixtures are built once), except that every test reading the example release is in "release" (built once)."""
     for item in items:
         if item.get_closest_marker("timeout") is None:
             limit = next((s for marker, s in TIMEOUTS.items() if item.get_closest_marker(marker)), None)
             if limit:
                 item.add_marker(pytest.mark.timeout(limit))
+        item.add_marker(pytest.mark.xdist_group("release" if "released" in item.fixturenames else item.path.stem))
+    rank = {group: i for i, group in enumerate(FIRST_GROUPS)}
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(rank)))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -257,8 +292,8 @@ SHARED_LOGS: Path | None = None  # the engine pool's log folder, once it exists
 
 @pytest.fixture(scope="session", autouse=True)
 def engine_pool(tmp_path_factory):
-    """Engines kept up for the whole run, paused between tests, at most two (least recently used stopped
-    first): verify's own pool (workbench/verify/pool.py), used by every `verify_cli` call. Stopped at the end
+    """An engine kept up after its test, paused, until a test needs the same one or another engine starts
+    (one per test worker: they hold memory): verify's own pool (workbench/verify/pool.py), used by every `verify_cli` call. Stopped at the end
     of the session, also when a test failed or the run was interrupted; the guard takes them down if pytest
     itself is killed."""
     global SHARED_LOGS, _POOL
@@ -266,7 +301,7 @@ def engine_pool(tmp_path_factory):
 
     SHARED_LOGS = tmp_path_factory.mktemp("shared-engines") / "logs"
     SHARED_LOGS.mkdir()
-    with ServerPool(keep=2, log_dir=SHARED_LOGS) as pool:
+    with ServerPool(keep=1, log_dir=SHARED_LOGS) as pool:
         _POOL = pool
         yield pool
         _POOL = None
