@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --fixtures all
 start=$SECONDS
 set +e
-# two workers, each taking whole groups of tests (a file; the tests that read the example release), the
-# longest groups first (tests/conftest.py); WORKBENCH_TEST_WORKERS=0 runs them in this one process
-.venv/bin/python -m pytest -n "${WORKBENCH_TEST_WORKERS:-2}" --dist loadgroup "$@"
+# two workers, each taking whole test files (their module fixtures are built once), the longest files first
+# (tests/conftest.py); WORKBENCH_TEST_WORKERS=0 runs them all in this one process
+.venv/bin/python -m pytest -n "${WORKBENCH_TEST_WORKERS:-2}" --dist loadfile "$@"
 code=$?
 set -e
 [ -z "${WORKBENCH_PHASES:-}" ] || printf 'tests (pytest)\t%s\n' $((SECONDS - start)) >> "$WORKBENCH_PHASES"
