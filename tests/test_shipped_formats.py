@@ -9,6 +9,7 @@ tests/test_readback.py.)"""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,7 +188,7 @@ def test_vllm_serves_fp8_block_with_its_own_cpu_kernel(block_llama, tmp_path, fi
         return
     assert result.exit_code == 0, (tmp_path / "r" / "summary.md").read_text()
     assert report["kernels"].startswith("native: CPUFp8BlockScaledMMKernel")
-    assert "Selected CPUFp8BlockScaledMMKernel" in (tmp_path / "r" / "logs" / "vllm-tp1.log").read_text()
+    assert "Selected CPUFp8BlockScaledMMKernel" in Path(report["runs"][0]["log"]).read_text()
     reference = next(c for c in report["runs"][0]["checks"] if c["name"] == "reference")["metrics"]
     figures["fp8-block on vLLM CPU (its AMX kernel) vs the bf16 source"] = reference
 
@@ -220,7 +221,7 @@ def test_vllm_serves_fp8_kv_cache_scales_with_an_fp8_cache(quantized_llama, tmp_
         assert result.exit_code == 4 and "FP8 KV cache on CPU requires" in startup["detail"], startup
         return
     assert result.exit_code == 0, (tmp_path / "fp8" / "summary.md").read_text()
-    assert "'kv_cache_dtype': 'fp8'" in (tmp_path / "fp8" / "logs" / "vllm-tp1.log").read_text()
+    assert "'kv_cache_dtype': 'fp8'" in Path(report["runs"][0]["log"]).read_text()
     bf16, _ = verify_cli(artifact, tmp_path / "bf16", "--max-model-len", "512", "--concurrency", "0", "--extra-arg=--kv-cache-dtype=auto")
     assert bf16.exit_code == 0
     metrics = {name: next(c for c in json.loads((tmp_path / name / "report.json").read_text())["runs"][0]["checks"]
