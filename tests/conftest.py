@@ -300,8 +300,8 @@ SHARED_LOGS: Path | None = None  # the engine pool's log folder, once it exists
 @pytest.fixture(scope="session", autouse=True)
 def engine_pool(tmp_path_factory):
     """An engine kept up after its test, paused, until a test needs the same one or another engine starts
-    (one per test worker: they hold memory): verify's own pool (workbench/verify/pool.py), used by every `verify_cli` call. Stopped at the end
-    of the session, also when a test failed or the run was interrupted; the guard takes them down if pytest
+    (one per test process: they hold memory): verify's own pool (workbench/verify/pool.py), used by every
+    `verify_cli` call. Stopped at the end of the session, also when a test failed or the run was interrupted; the guard takes them down if pytest
     itself is killed."""
     global SHARED_LOGS, _POOL
     from workbench.verify.pool import ServerPool

@@ -56,14 +56,18 @@ def test_an_identical_server_is_handed_back_paused_between_runs_and_stopped_at_t
         (tmp_path / "logs").mkdir()
         with pool.serve(server(engine, tmp_path)) as first:
             assert not first.reused and states(first) == {"S"} and first.log_path.parent == tmp_path / "logs"
+            group = first.proc.pid
         assert states(first) == {"T"}  # paused: no CPU while it waits
         with pool.serve(server(engine, tmp_path)) as again:
             assert again is first and again.reused and states(again) <= {"S", "R"}
             assert again.get("/v1/models") == {}
         with pool.serve(server(engine, tmp_path, extra_args=("--enforce-eager",))) as other:
             assert other is not first and not other.reused  # another command is another engine
-        group = first.proc.pid
-        assert (pool.started, pool.reused, len(pool.idle)) == (2, 1, 2)
+        (tmp_path / "m").mkdir()
+        (tmp_path / "m" / "model.safetensors").write_bytes(b"new bytes")
+        with pool.serve(server(engine, tmp_path)) as rewritten:
+            assert rewritten is not first and not rewritten.reused  # the files changed: the kept engine is not theirs
+        assert (pool.started, pool.reused, len(pool.idle)) == (3, 1, 2) and first not in pool.idle.values()
     assert not group_alive(group) and not pool.idle
 
 

@@ -136,12 +136,14 @@ class Server:
 
     def identity(self) -> tuple:
         """What makes two servers the same engine process for a client: every node's command with its ports
-        left out, the variables set for it, and where its guard records its group."""
+        left out, the variables set for it, where its guard records its group, and the files it serves as they
+        are now (a kept engine never answers for bytes written after it loaded them)."""
         ports = {str(p): "{port}" for p in (self.port, self.init_port, *self.node_ports) if p is not None}
         commands = tuple(tuple(ports.get(a, a).replace(f"{HOST}:{self.init_port}", f"{HOST}:{{port}}") for a in self.argv(rank))
                          for rank in range(self.nodes if self.node_ports else 1))
         kernels = self.reference_kernels.label if self.reference_kernels else None
-        return commands, tuple(sorted(self.applied_env.items())), kernels, str(self.groups_file)
+        served = _files_stamp([self.model, *self.adapters.values()])  # rewritten bytes are another engine's to serve
+        return commands, tuple(sorted(self.applied_env.items())), kernels, str(self.groups_file), served
 
     def alive(self) -> bool:
         """Started and not exited (every node)."""
@@ -288,6 +290,12 @@ class Server:
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())
+
+
+def _files_stamp(paths: list[Path]) -> tuple:
+    """Each file under ``paths`` with its size and modification time: what an engine loaded, cheaply."""
+    files = [f for p in map(Path, paths) for f in ([p] if p.is_file() else sorted(p.rglob("*"))) if f.is_file()]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
 
 
 def first_error_line(log: str) -> str | None:
