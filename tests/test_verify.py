@@ -327,8 +327,9 @@ def test_llamacpp_has_no_tensor_parallelism(tmp_path):
 @pytest.mark.slow
 @pytest.mark.engine
 def test_quantized_gguf_without_its_source_is_incomplete_not_passed(llama, tmp_path):
-    """A check that did not run is never a pass: no reference -> incomplete (exit 4), unless --no-reference.
-    The file's kind comes from its header, not its (here misleading) name."""
+    """A check that did not run is never a pass: no reference -> incomplete (exit 4), and with --no-reference too
+    (the comparison is then "skipped", as the user asked, and still not a pass). The file's kind comes from its
+    header, not its (here misleading) name."""
     source = tmp_path / "source"
     shutil.copytree(llama, source)
     gguf_file = tmp_path / "model-f16.gguf"  # named F16, holds Q8_0
@@ -347,7 +348,7 @@ def test_quantized_gguf_without_its_source_is_incomplete_not_passed(llama, tmp_p
     assert 'errors="1"' in (tmp_path / "r" / "junit.xml").read_text()
     result = run("verify", gguf_file, "--server", "llamacpp", "--no-reference", "--report", tmp_path / "r2")
     report = json.loads((tmp_path / "r2" / "report.json").read_text())
-    assert result.exit_code == 0 and report["verdict"] == "passed" and report["reference_note"] == "not run: --no-reference"
+    assert result.exit_code == 4 and report["verdict"] == "incomplete" and report["reference_note"] == "not run: --no-reference"
     assert {c["name"]: c["status"] for c in report["runs"][0]["checks"]}["reference"] == "skipped"
     assert "not run: --no-reference" in (tmp_path / "r2" / "summary.md").read_text()
 

@@ -329,7 +329,8 @@ def _tp_list(value: str) -> list[int]:
 @click.option("--reference", type=click.Path(path_type=Path),
               help="Model to compare greedy output with (transformers). Default: the artifact itself when it is "
                    "full precision, else the source in its workbench.json; without one the verdict is incomplete (exit 4).")
-@click.option("--no-reference", is_flag=True, help="Do not compare with a reference model; the report says so.")
+@click.option("--no-reference", is_flag=True, help="Do not compare with a reference model; the report says so, and the verdict "
+              "is then incomplete (exit 4): what was not checked is not a pass.")
 @click.option("--python", "engine_python", help="Interpreter of the engine's environment. Default: "
               "$WORKBENCH_<ENGINE>_PYTHON, else the one `workbench engines install` made, else this Python.")
 @click.option("--report", "report_dir", type=click.Path(path_type=Path),
@@ -478,7 +479,10 @@ def inspect_cmd(path, tps, check, as_json):
         click.echo(f"step {s['verb']:13} {s['status'] or '':7} {s['started'] or ''}  {metrics}")
     for v in info["verifications"]:
         agreement = f", {v['token_agreement']:.1%} of greedy tokens = reference" if v["token_agreement"] is not None else ""
-        click.echo(f"served by {v['engine']} {v['engine_version'] or ''} tp={v['tp']}: {'passed' if v['passed'] else 'FAILED'}{agreement}")
+        result = "passed" if v["passed"] else "FAILED"
+        kernels = f", {v['kernels']} kernels" if v.get("kernels") else ""
+        other = "" if v["of_these_bytes"] else " (of other bytes: the files changed since)"
+        click.echo(f"served by {v['engine']} {v['engine_version'] or ''} tp={v['tp']}: {result}{agreement}{kernels}{other}")
     if check:
         click.echo(f"check: {info['check']['files']} files match the manifest")
 

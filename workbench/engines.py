@@ -123,7 +123,7 @@ class EngineSpec:
     remote_code_flag: str | None = None
     # quantization formats (config.json's quant_method) it serves on a CPU only with the workbench's reference kernels
     reference_kernels: dict[str, ReferenceKernels] = field(default_factory=dict)
-    # quantization methods (preflight.quant_of; "<method>-block" for block FP8) whose CPU kernel needs an
+    # quantization methods (quantkind.quant_of; "<method>-block" for block FP8) whose CPU kernel needs an
     # instruction set: (flag, kernel)
     cpu_kernels: dict[str, tuple[str, str]] = field(default_factory=dict)
     multinode: MultiNode | None = None  # None: one machine only

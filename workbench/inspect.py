@@ -8,9 +8,10 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, Checkpoint, numel, sha256_file
 from .errors import ArtifactFailed, BadInput
-from .manifest import manifest_path, read_manifest
+from .manifest import content_digest, manifest_path, read_manifest
 from .safety import remote_code_request
 from .preflight import preflight
+from .quantkind import quant_of
 
 
 def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
@@ -24,11 +25,13 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
          "metrics": {k: v for k, v in (s.get("metrics") or {}).items() if not isinstance(v, (dict, list))}}
         for s in (manifest or {}).get("steps", [])
     ]
-    info["state"], info["state_reason"] = state_of(manifest)
-    # written by `workbench release`: which engines served it, at which TP sizes, with what result
+    digest = content_digest(path)
+    info["state"], info["state_reason"] = state_of(manifest, digest)
+    # written by `workbench release`: which engines served it, at which TP sizes, with what result, and
+    # whether it served these very bytes
     info["verifications"] = [
         {"engine": v["engine"], "engine_version": v.get("engine_version"), "tp": r["tp"], "passed": r["passed"],
-         "token_agreement": r.get("token_agreement")}
+         "token_agreement": r.get("token_agreement"), "kernels": v.get("kernels"), "of_these_bytes": v.get("artifact_sha256") == digest}
         for v in (manifest or {}).get("verifications", []) for r in v["runs"]
     ]
     if check:
@@ -36,12 +39,18 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
     return info
 
 
-def state_of(manifest: dict | None) -> tuple[str | None, str]:
-    """The state `workbench release` recorded (served, checked, failed), else what the manifest shows."""
+def state_of(manifest: dict | None, digest: str) -> tuple[str | None, str]:
+    """The state `workbench release` recorded (served, checked, failed), else what the manifest shows. Served
+    holds only while every verification it names served the artifact's bytes as they are (``digest``)."""
     if manifest is None:
         return None, "no workbench.json manifest"
-    if manifest.get("state"):
-        return manifest["state"]["state"], manifest["state"]["reason"]
+    state = manifest.get("state")
+    if state and state["state"] == "served":
+        other = [v["stage"] for v in manifest.get("verifications", []) if v.get("artifact_sha256") != digest]
+        if other:
+            return "checked", f"{other[0]}: it served other bytes than these (the files changed since)"
+    if state:
+        return state["state"], state["reason"]
     steps = manifest.get("steps") or [{}]
     if steps[-1].get("status") == "failed":
         return "failed", f"{steps[-1].get('verb')} failed its checks"
@@ -64,7 +73,8 @@ def _folder(path: Path, tps: list[int]) -> dict:
         "parameters": sum(numel(t.shape) for t in ckpt.store.tensors.values()),
         "size_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
         "shards": len(ckpt.weight_files),
-        "quantization": {k: qc[k] for k in ("quant_method", "activation_scheme", "ignored_layers", "format", "ignore") if k in qc} or None,
+        "quantization": {"kind": quant_of(config).kind, **{k: qc[k] for k in ("quant_method", "activation_scheme", "ignored_layers",
+                                                                               "format", "ignore") if k in qc}} if qc else None,
         "tp_preflight": table,
         "remote_code": _remote_code(path),
     }

@@ -62,6 +62,20 @@ def _read_digests(cache_file: Path) -> dict:
     return cache if isinstance(cache, dict) else {}
 
 
+# Files of an artifact that say about it rather than make it up: rewritten by every release run
+NOT_CONTENT = (MANIFEST_NAME, OWNED_MARKER, "README.md")
+
+
+def content_digest(artifact: Path) -> str:
+    """sha256 of exactly the bytes an engine loads from ``artifact``: a .gguf file's own, or over the (name,
+    sha256) of a folder's files less its manifest, model card and ownership marker. A verification records it
+    and vouches for the artifact only while it is unchanged."""
+    if artifact.is_file():
+        return cached_sha256(artifact)
+    files = {p.name: cached_sha256(p) for p in sorted(artifact.iterdir()) if p.is_file() and p.name not in NOT_CONTENT}
+    return hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
+
+
 def folder_digest(folder: Path) -> dict:
     """sha256 of every file of an input folder (cached_sha256), and one digest over all of them."""
     files = {p.name: cached_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .families import expert_count, expert_intermediate
+from .quantkind import Quant, quant_of
 
 # Layers by how TP splits them: column-parallel split their output features, row-parallel their input.
 # (name, parallel style, in features, out features) as functions of the config.
@@ -63,13 +64,6 @@ class Shape:
     dense_layers: bool = True  # a MoE model with some dense MLP layers (intermediate_size)
 
 
-@dataclass(frozen=True)
-class Quant:
-    method: str | None = None  # normalised: "gptq", "awq", "fp8", "compressed-tensors-wna16", ...
-    group_size: int | None = None  # weight quantization group along the input dimension
-    block: tuple[int, int] | None = None  # FP8 block [block_n (out), block_k (in)]
-
-
 def shape_of(config: dict) -> Shape:
     text = config.get("text_config", config)
     heads = int(text["num_attention_heads"])
@@ -89,25 +83,6 @@ def shape_of(config: dict) -> Shape:
         shared_intermediate=int(text.get("shared_expert_intermediate_size") or 0) if experts else 0,
         dense_layers=dense,
     )
-
-
-def quant_of(config: dict) -> Quant:
-    """Normalise a config's quantization_config to what the TP rules need."""
-    qc = config.get("quantization_config") or {}
-    method = qc.get("quant_method")
-    if method is None:
-        return Quant()
-    if method == "compressed-tensors":
-        for group in (qc.get("config_groups") or {}).values():
-            weights = group.get("weights") or {}
-            bits, kind = weights.get("num_bits"), weights.get("type")
-            if kind == "int" and bits in (4, 8) and not group.get("input_activations"):
-                return Quant("compressed-tensors-wna16", weights.get("group_size"))
-            if weights.get("block_structure"):
-                return Quant("fp8", block=tuple(weights["block_structure"]))
-        return Quant("compressed-tensors")
-    block = qc.get("weight_block_size")
-    return Quant(method, qc.get("group_size") if (qc.get("group_size") or 0) > 0 else None, tuple(block) if block else None)
 
 
 def check_tp(shape: Shape, quant: Quant, tp: int, marlin: bool = True) -> list[str]:

@@ -39,6 +39,7 @@ import torch
 from . import experts, kvcache
 from .checkpoint import Checkpoint
 from .errors import ArtifactFailed, BadInput
+from .quantkind import quant_of
 from .runner import LayerRunner
 
 ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call
@@ -329,7 +330,6 @@ class BitsAndBytesReader:
 
 
 READERS = {"compressed-tensors": CompressedTensorsReader, "fp8": CompressedTensorsReader, "bitsandbytes": BitsAndBytesReader}
-KINDS = {"fp8": "fp8", "bitsandbytes": "int4"}  # the rest by compressed-tensors' weight bits and type
 
 
 def reader_for(artifact: Path, config: dict):
@@ -356,17 +356,6 @@ def _fp8_reader(artifact: Path, config: dict) -> CompressedTensorsReader:
         return CompressedTensorsReader(Path(folder), described["quantization_config"])
 
 
-def kind_of(config: dict) -> str:
-    quant = config.get("quantization_config") or {}
-    method = quant.get("quant_method")
-    if method in KINDS:
-        return KINDS[method]
-    weights = [g.get("weights") or {} for g in (quant.get("config_groups") or {}).values()]
-    bits = min((w.get("num_bits", 16) for w in weights), default=16)
-    floats = any(w.get("type") == "float" for w in weights)
-    return {(True, 8): "fp8", (False, 8): "int8", (True, 4): "fp4"}.get((floats, bits), "int4")
-
-
 @torch.inference_mode()
 def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | None:
     """``artifact`` read by its format's library against ``source`` on the token ``blocks``; None when no
@@ -375,10 +364,10 @@ def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | 
     try:
         reader = reader_for(artifact, checkpoint.config)
     except ReaderRefused as exc:
-        return ReadBack(_version("compressed-tensors"), kind_of(checkpoint.config), refusal=str(exc))
+        return ReadBack(_version("compressed-tensors"), quant_of(checkpoint.config).kind, refusal=str(exc))
     if reader is None:
         return None
-    result = ReadBack(reader.name, kind_of(checkpoint.config))
+    result = ReadBack(reader.name, quant_of(checkpoint.config).kind)
     runner = LayerRunner(source)
     try:
         result.modules += _outside_layers(runner, checkpoint, reader)

@@ -16,13 +16,15 @@ import yaml
 from .. import __version__
 from ..checkpoint import replace_file, sha256_file
 from ..errors import INCOMPLETE
-from ..manifest import last_step, manifest_path, now, read_manifest
+from ..manifest import content_digest, last_step, manifest_path, now, read_manifest
 from ..engines import ENGINES, model_args
+from ..verify.probes import verdict as verdict_of_checks
 from .kinds import KINDS
 from .state import CARD, Keys, StageResult, artifact_digest, recorded_key
 from .spec import SOURCE, Release, Stage
 
 INDEX = "release.json"
+STALE_REASON = "its report is of other bytes (the artifact was rebuilt since): select it to re-run"
 
 
 def publish(release: Release, keys: Keys, results: dict[str, StageResult], started: str, partial: bool = False,
@@ -35,7 +37,8 @@ def publish(release: Release, keys: Keys, results: dict[str, StageResult], start
     for stage in release.artifacts:
         entry = by_id[stage.id]
         verify_entries = [e for e in stages if KINDS[e["kind"]].report and release.stage(e["id"]).needs[0] == stage.id]
-        verifications = [v for v in (_verification(release.stage(e["id"]), e) for e in verify_entries) if v]
+        verifications = [v for v in (_verification(release.stage(e["id"]), e, stage.output) for e in verify_entries) if v]
+        _mark_stale(verify_entries, verifications)
         state, reason = artifact_state(stage, entry, verify_entries, verifications)
         if entry["status"] == "ok":
             _record_in_manifest(stage, verifications, state, reason, cluster)
@@ -128,7 +131,9 @@ def _stage_entry(stage: Stage, result: StageResult | None) -> dict:
     return entry
 
 
-def _verification(stage: Stage, entry: dict) -> dict | None:
+def _verification(stage: Stage, entry: dict, artifact: Path) -> dict | None:
+    """A verify stage's report as the index and the manifest keep it; its verdict is "stale" when the bytes
+    it served (the report's artifact_sha256) are not ``artifact`` as it is now."""
     try:
         report = json.loads((stage.output / "report.json").read_text())
     except (OSError, json.JSONDecodeError):
@@ -137,15 +142,27 @@ def _verification(stage: Stage, entry: dict) -> dict | None:
     for run in report.get("runs", []):
         checks = {c["name"]: c for c in run["checks"]}
         ref = checks.get("reference", {}).get("metrics", {})
-        runs.append({"tp": run["tp"], "passed": all(c["status"] in ("passed", "skipped") for c in run["checks"]),
+        runs.append({"tp": run["tp"], "passed": verdict_of_checks(run["checks"]) == "passed",
                      "checks": {n: c["status"] for n, c in checks.items()},
                      "token_agreement": ref.get("token_agreement"), "max_logprob_delta": ref.get("max_logprob_delta"),
                      "argv": run.get("argv"), "env": run.get("env") or {}, "cpu_env": run.get("cpu_env") or {},
                      "cpu_args": run.get("cpu_args") or []})
     verdict = report.get("verdict") or ("passed" if report.get("passed") else "failed")
-    return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"),
+    served = report.get("artifact_sha256")
+    if served is None or not artifact.exists() or served != content_digest(artifact):
+        verdict = "stale"
+    return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"), "artifact_sha256": served,
             "kernels": report.get("kernels", "native"), "reference": report.get("reference"), "verdict": verdict, "passed": verdict == "passed" and entry["status"] == "ok",
             "runs": runs, "report": str(stage.output / "report.json")}
+
+
+def _mark_stale(verify_entries: list[dict], verifications: list[dict]) -> None:
+    """A verify stage whose report served other bytes than the artifact's is "stale" in the index, not ok."""
+    stale = {v["stage"] for v in verifications if v["verdict"] == "stale"}
+    for e in verify_entries:
+        if e["id"] in stale and e["status"] == "ok":
+            e["status"] = "stale"
+            e["error"] = STALE_REASON
 
 
 def _record_in_manifest(stage: Stage, verifications: list[dict], state: str, reason: str, cluster: dict | None) -> None:
@@ -207,7 +224,8 @@ def _front_matter(release: Release, stage: Stage) -> dict:
 
 
 def _verification_lines(info: dict, model_name: str) -> list[str]:
-    state, verifications = info["state"], info["verifications"]
+    state = info["state"]
+    verifications = [v for v in info["verifications"] if v["verdict"] != "stale"]  # of other bytes: not this file's
     lines = [f"State: **{state}** ({info['state_reason']})."
              if state != "served" else "State: **served**: an engine loaded it in this release and every check passed.", ""]
     lines += [f"Kernels: {v['kernels']} ({v['engine']})." for v in verifications if v["kernels"] != "native"]
@@ -295,7 +313,11 @@ def junit_xml(release: Release, index: dict) -> bytes:
     for e in index["stages"]:
         if KINDS[e["kind"]].report:
             junit = Path(e["output"]) / "junit.xml"
-            if junit.is_file():
+            if e["status"] == "stale":
+                suite = ET.SubElement(suites, "testsuite", name=e["id"], tests="1", skipped="1")
+                case = ET.SubElement(suite, "testcase", classname="release.verify", name=e["id"])
+                ET.SubElement(case, "skipped", message=e["error"])
+            elif junit.is_file():
                 for verify_suite in ET.parse(junit).getroot():
                     verify_suite.set("name", f"{e['id']}: {verify_suite.get('name')}")
                     suites.append(verify_suite)
@@ -324,7 +346,7 @@ def table(index: dict) -> tuple[list[str], list[list[str]]]:
         for v in a["verifications"]:
             for run in v["runs"]:
                 agree = f" {run['token_agreement']:.0%}" if run["token_agreement"] is not None else ""
-                cells[f"{v['engine']} tp={run['tp']}"] = ("pass" if run["passed"] else "FAIL") + agree
+                cells[f"{v['engine']} tp={run['tp']}"] = "stale" if v["verdict"] == "stale" else ("pass" if run["passed"] else "FAIL") + agree
         status = {"ok": "ok", "missing": "not built"}.get(a["status"], a["status"].upper())
         state = a["state"] if a["state"] != "failed" else "FAILED"
         if not a["meets_requirement"]:

@@ -23,6 +23,7 @@ class ChatFacts:
     bos_id: int | None = None
     specials: dict[str, int] = field(default_factory=dict)  # special tokens the chat template writes -> id
     long_prompt: str | None = None  # longer than the original context of a rope-scaled model
+    long_tokens: int = 0  # its length in tokens
     original_context: int = 0  # that original context (0: not rope-scaled)
     long_note: str = ""  # the original and scaled context, or why there is no long probe
     source: str = ""  # the tokenizer the facts come from
@@ -64,13 +65,13 @@ def rope_original(config: dict) -> tuple[int | None, str]:
     return int(original), f"rope {kind}: original context {original}, max_position_embeddings {text.get('max_position_embeddings')}"
 
 
-def long_prompt(tok, original: int) -> str:
-    """Code text just longer than ``original`` tokens, ending in a prompt to continue."""
+def long_prompt(tok, original: int) -> tuple[str, int]:
+    """Code text just longer than ``original`` tokens, ending in a prompt to continue, and its length in tokens."""
     block = "\n".join(PROMPTS) + "\n"
     text = block
     while len(tok(text).input_ids) <= original + LONG_MARGIN:
         text += block
-    return text + PROMPTS[0]
+    return text + PROMPTS[0], len(tok(text + PROMPTS[0]).input_ids)
 
 
 def load_tokenizer(source: Path):
@@ -107,8 +108,9 @@ def chat_facts(tokenizer_source: Path | None, config: dict | None, generation_eo
         stops.setdefault(end[1], f"the template's end of turn {end[0]}")
     chat_ids = () if tok.chat_template is None else tuple(_ids(tok.apply_chat_template(CHAT_MESSAGES, add_generation_prompt=True)))
     original, note = rope_original(config or {})
+    long, long_tokens = long_prompt(tok, original) if original else (None, 0)
     return ChatFacts(stop_ids=stops, chat_ids=chat_ids, bos_id=tok.bos_token_id, specials=specials,
-                     long_prompt=long_prompt(tok, original) if original else None, original_context=original or 0,
+                     long_prompt=long, long_tokens=long_tokens, original_context=original or 0,
                      long_note=note, source=str(tokenizer_source), texts=_probe_texts(tok, tokenizer_source),
                      pieces=tuple(tok.convert_ids_to_tokens(list(range(len(tok))))))
 

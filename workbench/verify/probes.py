@@ -1,8 +1,8 @@
 """Probes through the OpenAI HTTP API, exactly as users call a served model, and the comparison of its
 greedy output with a reference model run in transformers.
 
-A check is "passed", "failed", "incomplete" (it should have run and could not: never a pass) or "skipped"
-(the user turned it off, e.g. --no-reference; the report says so). The probes assume nothing about the
+A check is "passed", "failed", "incomplete" (it should have run and could not) or "skipped" (the user turned
+it off, e.g. --no-reference; the report says so); neither of the last two is a pass (``verdict``). The probes assume nothing about the
 model's output: the stop probe takes its stop string from the model's own greedy reply, and the reference
 comparison scores the engine's tokens by id, so a reply cut inside a multi-byte character scores exactly.
 """
@@ -10,6 +10,7 @@ comparison scores the engine's tokens by id, so a reply cut inside a multi-byte 
 from __future__ import annotations
 
 import json
+import math
 import time
 import urllib.error
 import urllib.request
@@ -28,8 +29,8 @@ MAX_TOKENS = 24
 # teacher-forced by the reference: the fraction of its tokens that are also the reference's top-1, and
 # the largest |logprob difference| of those tokens (nats). Exact greedy text is reported, not gated: one
 # near-tie flipped by rounding changes everything after it.
-MIN_TOKEN_AGREEMENT = {"full": 0.95, "fp8": 0.9, "int8": 0.9, "int4": 0.8, "gguf-full": 0.95, "gguf-8bit": 0.9, "gguf-lowbit": 0.8}
-MAX_LOGPROB_DELTA = {"full": 0.1, "fp8": 0.5, "int8": 0.5, "int4": 1.5, "gguf-full": 0.1, "gguf-8bit": 0.5, "gguf-lowbit": 1.5}
+MIN_TOKEN_AGREEMENT = {"full": 0.95, "fp8": 0.9, "int8": 0.9, "int4": 0.8, "fp4": 0.8, "gguf-full": 0.95, "gguf-8bit": 0.9, "gguf-lowbit": 0.8}
+MAX_LOGPROB_DELTA = {"full": 0.1, "fp8": 0.5, "int8": 0.5, "int4": 1.5, "fp4": 1.5, "gguf-full": 0.1, "gguf-8bit": 0.5, "gguf-lowbit": 1.5}
 TOKEN_ID_PREFIX = "token_id:"
 
 
@@ -46,9 +47,21 @@ class Check:
 
 
 def verdict(checks: list[dict]) -> str:
-    """failed if any check failed, else incomplete if any could not run, else passed."""
-    statuses = {c["status"] for c in checks}
-    return "failed" if "failed" in statuses else "incomplete" if "incomplete" in statuses else "passed"
+    """failed if any check failed or measured a NaN; else incomplete if any did not run (incomplete, or skipped:
+    what was not checked is never a pass); else passed."""
+    statuses = {"failed" if has_nan(c.get("metrics")) else c["status"] for c in checks}
+    return "failed" if "failed" in statuses else "passed" if statuses <= {"passed"} else "incomplete"
+
+
+def has_nan(value) -> bool:
+    """A NaN anywhere in a check's figures (nested dicts and lists included)."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, dict):
+        return any(has_nan(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(has_nan(v) for v in value)
+    return False
 
 
 def reference_estimate(model_dir: Path, prompts: tuple[str, ...], max_tokens: int):
@@ -385,11 +398,12 @@ def _compare(probing: Probing, ask) -> Check:
         else:
             unmatched.append(prompt)
     token_agreement = agree / max(scored, 1)
+    worst = max(deltas, key=lambda d: math.inf if math.isnan(d) else d) if deltas else None  # a NaN is the worst
     metrics = {"greedy_token_agreement": equal / len(probing.prompts), "token_agreement": round(token_agreement, 4),
-               "tokens_scored": scored, "max_logprob_delta": round(max(deltas), 5) if deltas else None,
+               "tokens_scored": scored, "max_logprob_delta": round(worst, 5) if deltas else None,
                "logprob_gate_prompts": len(probing.prompts) - len(unmatched), "scored_by": "text" if from_text else "token id"}
     agreement_ok = token_agreement >= min_agree
-    delta_ok = not deltas or max(deltas) <= max_delta
+    delta_ok = not deltas or worst <= max_delta  # False for a NaN
     detail = (f"{agree}/{scored} tokens are the reference's top-1 (min {min_agree:.0%} for {probing.kind}), "
               f"max |Δlogprob| {metrics['max_logprob_delta']} (max {max_delta}), "
               f"{equal}/{len(probing.prompts)} greedy replies equal")

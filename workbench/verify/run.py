@@ -24,21 +24,17 @@ from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_co
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
-from ..manifest import last_step, now
+from ..manifest import content_digest, last_step, now
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .launch import EngineFailed, Server, port_in_use
 from .load import probe_concurrency
 from .pool import ServerPool, current_pool
-from ..preflight import preflight, quant_of
+from ..preflight import preflight
+from ..quantkind import quant_of
 from .probes import Check, Client, Probing, Reference, guarded, reference_check, reference_estimate, run_probes, verdict
 from .report import write_reports
 
-# quantization method -> artifact kind (which tolerances apply)
-KIND_BY_METHOD = {
-    "fp8": "fp8", "compressed-tensors-fp8": "fp8", "gptq": "int4", "awq": "int4",
-    "compressed-tensors-wna16": "int4", "compressed-tensors": "int8", "bitsandbytes": "int4",
-}
 # GGUF file types (llama.cpp's LlamaFileType names) that are full precision or 8-bit; the rest are low-bit
 GGUF_FULL_TYPES = {"ALL_F32", "MOSTLY_F16", "MOSTLY_BF16"}
 GGUF_8BIT_TYPES = {"MOSTLY_Q8_0"}
@@ -67,8 +63,7 @@ def gguf_kind(path: Path) -> str:
 def artifact_kind(artifact: Path, spec: EngineSpec, config: dict | None) -> str:
     if spec.artifact == "gguf":
         return gguf_kind(artifact)
-    method = quant_of(config or {}).method
-    return "full" if method is None else KIND_BY_METHOD.get(method, "int8")
+    return quant_of(config or {}).kind
 
 
 def default_reference(artifact: Path, kind: str) -> tuple[Path | None, str]:
@@ -148,6 +143,7 @@ def verify(
                            max_model_len=max_model_len, dtype=dtype, extra_args=(*extra_args, *kv_args), ready_timeout=ready_timeout,
                            groups_file=groups_file, pp=pp, dp=dp, reference_kernels=kernels, nodes=nodes)
     _serve_each_tp(start_server, tps, checked, probing, facts, dtype, force, concurrency, report, report_dir, on_event)
+    _check_unchanged(report, checked)
     return _finish_report(report, report_dir)
 
 
@@ -216,13 +212,15 @@ def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | No
     return {
         "kernels": kernels_note,
         "cpu_features": features, "trust_remote_code": remote_code_trusted(),
-        "workbench": __version__, "started": now(), "artifact": str(artifact), "engine": engine, "kind": checked.kind, "dtype": dtype,
+        "workbench": __version__, "started": now(), "artifact": str(artifact), "artifact_sha256": content_digest(artifact),
+        "engine": engine, "kind": checked.kind, "dtype": dtype,
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in checked.preflight.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
         "reference": str(checked.reference) if checked.reference else None, "reference_note": checked.missing_reference or None,
         "pp": pp, "dp": dp, "nodes": nodes, "nodes_ray": _ray_version(spec, python, nodes),
         "multinode_commands": {str(tp): multinode_commands(spec, artifact.name, Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
-        "adapters": {a.name: {"path": str(a.path), "rank": a.rank, "refused": list(a.reasons)} for a in checked.adapters},
+        "adapters": {a.name: {"path": str(a.path), "sha256": content_digest(a.path), "rank": a.rank, "refused": list(a.reasons)}
+                     for a in checked.adapters},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
     }
 
@@ -288,6 +286,16 @@ def _not_started(tp: int, refused: list[Adapter], preflight: dict[int, list[str]
         on_event(f"tp={tp}: refused by preflight: {'; '.join(preflight[tp])}")
         return run
     return None
+
+
+def _check_unchanged(report: dict, checked: _Checked) -> None:
+    """A failed check in the last run when the artifact's bytes changed while it was served: the report then
+    vouches for neither version."""
+    now_sha256 = content_digest(checked.artifact)
+    if report["runs"] and now_sha256 != report["artifact_sha256"]:
+        report["runs"][-1]["checks"].append(Check(
+            "artifact-unchanged", "failed",
+            f"the artifact changed while it was served (sha256 {report['artifact_sha256'][:12]} -> {now_sha256[:12]})").as_dict())
 
 
 def _finish_report(report: dict, report_dir: Path) -> dict:
@@ -377,19 +385,44 @@ def _serving_checks(client: Client, server: Server, probing: Probing, facts: Cha
                                          "and its source model is not there")]
     if facts.texts:
         checks.append(guarded("tokenizer", lambda: probe_tokenizer(client, facts, server.spec.tokenize)))
-    served_len = server.max_model_len or server.spec.default_max_len
-    if facts.long_prompt and served_len and served_len <= facts.original_context:
-        why = f"--max-model-len {served_len}" if server.max_model_len else f"{server.spec.name}'s default context of {served_len}"
-        checks.append(Check("long-context", "skipped", f"{facts.long_note}; not run: {why} keeps every request within "
-                                                       "the original context"))
-    elif facts.long_prompt:
-        long = replace(probing, prompts=(facts.long_prompt,))
-        checks.append(guarded("long-context", lambda: reference_check(client, long, "long-context")))
-        checks[-1].detail = f"{facts.long_note}; {checks[-1].detail}"
+    if facts.long_prompt:
+        checks.append(_long_context_check(client, server, probing, facts))
     if concurrency > 0:
         checks.append(guarded("concurrency", lambda: probe_concurrency(client, probing.prompts, probing.max_tokens,
                                                                       probing.min_agreement(), concurrency)))
     return checks
+
+
+def _long_context_check(client: Client, server: Server, probing: Probing, facts: ChatFacts) -> Check:
+    """The reference comparison on a prompt past the original context of a rope-scaled model; "incomplete"
+    (not checked, never an artifact failure) when the context the engine serves cannot hold it."""
+    served, said_by = served_context(client, server)
+    needed = facts.long_tokens + probing.max_tokens
+    if served is not None and served < needed:
+        return Check("long-context", "incomplete", f"{facts.long_note}; not checked: {said_by} is {served} tokens, the probe "
+                                                   f"needs {needed} ({facts.long_tokens} past the original context, then "
+                                                   f"{probing.max_tokens} generated); serve a longer context to check it",
+                     metrics={"served_context": served, "needed": needed})
+    long = replace(probing, prompts=(facts.long_prompt,))
+    check = guarded("long-context", lambda: reference_check(client, long, "long-context"))
+    check.detail = f"{facts.long_note}; {check.detail}"
+    return check
+
+
+def served_context(client: Client, server: Server) -> tuple[int | None, str]:
+    """The context the running engine serves, and who says so: its /v1/models entry's max_model_len (vLLM,
+    SGLang), else --max-model-len as passed, else the engine's documented default (None: the model's own)."""
+    try:
+        entry = next((m for m in client.get("/v1/models").get("data", []) if m.get("id") == client.model), {})
+    except Exception:  # noqa: BLE001 - the models probe reports an engine that does not answer
+        entry = {}
+    if isinstance(entry.get("max_model_len"), int):
+        return entry["max_model_len"], "the context the engine serves (its /v1/models)"
+    if server.max_model_len:
+        return server.max_model_len, f"--max-model-len {server.max_model_len}"
+    if server.spec.default_max_len:
+        return server.spec.default_max_len, f"{server.spec.name}'s default context"
+    return None, ""
 
 
 def _refused_adapter(adapter: Adapter) -> dict:

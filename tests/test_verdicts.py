@@ -1,0 +1,179 @@
+"""The verdict logic on its own, no engine: what counts as passed, what a NaN does, which kind of quantization an
+artifact is (one registry for every reader), and when a verification stops vouching for an artifact."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from workbench.manifest import content_digest
+from workbench.quantkind import quant_of
+from workbench.release.publish import STALE_REASON, _mark_stale, _verification, artifact_state, meets_requirement
+from workbench.release.spec import Stage
+from workbench.verify.probes import Probing, _compare, verdict
+from workbench.verify.run import served_context
+
+
+def checks(*statuses, metrics=None):
+    return [{"name": f"c{i}", "status": s, "metrics": metrics or {}} for i, s in enumerate(statuses)]
+
+
+@pytest.mark.parametrize("statuses, expected", [
+    (("passed", "passed"), "passed"),
+    (("passed", "skipped"), "incomplete"),  # turned off by the user: not checked, not a pass
+    (("passed", "incomplete"), "incomplete"),
+    (("incomplete", "failed", "skipped"), "failed"),
+])
+def test_only_checks_that_all_passed_make_a_pass(statuses, expected):
+    assert verdict(checks(*statuses)) == expected
+
+
+def test_a_nan_anywhere_in_the_figures_fails_the_check():
+    assert verdict(checks("passed", metrics={"runs": [{"delta": 0.01}, {"delta": math.nan}]})) == "failed"
+    assert verdict(checks("passed", metrics={"delta": 0.01, "note": "nan"})) == "passed"
+
+
+class _Reference:
+    """The reference's answers, fixed: every engine token is its top-1, with these logprobs."""
+
+    def __init__(self, logprobs):
+        self.logprobs, self.eos_ids, self.greedy_ids = logprobs, (), {}
+
+    def score(self, answers):
+        return [(len(ids), self.logprobs[:len(ids)]) for _, ids in answers]
+
+
+@pytest.mark.parametrize("engine_logprobs", [[math.nan, -0.5, -0.5], [-0.5, math.nan, -0.5], [-0.5, -0.5, math.nan]])
+def test_a_nan_logprob_fails_the_reference_comparison_wherever_it_is(engine_logprobs):
+    probing = Probing(kind="fp8", prompts=("p",), reference=_Reference([-0.5, -0.5, -0.5]))
+    check = _compare(probing, lambda prompt: ([1, 2, 3], engine_logprobs, "", 3))
+    assert check.status == "failed" and math.isnan(check.metrics["max_logprob_delta"])
+    assert verdict([check.as_dict()]) == "failed"
+
+
+def test_close_logprobs_pass_the_reference_comparison():
+    probing = Probing(kind="fp8", prompts=("p",), reference=_Reference([-0.5, -0.5, -0.5]))
+    check = _compare(probing, lambda prompt: ([1, 2, 3], [-0.6, -0.4, -0.5], "", 3))
+    assert check.status == "passed" and check.metrics["max_logprob_delta"] == pytest.approx(0.1)
+
+
+def _ct(groups):
+    return {"quantization_config": {"quant_method": "compressed-tensors", "config_groups": groups}}
+
+
+@pytest.mark.parametrize("config, method, kind", [
+    ({}, None, "full"),
+    ({"quantization_config": {"quant_method": "fp8", "activation_scheme": "static"}}, "fp8", "fp8"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}, "gptq", "int4"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 8, "group_size": 128}}, "gptq", "int8"),
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}, "bitsandbytes", "int8"),
+    ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "bitsandbytes", "int4"),
+    # NVFP4A16: 4-bit float weights; W8A16: 8-bit integer weights, no activation quantization
+    (_ct({"g": {"weights": {"type": "float", "num_bits": 4, "group_size": 16}}}), "compressed-tensors", "fp4"),
+    (_ct({"g": {"weights": {"type": "int", "num_bits": 8, "group_size": 128}}}), "compressed-tensors-wna16", "int8"),
+    (_ct({"g": {"weights": {"type": "int", "num_bits": 4, "group_size": 128}}}), "compressed-tensors-wna16", "int4"),
+    (_ct({"g": {"weights": {"type": "int", "num_bits": 8}, "input_activations": {"type": "int", "num_bits": 8}}}),
+     "compressed-tensors", "int8"),
+    (_ct({"g": {"weights": {"type": "float", "num_bits": 8, "block_structure": [128, 128]}}}), "fp8", "fp8"),
+])
+def test_one_registry_names_every_method_and_scheme(config, method, kind):
+    quant = quant_of(config)
+    assert (quant.method, quant.kind) == (method, kind)
+
+
+def test_the_verify_gates_and_the_read_back_agree_on_the_kind():
+    from workbench.readback import LIMITS
+    from workbench.verify.probes import MAX_LOGPROB_DELTA, MIN_TOKEN_AGREEMENT
+
+    for kind in ("fp8", "int8", "int4", "fp4"):
+        assert kind in LIMITS and kind in MIN_TOKEN_AGREEMENT and kind in MAX_LOGPROB_DELTA
+
+
+# ---------------------------------------------------------------- a verification names its bytes
+
+def _verify_stage(tmp_path, artifact, served_sha256):
+    report_dir = tmp_path / "reports" / "verify-fp8-vllm"
+    report_dir.mkdir(parents=True)
+    report = {"engine": "vllm", "verdict": "passed", "artifact": str(artifact), "artifact_sha256": served_sha256,
+              "runs": [{"tp": 1, "checks": [{"name": "reference", "status": "passed", "metrics": {}}]}]}
+    (report_dir / "report.json").write_text(json.dumps(report))
+    return Stage("verify-fp8-vllm", "verify", ("fp8",), {"engine": "vllm"}, report_dir)
+
+
+def _artifact(tmp_path, weights: bytes):
+    folder = tmp_path / "fp8"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+def test_a_verification_vouches_only_for_the_bytes_it_served(tmp_path):
+    artifact = _artifact(tmp_path, b"weights-1")
+    served = content_digest(artifact)
+    stage = _verify_stage(tmp_path, artifact, served)
+    artifact_stage = Stage("fp8", "quantize", ("merged",), {}, artifact)
+    entry = {"id": stage.id, "kind": "verify", "action": "not selected", "status": "ok"}
+
+    (artifact / "README.md").write_text("a card rewritten by every run")  # not content: still the same bytes
+    fresh = _verification(stage, dict(entry), artifact)
+    assert fresh["verdict"] == "passed"
+    assert artifact_state(artifact_stage, {"status": "ok"}, [dict(entry)], [fresh])[0] == "served"
+
+    (artifact / "model.safetensors").write_bytes(b"weights-2")  # rebuilt: same names, other bytes
+    old = _verification(stage, dict(entry), artifact)
+    entries = [dict(entry)]
+    _mark_stale(entries, [old])
+    state, reason = artifact_state(artifact_stage, {"status": "ok"}, entries, [old])
+    assert old["verdict"] == "stale" and entries[0]["status"] == "stale"
+    assert state == "checked" and reason == f"verify-fp8-vllm: {STALE_REASON}"
+
+
+def test_a_report_without_the_digest_it_served_vouches_for_nothing(tmp_path):
+    artifact = _artifact(tmp_path, b"weights")
+    stage = _verify_stage(tmp_path, artifact, None)
+    assert _verification(stage, {"status": "ok"}, artifact)["verdict"] == "stale"
+
+
+@pytest.mark.parametrize("require, state, kernels, meets", [
+    ("checked", "checked", "native", True), ("checked", "served", "reference", True), ("checked", "failed", "native", False),
+    ("served", "checked", "native", False), ("served", "served", "reference", True),
+    ("served-native", "served", "reference", False), ("served-native", "served", "native", True),
+])
+def test_requirements(require, state, kernels, meets):
+    assert meets_requirement(require, state, kernels) is meets
+
+
+# ---------------------------------------------------------------- the context the engine serves
+
+class _Models:
+    def __init__(self, entry):
+        self.model, self.entry = "m", entry
+
+    def get(self, path):
+        assert path == "/v1/models"
+        return {"data": [{"id": "m", **self.entry}]}
+
+
+def _server(max_model_len=None, default=None):
+    return SimpleNamespace(max_model_len=max_model_len, spec=SimpleNamespace(name="engine", default_max_len=default))
+
+
+def test_the_served_context_comes_from_the_engine_first():
+    assert served_context(_Models({"max_model_len": 4096}), _server(8192, 2048))[0] == 4096
+    assert served_context(_Models({}), _server(8192, 2048)) == (8192, "--max-model-len 8192")
+    assert served_context(_Models({}), _server(None, 2048))[0] == 2048
+    assert served_context(_Models({}), _server())[0] is None
+
+
+def test_a_long_context_probe_past_what_the_engine_serves_is_not_checked_rather_than_failed():
+    from workbench.verify.chat import ChatFacts
+    from workbench.verify.run import _long_context_check
+
+    facts = ChatFacts(long_prompt="def main(" * 10, long_tokens=4150, original_context=4096, long_note="rope longrope")
+    check = _long_context_check(_Models({"max_model_len": 4096}), _server(), Probing(kind="full"), facts)
+    assert check.status == "incomplete" and check.metrics == {"served_context": 4096, "needed": 4150 + 24}
+    assert "not checked" in check.detail and "4096" in check.detail
