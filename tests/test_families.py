@@ -244,7 +244,8 @@ def test_sentencepiece_without_a_space_after_special_tokens_is_refused(copy_of, 
 @pytest.mark.engine
 def test_an_accepted_tokenizer_difference_is_written_recorded_and_known_to_verify(copy_of, tmp_path):
     """The named way through the refusal above: the file is written, the texts and both splits are in its
-    manifest, and llama.cpp's tokenizer check reports the difference as known (skipped), not as a pass."""
+    manifest (verify's own prompts and chat prompt among them), and llama.cpp's tokenizer check passes only
+    because every text it splits otherwise is split exactly as recorded."""
     model = copy_of(family_builder.ensure_family("mistral-v0.3"))
     tok = json.loads((model / "tokenizer.json").read_text())
     tok["normalizer"] = None
@@ -260,8 +261,11 @@ def test_an_accepted_tokenizer_difference_is_written_recorded_and_known_to_verif
     assert first["llamacpp"][0][1].startswith("\u2581") and not first["transformers"][0][1].startswith("\u2581")
     verified = run("verify", out, "--server", "llamacpp", "--reference", model, *FAMILY_VERIFY, "--report", tmp_path / "r")
     checks = {c["name"]: c for c in json.loads((tmp_path / "r" / "report.json").read_text())["runs"][0]["checks"]}
-    assert checks["tokenizer"]["status"] == "skipped", checks
-    assert checks["tokenizer"]["detail"].startswith("known difference, accepted at conversion"), checks["tokenizer"]
+    recorded = {d["text"] for d in step["tokenizer_differences"]}
+    assert checks["tokenizer"]["status"] == "passed", checks["tokenizer"]
+    assert checks["tokenizer"]["metrics"]["accepted_differences"] >= 1, checks["tokenizer"]
+    assert "exactly as the difference accepted at conversion records them" in checks["tokenizer"]["detail"]
+    assert checks["tokenizer"]["metrics"]["texts"] >= len(recorded)
     assert verified.exit_code in (0, 1), verified.stderr  # the other checks judge the model as usual
 
 

@@ -177,3 +177,40 @@ def test_a_long_context_probe_past_what_the_engine_serves_is_not_checked_rather_
     check = _long_context_check(_Models({"max_model_len": 4096}), _server(), Probing(kind="full"), facts)
     assert check.status == "incomplete" and check.metrics == {"served_context": 4096, "needed": 4150 + 24}
     assert "not checked" in check.detail and "4096" in check.detail
+
+
+# ---------------------------------------------------------------- accepted tokenizer differences
+
+class _Tokenizer:
+    """An engine's tokenize endpoint that answers fixed ids per text, with a BOS first as llama.cpp's does."""
+
+    model = "m"
+
+    def __init__(self, ids_by_text):
+        self.ids_by_text = ids_by_text
+
+    def post(self, path, body):
+        return {"tokens": [1, *self.ids_by_text[body["input"]]]}
+
+
+def _tokenizer_check(engine_ids, recorded):
+    from workbench.engines import LLAMACPP_TOKENIZE
+    from workbench.verify.chat import ChatFacts, probe_tokenizer
+
+    facts = ChatFacts(bos_id=1, texts={"a b": (5, 6), "c": (7,)}, pieces=tuple(f"t{i}" for i in range(10)),
+                      known_differences=recorded)
+    return probe_tokenizer(_Tokenizer(engine_ids), facts, LLAMACPP_TOKENIZE)
+
+
+def test_a_tokenizer_difference_passes_only_exactly_as_recorded():
+    same = _tokenizer_check({"a b": [5, 6], "c": [7]}, {})
+    assert same.status == "passed" and same.metrics == {"texts": 2, "accepted_differences": 0}
+    recorded = {"a b": ((5, 6), (5, 8, 6))}
+    accepted = _tokenizer_check({"a b": [5, 8, 6], "c": [7]}, recorded)
+    assert accepted.status == "passed" and accepted.metrics["accepted_differences"] == 1
+    # another split of the recorded text, or a difference on a text not recorded: failed, every text looked at
+    other_split = _tokenizer_check({"a b": [5, 9, 6], "c": [7]}, recorded)
+    unrecorded = _tokenizer_check({"a b": [5, 8, 6], "c": [8]}, recorded)
+    assert other_split.status == "failed" and "1/2 texts" in other_split.detail
+    assert unrecorded.status == "failed" and "'c'" in unrecorded.detail and "'a b'" not in unrecorded.detail
+    assert _tokenizer_check({"a b": [9], "c": [9]}, {}).detail.startswith("2/2 texts")

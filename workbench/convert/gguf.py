@@ -32,6 +32,7 @@ from ..families import check_handled, expert_count
 from ..guard import set_parent_death_signal
 from ..hf import adds_bos, quiet_transformers
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
+from ..prompts import probe_texts
 from ..safety import remote_code_trusted
 from ..texts import Calibration
 from .gguf_tables import (CONVERTIBLE, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
@@ -515,6 +516,8 @@ def prove_tokenizer(plan: Plan, path: Path, python: str) -> list[dict]:
     # text after a special token too: llama.cpp's SentencePiece tokenizer starts every such piece with a space
     marker = hf.eos_token or hf.bos_token
     probes = [(t, False) for t in TOKENIZER_PROBES] + ([(marker + t, True) for t in SPECIAL_PROBES] if marker else [])
+    # and verify's own texts, special tokens read as llama.cpp's server reads them: verify then accepts exactly these
+    probes += [(t, True) for t in probe_texts(hf)]
     done = subprocess.run([python, "-c", TOKENIZE_SCRIPT, str(path), json.dumps(probes)], capture_output=True,
                           text=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
     if done.returncode != 0:

@@ -17,13 +17,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROMPTS = (
-    "import os\nimport sys\n\n\ndef main(",
-    "class Parser:\n    def __init__(self",
-    "    for i in range(",
-    "# Copyright",
-)
-CHAT_MESSAGES = [{"role": "user", "content": "Write a function that parses a file."}]  # the chat probes' turn
+from ..prompts import PROMPTS
+
 MAX_TOKENS = 24
 # Gates of the reference comparison, by artifact kind. The engine's greedy continuation is scored
 # teacher-forced by the reference: the fraction of its tokens that are also the reference's top-1, and

@@ -621,9 +621,13 @@ def _chat_facts(artifact: Path, spec: EngineSpec, config: dict | None, reference
     if spec.artifact != "gguf":
         return chat_facts(artifact, config, generation_eos=eos_ids(artifact, spec))
     stops, config = _gguf_stops(artifact), config or _config_of(reference)
-    known = tuple(d["text"] for d in last_step(artifact).get("tokenizer_differences", []))
+    known = {d["text"]: (tuple(d["transformers"][1]), tuple(d["llamacpp"][1]))
+             for d in last_step(artifact).get("tokenizer_differences", [])}
     if reference is not None and (reference / "tokenizer.json").is_file():
-        return replace(chat_facts(reference, config, gguf_stops=stops), known_differences=known)
+        facts = chat_facts(reference, config, gguf_stops=stops)
+        # every recorded text is probed too; the prompts' and the chat prompt's ids are the tokenizer's own
+        texts = {**{text: ids for text, (ids, _) in known.items()}, **facts.texts}
+        return replace(facts, texts=texts, known_differences=known)
     try:
         facts = chat_facts(artifact, config, gguf_stops=stops)
     except Exception:  # noqa: BLE001 - transformers reads the tokenizer of some GGUF architectures only
