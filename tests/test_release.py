@@ -270,6 +270,33 @@ def test_a_changed_option_reruns_that_stage_and_what_reads_it(released, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.engine
+def test_a_rebuilt_artifact_is_never_served_on_its_old_verification(released, tmp_path):
+    """`--only fp8` after a recipe change rebuilds FP8 but not its verification: the old report served other
+    bytes, so the index, the card and inspect call FP8 checked (stale verification), while the merged model,
+    whose bytes are unchanged, stays served."""
+    out = tmp_path / "out"
+    shutil.copytree(released[0], out, symlinks=True)
+
+    def fewer_samples(d):
+        d["artifacts"]["fp8"]["quantize"]["samples"] = 16
+        d["output"] = str(out)
+    index = release_json(write_release(tmp_path, fewer_samples), "--only", "fp8")
+    stages = {s["id"]: s for s in index["stages"]}
+    assert stages["fp8"]["action"] == "built" and stages["verify-fp8-vllm"]["action"] == "not selected"
+    fp8, merged = index["artifacts"]["fp8"], index["artifacts"]["merged"]
+    assert stages["verify-fp8-vllm"]["status"] == "stale", stages["verify-fp8-vllm"]
+    assert fp8["state"] == "checked" and "other bytes" in fp8["state_reason"] and not fp8["ready"], fp8
+    assert [v["verdict"] for v in fp8["verifications"]] == ["stale"]
+    assert merged["state"] == "served" and merged["ready"]
+    assert "State: **checked**" in (out / "tiny-llama-lora-fp8" / "README.md").read_text()
+    assert "| fp8 | quantize | ok |" in (out / "reports" / "summary.md").read_text()
+    inspected = json.loads(run("inspect", out / "tiny-llama-lora-fp8", "--json").stdout)
+    assert inspected["state"] == "checked" and not inspected["verifications"][0]["of_these_bytes"], inspected
+    assert json.loads(run("inspect", out / "tiny-llama-lora-merged", "--json").stdout)["state"] == "served"
+
+
+@pytest.mark.slow
+@pytest.mark.engine
 def test_a_failed_gate_blocks_what_reads_it_and_is_redone_next_time(fixture_root, tmp_path):
     path = tmp_path / "gate.yaml"
     path.write_text(f"""

@@ -480,7 +480,7 @@ def inspect_cmd(path, tps, check, as_json):
     for v in info["verifications"]:
         agreement = f", {v['token_agreement']:.1%} of greedy tokens = reference" if v["token_agreement"] is not None else ""
         result = "passed" if v["passed"] else "FAILED"
-        kernels = f", {v['kernels']} kernels" if v.get("kernels") else ""
+        kernels = f"; kernels: {v['kernels']}" if v.get("kernels") else ""
         other = "" if v["of_these_bytes"] else " (of other bytes: the files changed since)"
         click.echo(f"served by {v['engine']} {v['engine_version'] or ''} tp={v['tp']}: {result}{agreement}{kernels}{other}")
     if check:
