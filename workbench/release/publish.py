@@ -349,6 +349,8 @@ def table(index: dict) -> tuple[list[str], list[list[str]]]:
                 cells[f"{v['engine']} tp={run['tp']}"] = "stale" if v["verdict"] == "stale" else ("pass" if run["passed"] else "FAIL") + agree
         status = {"ok": "ok", "missing": "not built"}.get(a["status"], a["status"].upper())
         state = a["state"] if a["state"] != "failed" else "FAILED"
+        if a["kernels"]:  # served: whose kernels computed it
+            state += f", {a['kernels']} kernels"
         if not a["meets_requirement"]:
             state += f" (needs {a['require']})"
         rows.append([artifact_id, a["kind"], status, quality, *(cells.get(c, "-") for c in columns), state])
