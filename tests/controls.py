@@ -169,6 +169,24 @@ def mxfp4_scale_exponent_off_by_one(artifact: Path, out: Path) -> tuple[Path, st
     return out, module
 
 
+def gguf_q8_0_scales_doubled(artifact: Path, out: Path, tensor_type: str = "ffn_down") -> tuple[Path, str]:
+    """A GGUF whose Q8_0 blocks of one tensor type (every layer's) carry twice their scale: the float16 scale that
+    opens each 34-byte block, rewritten in place through gguf-py's own reader. Its sidecar manifest comes along."""
+    import gguf
+    import numpy as np
+
+    shutil.copy2(artifact, out)
+    shutil.copy2(artifact.with_name(artifact.name + ".workbench.json"), out.with_name(out.name + ".workbench.json"))
+    reader = gguf.GGUFReader(out, "r+")
+    for tensor in reader.tensors:
+        if f".{tensor_type}." in tensor.name and tensor.tensor_type == gguf.GGMLQuantizationType.Q8_0:
+            blocks = tensor.data.reshape(-1).view(np.uint8).reshape(-1, 34)
+            scales = blocks[:, :2].copy().view(np.float16)
+            blocks[:, :2] = (scales * 2).view(np.uint8)
+    reader.data.flush()
+    return out, tensor_type
+
+
 CONTROLS = {
     "nvfp4-a16": [nvfp4_global_scale_doubled],
     "mxfp4-a16": [mxfp4_scale_exponent_off_by_one],

@@ -355,12 +355,16 @@ def _tp_list(value: str) -> list[int]:
 @click.option("--min-token-agreement", type=float, help="Gate: smallest fraction of the engine's greedy tokens that are "
               "the reference's top-1 (default by kind: 0.95 full precision, 0.9 8-bit, 0.8 4-bit).")
 @click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")
+@click.option("--gate", "gate_items", multiple=True, metavar="NAME=VALUE",
+              help="Any verify gate by name (repeatable): min_token_agreement, max_logprob_delta, and the teacher-forced "
+                   "comparison's max_mean_logprob_delta, max_p99_logprob_delta, min_top1_agreement, max_topk_kl "
+                   "(defaults by kind: README, what served proves).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report (with --preflight-only: one row per TP) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
 @_trust_remote_code
 def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args,
            prompts, max_tokens, port, force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta,
-           as_json, quiet):
+           gate_items, as_json, quiet):
     """Prove ARTIFACT loads and generates on a real engine under each TP size.
 
     Runs a static TP preflight (heads, KV heads, per-rank shapes against quantization group size, Marlin
@@ -393,6 +397,7 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
         raise click.UsageError("give --server (or --preflight-only)")
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     gates = {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta)) if v is not None}
+    gates.update(_gate_items(gate_items))
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
                         force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens,
                         pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency, nodes=nodes)
@@ -485,6 +490,22 @@ def inspect_cmd(path, tps, check, as_json):
         click.echo(f"served by {v['engine']} {v['engine_version'] or ''} tp={v['tp']}: {result}{agreement}{kernels}{other}")
     if check:
         click.echo(f"check: {info['check']['files']} files match the manifest")
+
+
+def _gate_items(items: tuple[str, ...]) -> dict[str, float]:
+    """--gate NAME=VALUE items, each a known verify gate with a number."""
+    from .release.spec import VERIFY_GATES
+
+    gates = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in VERIFY_GATES:
+            raise click.BadParameter(f"{name!r} is not a verify gate ({', '.join(VERIFY_GATES)})", param_hint="--gate")
+        try:
+            gates[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: the value must be a number", param_hint="--gate") from None
+    return gates
 
 
 def _echo_stage_graph(spec, as_json: bool) -> None:

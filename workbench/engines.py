@@ -113,6 +113,8 @@ class EngineSpec:
     # how the reference comparison gets the generated token ids: "openai" (its /v1/completions returns them
     # as "token_id:N" strings), "generate" (SGLang's native /generate returns output_ids), None (text only)
     token_ids: str | None = None
+    # how it returns the logprob of every prompt token and its top-k (verify/forced.py ASK; None: it cannot)
+    forced_logprobs: str | None = None
     cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
     socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
     max_port: int = 65535  # the highest port it may be given
@@ -161,6 +163,7 @@ ENGINES: dict[str, EngineSpec] = {
         bind_axes=("tp", "pp", "dp"),
         # tokens come back as "token_id:N", so replies cut inside a UTF-8 character are scored exactly
         token_ids="openai",
+        forced_logprobs="prompt_logprobs",
         # kept across runs: a warm compile cache starts vLLM faster
         cache_env={"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"},
         socket_dir_env="VLLM_RPC_BASE_PATH",
@@ -213,6 +216,7 @@ ENGINES: dict[str, EngineSpec] = {
         thread_bind_env="SGLANG_CPU_OMP_THREADS_BIND",
         # its OpenAI API returns token texts only; the native API returns the ids
         token_ids="generate",
+        forced_logprobs="input_logprobs",
         # the OpenAI API selects an adapter as "base:adapter", the native API by lora_path
         lora=LoraSpec("--enable-lora", "--lora-paths", "--max-lora-rank", DECODER_LINEARS,
                       request_model="{base}:{adapter}", generate_field="lora_path"),
@@ -229,6 +233,7 @@ ENGINES: dict[str, EngineSpec] = {
         tp_flag=None,
         pp_flag=None,
         dp_flag=None,
+        forced_logprobs="echo",
         max_len_flag="--n_ctx",
         default_max_len=2048,  # llama_cpp.server's n_ctx default
         ready_path="/v1/models",

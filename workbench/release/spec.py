@@ -20,7 +20,9 @@ from ..engines import ENGINES
 
 SOURCE = "source"  # the id of the input model (the base, or with an adapter the base before merging)
 QUANTIZE_GATES = ("max_ppl_delta", "max_kl", "min_top1")
-VERIFY_GATES = ("min_token_agreement", "max_logprob_delta")
+# the greedy probe's, then the teacher-forced comparison's (verify/forced.py GATE_NAMES)
+VERIFY_GATES = ("min_token_agreement", "max_logprob_delta",
+                "max_mean_logprob_delta", "max_p99_logprob_delta", "min_top1_agreement", "max_topk_kl")
 
 # key -> (accepted types, description); the descriptions make the error messages
 TOP = {

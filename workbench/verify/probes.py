@@ -64,8 +64,10 @@ def reference_estimate(model_dir: Path, prompts: tuple[str, ...], max_tokens: in
     from ..checkpoint import Checkpoint
     from ..runner import estimate
 
-    tokens = len(prompts) * (PROMPT_TOKENS_GUESS + max_tokens)
-    return estimate(Checkpoint(model_dir), tokens, passes=2, walks=max_tokens + 1)
+    from .forced import FORCED_BLOCK_TOKENS, FORCED_POSITIONS
+
+    tokens = len(prompts) * (PROMPT_TOKENS_GUESS + max_tokens) + FORCED_POSITIONS + 2 * FORCED_BLOCK_TOKENS
+    return estimate(Checkpoint(model_dir), tokens, passes=2, walks=max_tokens + 2)
 
 
 PROMPT_TOKENS_GUESS = 32  # for the estimate: the probes' prompts are short
@@ -76,7 +78,7 @@ class Reference:
     the logprob of each token) and teacher-forced scoring of another model's tokens."""
 
     def __init__(self, model_dir: Path, dtype: str = "auto", prompts: tuple[str, ...] = PROMPTS, max_tokens: int = MAX_TOKENS,
-                 adapter: Path | None = None, cancel=None):
+                 adapter: Path | None = None, cancel=None, forced: bool = False):
         import torch
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -98,6 +100,13 @@ class Reference:
         generated = self._generate(list(prompts))
         self._generated = dict(zip(prompts, generated))  # (ids incl. a final EOS, their logprobs)
         self.greedy_ids = {p: [t for t in ids if t not in self.eos_ids] for p, (ids, _) in self._generated.items()}
+        self.forced = self._forced() if forced else None
+
+    def _forced(self):
+        """The held-out blocks of the teacher-forced comparison, scored (verify/forced.py)."""
+        from .forced import forced_blocks, forced_reference
+
+        return forced_reference(self.runner, forced_blocks(self.tok))
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tok(prompt).input_ids
@@ -233,6 +242,8 @@ class Probing:
     missing_reference: str = ""  # why there is no reference, when the user did not turn it off
     gates: dict = field(default_factory=dict)
     generate_extra: dict = field(default_factory=dict)  # sent with native /generate requests (e.g. an adapter's name)
+    forced: str | None = None  # how this engine returns prompt logprobs (verify/forced.py ASK; None: it does not)
+    engine_bos: int | None = None  # the BOS id llama.cpp holds for a GGUF (its echo of a prompt drops that id)
 
     def min_agreement(self) -> float:
         return self.gates.get("min_token_agreement", MIN_TOKEN_AGREEMENT[self.kind])
@@ -304,13 +315,16 @@ def reference_check(client: Client, probing: Probing, name: str = "reference") -
 
 def run_probes(client: Client, probing: Probing) -> list[Check]:
     """The base probes against one running server; each probe's failure is recorded, never raised."""
+    from .forced import forced_check
+
     replies: dict[str, str] = {}  # the completion probe's greedy reply to each prompt: streaming and stop compare with it
     return [guarded("models", lambda: _probe_models(client)),
             guarded("completion", lambda: _probe_completion(client, probing, replies)),
             guarded("streaming", lambda: _probe_streaming(client, probing, replies)),
             guarded("stop", lambda: _probe_stop(client, probing, replies)),
             guarded("eos", lambda: _probe_eos(client, probing)),
-            guarded("reference", lambda: reference_check(client, probing))]
+            guarded("reference", lambda: reference_check(client, probing)),
+            *([guarded("teacher-forced", lambda: forced_check(client, probing))] if probing.forced else [])]
 
 
 def _greedy(client: Client, probing: Probing, prompt: str, **kw) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_co
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
+from ..guard import set_parent_death_signal
 from ..manifest import content_digest, last_step, now
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
@@ -197,12 +200,28 @@ def _probing(checked: _Checked, no_reference: bool, gates: dict | None, prompts:
              max_tokens: int | None) -> Probing:
     """What the probes need besides the server; the reference is added once it is loaded."""
     probing = Probing(kind=checked.kind, eos_ids=eos_ids(checked.artifact, checked.spec), token_ids=checked.spec.token_ids,
+                      forced=checked.spec.forced_logprobs, engine_bos=_echo_bos(checked),
                       no_reference=no_reference, missing_reference=checked.missing_reference, gates=gates or {})
     if prompts:
         probing = replace(probing, prompts=tuple(prompts))
     if max_tokens:
         probing = replace(probing, max_tokens=max_tokens)
     return probing
+
+
+# llama.cpp's own BOS id for a GGUF (its vocabulary's default where the file names none)
+BOS_SCRIPT = "import sys, llama_cpp; print(llama_cpp.Llama(model_path=sys.argv[1], vocab_only=True, verbose=False).token_bos())"
+
+
+def _echo_bos(checked: _Checked) -> int | None:
+    """For an engine whose prompt logprobs come from an echo that drops its BOS id (llama.cpp): that id, asked
+    of the engine itself."""
+    if checked.spec.forced_logprobs != "echo":
+        return None
+    done = subprocess.run([checked.python, "-c", BOS_SCRIPT, str(checked.artifact)], capture_output=True, text=True,
+                          timeout=300, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
+    words = done.stdout.split()
+    return int(words[-1]) if done.returncode == 0 and words and words[-1].lstrip("-").isdigit() else None
 
 
 def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | None, gates: dict | None, pp: int, dp: int,
@@ -268,7 +287,9 @@ def _start_references(pool: ThreadPoolExecutor, checked: _Checked, probing: Prob
         report["reference_estimate"] = {"peak_gib": round(needs.peak_bytes / 2**30, 2), "seconds": round(needs.seconds, 1)}
         on_event(f"reference model, layer by layer: estimated {needs.describe()} per model")
         check_fits(f"for the reference model {reference.name}", needs.peak_bytes)
-    pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel)
+    # the teacher-forced comparison runs on the base model, where the engine can return prompt logprobs
+    pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel,
+                                 forced=name is None and probing.forced is not None)
                for name, path in {None: None, **served}.items()} if reference else {}
     read = pool.submit(read_back_check, checked.artifact, reference) if reference and checked.kind != "full" and spec.artifact != "gguf" else None
     return pending, read
