@@ -121,17 +121,19 @@ def test_vllm_serves_the_fp8_artifact_through_its_own_loader_with_reference_kern
     reference = next(c for c in run_["checks"] if c["name"] == "reference")["metrics"]
     assert reference["token_agreement"] >= 0.9
     figures["fp8 static on vLLM CPU with reference kernels vs the bf16 source"] = reference
+    forced = next(c for c in run_["checks"] if c["name"] == "teacher-forced")
+    assert forced["status"] == "passed" and forced["metrics"]["positions"] >= 2048, forced
+    figures["fp8 static on vLLM CPU, teacher-forced on held-out text vs the bf16 source"] = forced["metrics"]
 
 
 @pytest.mark.slow
 @pytest.mark.engine
-def test_a_weight_scale_off_by_two_is_caught_by_the_read_back_and_moves_vllm_away_from_the_source(
+def test_a_weight_scale_off_by_two_is_failed_by_the_engines_own_logprobs_and_by_the_read_back(
         fp8_artifact, served_fp8, tmp_path, copy_of, figures):
     """Known-wrong control: every down_proj weight_scale doubled. The project's own emulation would read the
-    same wrong scale; vLLM's loader applies it as a GPU would: the served model is further from the source
-    than the correct artifact's. The reference comparison's gate (96 tokens) alone does not always see it
-    (measured: 89/96 top-1, max |dlogprob| 0.385, inside the FP8 gate, on an AVX-512 CPU without AMX; past
-    it on an AMX one); the read-back names the module either way."""
+    same wrong scale; vLLM's loader applies it as a GPU would. The greedy probe's gate (96 tokens) alone does
+    not always see it (measured once: 89/96 top-1, max |dlogprob| 0.385, inside the FP8 gate); the engine's
+    logprobs on 2048 held-out positions miss the FP8 gates by far, and the read-back names the module."""
     broken = copy_of(fp8_artifact, "broken")
     for shard in broken.glob("*.safetensors"):
         tensors = load_file(shard)
@@ -147,6 +149,12 @@ def test_a_weight_scale_off_by_two_is_caught_by_the_read_back_and_moves_vllm_awa
     figures["fp8, every down_proj weight_scale doubled, on vLLM: reference vs the correct artifact's"] = {
         k: (broken[k], correct[k]) for k in ("token_agreement", "max_logprob_delta")}
     assert broken["token_agreement"] < correct["token_agreement"] and broken["max_logprob_delta"] > correct["max_logprob_delta"]
+    forced = checks["teacher-forced"]
+    correct_forced = next(c for c in served_fp8[0]["runs"][0]["checks"] if c["name"] == "teacher-forced")["metrics"]
+    assert forced["status"] == "failed" and "missed: mean |Δlogprob|" in forced["detail"], forced
+    figures["fp8, every down_proj weight_scale doubled, on vLLM: teacher-forced vs the correct artifact's"] = {
+        k: (forced["metrics"][k], correct_forced[k]) for k in ("mean_logprob_delta", "p99_logprob_delta", "top1_agreement",
+                                                               "mean_topk_kl")}
 
 
 @pytest.mark.slow
