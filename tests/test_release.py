@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,8 @@ def test_model_cards_and_manifests(released):
     assert "State: **served**" in body and "Kernels: reference: vLLM's own loader" in body
     meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
+    held_out = re.search(r"vllm \| 0\.32\.0 \| 1 \| passed \| [\d.]+% \| [\d.]+ \| (\d+) \| [\d.]+ / [\d.]+ \| [\d.]+% \|", body)
+    assert held_out and int(held_out.group(1)) >= 2048, body  # the engine's own logprobs on held-out text, on the card
     meta, body = _card(out / "tiny-llama-lora-GGUF" / "README.md")
     assert meta["library_name"] == "gguf" and "python -m llama_cpp.server --model tiny-llama-lora-Q8_0.gguf --interrupt_requests False\n" in body
     assert "bits per weight over all tensors; every matrix in the file type's own types" in body

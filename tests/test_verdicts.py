@@ -214,3 +214,11 @@ def test_a_tokenizer_difference_passes_only_exactly_as_recorded():
     assert other_split.status == "failed" and "1/2 texts" in other_split.detail
     assert unrecorded.status == "failed" and "'c'" in unrecorded.detail and "'a b'" not in unrecorded.detail
     assert _tokenizer_check({"a b": [9], "c": [9]}, {}).detail.startswith("2/2 texts")
+
+
+@pytest.mark.parametrize("item, message", [("max_p99_logprob_deltas=0.3", "is not a verify gate"),
+                                           ("max_p99_logprob_delta=high", "the value must be a number")])
+def test_a_gate_named_on_the_command_line_must_be_a_verify_gate_with_a_number(tmp_path, item, message):
+    from conftest import assert_one_line_error, run
+
+    assert_one_line_error(run("verify", tmp_path, "--server", "vllm", "--gate", item), 2, message)

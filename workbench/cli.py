@@ -17,7 +17,7 @@ import click
 from . import __version__
 from .checkpoint import CONFIG_DTYPES, parse_size, return_freed_memory
 from .engines import ENGINES
-from .errors import INCOMPLETE, INTERNAL, WorkbenchError, as_resource_error
+from .errors import INCOMPLETE, INTERNAL, BadInput, WorkbenchError, as_resource_error
 from .lora import BASE_QUANTS, MERGE_DTYPES
 from .quantize.recipe import KV_CACHE_KINDS, method_help
 
@@ -500,11 +500,11 @@ def _gate_items(items: tuple[str, ...]) -> dict[str, float]:
     for item in items:
         name, _, value = item.partition("=")
         if name not in VERIFY_GATES:
-            raise click.BadParameter(f"{name!r} is not a verify gate ({', '.join(VERIFY_GATES)})", param_hint="--gate")
+            raise BadInput(f"--gate {item}: {name!r} is not a verify gate ({', '.join(VERIFY_GATES)})")
         try:
             gates[name] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{item!r}: the value must be a number", param_hint="--gate") from None
+            raise BadInput(f"--gate {item}: the value must be a number") from None
     return gates
 
 

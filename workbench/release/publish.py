@@ -142,9 +142,12 @@ def _verification(stage: Stage, entry: dict, artifact: Path) -> dict | None:
     for run in report.get("runs", []):
         checks = {c["name"]: c for c in run["checks"]}
         ref = checks.get("reference", {}).get("metrics", {})
+        forced = checks.get("teacher-forced", {}).get("metrics", {})
         runs.append({"tp": run["tp"], "passed": verdict_of_checks(run["checks"]) == "passed",
                      "checks": {n: c["status"] for n, c in checks.items()},
                      "token_agreement": ref.get("token_agreement"), "max_logprob_delta": ref.get("max_logprob_delta"),
+                     "forced": {k: forced.get(k) for k in ("positions", "mean_logprob_delta", "p99_logprob_delta",
+                                                           "top1_agreement", "mean_topk_kl")} if forced else None,
                      "argv": run.get("argv"), "env": run.get("env") or {}, "cpu_env": run.get("cpu_env") or {},
                      "cpu_args": run.get("cpu_args") or []})
     verdict = report.get("verdict") or ("passed" if report.get("passed") else "failed")
@@ -231,16 +234,21 @@ def _verification_lines(info: dict, model_name: str) -> list[str]:
     lines += [f"Kernels: {v['kernels']} ({v['engine']})." for v in verifications if v["kernels"] != "native"]
     if not verifications:
         return lines
-    lines += ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port) and its "
-              "output was compared with the reference, teacher-forced: the share of the engine's greedy tokens that are "
-              "the reference's top-1.", "",
-              "| engine | version | TP | result | token agreement | max abs Δlogprob |", "|---|---|---|---|---|---|"]
+    lines += ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port). Its "
+              "greedy tokens were scored by the reference (the share that are the reference's top-1, and the largest "
+              "|Δlogprob|), and its own log-probabilities of held-out text were compared position by position with the "
+              "reference's (mean and p99 |Δlogprob| of the real next tokens, top-1 agreement).", "",
+              "| engine | version | TP | result | greedy tokens agreeing | max abs Δlogprob | held-out positions | "
+              "mean / p99 abs Δlogprob | held-out top-1 |", "|---|---|---|---|---|---|---|---|---|"]
     for v in verifications:
         for run in v["runs"]:
             agree = f"{run['token_agreement']:.1%}" if run["token_agreement"] is not None else "-"
             delta = run["max_logprob_delta"] if run["max_logprob_delta"] is not None else "-"
+            forced = run.get("forced") or {}
+            held = (f"{forced['positions']} | {forced['mean_logprob_delta']} / {forced['p99_logprob_delta']} | "
+                    f"{forced['top1_agreement']:.1%}") if forced.get("positions") else "- | - | -"
             lines.append(f"| {v['engine']} | {v['engine_version'] or '?'} | {run['tp']} | "
-                         f"{'passed' if run['passed'] else 'FAILED'} | {agree} | {delta} |")
+                         f"{'passed' if run['passed'] else 'FAILED'} | {agree} | {delta} | {held} |")
     proven = [(v["engine"], run) for v in verifications for run in v["runs"] if run["passed"] and run["argv"]]
     lines.append("")
     for engine, run in proven:
