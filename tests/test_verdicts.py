@@ -222,3 +222,21 @@ def test_a_gate_named_on_the_command_line_must_be_a_verify_gate_with_a_number(tm
     from conftest import assert_one_line_error, run
 
     assert_one_line_error(run("verify", tmp_path, "--server", "vllm", "--gate", item), 2, message)
+
+
+@pytest.mark.parametrize("user, applied", [(None, "CPUFp8PerTensorScaledMMLinearKernel"),
+                                           ("MyKernel", "MyKernel,CPUFp8PerTensorScaledMMLinearKernel"),
+                                           ("CPUFp8PerTensorScaledMMLinearKernel", "CPUFp8PerTensorScaledMMLinearKernel")])
+def test_the_reference_kernels_settings_join_the_users_own_and_are_recorded(monkeypatch, user, applied):
+    """On an AMX CPU vLLM's per-tensor FP8 kernel ignores the static input scale: a user's VLLM_DISABLED_KERNELS
+    keeps its kernels and gains that one, and the report (applied_env) says what the engine got."""
+    from workbench.engines import ENGINES
+    from workbench.verify.launch import Server
+
+    if user is None:
+        monkeypatch.delenv("VLLM_DISABLED_KERNELS", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_DISABLED_KERNELS", user)
+    vllm = ENGINES["vllm"]
+    server = Server(vllm, "/m", python="/usr/bin/python3", gpu=False, cpus=[0], reference_kernels=vllm.reference_kernels["fp8"])
+    assert server.applied_env["VLLM_DISABLED_KERNELS"] == applied

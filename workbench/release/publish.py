@@ -255,9 +255,12 @@ def _verification_lines(info: dict, model_name: str) -> list[str]:
         lines += [f"{engine}, TP={run['tp']}:", "```bash", serving_command(engine, run["argv"], model_name, run["cpu_args"]), "```"]
     on_cpu = [(engine, run) for engine, run in proven if run["cpu_env"] or run["cpu_args"]]
     if on_cpu:
-        lines += ["", "On CPU (how it ran in this verification, with the CPU-only settings the workbench added):", ""]
+        lines += ["", "On CPU (how it ran in this verification, with every setting the workbench added):", ""]
+        if any(v["kernels"].startswith("reference") for v in verifications):
+            lines += ["With the workbench's reference kernels, which `workbench verify` loads into the engine through its "
+                      "plugin entry points (`workbench/engine_plugins/` on its PYTHONPATH): the command alone runs without them.", ""]
         for engine, run in on_cpu:
-            lines += ["```bash", cpu_command(engine, run["argv"], model_name, run["cpu_env"]), "```"]
+            lines += ["```bash", cpu_command(engine, run["argv"], model_name, {**run["env"], **run["cpu_env"]}), "```"]
     return lines
 
 

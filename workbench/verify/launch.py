@@ -44,6 +44,12 @@ def plugin_folder(kernels: ReferenceKernels) -> str:
     return str(folder)
 
 
+def joined_list(user: str | None, ours: str) -> str:
+    """A comma-separated list setting (e.g. VLLM_DISABLED_KERNELS): the user's items, then ours not among them."""
+    items = [i for i in (user or "").split(",") if i]
+    return ",".join(items + [i for i in ours.split(",") if i not in items])
+
+
 class EngineFailed(EnvironmentProblem):
     """The engine died or never became ready; carries the end of its log."""
 
@@ -102,8 +108,8 @@ class Server:
         self.init_port = free_port(spec.max_port) if self.node_ports else None  # node 0's process-group port
         self.cluster = None  # the local Ray cluster of a multi-node server ("ray")
         self.reused = False  # handed to this run already up by a serving session (pool.py)
-        if reference_kernels:
-            self.generic_env.update({k: v for k, v in reference_kernels.env.items() if k not in os.environ})
+        if reference_kernels:  # required with the kernels: joined to the user's own list, never dropped for it
+            self.generic_env.update({k: joined_list(os.environ.get(k), v) for k, v in reference_kernels.env.items()})
 
     @property
     def url(self) -> str:
