@@ -211,7 +211,7 @@ def test_server_crash_at_start_reports_the_log(merged, tmp_path, copy_of):
     assert (tmp_path / "r" / "logs" / "vllm-tp1.log").stat().st_size > 0
 
 
-ALL_PROBES = {"startup", "models", "completion", "chat", "streaming", "stop", "eos", "reference", "end-of-turn",
+ALL_PROBES = {"startup", "models", "completion", "chat", "streaming", "stop", "eos", "reference", "teacher-forced", "end-of-turn",
               "special-tokens", "tokenizer", "concurrency"}
 
 

@@ -143,7 +143,7 @@ def probe_end_of_turn(client: Client, facts: ChatFacts) -> Check:
     return Check("end-of-turn", "passed", f"a chat turn ends with finish_reason=stop on each of {names}")
 
 
-def _engine_tokens(client: Client, api: TokenizeEndpoint, text: str) -> list[int]:
+def engine_tokens(client: Client, api: TokenizeEndpoint, text: str) -> list[int]:
     try:
         return list(client.post(api.path, {api.text_field: text, **api.extra})["tokens"])
     except RuntimeError as exc:
@@ -161,7 +161,7 @@ def probe_tokenizer(client: Client, facts: ChatFacts, api: TokenizeEndpoint | No
         return Check("tokenizer", "incomplete", "the engine has no tokenizer endpoint")
     accepted, differ = [], []
     for text, ids in facts.texts.items():
-        got = _engine_tokens(client, api, text)
+        got = engine_tokens(client, api, text)
         splits = [tuple(got)] + ([tuple(got[1:])] if api.adds_bos and got[:1] == [facts.bos_id] else [])
         if tuple(ids) in splits:
             continue
@@ -196,7 +196,7 @@ def probe_special_tokens(client: Client, facts: ChatFacts, api: TokenizeEndpoint
         return Check("special-tokens", "passed", "the chat template writes no special tokens")
     split = []
     for text, token_id in facts.specials.items():
-        got = _engine_tokens(client, api, text)
+        got = engine_tokens(client, api, text)
         if api.adds_bos and len(got) == 2 and got[0] == facts.bos_id:
             got = got[1:]
         if got != [token_id]:

@@ -215,6 +215,8 @@ def forced_check(client, probing) -> "Check":
                      "not run: --no-reference" if probing.no_reference else probing.missing_reference or "no reference model")
     forced, echo = ref.forced, probing.forced == "echo"
     ask = partial(ask_llamacpp, bos_id=probing.engine_bos) if echo else ASK[probing.forced]
+    if echo:  # it takes text: the reference scores the tokens the engine makes of it (they differ where its tokenizer does)
+        forced = _on_engine_tokens(client, ref, forced, probing)
     try:
         engine = [p for text, ids in forced.blocks for p in ask(client, text, ids, TOP_K)]
     except ForcedMismatch as exc:
@@ -234,6 +236,19 @@ def forced_check(client, probing) -> "Check":
     if missed:
         detail += "; missed: " + "; ".join(missed)
     return Check("teacher-forced", "failed" if missed else "passed", detail, {**metrics, "gates": gates})
+
+
+def _on_engine_tokens(client, ref, forced: ForcedReference, probing) -> ForcedReference:
+    """The reference's figures on the engine's own tokenization of each block's text: the blocks as they are when
+    the engine's tokenizer agrees, else scored again by the reference on the engine's ids."""
+    from .chat import engine_tokens
+
+    if probing.tokenize is None:
+        return forced
+    engine_ids = [engine_tokens(client, probing.tokenize, text) for text, _ in forced.blocks]
+    if engine_ids == [ids for _, ids in forced.blocks]:
+        return forced
+    return ref.forced_on([(text, ids) for (text, _), ids in zip(forced.blocks, engine_ids)])
 
 
 def token_text(tok, token_id: int) -> str:

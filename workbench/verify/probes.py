@@ -104,9 +104,15 @@ class Reference:
 
     def _forced(self):
         """The held-out blocks of the teacher-forced comparison, scored (verify/forced.py)."""
-        from .forced import forced_blocks, forced_reference
+        from .forced import forced_blocks
 
-        return forced_reference(self.runner, forced_blocks(self.tok))
+        return self.forced_on(forced_blocks(self.tok))
+
+    def forced_on(self, blocks: list[tuple[str, list[int]]]):
+        """``blocks`` (text, ids) scored teacher-forced: also for the ids an engine that takes text made of them."""
+        from .forced import forced_reference
+
+        return forced_reference(self.runner, blocks)
 
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tok(prompt).input_ids
@@ -244,6 +250,7 @@ class Probing:
     generate_extra: dict = field(default_factory=dict)  # sent with native /generate requests (e.g. an adapter's name)
     forced: str | None = None  # how this engine returns prompt logprobs (verify/forced.py ASK; None: it does not)
     engine_bos: int | None = None  # the BOS id llama.cpp holds for a GGUF (its echo of a prompt drops that id)
+    tokenize: object = None  # the engine's tokenize endpoint (engines.TokenizeEndpoint), for what it makes of a text
 
     def min_agreement(self) -> float:
         return self.gates.get("min_token_agreement", MIN_TOKEN_AGREEMENT[self.kind])

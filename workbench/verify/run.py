@@ -200,7 +200,7 @@ def _probing(checked: _Checked, no_reference: bool, gates: dict | None, prompts:
              max_tokens: int | None) -> Probing:
     """What the probes need besides the server; the reference is added once it is loaded."""
     probing = Probing(kind=checked.kind, eos_ids=eos_ids(checked.artifact, checked.spec), token_ids=checked.spec.token_ids,
-                      forced=checked.spec.forced_logprobs, engine_bos=_echo_bos(checked),
+                      forced=checked.spec.forced_logprobs, engine_bos=_echo_bos(checked), tokenize=checked.spec.tokenize,
                       no_reference=no_reference, missing_reference=checked.missing_reference, gates=gates or {})
     if prompts:
         probing = replace(probing, prompts=tuple(prompts))
