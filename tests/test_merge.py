@@ -159,6 +159,28 @@ def test_bf16_output_keeps_top1(llama, llama_lora, tmp_path, heldout_blocks, fig
     assert step["metrics"]["self_check_max_rel_error"] < 1e-2  # bf16 rounding, ~2^-8
 
 
+
+@pytest.mark.parametrize("fault", ["scale x2", "nan"])
+def test_a_merge_whose_written_weights_miss_the_adapter_is_refused(llama, llama_lora, tmp_path, monkeypatch, fault):
+    """Controls: the update added at twice its scale, or a NaN, in every merged tensor. The self-check (the
+    written rows against W·x + s·B(A·x)) fails the merge with exit 1, and no output folder appears."""
+    from workbench import lora
+
+    add_to = lora.Delta.add_to
+
+    def wrong(self, weight, adapter):
+        add_to(self, weight, adapter)
+        if fault == "nan":
+            weight.view(-1)[0] = float("nan")
+        else:
+            add_to(self, weight, adapter)
+
+    monkeypatch.setattr(lora.Delta, "add_to", wrong)
+    out = tmp_path / "merged"
+    result = run("merge", llama, llama_lora, "--out", out)
+    assert result.exit_code == 1 and "merge self-check failed" in result.stderr, result.stderr
+    assert not out.exists() and not any(tmp_path.iterdir())
+
 # ---------------------------------------------------------------- QLoRA: the base as training saw it
 
 def qlora_reference(base, adapter, blocks, quant_type: str, double_quant: bool):

@@ -34,6 +34,33 @@ def test_walk_equals_the_whole_model(llama, qwen2):
         assert torch.allclose(walked, whole, atol=1e-5, rtol=0), model_dir.name
 
 
+
+@pytest.mark.parametrize("kind", ["trained", "dora", "rslora-some-layers"])
+def test_an_adapter_in_the_walk_is_pefts_own_unmerged_forward(llama, llama_lora, tmp_path, kind):
+    """With an adapter the walk runs peft's LoRA layers (no code of the merge's): logits equal PeftModel's on
+    the whole model, for the trained fixture adapter and random DoRA and rsLoRA ones on chosen layers."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    adapter = llama_lora
+    if kind != "trained":
+        torch.manual_seed(0)
+        config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=kind == "dora", use_rslora=kind != "dora",
+                            target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=None if kind == "dora" else [0, 2])
+        adapter = tmp_path / kind
+        get_peft_model(AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32), config).save_pretrained(adapter)
+    ids = torch.randint(0, 2000, (3, 32), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        base = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32)
+        plain = base(input_ids=ids).logits
+        whole = PeftModel.from_pretrained(base, adapter).eval()(input_ids=ids).logits
+    runner = LayerRunner(llama, adapter=adapter)
+    streams = runner.streams(ids, batch=2)
+    runner.walk(streams)
+    normed = runner.normed(torch.cat([s.hidden for s in streams]))
+    walked = torch.cat([block for _, (block,) in runner.logits(normed, rows=300)], -1).view_as(whole)
+    assert (whole - plain).abs().max() > 0.05  # the adapter changes the answer
+    assert torch.allclose(walked, whole, atol=1e-5, rtol=0), (walked - whole).abs().max()
+
 def test_statistics_by_vocabulary_block_equal_those_of_the_whole_logits():
     gen = torch.Generator().manual_seed(0)
     ref = torch.randn(3, 20, 1000, generator=gen) * 4

@@ -219,7 +219,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     cfg = load_adapter_config(adapter_dir)
     base = Checkpoint(base_dir)
     check_handled(base.config, f"merge into {base_dir}")
-    adapter = _adapter_weights(adapter_dir)
+    adapter = adapter_weights(adapter_dir)
     warnings: list[str] = []
     factors, kinds, replacements = _sort_adapter_tensors(adapter)
     config = dict(base.config)
@@ -250,7 +250,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings, quant)
 
 
-def _adapter_weights(adapter_dir: Path) -> TensorStore:
+def adapter_weights(adapter_dir: Path) -> TensorStore:
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         other = "adapter_model.bin exists: re-save it with safe_serialization=True" if (adapter_dir / "adapter_model.bin").exists() else "missing"

@@ -29,7 +29,7 @@ from . import experts
 from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
 from .errors import BadInput
 from .families import family_of
-from .lora import merged_tensor, plan_merge
+from .lora import PEFT_PREFIX, adapter_weights
 from .safety import remote_code_trusted
 
 COMPUTE_DTYPE = torch.float32
@@ -44,42 +44,62 @@ def compute_device() -> torch.device:
 
 
 class Weights:
-    """A checkpoint's tensors by name, or a base with a LoRA adapter folded in on the fly in float32 (the
-    math of lora.py, which equals peft's unmerged forward pass)."""
+    """A checkpoint's tensors by name: whole, a block of rows, or chosen rows."""
 
-    def __init__(self, model_dir: Path, adapter: Path | None = None):
+    def __init__(self, model_dir: Path):
         self.checkpoint = Checkpoint(model_dir)
         self.store = self.checkpoint.store
-        # the engine serves the adapter on the full-precision base: no QLoRA base quantization here
-        self.plan = plan_merge(model_dir, adapter, "fp32", base_quant="none") if adapter else None
-        self.outputs = {o.name: o for o in self.plan.outputs} if self.plan else {}
-        self.config = self.plan.config if self.plan else self.checkpoint.config
+        self.config = self.checkpoint.config
 
     def __contains__(self, name: str) -> bool:
-        return name in self.outputs or name in self.store
-
-    def _merged(self, name: str) -> torch.Tensor | None:
-        o = self.outputs.get(name)
-        if o is None or (o.delta is None and not o.from_adapter):
-            return None
-        shape = (self.plan.adapter if o.from_adapter else self.store).tensors[o.source].shape
-        return merged_tensor(o, self.plan, {}, torch.empty(numel(shape)))
+        return name in self.store
 
     def get(self, name: str) -> torch.Tensor:
-        merged = self._merged(name)
-        return merged if merged is not None else self.store.get(self._source(name))
+        return self.store.get(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        merged = self._merged(name)
-        return merged[start:stop] if merged is not None else self.store.rows(self._source(name), start, stop)
+        return self.store.rows(name, start, stop)
 
     def take(self, name: str, indices: list[int]) -> torch.Tensor:
-        merged = self._merged(name)
-        return merged[indices] if merged is not None else self.store.take(self._source(name), indices)
+        return self.store.take(name, indices)
 
-    def _source(self, name: str) -> str:
-        o = self.outputs.get(name)
-        return o.source if o is not None else name
+
+class PeftAdapter:
+    """A LoRA adapter applied by peft's own layers inside the walk: peft injects its LoRA modules (its forward:
+    scaling, rsLoRA, DoRA) into the model on the meta device, and each layer's LoRA weights are read from the
+    adapter file with the layer's base weights and dropped with them. Not lora.py's math: the merge writes
+    that, and a reference must not share the code it judges."""
+
+    NAME = "default"  # peft's adapter name, which it leaves out of the saved keys
+
+    def __init__(self, model: nn.Module, adapter_dir: Path, layers_prefix: str):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+        if config.modules_to_save or getattr(config, "trainable_token_indices", None):
+            raise BadInput("the peft reference runs LoRA on decoder layers only: this adapter also trains "
+                           f"{config.modules_to_save or 'token embeddings'}")
+        inject_adapter_in_model(config, model, adapter_name=self.NAME, low_cpu_mem_usage=True)
+        model.eval()
+        self.store = adapter_weights(adapter_dir)
+        self.keys = {name: self._saved_key(name) for name, _ in model.named_parameters() if ".lora_" in name}
+        outside = sorted(n for n in self.keys if not n.startswith(layers_prefix + "."))
+        unplaced = sorted(set(self.store.tensors) - set(self.keys.values()))
+        if outside or unplaced:
+            raise BadInput(f"the peft reference cannot place adapter tensor {(outside or unplaced)[0]} in a decoder layer")
+
+    def _saved_key(self, name: str) -> str:
+        """peft's saved name of a parameter: its prefix, no adapter name, a DoRA magnitude without ".weight"."""
+        key = PEFT_PREFIX + name.replace(f".{self.NAME}.", ".").removesuffix(f".{self.NAME}")
+        for candidate in (key, key.removesuffix(".weight")):
+            if candidate in self.store:
+                return candidate
+        raise BadInput(f"the adapter file has no {key} for peft's {name}")
+
+    def get(self, name: str) -> torch.Tensor | None:
+        """The adapter's tensor for model parameter ``name``, None for a base weight."""
+        key = self.keys.get(name)
+        return None if key is None else self.store.get(key).float()
 
 
 class _Recorder(nn.Module):
@@ -139,11 +159,8 @@ class LayerRunner:
 
         quiet_transformers()
         return_freed_memory()
-        self.weights = Weights(Path(model_dir), adapter)
+        self.weights = Weights(Path(model_dir))
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
-        for key in ("tie_word_embeddings", "vocab_size"):  # what an adapter changes
-            if key in self.weights.config:
-                setattr(config, key, self.weights.config[key])
         self.config, self.dtype, self.device = config, dtype, device or compute_device()
         self.cancel = cancel  # set by another thread (Ctrl-C): the walk stops at the next layer
         try:
@@ -160,6 +177,7 @@ class LayerRunner:
         self.layers = list(layers)
         names = {id(m): n for n, m in self.model.named_modules()}
         self.layers_prefix = names[id(layers)]
+        self.adapter = PeftAdapter(self.model, Path(adapter), self.layers_prefix) if adapter else None
         self.embed_name = names[id(self.base.get_input_embeddings())] + ".weight"
         self.norm = getattr(self.base, self.family.final_norm, None)
         self.norm_prefix = names.get(id(self.norm))
@@ -189,7 +207,11 @@ class LayerRunner:
         from accelerate.utils import set_module_tensor_to_device
 
         for name, param in list(module.named_parameters()):
-            full = self.checkpoint_name(f"{prefix}.{name}")
+            lora = self.adapter.get(f"{prefix}.{name}") if self.adapter else None
+            if lora is not None:  # kept in float32, as trained: peft casts the input to it
+                set_module_tensor_to_device(module, name, self.device, value=lora, dtype=torch.float32)
+                continue
+            full = self.checkpoint_name(f"{prefix}.{name}".replace(".base_layer.", "."))
             if full not in self.weights:
                 raise BadInput(f"{full} is not in the checkpoint: the layer runner cannot map "
                                f"{self.config.architectures[0]}'s weights")

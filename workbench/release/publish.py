@@ -155,7 +155,8 @@ def _verification(stage: Stage, entry: dict, artifact: Path) -> dict | None:
     if served is None or not artifact.exists() or served != content_digest(artifact):
         verdict = "stale"
     return {"stage": stage.id, "engine": report["engine"], "engine_version": report.get("engine_version"), "artifact_sha256": served,
-            "kernels": report.get("kernels", "native"), "reference": report.get("reference"), "verdict": verdict, "passed": verdict == "passed" and entry["status"] == "ok",
+            "kernels": report.get("kernels", "native"), "reference": report.get("reference"),
+            "reference_by": report.get("reference_by"), "verdict": verdict, "passed": verdict == "passed" and entry["status"] == "ok",
             "runs": runs, "report": str(stage.output / "report.json")}
 
 
@@ -232,6 +233,8 @@ def _verification_lines(info: dict, model_name: str) -> list[str]:
     lines = [f"State: **{state}** ({info['state_reason']})."
              if state != "served" else "State: **served**: an engine loaded it in this release and every check passed.", ""]
     lines += [f"Kernels: {v['kernels']} ({v['engine']})." for v in verifications if v["kernels"] != "native"]
+    lines += sorted({"Compared with: its base + LoRA adapter evaluated by peft's own layers (not the workbench's merge math)."
+                     for v in verifications if (v.get("reference_by") or "").startswith("peft")})
     if not verifications:
         return lines
     lines += ["Each command below served this artifact during verification (bound to 127.0.0.1 on a free port). Its "

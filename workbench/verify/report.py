@@ -45,7 +45,7 @@ def junit_xml(report: dict) -> bytes:
 def markdown(report: dict) -> str:
     lines = [f"## workbench verify: {report['verdict'].upper()}", "", f"- artifact: `{report['artifact']}` ({report['kind']})",
              f"- engine: {report['engine']} {report.get('engine_version') or ''}; kernels: {report.get('kernels', 'native')}",
-             "- reference: " + (f"`{report['reference']}`" if report.get("reference") else report.get("reference_note") or "none"), ""]
+             "- reference: " + _reference_line(report), ""]
     if report.get("preflight"):
         lines += ["| TP | preflight |", "|---|---|"]
         for tp, reasons in report["preflight"].items():
@@ -69,3 +69,13 @@ def markdown(report: dict) -> str:
             if run.get("argv"):
                 lines.append(f"- tp={run['tp']} command: `{' '.join(run['argv'])}`")
     return "\n".join(lines) + "\n"
+
+
+def _reference_line(report: dict) -> str:
+    """The model compared with, and by whose code: peft's layers for base + adapter, else transformers'."""
+    if not report.get("reference"):
+        return report.get("reference_note") or "none"
+    line = f"`{report['reference']}`"
+    if report.get("reference_adapter"):
+        line += f" + adapter `{report['reference_adapter']}`, by peft's own LoRA layers"
+    return line + (f" ({report['reference_note']})" if report.get("reference_note") else "")

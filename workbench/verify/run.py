@@ -69,17 +69,46 @@ def artifact_kind(artifact: Path, spec: EngineSpec, config: dict | None) -> str:
     return quant_of(config or {}).kind
 
 
-def default_reference(artifact: Path, kind: str) -> tuple[Path | None, str]:
-    """(the model to compare with, why there is none). A full-precision HF artifact is its own reference
-    (engine vs. transformers on the same weights); otherwise the source recorded in its manifest."""
+@dataclass
+class ReferenceChoice:
+    """What the engine's answers are compared with: a model folder, run with ``adapter`` through peft's own
+    LoRA layers when there is one; ``note`` says why there is none, or why a merge is compared with itself."""
+
+    model: Path | None
+    adapter: Path | None = None
+    note: str = ""
+
+    @property
+    def by(self) -> str | None:
+        return None if self.model is None else "peft: base + adapter" if self.adapter else "transformers"
+
+
+def default_reference(artifact: Path, kind: str) -> ReferenceChoice:
+    """A merged artifact is compared with its base + adapter evaluated by peft (code the workbench did not
+    write); another full-precision HF artifact with itself (engine vs. transformers on the same weights);
+    a quantized or converted one with the source its manifest names."""
+    step = last_step(artifact)
     if kind == "full":
-        return artifact, ""
-    source = (last_step(artifact).get("inputs", {}).get("model") or {}).get("path")
+        return _merge_inputs(artifact, step) if step.get("verb") == "merge" else ReferenceChoice(artifact)
+    source = (step.get("inputs", {}).get("model") or {}).get("path")
     if source is None:
-        return None, f"no reference: {artifact.name} has no manifest naming its source; pass --reference or --no-reference"
+        return ReferenceChoice(None, note=f"no reference: {artifact.name} has no manifest naming its source; pass --reference or --no-reference")
     if not Path(source, CONFIG_NAME).exists():
-        return None, f"no reference: the source in its manifest is not there ({source}); pass --reference or --no-reference"
-    return Path(source), ""
+        return ReferenceChoice(None, note=f"no reference: the source in its manifest is not there ({source}); pass --reference or --no-reference")
+    return ReferenceChoice(Path(source))
+
+
+def _merge_inputs(artifact: Path, step: dict) -> ReferenceChoice:
+    """The base and adapter a merge recorded, where they still are; else the artifact itself, with the reason."""
+    inputs = step.get("inputs", {})
+    base, adapter = (Path((inputs.get(k) or {}).get("path", "")) for k in ("base", "adapter"))
+    if (step.get("options") or {}).get("base_quant"):
+        why = "merged onto a 4-bit round trip of its base (--base-quant), which peft's reference does not make"
+    elif not (base / CONFIG_NAME).is_file() or not (adapter / "adapter_config.json").is_file():
+        why = f"its merge inputs are not there ({base}, {adapter})"
+    else:
+        return ReferenceChoice(base, adapter)
+    return ReferenceChoice(artifact, note=f"the merge is compared with itself, not with peft: {why}")
 
 
 def eos_ids(artifact: Path, spec: EngineSpec) -> tuple[int, ...]:
@@ -133,7 +162,7 @@ def verify(
     checked = _check_inputs(artifact, engine, tps, python, reference, report_dir, extra_args, port, marlin, dtype,
                             no_reference, pp, dp, adapters, nodes)
     probing = _probing(checked, no_reference, gates, prompts, max_tokens)
-    facts = _chat_facts(checked.artifact, checked.spec, checked.config, checked.reference)
+    facts = _chat_facts(checked.artifact, checked.spec, checked.config, checked.reference.model)
     gpu, features = has_cuda_gpu(), cpu_features()
     kernels = reference_kernels(checked.spec, checked.config, gpu)
     kernels_note = f"reference: {kernels.label}" if kernels else native_kernels(checked.spec, checked.config, gpu, features)
@@ -161,8 +190,7 @@ class _Checked:
     preflight: dict[int, list[str]]  # by TP size: why it will not load (empty: it will)
     adapters: list[Adapter]
     python: str  # the engine's interpreter
-    reference: Path | None
-    missing_reference: str  # why there is no reference
+    reference: ReferenceChoice
     report_dir: Path  # absolute, not made yet
 
 
@@ -189,11 +217,11 @@ def _check_inputs(artifact: Path, engine: str, tps: list[int], python: str | Non
     check_installed(spec, python)
     if port is not None and port_in_use(port):
         raise BadInput(f"port {port} on 127.0.0.1 is already in use")
-    reference, missing = (Path(reference), "") if reference else (None, "not run: --no-reference") if no_reference \
-        else default_reference(artifact, kind)
-    if reference is not None and not (reference / CONFIG_NAME).exists():
-        raise BadInput(f"reference model not found: {reference}")
-    return _Checked(spec, artifact, config, kind, table, lora, python, reference, missing, report_dir)
+    choice = ReferenceChoice(Path(reference)) if reference else ReferenceChoice(None, note="not run: --no-reference") \
+        if no_reference else default_reference(artifact, kind)
+    if choice.model is not None and not (choice.model / CONFIG_NAME).exists():
+        raise BadInput(f"reference model not found: {choice.model}")
+    return _Checked(spec, artifact, config, kind, table, lora, python, choice, report_dir)
 
 
 def _probing(checked: _Checked, no_reference: bool, gates: dict | None, prompts: tuple[str, ...],
@@ -201,7 +229,8 @@ def _probing(checked: _Checked, no_reference: bool, gates: dict | None, prompts:
     """What the probes need besides the server; the reference is added once it is loaded."""
     probing = Probing(kind=checked.kind, eos_ids=eos_ids(checked.artifact, checked.spec), token_ids=checked.spec.token_ids,
                       forced=checked.spec.forced_logprobs, engine_bos=_echo_bos(checked), tokenize=checked.spec.tokenize,
-                      no_reference=no_reference, missing_reference=checked.missing_reference, gates=gates or {})
+                      no_reference=no_reference, missing_reference="" if checked.reference.model else checked.reference.note,
+                      gates=gates or {})
     if prompts:
         probing = replace(probing, prompts=tuple(prompts))
     if max_tokens:
@@ -235,7 +264,8 @@ def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | No
         "engine": engine, "kind": checked.kind, "dtype": dtype,
         "tp": tps, "preflight": {str(tp): reasons for tp, reasons in checked.preflight.items()}, "runs": [],
         "engine_version": engine_version(spec, python), "gates": gates or {},
-        "reference": str(checked.reference) if checked.reference else None, "reference_note": checked.missing_reference or None,
+        "reference": str(checked.reference.model) if checked.reference.model else None, "reference_note": checked.reference.note or None,
+        "reference_by": checked.reference.by, "reference_adapter": str(checked.reference.adapter) if checked.reference.adapter else None,
         "pp": pp, "dp": dp, "nodes": nodes, "nodes_ray": _ray_version(spec, python, nodes),
         "multinode_commands": {str(tp): multinode_commands(spec, artifact.name, Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
         "adapters": {a.name: {"path": str(a.path), "sha256": content_digest(a.path), "rank": a.rank, "refused": list(a.reasons)}
@@ -278,7 +308,7 @@ def _start_references(pool: ThreadPoolExecutor, checked: _Checked, probing: Prob
     """Submit the reference models (the base, and base + each served adapter) and the read-back check, to run
     layer by layer while the engine starts. Returns (the pending references by adapter name, None for the
     base; empty without a reference) and the pending read-back check (or None)."""
-    reference, spec = checked.reference, checked.spec
+    reference, spec = checked.reference.model, checked.spec
     # llama.cpp computes in float32 whatever the GGUF's weight type; vLLM/SGLang in the served dtype
     ref_dtype = "float32" if spec.artifact == "gguf" else dtype or "auto"
     ref_prompts = probing.prompts + ((facts.long_prompt,) if facts.long_prompt else ())
@@ -290,7 +320,7 @@ def _start_references(pool: ThreadPoolExecutor, checked: _Checked, probing: Prob
     # the teacher-forced comparison runs on the base model, where the engine can return prompt logprobs
     pending = {name: pool.submit(Reference, reference, ref_dtype, ref_prompts, probing.max_tokens, path, cancel,
                                  forced=name is None and probing.forced is not None)
-               for name, path in {None: None, **served}.items()} if reference else {}
+               for name, path in {None: checked.reference.adapter, **served}.items()} if reference else {}
     read = pool.submit(read_back_check, checked.artifact, reference) if reference and checked.kind != "full" and spec.artifact != "gguf" else None
     return pending, read
 
