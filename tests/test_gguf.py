@@ -301,6 +301,62 @@ def test_k_quants_report_their_real_bits_per_weight_and_fallbacks(converted, lla
                                                    "fallback_type": odd["fallbacks"][0]["type"]}
 
 
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_every_file_is_read_back_by_gguf_py_against_the_source(converted, figures):
+    """Every converted file (direct and llama.cpp's quantize types) was decoded tensor by tensor by gguf-py
+    before it was renamed into place, every tensor judged: the direct types ~0 off gguf-py's own encoding of
+    the source, the K-quants within their multiple of Q4_0's rounding error."""
+    from workbench.manifest import read_manifest
+
+    for path in sorted(converted.glob("*.gguf")):
+        read = read_manifest(path)["steps"][-1]["metrics"]["read_back"]
+        assert read["failures"] == [] and read["judged"] == read["tensors"] > 0 and read["not_judged"] == [], (path.name, read)
+        assert read["max_gain_deviation"] < 0.05, (path.name, read)
+        figures[f"gguf read-back {path.name}"] = {k: read[k] for k in ("tensors", "max_error", "where", "max_gain_deviation")}
+
+
+def test_a_gguf_whose_block_scales_are_doubled_fails_its_read_back(llama, tmp_path):
+    """The Q8_0 control (every ffn_down block scale x2, through gguf-py's writer-side reader) fails the read-back,
+    naming each ffn_down at gain 2; the correct file passes with every tensor judged."""
+    from functools import partial
+
+    from controls import gguf_q8_0_scales_doubled
+    from workbench.convert.gguf import plan_conversion, source_data
+    from workbench.convert.gguf_readback import read_back_gguf
+
+    correct = tmp_path / "llama-Q8_0.gguf"
+    assert run("convert", "gguf", llama, "--outtype", "q8_0", "--out", correct, "-q").exit_code == 0
+    control, _ = gguf_q8_0_scales_doubled(correct, tmp_path / "control.gguf")
+    plan = plan_conversion(llama)
+    sources = {t.gguf_name: partial(source_data, plan, t) for t in plan.tensors}
+    assert read_back_gguf(correct, sources).failures() == []
+    failures = read_back_gguf(control, sources).failures()
+    layers = json.loads((llama / "config.json").read_text())["num_hidden_layers"]
+    assert len(failures) == layers and all(".ffn_down.weight (Q8_0)" in f and "gain 2.000" in f for f in failures), failures
+
+
+def test_a_file_written_otherwise_than_meant_is_refused_and_not_left(llama, tmp_path, monkeypatch):
+    """A write-path fault (every Q8_0 block scale doubled as it is encoded) fails `convert` with exit 1 at the
+    read-back, and no output file is left."""
+    from workbench.convert import gguf as converter
+
+    encode = converter._encode
+
+    def doubled(t, outtype):
+        data, qtype = encode(t, outtype)
+        if qtype == gguf.GGMLQuantizationType.Q8_0:
+            blocks = data.reshape(-1, 34)
+            blocks[:, :2] = (blocks[:, :2].copy().view(np.float16) * 2).view(np.uint8)
+        return data, qtype
+
+    monkeypatch.setattr(converter, "_encode", doubled)
+    out = tmp_path / "llama-Q8_0.gguf"
+    result = run("convert", "gguf", llama, "--outtype", "q8_0", "--out", out)
+    assert result.exit_code == 1 and "read-back: " in result.stderr and "gain 2.000" in result.stderr, result.stderr
+    assert not any(tmp_path.iterdir())
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_imatrix_makes_iq_quants_closer_to_f16(llama, tmp_path, figures):

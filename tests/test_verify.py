@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -290,6 +291,11 @@ def test_vllm_tp2_bfloat16_with_reports(released, figures):
     folder = out / "reports" / "verify-merged-vllm"
     report = report_of(out, "verify-merged-vllm")
     assert report["passed"] and [r["tp"] for r in report["runs"]] == [1, 2]
+    # the merge judged by code the workbench did not write: its base + adapter through peft's own layers
+    merge = json.loads((Path(report["artifact"]) / "workbench.json").read_text())["steps"][-1]["inputs"]
+    assert report["reference_by"] == "peft: base + adapter", report.get("reference_note")
+    assert (report["reference"], report["reference_adapter"]) == (merge["base"]["path"], merge["adapter"]["path"])
+    assert "by peft's own LoRA layers" in (folder / "summary.md").read_text()
     run_ = report["runs"][1]
     checks = {c["name"]: c for c in run_["checks"]}
     assert set(checks) == ALL_PROBES and all(c["status"] == "passed" for c in checks.values()), checks

@@ -272,8 +272,13 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     tokenizer (tokens, types, merges, special ids, chat template, pre-tokenizer recognised from its split
     pattern). Each output gets a sidecar manifest, FILE.gguf.workbench.json, with its real bits per weight
     and the tensors llama.cpp stored in another type.
+
+    Every file is read back before it is renamed into place: each tensor decoded by gguf-py's own dequantizer
+    and compared with the source (types gguf-py encodes: with its own encoding of the source; K-quants: within
+    a multiple of Q4_0's rounding error); a file that does not hold what was meant fails with exit 1.
     """
     from .convert.gguf import convert_gguf as run_convert, convert_lora_adapter, parse_outtypes
+    from .convert.gguf_readback import describe_gguf
     from .texts import Calibration
 
     types = parse_outtypes(list(outtypes))
@@ -294,6 +299,7 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     elif not quiet:
         for step in steps:
             click.echo(f"{step['metrics']['file_type']:7} {step['metrics']['bytes'] / 2**20:8.1f} MiB  {step['seconds']:6.1f}s  {step['output']}")
+            click.echo(f"        read back: {describe_gguf(step['metrics']['read_back'])}")
         for warning in steps[0]["warnings"] if steps else []:
             click.echo(f"warning: {warning}", err=True)
 

@@ -27,7 +27,7 @@ import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
 from ..engines import ENGINES, check_installed, engine_python
-from ..errors import BadInput, EnvironmentProblem
+from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
 from ..families import check_handled, expert_count
 from ..guard import set_parent_death_signal
 from ..hf import adds_bos, quiet_transformers
@@ -37,6 +37,7 @@ from ..safety import remote_code_trusted
 from ..texts import Calibration
 from .gguf_tables import (CONVERTIBLE, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
                           TOKENIZER_PROBES, gguf_arch)
+from .gguf_readback import GgufReadBackError, read_back_gguf
 from .imatrix import importance_matrix
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
@@ -481,13 +482,7 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, t in enumerate(plan.tensors):
-            data = t.values if not t.read else plan.model.store.get(t.hf_name) if t.hf_name else \
-                torch.stack([plan.model.store.get(n) for n in t.experts])
-            if t.permute_heads:
-                data = _permute(data, t.permute_heads)
-            if t.offset:  # in float32, as llama.cpp's converter does (bf16 would round 1 + w to 2^-8)
-                data = data.float() + t.offset
-            w.write_tensor_data(_encode(data, "f32" if t.float32 else outtype)[0])
+            w.write_tensor_data(_encode(source_data(plan, t), "f32" if t.float32 else outtype)[0])
             w.fout[0].flush()  # let the hasher follow
             if on_tensor:
                 on_tensor(i + 1, len(plan.tensors))
@@ -495,6 +490,31 @@ def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Cal
         w.close()
         digest = hasher.finish()
     return digest
+
+
+def source_data(plan: Plan, t: Tensor) -> torch.Tensor:
+    """A tensor as the converter means it, before encoding: read (experts stacked), q/k permuted, offset."""
+    data = t.values if not t.read else plan.model.store.get(t.hf_name) if t.hf_name else \
+        torch.stack([plan.model.store.get(n) for n in t.experts])
+    if t.permute_heads:
+        data = _permute(data, t.permute_heads)
+    if t.offset:  # in float32, as llama.cpp's converter does (bf16 would round 1 + w to 2^-8)
+        data = data.float() + t.offset
+    return data
+
+
+def read_back(plan: Plan, path: Path) -> dict:
+    """The written file decoded by gguf-py against the source (convert/gguf_readback.py); a file that does not
+    hold what was meant is an artifact failure, raised before it is renamed into place."""
+    from functools import partial
+
+    try:
+        read = read_back_gguf(path, {t.gguf_name: partial(source_data, plan, t) for t in plan.tensors}).as_dict()
+    except GgufReadBackError as exc:
+        raise ArtifactFailed(f"read-back of {path.name}: {exc}") from None
+    if read["failures"]:
+        raise ArtifactFailed(f"read-back: {read['failures'][0]}" + (f" (and {len(read['failures']) - 1} more)" if len(read["failures"]) > 1 else ""))
+    return read
 
 
 TOKENIZE_SCRIPT = """
@@ -715,7 +735,8 @@ def _record_file(c: _Conversion, outtype: str, content: Path, t0: float, started
         **({"tokenizer_differences": differences} if differences else {}),
         "versions": tool_versions(),
         "metrics": {"tensors": len(plan.tensors), "file_type": OUTTYPES[outtype].label, "bytes": content.stat().st_size,
-                    "tokenizer": plan.vocab.model, "pre_tokenizer": plan.vocab.pre, **quant_census(content, OUTTYPES[outtype].label)},
+                    "tokenizer": plan.vocab.model, "pre_tokenizer": plan.vocab.pre, **quant_census(content, OUTTYPES[outtype].label),
+                    "read_back": read_back(plan, content)},
         "warnings": plan.warnings, "status": "ok", **c.extra,
     }
     write_file_manifest(path, step, parent=c.model_dir, sha256=sha256, content=content)
