@@ -187,6 +187,32 @@ def gguf_q8_0_scales_doubled(artifact: Path, out: Path, tensor_type: str = "ffn_
     return out, tensor_type
 
 
+
+def merge_update_doubled(merged: Path, base: Path, out: Path) -> tuple[Path, str]:
+    """A merged artifact whose every LoRA update went in twice (W + 2·s·BA = 2·merged - base, in float32, cast
+    back): a merge bug its self-check did not see. Its manifest still names the base and the adapter."""
+    from safetensors import safe_open
+
+    def base_tensor(name: str) -> torch.Tensor | None:
+        for shard in base.glob("*.safetensors"):
+            with safe_open(shard, "pt") as f:
+                if name in f.keys():
+                    return f.get_tensor(name)
+        return None
+
+    changed_names = []
+
+    def edit(tensors):
+        for name, t in tensors.items():
+            original = base_tensor(name)
+            if original is not None and not torch.equal(original, t):
+                tensors[name] = (2 * t.float() - original.float()).to(t.dtype)
+                changed_names.append(name)
+        return bool(changed_names)
+
+    _edit(_copy(merged, out), edit)
+    return out, f"{len(changed_names)} merged tensors"
+
 CONTROLS = {
     "nvfp4-a16": [nvfp4_global_scale_doubled],
     "mxfp4-a16": [mxfp4_scale_exponent_off_by_one],

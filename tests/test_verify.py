@@ -307,6 +307,22 @@ def test_vllm_tp2_bfloat16_with_reports(released, figures):
     assert "## workbench verify: PASSED" in (folder / "summary.md").read_text()
 
 
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_a_merge_that_added_its_update_twice_fails_against_peft(merged, llama, tmp_path, figures):
+    """The merge control: every merged tensor W + 2·s·BA, its manifest still naming the base and the adapter.
+    Compared with itself it would pass; against base + adapter through peft's layers the engine's own
+    teacher-forced logprobs fail it (exit 1, the check named)."""
+    from controls import merge_update_doubled
+
+    control, what = merge_update_doubled(merged, llama, tmp_path / "control")
+    result, report = verify_cli(control, tmp_path / "r", "--tp", "1", "--max-model-len", "512", "--concurrency", "0")
+    checks = {c["name"]: c for c in report["runs"][0]["checks"]}
+    assert report["reference_by"] == "peft: base + adapter" and result.exit_code == 1, (result.stderr, what)
+    assert checks["teacher-forced"]["status"] == "failed", checks["teacher-forced"]
+    figures["merge control (update x2) vs peft, vLLM teacher-forced"] = {"changed": what, **checks["teacher-forced"]["metrics"]}
+
 @pytest.mark.slow
 @pytest.mark.engine
 def test_llamacpp_on_a_gguf_with_its_source_as_reference(llama, tmp_path, figures):
