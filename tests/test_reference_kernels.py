@@ -118,6 +118,9 @@ def test_vllm_serves_the_fp8_artifact_through_its_own_loader_with_reference_kern
     assert report["kernels"].startswith("reference: vLLM's own loader")
     run_ = report["runs"][0]
     assert run_["env"]["VLLM_DISABLED_KERNELS"] == "CPUFp8PerTensorScaledMMLinearKernel"
+    # what vLLM logged choosing, with its own CPU FP8 kernel disabled: a torch path, for vLLM's fp8 method
+    logged = run_["kernels_logged"]
+    assert logged and all(k.endswith(" for Fp8LinearMethod") and "CPUFp8PerTensor" not in k for k in logged), logged
     reference = next(c for c in run_["checks"] if c["name"] == "reference")["metrics"]
     assert reference["token_agreement"] >= 0.9
     figures["fp8 static on vLLM CPU with reference kernels vs the bf16 source"] = reference

@@ -115,6 +115,8 @@ class EngineSpec:
     token_ids: str | None = None
     # how it returns the logprob of every prompt token and its top-k (verify/forced.py ASK; None: it cannot)
     forced_logprobs: str | None = None
+    # a line its log writes for each linear-layer kernel it chose (groups: kernel, quantization method); None: none
+    kernel_log: str | None = None
     cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
     socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
     max_port: int = 65535  # the highest port it may be given
@@ -164,6 +166,8 @@ ENGINES: dict[str, EngineSpec] = {
         # tokens come back as "token_id:N", so replies cut inside a UTF-8 character are scored exactly
         token_ids="openai",
         forced_logprobs="prompt_logprobs",
+        # vllm/model_executor/layers/quantization/kernels: "Selected CPUInt8ScaledMMLinearKernel for CompressedTensorsW8A8Int8"
+        kernel_log=r"Selected (\w+) for (\w+)",
         # kept across runs: a warm compile cache starts vLLM faster
         cache_env={"VLLM_CACHE_ROOT": "vllm", "TORCHINDUCTOR_CACHE_DIR": "inductor"},
         socket_dir_env="VLLM_RPC_BASE_PATH",

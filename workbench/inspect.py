@@ -31,7 +31,8 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
     # whether it served these very bytes
     info["verifications"] = [
         {"engine": v["engine"], "engine_version": v.get("engine_version"), "tp": r["tp"], "passed": r["passed"],
-         "token_agreement": r.get("token_agreement"), "kernels": v.get("kernels"), "of_these_bytes": v.get("artifact_sha256") == digest}
+         "token_agreement": r.get("token_agreement"), "kernels": v.get("kernels"),
+         "kernels_logged": r.get("kernels_logged"), "reference_by": v.get("reference_by"), "of_these_bytes": v.get("artifact_sha256") == digest}
         for v in (manifest or {}).get("verifications", []) for r in v["runs"]
     ]
     if check:

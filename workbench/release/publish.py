@@ -149,7 +149,7 @@ def _verification(stage: Stage, entry: dict, artifact: Path) -> dict | None:
                      "forced": {k: forced.get(k) for k in ("positions", "mean_logprob_delta", "p99_logprob_delta",
                                                            "top1_agreement", "mean_topk_kl")} if forced else None,
                      "argv": run.get("argv"), "env": run.get("env") or {}, "cpu_env": run.get("cpu_env") or {},
-                     "cpu_args": run.get("cpu_args") or []})
+                     "cpu_args": run.get("cpu_args") or [], "kernels_logged": run.get("kernels_logged")})
     verdict = report.get("verdict") or ("passed" if report.get("passed") else "failed")
     served = report.get("artifact_sha256")
     if served is None or not artifact.exists() or served != content_digest(artifact):
@@ -233,6 +233,8 @@ def _verification_lines(info: dict, model_name: str) -> list[str]:
     lines = [f"State: **{state}** ({info['state_reason']})."
              if state != "served" else "State: **served**: an engine loaded it in this release and every check passed.", ""]
     lines += [f"Kernels: {v['kernels']} ({v['engine']})." for v in verifications if v["kernels"] != "native"]
+    lines += sorted({f"Kernels {v['engine']} logged choosing: {', '.join(run['kernels_logged'])}."
+                     for v in verifications for run in v["runs"] if run.get("kernels_logged")})
     lines += sorted({"Compared with: its base + LoRA adapter evaluated by peft's own layers (not the workbench's merge math)."
                      for v in verifications if (v.get("reference_by") or "").startswith("peft")})
     if not verifications:

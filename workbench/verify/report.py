@@ -66,6 +66,8 @@ def markdown(report: dict) -> str:
             for c in run["checks"]:
                 if c["status"] != "passed":
                     lines.append(f"- tp={run['tp']} **{c['name']}** {c['status']}: {c['detail'].splitlines()[0] if c['detail'] else ''}")
+            if run.get("kernels_logged"):
+                lines.append(f"- tp={run['tp']} kernels the engine logged: {', '.join(run['kernels_logged'])}")
             if run.get("argv"):
                 lines.append(f"- tp={run['tp']} command: `{' '.join(run['argv'])}`")
     return "\n".join(lines) + "\n"

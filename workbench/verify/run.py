@@ -10,6 +10,7 @@ import contextlib
 import shutil
 import signal
 import subprocess
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -409,6 +410,7 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
                 checks += _adapter_checks(live, name, _with_reference(probing, pending.get(name)))
             _quote_engine_error(live, checks, run)
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
+            run["kernels_logged"] = kernels_logged(live)
     except EngineFailed as exc:
         _describe_launch(run, server)
         run["engine_error"] = server.first_error()
@@ -418,6 +420,19 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
                                seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
+
+
+def kernels_logged(server: Server) -> list[str] | None:
+    """The linear-layer kernels the engine says it chose ("kernel for method"), from every node's log; None
+    where the engine logs none (its spec has no kernel_log)."""
+    if server.spec.kernel_log is None:
+        return None
+    logs = [server.log_path, *(server.node_log(rank) for rank in range(1, server.nodes))]
+    found = set()
+    for log in logs:
+        if log.is_file():
+            found.update(f"{kernel} for {method}" for kernel, method in re.findall(server.spec.kernel_log, log.read_text(errors="replace")))
+    return sorted(found)
 
 
 def _describe_launch(run: dict, server: Server) -> None:
