@@ -151,7 +151,8 @@ def test_a_weight_scale_off_by_two_is_failed_by_the_engines_own_logprobs_and_by_
     broken = checks["reference"]["metrics"]
     figures["fp8, every down_proj weight_scale doubled, on vLLM: reference vs the correct artifact's"] = {
         k: (broken[k], correct[k]) for k in ("token_agreement", "max_logprob_delta")}
-    assert broken["token_agreement"] < correct["token_agreement"] and broken["max_logprob_delta"] > correct["max_logprob_delta"]
+    # the greedy share is no separator (measured: 94/96 broken, 93/96 correct); the largest delta is
+    assert broken["max_logprob_delta"] > correct["max_logprob_delta"]
     forced = checks["teacher-forced"]
     correct_forced = next(c for c in served_fp8[0]["runs"][0]["checks"] if c["name"] == "teacher-forced")["metrics"]
     assert forced["status"] == "failed" and "missed: mean |Δlogprob|" in forced["detail"], forced
