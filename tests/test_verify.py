@@ -368,7 +368,7 @@ def test_quantized_gguf_without_its_source_is_incomplete_not_passed(llama, tmp_p
     # the chat facts come from the GGUF's own metadata: its template's end of turn, its special tokens
     assert "4 (the template's end of turn <|im_end|>)" in checks["end-of-turn"]["detail"]
     assert "the template's length" in checks["chat"]["detail"] and "<|im_end|>" in checks["special-tokens"]["detail"]
-    assert 'errors="1"' in (tmp_path / "r" / "junit.xml").read_text()
+    assert 'errors="2"' in (tmp_path / "r" / "junit.xml").read_text()  # reference and teacher-forced
     result = run("verify", gguf_file, "--server", "llamacpp", "--no-reference", "--report", tmp_path / "r2")
     report = json.loads((tmp_path / "r2" / "report.json").read_text())
     assert result.exit_code == 4 and report["verdict"] == "incomplete" and report["reference_note"] == "not run: --no-reference"
