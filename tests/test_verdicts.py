@@ -240,3 +240,23 @@ def test_the_reference_kernels_settings_join_the_users_own_and_are_recorded(monk
     vllm = ENGINES["vllm"]
     server = Server(vllm, "/m", python="/usr/bin/python3", gpu=False, cpus=[0], reference_kernels=vllm.reference_kernels["fp8"])
     assert server.applied_env["VLLM_DISABLED_KERNELS"] == applied
+
+
+def test_a_merged_artifact_is_compared_with_peft_only_while_its_inputs_are_those_it_was_merged_from(llama, llama_lora, tmp_path):
+    """verify's default reference for a merge: its base + adapter through peft while both hash as the manifest
+    records; an adapter changed since the merge makes it the artifact itself, with the reason."""
+    import shutil
+
+    from conftest import run
+    from workbench.verify.run import default_reference
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(llama_lora, adapter)
+    assert run("merge", llama, adapter, "--out", tmp_path / "merged").exit_code == 0
+    choice = default_reference(tmp_path / "merged", "full")
+    assert (choice.model, choice.adapter, choice.by) == (llama.resolve(), adapter.resolve(), "peft: base + adapter"), choice
+    config = adapter / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 16', '"lora_alpha": 32'))
+    choice = default_reference(tmp_path / "merged", "full")
+    assert choice.model == tmp_path / "merged" and choice.adapter is None and choice.by == "transformers"
+    assert "adapter changed since the merge" in choice.note, choice.note

@@ -7,10 +7,10 @@ not run (exit 4), e.g. a quantized artifact whose source model is not there to c
 from __future__ import annotations
 
 import contextlib
+import re
 import shutil
 import signal
 import subprocess
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +28,7 @@ from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_co
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..guard import set_parent_death_signal
-from ..manifest import content_digest, last_step, now
+from ..manifest import content_digest, folder_digest, last_step, now
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .launch import EngineFailed, Server, port_in_use
@@ -107,6 +107,8 @@ def _merge_inputs(artifact: Path, step: dict) -> ReferenceChoice:
         why = "merged onto a 4-bit round trip of its base (--base-quant), which peft's reference does not make"
     elif not (base / CONFIG_NAME).is_file() or not (adapter / "adapter_config.json").is_file():
         why = f"its merge inputs are not there ({base}, {adapter})"
+    elif changed := [k for k, p in (("base", base), ("adapter", adapter)) if folder_digest(p)["sha256"] != inputs[k].get("sha256")]:
+        why = f"its {' and '.join(changed)} changed since the merge (sha256 differs from the manifest's)"
     else:
         return ReferenceChoice(base, adapter)
     return ReferenceChoice(artifact, note=f"the merge is compared with itself, not with peft: {why}")
