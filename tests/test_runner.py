@@ -103,3 +103,18 @@ def test_peak_memory_does_not_grow_with_depth(fixture_root, tmp_path):
         peaks[layers] = _peak_rss_of_quantize(model, tmp_path / f"fp8-{layers}")
     layer_fp32 = sum(o * i for o, i in make_synthetic.projections(make_synthetic.llama_config(**shape)).values()) * 4
     assert peaks[8] - peaks[2] < layer_fp32, (peaks, layer_fp32)
+
+
+def test_an_adapter_the_walk_cannot_run_through_peft_is_named_before_any_run(llama_lora, tmp_path):
+    """LoRA on decoder layers only: an adapter that also trains whole modules gets the reason (verify then
+    compares its merge with itself and says so), the fixture adapter none."""
+    import json
+    import shutil
+
+    from workbench.runner import peft_walk_refusal
+
+    assert peft_walk_refusal(llama_lora) is None
+    adapter = shutil.copytree(llama_lora, tmp_path / "a")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "modules_to_save": ["lm_head"]}))
+    assert "also trains ['lm_head']" in peft_walk_refusal(adapter)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from . import experts
-from .checkpoint import LAYER_NAME, Checkpoint, numel, return_freed_memory
+from .checkpoint import LAYER_NAME, Checkpoint, numel, read_json, return_freed_memory
 from .errors import BadInput
 from .families import family_of
 from .lora import PEFT_PREFIX, adapter_weights
@@ -76,9 +76,9 @@ class PeftAdapter:
         from peft import LoraConfig, inject_adapter_in_model
 
         config = LoraConfig.from_pretrained(str(adapter_dir))
-        if config.modules_to_save or getattr(config, "trainable_token_indices", None):
-            raise BadInput("the peft reference runs LoRA on decoder layers only: this adapter also trains "
-                           f"{config.modules_to_save or 'token embeddings'}")
+        refusal = peft_walk_refusal(adapter_dir)
+        if refusal:
+            raise BadInput(refusal)
         inject_adapter_in_model(config, model, adapter_name=self.NAME, low_cpu_mem_usage=True)
         model.eval()
         self.store = adapter_weights(adapter_dir)
@@ -100,6 +100,18 @@ class PeftAdapter:
         """The adapter's tensor for model parameter ``name``, None for a base weight."""
         key = self.keys.get(name)
         return None if key is None else self.store.get(key).float()
+
+
+def peft_walk_refusal(adapter_dir: Path) -> str | None:
+    """Why the walk cannot run this adapter through peft's layers (it runs LoRA on decoder layers only), from
+    its config and tensor names alone; None: it can."""
+    config = read_json(adapter_dir / "adapter_config.json", "adapter_config.json")
+    trained = config.get("modules_to_save") or ("token embeddings" if config.get("trainable_token_indices") else None)
+    outside = next((n for n in adapter_weights(adapter_dir).tensors
+                    if ".lora_" not in n or "lora_embedding" in n or "embed_tokens" in n or "lm_head" in n), None)
+    if trained or outside:
+        return f"the peft reference runs LoRA on decoder layers only: this adapter also trains {trained or outside}"
+    return None
 
 
 class _Recorder(nn.Module):

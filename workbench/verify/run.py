@@ -101,6 +101,8 @@ def default_reference(artifact: Path, kind: str) -> ReferenceChoice:
 
 def _merge_inputs(artifact: Path, step: dict) -> ReferenceChoice:
     """The base and adapter a merge recorded, where they still are; else the artifact itself, with the reason."""
+    from ..runner import peft_walk_refusal  # torch: imported when a merge is verified, not with the CLI
+
     inputs = step.get("inputs", {})
     base, adapter = (Path((inputs.get(k) or {}).get("path", "")) for k in ("base", "adapter"))
     if (step.get("options") or {}).get("base_quant"):
@@ -109,6 +111,8 @@ def _merge_inputs(artifact: Path, step: dict) -> ReferenceChoice:
         why = f"its merge inputs are not there ({base}, {adapter})"
     elif changed := [k for k, p in (("base", base), ("adapter", adapter)) if folder_digest(p)["sha256"] != inputs[k].get("sha256")]:
         why = f"its {' and '.join(changed)} changed since the merge (sha256 differs from the manifest's)"
+    elif refusal := peft_walk_refusal(adapter):
+        why = refusal
     else:
         return ReferenceChoice(base, adapter)
     return ReferenceChoice(artifact, note=f"the merge is compared with itself, not with peft: {why}")
