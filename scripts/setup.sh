@@ -53,10 +53,19 @@ if [ "$fixtures" != none ]; then
 fi
 if [ "$engines" = 1 ]; then
   t1=$SECONDS
-  # llama.cpp compiles from the sdist for this CPU: ~12 minutes on 2 cores the first time, then pip's
-  # wheel cache makes it quick. LMDeploy serves on NVIDIA GPUs only: without one it gets only what its
-  # command-line parser needs (~2 minutes), so the tests check its command lines with its own parser.
-  .venv/bin/workbench engines install vllm sglang llamacpp lmdeploy
+  # llama.cpp compiles from the sdist for this CPU (~12 minutes on 2 cores), so it installs beside the
+  # others, which mostly download and unpack (each engine has its own folder). LMDeploy serves on NVIDIA
+  # GPUs only: without one it gets only what its command-line parser needs (~2 minutes), so the tests check
+  # its command lines with its own parser.
+  mkdir -p out
+  .venv/bin/workbench engines install llamacpp > out/llamacpp-install.log 2>&1 &
+  llamacpp_pid=$!
+  .venv/bin/workbench engines install vllm sglang lmdeploy
+  if ! wait "$llamacpp_pid"; then
+    cat out/llamacpp-install.log >&2
+    exit 1
+  fi
+  cat out/llamacpp-install.log >&2
   phase "engine installs" $((SECONDS - t1))
 fi
 if [ -n "$pid" ]; then

@@ -10,10 +10,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh --fixtures all
 start=$SECONDS
 set +e
-# WORKBENCH_TEST_WORKERS=2 runs two pytest-xdist workers, each taking whole test files, the longest first
-# (tests/conftest.py): 26-27 minutes instead of ~40 here, but once in two runs a vLLM start in one worker failed
-# while the other worker's engines started, so CI stays on one process (0) until that is understood
-.venv/bin/python -m pytest -n "${WORKBENCH_TEST_WORKERS:-0}" --dist loadfile "$@"
+# two pytest-xdist workers, each taking whole test files, the longest first (tests/conftest.py); an engine
+# start-up that loses its port to the other worker's engine is redone on a new port (verify/launch.py).
+# WORKBENCH_TEST_WORKERS=0 runs everything in this one process
+.venv/bin/python -m pytest -n "${WORKBENCH_TEST_WORKERS:-2}" --dist loadfile "$@"
 code=$?
 set -e
 [ -z "${WORKBENCH_PHASES:-}" ] || printf 'tests (pytest)\t%s\n' $((SECONDS - start)) >> "$WORKBENCH_PHASES"

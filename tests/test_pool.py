@@ -118,3 +118,25 @@ def test_a_paused_engine_still_dies_with_the_workbench(engine, tmp_path):
     while group_alive(group) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not group_alive(group)
+
+
+def test_a_start_that_loses_its_port_to_another_process_is_redone_on_a_new_one(engine, tmp_path, monkeypatch):
+    """Another job took the port between its choice and the engine's bind (two test workers, a CI runner's
+    neighbours): that start-up is redone on a new port, its log kept beside, instead of failing the artifact."""
+    import socket
+
+    from workbench.verify import launch
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    s = server(engine, tmp_path)
+    s.port = taken.getsockname()[1]
+    monkeypatch.setattr(launch, "port_in_use", lambda port: False)  # the race: free when checked, taken at the bind
+    try:
+        s.start()
+        assert s.port_clashes == 1 and s.port != taken.getsockname()[1]
+        assert "address already in use" in (tmp_path / "m-port-clash-1.log").read_text().lower()
+    finally:
+        s.stop()
+        taken.close()

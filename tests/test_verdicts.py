@@ -84,12 +84,12 @@ def test_one_registry_names_every_method_and_scheme(config, method, kind):
     assert (quant.method, quant.kind) == (method, kind)
 
 
-def test_the_verify_gates_and_the_read_back_agree_on_the_kind():
-    from workbench.readback import LIMITS
+def test_the_verify_gates_know_every_kind():
+    from workbench.quantkind import KIND_BY_WEIGHTS
     from workbench.verify.probes import MAX_LOGPROB_DELTA, MIN_TOKEN_AGREEMENT
 
-    for kind in ("fp8", "int8", "int4", "fp4"):
-        assert kind in LIMITS and kind in MIN_TOKEN_AGREEMENT and kind in MAX_LOGPROB_DELTA
+    for kind in KIND_BY_WEIGHTS.values():
+        assert kind in MIN_TOKEN_AGREEMENT and kind in MAX_LOGPROB_DELTA
 
 
 # ---------------------------------------------------------------- a verification names its bytes

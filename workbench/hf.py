@@ -30,3 +30,14 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def library_logs_to_stderr(level: str) -> None:
+    """loguru's messages (llm-compressor's and compressed-tensors') from ``level`` on to whatever ``sys.stderr``
+    is when they are written: importing llm-compressor sends them to stdout, where ``--json``'s document goes."""
+    import sys
+
+    from loguru import logger
+
+    logger.remove()
+    logger.add(lambda message: sys.stderr.write(message), level=level, format="{time:HH:mm:ss} | {level} - {message}")

@@ -19,15 +19,24 @@ Readers, by ``quantization_config.quant_method``:
   computes with.
 
 Per module: ``error`` = ||reader's output - source's|| / ||source's|| and ``gain`` = the least-squares
-factor from the source's output to the reader's. Quantization noise is unbiased (gain ~1, error at the
-format's level); a wrong scale, zero point or group layout moves the gain or the error far past it. A
-reader's own refusal (a missing scale, a shape it cannot unpack) names its tensor too.
+factor from the source's output to the reader's. A reader's own refusal (a missing scale, a shape it cannot
+unpack) names its tensor too.
+
+The limits follow from the format, not from a fixture: each layer is run a third time with the source's own
+weights rounded to nearest under the same scheme by the libraries that write these formats (llm-compressor's
+min-max observer and compressed-tensors' quantizer; bitsandbytes' ``quantize_4bit`` for its format), which is
+the error that scheme costs on that layer of that model (``rounding``). A layer passes within
+ROUNDING_MULTIPLE of it, its gain within its rounding error of the rounded layer's. Where the format is
+written by round-to-nearest alone (the workbench's FP8, per tensor or per block; bitsandbytes' 4-bit), the
+decoded layer must moreover be the rounded one (``from_rounding`` ~0); where an algorithm chose the values
+(GPTQ, AWQ, SmoothQuant: compressed-tensors does not say which), the multiple bounds it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import types
 from dataclasses import dataclass, field
@@ -39,14 +48,19 @@ import torch
 from . import experts, kvcache
 from .checkpoint import Checkpoint
 from .errors import ArtifactFailed, BadInput
+from .hf import library_logs_to_stderr
 from .quantkind import quant_of
 from .runner import LayerRunner
 
 ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call
 SAMPLES, SEQ_LEN = 4, 128  # held-out tokens per read-back: every quantized module sees 512 real inputs
-# the largest output error per module and gain deviation a correct artifact of each kind shows on the
-# trained fixtures (measured: see tests/test_readback.py), with margin; a broken scale or layout is far past
-LIMITS = {"fp8": (0.12, 0.05), "int8": (0.12, 0.05), "int4": (0.35, 0.12), "fp4": (0.35, 0.12)}
+# a layer (or a weight outside the layers) may differ from the source by this multiple of what rounding the
+# source's weights to nearest under the same scheme costs there; GPTQ and AWQ choose values closer than that
+ROUNDING_MULTIPLE = 1.5
+# where the format is round-to-nearest alone, the decoded layer's distance from the rounded one, as a share
+# of the rounding error itself (ties and the scale's float precision: measured ~0, see tests/test_readback.py)
+EXACT_SHARE = 0.1
+ERROR_FLOOR = 1e-3  # below this, float noise: a layer nothing quantized
 FP8_LARGEST = 448.0  # float8_e4m3fn
 SATURATED_LIMIT = 0.05  # share of a module's held-out inputs past its static scale's range
 # a module this many times the median error of the same module in the other layers, and past the floor
@@ -62,6 +76,9 @@ class ModuleReading:
     error: float
     gain: float
     clipped: float = 0.0  # share of its held-out inputs past its static input scale's range
+    rounding: float | None = None  # "layer" and "weight": the same scheme's round-to-nearest error from the source
+    rounding_gain: float = 1.0
+    from_rounding: float | None = None  # the decoded's distance from that rounding, relative to the source's
     role: str = "module"  # "module": inside a decoder layer, judged through "layer", its layer's update;
     # "weight": a decoded module outside the layers (lm_head), judged weight to weight; "kv": a KV-cache scale
     # (``module`` is the tensor), judged by the share of held-out keys or values past its range (``clipped``)
@@ -73,6 +90,7 @@ class ReadBack:
     kind: str
     modules: list[ModuleReading] = field(default_factory=list)
     refusal: str | None = None  # the reader's own error, naming its tensor
+    exact: bool = False  # the format is round-to-nearest alone: decoded layers must be the rounded source's
 
     def failures(self) -> list[str]:
         """Every layer (and module outside the layers) past its kind's limits, naming the decoded module of the
@@ -82,16 +100,15 @@ class ReadBack:
         if not any(m.role in ("module", "weight") for m in self.modules):
             return [f"{self.reader} decoded no quantized module, though config.json says the model is quantized: "
                     "nothing was read back"]
-        max_error, max_gain_off = LIMITS[self.kind]
         out, named = [], set()
         for m in self.modules:
-            if m.role == "module" or (m.error <= max_error and abs(m.gain - 1) <= max_gain_off):
+            why = self._past_rounding(m) if m.role in ("layer", "weight") else None
+            if why is None:
                 continue
             worst = _origin([p for p in self.modules if p.role == "module" and p.module.startswith(m.module.split(" ")[0] + ".")]) or m
             named.add(worst.module)
             out.append(f"{worst.module}: read by {self.reader}, its output differs from the source's by "
-                       f"{worst.error:.1%} (gain {worst.gain:.3f}); {m.module} {m.error:.1%} off, past the "
-                       f"{max_error:.0%} a correct {self.kind} artifact stays within")
+                       f"{worst.error:.1%} (gain {worst.gain:.3f}); {m.module} {why}")
         for m in self.modules:
             if m.clipped > SATURATED_LIMIT:
                 what = (f"{m.module}: {m.clipped:.0%} of the held-out {'keys' if m.module.endswith('k_scale') else 'values'}"
@@ -103,6 +120,21 @@ class ReadBack:
                 out.append(f"{m.module}: read by {self.reader}, its output differs from the source's by {m.error:.1%} "
                            f"(gain {m.gain:.3f}), {m.error / typical:.0f}x the same module's in the other layers ({typical:.1%})")
         return out
+
+    def _past_rounding(self, m: ModuleReading) -> str | None:
+        """Why ``m`` (a layer's update or a weight outside the layers) is not what its scheme gives the source,
+        or None."""
+        rounding = m.rounding or 0.0
+        if not m.error <= max(ROUNDING_MULTIPLE * rounding, ERROR_FLOOR):
+            return (f"{m.error:.1%} off, past {ROUNDING_MULTIPLE:g}x the {rounding:.1%} that rounding the source's "
+                    f"weights to nearest under the same scheme costs there")
+        if not abs(m.gain - m.rounding_gain) <= max(rounding, ERROR_FLOOR):
+            return (f"gain {m.gain:.3f} against {m.rounding_gain:.3f} rounded to nearest: further apart than the "
+                    f"{rounding:.1%} the rounding itself costs")
+        if self.exact and not (m.from_rounding or 0.0) <= max(EXACT_SHARE * rounding, ERROR_FLOOR):
+            return (f"{m.from_rounding:.2%} from the source rounded to nearest, which this format is (more than "
+                    f"{EXACT_SHARE:.0%} of the rounding's own {rounding:.1%})")
+        return None
 
     def _outliers(self) -> list[tuple[ModuleReading, float]]:
         """(module, the median error of its kind of module over the layers) for modules whose error is past
@@ -121,13 +153,17 @@ class ReadBack:
 
     def as_dict(self) -> dict:
         judged = [m for m in self.modules if m.role != "module"]
+        rounded = [m for m in judged if m.role in ("layer", "weight")]
         worst = max(judged, key=lambda m: m.error, default=None)
-        return {"reader": self.reader, "kind": self.kind, "limits": dict(zip(("max_error", "max_gain_deviation"), LIMITS[self.kind])),
+        return {"reader": self.reader, "kind": self.kind, "exact": self.exact,
+                "limits": {"rounding_multiple": ROUNDING_MULTIPLE, **({"exact_share": EXACT_SHARE} if self.exact else {})},
                 "decoded_modules": len([m for m in self.modules if m.role in ("module", "weight")]),
                 "kv_scales_checked": len([m for m in self.modules if m.role == "kv"]),
-                "judged": len(judged), "max_error": round(worst.error, 4) if worst else None,
-                "where": worst.module if worst else None,
-                "max_gain_deviation": round(max((abs(m.gain - 1) for m in judged), default=0.0), 4),
+                "judged": len(judged), "where": worst.module if worst else None,
+                "max_error": round(worst.error, 4) if worst else None,
+                "max_of_rounding": round(max((m.error / max(m.rounding or 0.0, ERROR_FLOOR) for m in rounded), default=0.0), 3),
+                "max_from_rounding": round(max((m.from_rounding or 0.0 for m in rounded), default=0.0), 5),
+                "max_gain_deviation": round(max((abs(m.gain - m.rounding_gain) for m in rounded), default=0.0), 4),
                 "refusal": self.refusal, "failures": self.failures()}
 
 
@@ -147,10 +183,10 @@ def describe(read: dict) -> str:
         return read["refusal"]
     if read["failures"]:
         return "; ".join(read["failures"][:3])
-    limits = read["limits"]
-    return (f"{read['reader']} decoded {read['decoded_modules']} modules; each layer's update within {read['max_error']:.1%} "
-            f"of the source's (gain within {read['max_gain_deviation']:.1%}; limits {limits['max_error']:.0%}, "
-            f"{limits['max_gain_deviation']:.0%})")
+    exact = f"; {read['max_from_rounding']:.2%} from it at most" if read.get("exact") else ""
+    return (f"{read['reader']} decoded {read['decoded_modules']} modules; each layer within {read['max_of_rounding']:.2f}x "
+            f"what rounding the source to nearest under the same scheme costs (limit {read['limits']['rounding_multiple']:g}x; "
+            f"largest error {read['max_error']:.1%}, {read['where']}){exact}")
 
 
 @dataclass
@@ -188,6 +224,11 @@ class CompressedTensorsReader:
         except ValueError as exc:
             raise ReaderRefused(f"{self.name} cannot read the quantization_config: {exc}") from None
         self.schemes = list(self.dequantizer.quant_config.config_groups.values())
+        self.exact = False  # compressed-tensors' config does not say whether GPTQ, AWQ or SmoothQuant chose the values
+
+    def rounded(self, module: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The source's ``weight`` of ``module`` rounded to nearest under the module's scheme, decoded."""
+        return _rounded_to_nearest(weight, self._scheme(module).weights)
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoded weights by module name, for the quantized modules among ``tensors`` (one module's tensors
@@ -237,6 +278,23 @@ class CompressedTensorsReader:
         raise ReaderRefused(f"{module} matches none of the quantization_config's targets")
 
 
+def _rounded_to_nearest(weight: torch.Tensor, args) -> torch.Tensor:
+    """``weight`` rounded to nearest under compressed-tensors' QuantizationArgs ``args`` and decoded: the scales
+    from llm-compressor's min-max observer (what its data-free schemes use), the values from compressed-tensors'
+    quantizer, so that no code of the workbench decides what a correct artifact holds."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    args = args.model_copy(deep=True)  # the observer writes its settings into the args it is given
+    weight = weight.float()
+    # llm-compressor's import logs to stdout (where --json's document goes) that it will compress on the CPU,
+    # which is not what it is asked here; its later messages go to stderr
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        from llmcompressor.observers import Observer
+    library_logs_to_stderr("WARNING")
+    qparams = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)(weight).get_qparams()
+    return fake_quantize(weight, qparams["scale"], qparams["zero_point"], args, global_scale=qparams["global_scale"])
+
+
 def _same(original: torch.Tensor | None, decoded: torch.Tensor) -> bool:
     """An untouched tensor passed through (embeddings, norms, ignored layers)."""
     return original is not None and original.dtype == decoded.dtype and original.data_ptr() == decoded.data_ptr()
@@ -263,6 +321,13 @@ class Fp8BlockReader:
         self.block = tuple(quant["weight_block_size"])
         ignore = quant.get("modules_to_not_convert") or quant.get("ignored_layers") or []
         self.dequantizer = FP8BlockDequantizer(ignore=ignore, weight_block_size=self.block, dtype=torch.float32)
+        self.exact = True  # a scale per block from its absolute maximum: round-to-nearest, nothing chosen
+
+    def rounded(self, module: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        from compressed_tensors.quantization import QuantizationArgs
+
+        args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=list(self.block), symmetric=True)
+        return _rounded_to_nearest(weight, args)
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Decoded weights of the FP8 modules among ``tensors``, one module at a time (a refusal names it)."""
@@ -307,6 +372,19 @@ class BitsAndBytesReader:
 
     def __init__(self, artifact: Path, quant: dict):
         self.name = _version("bitsandbytes")
+        self.exact = True  # a scale per block from its absolute maximum, values to the nearest code
+
+    def rounded(self, module: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``weight`` through bitsandbytes' own quantize_4bit with the written quant state's settings."""
+        import bitsandbytes.functional as F
+
+        prefix = module + ".weight."
+        written = F.QuantState.from_dict({k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)},
+                                         device=torch.device("cpu"))
+        packed, state = F.quantize_4bit(weight.to(written.dtype), blocksize=written.blocksize,
+                                        compress_statistics=written.nested, quant_type=written.quant_type)
+        state.dtype = torch.float32
+        return F.dequantize_4bit(packed, state)
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         import bitsandbytes.functional as F
@@ -353,7 +431,9 @@ def _fp8_reader(artifact: Path, config: dict) -> CompressedTensorsReader:
     described = {**config, "quantization_config": fp8_as_compressed_tensors(config["quantization_config"])}
     with tempfile.TemporaryDirectory(prefix="workbench-readback-") as folder:
         Path(folder, "config.json").write_text(json.dumps(described))
-        return CompressedTensorsReader(Path(folder), described["quantization_config"])
+        reader = CompressedTensorsReader(Path(folder), described["quantization_config"])
+    reader.exact = True  # the workbench writes it by round-to-nearest from the weights' absolute maximum
+    return reader
 
 
 @torch.inference_mode()
@@ -367,7 +447,7 @@ def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | 
         return ReadBack(_version("compressed-tensors"), quant_of(checkpoint.config).kind, refusal=str(exc))
     if reader is None:
         return None
-    result = ReadBack(reader.name, quant_of(checkpoint.config).kind)
+    result = ReadBack(reader.name, quant_of(checkpoint.config).kind, exact=reader.exact)
     runner = LayerRunner(source)
     try:
         result.modules += _outside_layers(runner, checkpoint, reader)
@@ -404,10 +484,22 @@ def _outside_layers(runner: LayerRunner, checkpoint: Checkpoint, reader) -> list
                if isinstance(m, torch.nn.Linear) and not n.startswith(head)}
     names = [n for n in checkpoint.store.tensors if n.rpartition(".")[0] in linears]
     readings = []
-    for module, weight in reader.weights(_tensors(checkpoint, names)).items():
+    tensors = _tensors(checkpoint, names)
+    for module, weight in reader.weights(tensors).items():
         source = runner.weights.get(module + ".weight").float()
-        readings.append(_from_sums(module, *_sums(source.flatten(), weight.flatten()), role="weight"))
+        reading = _from_sums(module, *_sums(source.flatten(), weight.flatten()), role="weight")
+        rounded = reader.rounded(module, source, tensors)
+        _set_rounding(reading, _sums(source, rounded), _sums(rounded, weight))
+        readings.append(reading)
     return readings
+
+
+def _set_rounding(reading: ModuleReading, rounding_sums: list[float], gap_sums: list[float]) -> None:
+    """``reading``'s rounding figures from the sums of (source, rounded) and of (rounded, decoded), both
+    relative to the source's norm."""
+    rounded = _from_sums(reading.module, *rounding_sums)
+    reading.rounding, reading.rounding_gain = rounded.error, rounded.gain
+    reading.from_rounding = (gap_sums[0] / max(rounding_sums[1], 1e-30)) ** 0.5
 
 
 def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader, streams) -> list[ModuleReading]:
@@ -418,7 +510,9 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     the source's routing, so that each expert is compared on the tokens the source sent it. ``streams`` move
     on with the source's output."""
     local, tensors, decoded, modules = _layer_read(runner, index, layer, checkpoint, reader)
+    rounded = {m: reader.rounded(m, layer.get_submodule(name).weight, tensors) for m, name in modules.items()}
     layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in decoded}, {}
+    rounding_sums, gap_sums = [0.0] * 3, [0.0] * 3
     kv_scales = {n: tensors[local[n]] for n in local if n.endswith(("k_scale", "v_scale"))}  # by layer-local name
     kv_counts = {n: [0, 0] for n in kv_scales}
     prefix = runner.layer_prefix(index) + "."
@@ -434,12 +528,21 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
                 _module_outputs(layer, routers, replay=routing.outputs), \
                 kvcache.seen(layer, partial(_count_past_kv_scales, kv_scales, kv_counts)):
             runner.forward(layer, index, candidate)
-        _add(layer_sums, _sums(s.hidden - hidden, candidate.hidden - hidden))
+        by_rounding = s.fork()
+        by_rounding.hidden = hidden
+        with _decoded_layer(layer, rounded, modules, local, tensors, reader, {}, own_tensors=False), \
+                _module_outputs(layer, routers, replay=routing.outputs):
+            runner.forward(layer, index, by_rounding)
+        update = s.hidden - hidden
+        _add(layer_sums, _sums(update, candidate.hidden - hidden))
+        _add(rounding_sums, _sums(update, by_rounding.hidden - hidden))
+        _add(gap_sums, _sums(by_rounding.hidden, candidate.hidden))
         called.update(dict.fromkeys(got.outputs))
         for module, name in modules.items():
             for e, g in zip(expected.outputs.get(name, []), got.outputs.get(name, []), strict=True):
                 _add(module_sums[module], _sums(e, g))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
+    _set_rounding(readings[0], rounding_sums, gap_sums)
     unseen = [local[n] for n, (_, total) in kv_counts.items() if not total]
     if unseen:  # never a pass for a scale nothing was compared with
         raise ReaderRefused(f"{unseen[0]}: no held-out key or value reached it through the attention (not checked)")
@@ -549,14 +652,15 @@ class _module_outputs:
 
 @contextlib.contextmanager
 def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: dict, reader, clipped: dict,
-                   static: bool = False):
-    """``layer`` with the reader's weights, the reader's dynamic input quantization (static too, with
-    ``static``), and the artifact's other parameters (norms, biases) in place of the source's; the source's
-    back on exit. ``clipped[module]`` counts [inputs past a static scale's range, inputs]."""
+                   static: bool = False, own_tensors: bool = True):
+    """``layer`` with the ``decoded`` weights, the reader's dynamic input quantization (static too, with
+    ``static``), and the artifact's other parameters (norms, biases; with ``own_tensors``) in place of the
+    source's; the source's back on exit. ``clipped[module]`` counts [inputs past a static scale's range, inputs]."""
     saved, handles = [], []
     params = dict(layer.named_parameters())
     replaced = {modules[m] + ".weight": w for m, w in decoded.items()}
-    replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced})
+    if own_tensors:
+        replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced})
     try:
         for name, value in replaced.items():
             owner_name, _, attr = name.rpartition(".")

@@ -18,6 +18,7 @@ from .. import kvcache
 from ..checkpoint import Checkpoint
 from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
 from ..families import ExpertLayout
+from ..hf import library_logs_to_stderr
 from .recipe import Recipe
 from ..safety import remote_code_trusted
 
@@ -119,17 +120,8 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
     except Exception as exc:  # llm-compressor raises many kinds; the log has its story
         raise EnvironmentProblem(f"llm-compressor {recipe.method} failed: {str(exc).splitlines()[0]} (log: {log})") from None
     finally:
-        _library_logs_to_stderr("WARNING")
+        library_logs_to_stderr("WARNING")
     log.unlink()
-
-
-def _library_logs_to_stderr(level: str) -> None:
-    """loguru's messages (llm-compressor's and compressed-tensors') from ``level`` on to whatever ``sys.stderr``
-    is when they are written: importing llm-compressor sends them to stdout, where ``--json``'s document goes."""
-    from loguru import logger
-
-    logger.remove()
-    logger.add(lambda message: sys.stderr.write(message), level=level, format="{time:HH:mm:ss} | {level} - {message}")
 
 
 def _quantize_and_save(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, folder: Path,
@@ -140,7 +132,7 @@ def _quantize_and_save(model_dir: Path, recipe: Recipe, samples: torch.Tensor | 
     with contextlib.redirect_stdout(sys.stderr):  # its import logs (to stdout) already
         from llmcompressor import oneshot
         from llmcompressor.modeling.moe.linearize import linearize_moe
-    _library_logs_to_stderr("INFO")  # after llm-compressor's import set them up; the log, while it holds stderr
+    library_logs_to_stderr("INFO")  # after llm-compressor's import set them up; the log, while it holds stderr
     _cpu_without_pinning()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=remote_code_trusted())
     linearize_moe(model)  # stacked experts -> one Linear each; nothing for a dense model

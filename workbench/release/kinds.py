@@ -144,7 +144,8 @@ def _read_back_lines(read: dict | None) -> list[str]:
         return []
     return ["", f"Read back by {read['reader']} (the format's own library, not the workbench's code): "
                 f"{read['decoded_modules']} modules decoded; every decoder layer's output within {read['max_error']:.1%} "
-                "of the source model's on held-out text."]
+                f"of the source model's on held-out text, and within {read['max_of_rounding']:.2f}x of what rounding the "
+                "source's weights to nearest under the same scheme costs."]
 
 
 # ---------------------------------------------------------------- gguf

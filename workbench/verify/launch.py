@@ -50,6 +50,12 @@ def joined_list(user: str | None, ours: str) -> str:
     return ",".join(items + [i for i in ours.split(",") if i not in items])
 
 
+# EADDRINUSE as Python, uvicorn and ZMQ report it (any case): a port (the API's or one the engine picks for its own
+# processes) taken between its choice and the bind
+PORT_CLASH = "address already in use"
+PORT_ATTEMPTS = 3
+
+
 class EngineFailed(EnvironmentProblem):
     """The engine died or never became ready; carries the end of its log."""
 
@@ -88,6 +94,8 @@ class Server:
         self.lora_rank = lora_rank
         self.python = engine_python(spec, python)
         self.port = port or free_port(spec.max_port)
+        self.port_given = port is not None
+        self.port_clashes = 0  # start-ups retried because a port chosen free was taken before the engine bound it
         self.max_model_len = max_model_len
         self.dtype = dtype
         self.extra_args = tuple(extra_args)
@@ -202,6 +210,22 @@ class Server:
         self.stop()
 
     def start(self) -> None:
+        """Start the engine and wait until it answers. A start-up that dies on a port another process took
+        between its choice and the engine's bind (another job starting servers on this machine) is retried on
+        new ports, its log kept beside, up to PORT_ATTEMPTS in all; any other failure is the engine's."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                return self._start_once()
+            except EngineFailed:
+                if attempt == PORT_ATTEMPTS or PORT_CLASH not in _text(self.log_path).lower():
+                    raise
+            self.port_clashes += 1
+            self.log_path.replace(self.log_path.with_name(f"{self.log_path.stem}-port-clash-{attempt}{self.log_path.suffix}"))
+            self.port = self.port if self.port_given else free_port(self.spec.max_port)
+            self.node_ports = [free_port(self.spec.max_port) for _ in self.node_ports]
+            self.init_port = free_port(self.spec.max_port) if self.init_port is not None else None
+
+    def _start_once(self) -> None:
         if port_in_use(self.port):
             raise BadInput(f"port {self.port} on {HOST} is already in use")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,6 +338,13 @@ def first_error_line(log: str) -> str | None:
                 line = f"{line}: {detail}" if detail else line
             return line[:400]
     return next((line[:400] for line in lines if "ERROR" in line), None)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
 
 
 def _tail(path: Path, lines: int = 20) -> str:

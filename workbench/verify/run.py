@@ -444,7 +444,7 @@ def kernels_logged(server: Server) -> list[str] | None:
 def _describe_launch(run: dict, server: Server) -> None:
     """How the engine that answered was started (the kept server's own port and log when it was reused)."""
     run.update({"argv": server.argv(), "env": server.applied_env, "cpu_env": server.cpu_env, "cpu_args": server.cpu_args,
-                "log": str(server.log_path), "reused_server": server.reused})
+                "log": str(server.log_path), "reused_server": server.reused, "port_clashes": server.port_clashes})
 
 
 def _serving_checks(client: Client, server: Server, probing: Probing, facts: ChatFacts, concurrency: int) -> list[Check]:
