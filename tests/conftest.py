@@ -28,7 +28,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 torch.set_num_threads(1 if WORKER else 2)
 # Every engine the tests start inherits this: SGLang on CPU compiles helper functions with torch.compile at each
 # start and again for new shapes (measured on the trained Llama: start 66 -> 41 s, its whole verify 115 -> 65 s,
-# every figure identical). Like vLLM's --enforce-eager, no test here is about compilation.
+# every figure identical). Like vLLM's --enforce-eager; a test that needs vLLM compiled unsets it.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
