@@ -35,6 +35,7 @@ decoded layer must moreover be the rounded one (``from_rounding`` ~0); where an 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -93,8 +94,9 @@ class ReadBack:
     exact: bool = False  # the format is round-to-nearest alone: decoded layers must be the rounded source's
 
     def failures(self) -> list[str]:
-        """Every layer (and module outside the layers) past its kind's limits, naming the decoded module of the
-        layer furthest from the source's; and every module far past the same module in the other layers."""
+        """Every layer (and module outside the layers) past what its scheme's rounding allows, naming the
+        decoded module of the layer furthest from the source's; and every module far past the same module in
+        the other layers."""
         if self.refusal:
             return [self.refusal]
         if not any(m.role in ("module", "weight") for m in self.modules):
@@ -286,13 +288,18 @@ def _rounded_to_nearest(weight: torch.Tensor, args) -> torch.Tensor:
 
     args = args.model_copy(deep=True)  # the observer writes its settings into the args it is given
     weight = weight.float()
-    # llm-compressor's import logs to stdout (where --json's document goes) that it will compress on the CPU,
-    # which is not what it is asked here; its later messages go to stderr
+    qparams = _observer_class().load_from_registry("memoryless_minmax", base_name="weight", args=args)(weight).get_qparams()
+    return fake_quantize(weight, qparams["scale"], qparams["zero_point"], args, global_scale=qparams["global_scale"])
+
+
+@functools.cache
+def _observer_class():
+    """llm-compressor's Observer, imported once: its import logs to stdout (where --json's document goes) that it
+    will compress on the CPU, which is not what it is asked here; its later messages go to stderr."""
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         from llmcompressor.observers import Observer
     library_logs_to_stderr("WARNING")
-    qparams = Observer.load_from_registry("memoryless_minmax", base_name="weight", args=args)(weight).get_qparams()
-    return fake_quantize(weight, qparams["scale"], qparams["zero_point"], args, global_scale=qparams["global_scale"])
+    return Observer
 
 
 def _same(original: torch.Tensor | None, decoded: torch.Tensor) -> bool:

@@ -348,7 +348,4 @@ def _text(path: Path) -> str:
 
 
 def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
+    return "\n".join(_text(path).splitlines()[-lines:])
