@@ -195,7 +195,7 @@ def test_model_cards_and_manifests(released):
     assert "VLLM_CPU_KVCACHE_SPACE=1" in on_cpu and "VLLM_CPU_OMP_THREADS_BIND=" in on_cpu
     assert "VLLM_CPU" not in body.split("On CPU", 1)[0]
     assert "python -m sglang.launch_server --model-path tiny-llama-lora-merged --tp 2\n" in body  # no KV cap: CPU only
-    assert "SGLANG_USE_CPU_ENGINE=1" in on_cpu and "--max-total-tokens 65536" in on_cpu
+    assert "SGLANG_USE_CPU_ENGINE=1" in on_cpu and "--max-total-tokens 65536 --sleep-on-idle" in on_cpu
     meta, body = _card(out / "tiny-llama-lora-fp8" / "README.md")
     assert meta["base_model"] == "tiny-llama-lora-merged" and meta["base_model_relation"] == "quantized"
     assert meta["quantization"]["quant_method"] == "fp8" and meta["quantization"]["scheme"] == "static"

@@ -11,7 +11,8 @@ import pytest
 
 from workbench.manifest import content_digest
 from workbench.quantkind import quant_of
-from workbench.release.publish import STALE_REASON, _mark_stale, _verification, artifact_state, meets_requirement
+from workbench.release.publish import (STALE_REASON, _mark_stale, _verification, artifact_state, meets_requirement,
+                                       serving_command)
 from workbench.release.spec import Stage
 from workbench.verify.probes import Probing, _compare, verdict
 from workbench.verify.run import served_context
@@ -260,3 +261,12 @@ def test_a_merged_artifact_is_compared_with_peft_only_while_its_inputs_are_those
     choice = default_reference(tmp_path / "merged", "full")
     assert choice.model == tmp_path / "merged" and choice.adapter is None and choice.by == "transformers"
     assert "adapter changed since the merge" in choice.note, choice.note
+
+
+def test_the_cards_command_leaves_out_this_machines_cpu_flags_with_or_without_values():
+    argv = ["/py", "-m", "sglang.launch_server", "--model-path", "/out/m", "--host", "127.0.0.1", "--port", "3000",
+            "--tp", "2", "--max-total-tokens", "65536", "--sleep-on-idle", "--dtype", "bfloat16"]
+    command = "python -m sglang.launch_server --model-path org/m --tp 2"
+    cpu_only = ["--max-total-tokens", "65536", "--sleep-on-idle"]
+    assert serving_command("sglang", argv, "org/m", cpu_only) == command + " --dtype bfloat16"
+    assert serving_command("sglang", argv, "org/m", []) == command + " " + " ".join(cpu_only + ["--dtype", "bfloat16"])

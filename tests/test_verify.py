@@ -42,10 +42,12 @@ def test_sglang_command_line_carries_its_cpu_settings_as_data():
     assert on_gpu.argv() == argv and on_gpu.cpu_env == {}
     on_cpu = Server(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096,
                     gpu=False, cpus=[2, 3])
-    assert on_cpu.argv() == argv + ["--max-total-tokens", "65536"]  # the KV-token cap, unless the user gives one
+    # the KV-token cap, unless the user gives one; a scheduler that sleeps while idle instead of polling a core
+    assert on_cpu.argv() == argv + ["--max-total-tokens", "65536", "--sleep-on-idle"]
     assert on_cpu.cpu_env["SGLANG_CPU_OMP_THREADS_BIND"] == "2|3" and on_cpu.cpu_env["SGLANG_USE_CPU_ENGINE"] == "1"
     capped = Server(ENGINES["sglang"], "/m", python="/usr/bin/python3", extra_args=("--max-total-tokens", "999"), gpu=False)
     assert capped.argv().count("--max-total-tokens") == 1 and capped.argv()[-1] == "999"
+    assert capped.cpu_args == ["--sleep-on-idle"]
 
 
 def test_vllm_command_line_and_tp_environment(monkeypatch):

@@ -187,10 +187,13 @@ def _record_in_manifest(stage: Stage, verifications: list[dict], state: str, rea
 
 def _flags(engine: str, argv: list[str], drop: list[str]) -> list[str]:
     """The flags after the model in a verification's argv, without the private --host/--port and the
-    flag/value pairs in ``drop``."""
+    CPU-only flags ``drop`` (launch.py appends them as one block)."""
     spec = ENGINES[engine]
     rest = argv[3 + len(model_args(spec, "")):]  # argv: python -m module <subcommand and model> flags...
-    dropped = {spec.host_flag, spec.port_flag, *drop[::2]}
+    at = next((i for i in range(len(rest)) if drop and rest[i:i + len(drop)] == drop), None)
+    if at is not None:
+        rest = rest[:at] + rest[at + len(drop):]
+    dropped = {spec.host_flag, spec.port_flag}
     out, i = [], 0
     while i < len(rest):
         if rest[i] in dropped:
