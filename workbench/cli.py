@@ -24,6 +24,21 @@ from .quantize.recipe import KV_CACHE_KINDS, method_help
 VERDICT_EXIT = {"passed": 0, "failed": 1, "incomplete": INCOMPLETE}
 
 
+class _ModelSource(click.ParamType):
+    """A model or adapter: a local path, or a hub id org/name[@revision] resolved to its snapshot in
+    huggingface_hub's cache (workbench/hub.py); an error there is the command's one-line error and exit code."""
+
+    name = "PATH|ORG/NAME[@REV]"
+
+    def convert(self, value, param, ctx):
+        from .hub import resolve_model
+
+        return value if isinstance(value, Path) else resolve_model(value, param.human_readable_name if param else "model")
+
+
+MODEL_SOURCE = _ModelSource()
+
+
 def _internal_error(exc: BaseException) -> str:
     """Write the traceback to a log file under $WORKBENCH_HOME/logs; the line that names it."""
     import datetime
@@ -82,6 +97,11 @@ def cli():
     workbench.json manifest: inputs with their sha256, options, tool versions and check figures.
 
     \b
+    A model or adapter may be named by a hub id, org/name[@revision]: read from huggingface_hub's cache,
+    fetched into it when the hub is reachable (HF_HUB_OFFLINE=1: the cache alone); its commit goes into
+    the manifest, and outputs named after it go to the working folder.
+
+    \b
     Exit codes: 0 ok, 1 an artifact failed a check, 2 bad input (nothing written), 3 an engine, tool or
     memory is missing, 4 incomplete (a required check could not run), 5 internal error (traceback in a log).
     """
@@ -119,9 +139,10 @@ def _progress(enabled: bool, label: str):
 
 
 @cli.command()
-@click.argument("base", type=click.Path(path_type=Path))
-@click.argument("adapter", type=click.Path(path_type=Path))
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: ADAPTER path + '-merged'.")
+@click.argument("base", type=MODEL_SOURCE)
+@click.argument("adapter", type=MODEL_SOURCE)
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output folder. Default: ADAPTER path + '-merged' (a hub id's: its name + '-merged', here).")
 @click.option("--dtype", type=click.Choice(MERGE_DTYPES), default="auto", show_default=True,
               help="dtype of the merged weights; auto keeps the base's. The merge itself is always float32.")
 @click.option("--max-shard-size", help="Largest output shard, e.g. 2GB. Default: the base's largest shard.")
@@ -170,7 +191,7 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=MODEL_SOURCE)
 @click.option("--method", help=f"A shipped recipe: {method_help()}.")
 @click.option("--recipe", "recipe_path", type=click.Path(path_type=Path), help="Your own recipe YAML instead of --method.")
 @click.option("--samples", type=int, help="Calibration samples (overrides the recipe).")
@@ -182,7 +203,8 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
               "recipes only), compressed-tensors, or bitsandbytes (bnb recipes).")
 @click.option("--kv-cache", type=click.Choice(KV_CACHE_KINDS), help="Also calibrate per-layer FP8 KV-cache scales "
               "(k_scale/v_scale, as vLLM reads them with --kv-cache-dtype fp8), in the fp8 or compressed-tensors format.")
-@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: MODEL-<recipe>.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Output folder. Default: MODEL-<recipe> (a hub id's: its name + '-<recipe>', here).")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--max-ppl-delta", type=float, help="Gate: largest relative perplexity increase on held-out text.")
 @click.option("--max-kl", type=float, help="Gate: largest mean KL divergence of next-token distributions (nats).")
@@ -241,7 +263,7 @@ def convert():
 
 
 @convert.command("gguf")
-@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("model", type=MODEL_SOURCE)
 @click.option("--outtype", "outtypes", multiple=True, default=("f16",), show_default=True,
               help="f32, f16, bf16, q8_0 (written directly) or q4_0, q4_k_m, q5_k_m, q6_k, iq4_xs, iq3_xxs, ... (llama.cpp's "
                    "quantize on one F16 pass). Repeatable or comma-separated.")
@@ -253,7 +275,7 @@ def convert():
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output .gguf file (one outtype) or folder. Default: MODEL's folder, named MODEL-<TYPE>.gguf.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
-@click.option("--adapter", type=click.Path(path_type=Path),
+@click.option("--adapter", type=MODEL_SOURCE,
               help="Convert this peft LoRA adapter of MODEL to a llama.cpp LoRA GGUF instead (outtype f32/f16/bf16).")
 @click.option("--llamacpp-python", help="Interpreter with llama-cpp-python, for the llama.cpp quantize types. "
               "Default: $WORKBENCH_LLAMACPP_PYTHON, else the one scripts/setup.sh installed.")
@@ -315,7 +337,7 @@ def _tp_list(value: str) -> list[int]:
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path(path_type=Path))
+@click.argument("artifact", type=MODEL_SOURCE)
 @click.option("--server", "engine", type=click.Choice(list(ENGINES)),
               help="Engine to serve with: vllm, sglang and lmdeploy (NVIDIA GPUs only) take a model folder, "
                    "llamacpp a .gguf file. "
@@ -332,7 +354,7 @@ def _tp_list(value: str) -> list[int]:
                    "pre-check with the reason (DoRA, modules_to_save, resized vocabulary, rank, target modules).")
 @click.option("--concurrency", type=click.IntRange(min=0), default=8, show_default=True,
               help="Requests sent at once by the concurrency probe (0: no probe).")
-@click.option("--reference", type=click.Path(path_type=Path),
+@click.option("--reference", type=MODEL_SOURCE,
               help="Model to compare greedy output with (transformers). Default: the artifact itself when it is "
                    "full precision, else the source in its workbench.json; without one the verdict is incomplete (exit 4).")
 @click.option("--no-reference", is_flag=True, help="Do not compare with a reference model; the report says so, and the verdict "

@@ -27,6 +27,7 @@ from .checkpoint import (
 from .errors import BadInput
 from .experts import renamer
 from .families import check_handled, expert_count, expert_intermediate, family_of
+from .hub import output_stem
 from .bnb4 import Bnb4bit
 from .safety import check_remote_code
 
@@ -243,8 +244,9 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
 
     named = cfg.get("base_model_name_or_path")
-    if named and Path(named).name not in (base_dir.resolve().name, Path(str(base.config.get("_name_or_path", ""))).name):
-        warnings.append(f"the adapter names its base {named!r}, not {base_dir.resolve().name!r}")
+    base_name = output_stem(base_dir).name  # a hub snapshot by its repository's name
+    if named and Path(named).name not in (base_name, Path(str(base.config.get("_name_or_path", ""))).name):
+        warnings.append(f"the adapter names its base {named!r}, not {base_name!r}")
 
     quant = _base_quant(base_quant, double_quant, named, warnings)
     return MergePlan(base, adapter_dir, adapter, cfg, out_dtype, outputs, config, _side_files(base_dir, adapter_dir), warnings, quant)

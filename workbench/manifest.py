@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, replace_file, sha256_file
+from .hub import hub_origin
 from .safety import OWNED_MARKER, remote_code_trusted
 
 FORMAT_VERSION = 1
@@ -80,7 +81,8 @@ def folder_digest(folder: Path) -> dict:
     """sha256 of every file of an input folder (cached_sha256), and one digest over all of them."""
     files = {p.name: cached_sha256(p) for p in sorted(folder.iterdir()) if p.is_file()}
     combined = hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
-    return {"path": str(folder.resolve()), "sha256": combined, "files": files}
+    origin = hub_origin(folder)  # a snapshot of huggingface_hub's cache: the repository and commit it holds
+    return {"path": str(folder.resolve()), "sha256": combined, "files": files, **({"hub": origin} if origin else {})}
 
 
 def now() -> str:

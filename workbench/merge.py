@@ -19,11 +19,12 @@ from .checkpoint import CONFIG_NAME, PlannedTensor, StreamedWriter, atomic_outpu
 from .errors import ArtifactFailed
 from .hf import torch_threads
 from .lora import MergePlan, OutputTensor, merged_tensor, output_shape
+from .hub import output_stem
 from .manifest import folder_digest, now, tool_versions, write_manifest
 
 
 def default_output(adapter: Path) -> Path:
-    return Path(str(Path(adapter).absolute()).rstrip("/") + "-merged")
+    return Path(f"{output_stem(adapter)}-merged")
 
 
 def run_merge(
@@ -64,7 +65,7 @@ def run_merge(
             "verb": "merge",
             "started": started,
             "seconds": round(time.perf_counter() - t0, 3),
-            "inputs": {k: {"path": v["path"], "sha256": v["sha256"], "files": v["files"]} for k, v in inputs.items()},
+            "inputs": inputs,
             "options": {**(options or {}), "dtype": str(plan.dtype).removeprefix("torch."),
                         "base_quant": plan.base_quant.describe() if plan.base_quant else None},
             "versions": tool_versions(),

@@ -31,6 +31,7 @@ from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
 from ..families import check_handled, expert_count
 from ..guard import set_parent_death_signal
 from ..hf import adds_bos, quiet_transformers
+from ..hub import output_stem
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..prompts import probe_texts
 from ..safety import remote_code_trusted
@@ -576,10 +577,11 @@ def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str
 
 
 def output_paths(model_dir: Path, outtypes: list[str], out: Path | None) -> dict[str, Path]:
-    stem = Path(model_dir).absolute().name
+    named = output_stem(model_dir)
+    stem = named.name
     if out is not None and len(outtypes) == 1 and str(out).endswith(".gguf"):
         return {outtypes[0]: Path(out).absolute()}
-    folder = Path(out).absolute() if out is not None else Path(model_dir).absolute().parent
+    folder = Path(out).absolute() if out is not None else named.parent
     return {t: folder / f"{stem}-{OUTTYPES[t].label}.gguf" for t in outtypes}
 
 
@@ -619,7 +621,7 @@ def convert_gguf(
     with ThreadPoolExecutor(1) as pool:
         # the input's hash overlaps the conversion (hashlib releases the GIL)
         conversion = _Conversion(plan=plan, model_dir=model_dir, outtypes=outtypes, paths=paths, force=force, python=python,
-                                 name=model_dir.absolute().name, input_digest=pool.submit(folder_digest, model_dir),
+                                 name=output_stem(model_dir).name, input_digest=pool.submit(folder_digest, model_dir),
                                  on_tensor=on_tensor, on_event=on_event, extra=record or {}, imatrix=imatrix)
         steps = _convert_all(conversion)
     return steps
@@ -765,8 +767,8 @@ def convert_lora_adapter(
     plan = plan_conversion(base_dir)
     by_weight = {t.hf_name: t for t in plan.tensors}
     alpha = float(merge_plan.adapter_config["lora_alpha"])
-    path = Path(out).absolute() if out else Path(adapter_dir).absolute().with_name(
-        f"{Path(adapter_dir).absolute().name}-{OUTTYPES[outtype].label}.gguf")
+    named = output_stem(adapter_dir)
+    path = Path(out).absolute() if out else named.with_name(f"{named.name}-{OUTTYPES[outtype].label}.gguf")
     if path.exists() and not force:
         raise BadInput(f"output exists: {path} (use --force to replace it)")
     t0, started = time.perf_counter(), now()
@@ -781,7 +783,7 @@ def convert_lora_adapter(
     with atomic_output_file(path, force) as tmp:
         w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(CONVERTIBLE[plan.arch_name])])
         w.add_type(gguf.GGUFType.ADAPTER)
-        w.add_name(Path(adapter_dir).absolute().name)
+        w.add_name(output_stem(adapter_dir).name)
         w.add_string(gguf.Keys.Adapter.TYPE, "lora")
         w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         w.add_file_type(OUTTYPES[outtype].file_type)

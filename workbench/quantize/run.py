@@ -15,6 +15,7 @@ from ..checkpoint import (
 from ..errors import BadInput, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..hf import quiet_transformers, torch_threads
+from ..hub import output_stem
 from ..manifest import folder_digest, now, tool_versions, write_manifest
 from ..quality import compare_final_hidden
 from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, decoded_final_hidden, read_back
@@ -48,7 +49,7 @@ FALLBACK_GATES = {"max_ppl_delta": 0.05, "max_kl": 0.05, "min_top1": 0.9}
 
 
 def default_output(model: Path, recipe: Recipe) -> Path:
-    return Path(str(Path(model).absolute()).rstrip("/") + f"-{recipe.name}")
+    return Path(f"{output_stem(model)}-{recipe.name}")
 
 
 def quantize(

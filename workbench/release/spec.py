@@ -14,6 +14,7 @@ from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
 from ..lora import BASE_QUANTS, MERGE_DTYPES
 from ..families import check_handled
+from ..hub import hub_origin, resolve_model
 from ..safety import check_name, check_no_remote_code_flag, check_remote_code, inside
 from ..yamlfile import check_types, parse_mapping
 from ..engines import ENGINES
@@ -27,9 +28,9 @@ VERIFY_GATES = ("min_token_agreement", "max_logprob_delta",
 # key -> (accepted types, description); the descriptions make the error messages
 TOP = {
     "name": ((str,), "release name: artifacts are named <name>-<id>"),
-    "base": ((str,), "base model folder (or the model to release when there is no adapter)"),
-    "adapter": ((str,), "peft LoRA adapter folder"),
-    "base_model": ((str,), "the base's hub id for model cards (default: the base folder's name)"),
+    "base": ((str,), "base model folder or hub id org/name[@revision] (or the model to release when there is no adapter)"),
+    "adapter": ((str,), "peft LoRA adapter folder or hub id org/name[@revision]"),
+    "base_model": ((str,), "the base's hub id for model cards (default: the base's hub id, else its folder's name)"),
     "license": ((str,), "license for model cards"),
     "output": ((str,), "output root"),
     "store": ((str,), "a folder every node reads: finished stages by key, shared by jobs on several machines"),
@@ -106,6 +107,12 @@ def _path(here: Path, value: str, where: str) -> Path:
     return (here / expanded).resolve()
 
 
+def _model(here: Path, value: str, where: str) -> Path:
+    """A model or adapter of the file: a path (as _path) or a hub id org/name[@revision] (workbench/hub.py)."""
+    expanded = os.path.expanduser(os.path.expandvars(value))
+    return resolve_model(expanded, where, here).resolve() if "$" not in expanded else _path(here, value, where)
+
+
 def load_release(file: Path, output: Path | None = None, store: Path | None = None) -> Release:
     file = Path(file).absolute()
     if not file.is_file():
@@ -119,16 +126,16 @@ def load_release(file: Path, output: Path | None = None, store: Path | None = No
             raise BadInput(f"{where}: missing key {key!r} ({TOP[key][1]})")
     here = file.parent
     check_name(data["name"], f"{where}: name")
-    base = _path(here, data["base"], f"{where}: base")
+    base = _model(here, data["base"], f"{where}: base")
     if (base / "config.json").is_file():  # a missing base is reported where it is read
         check_handled(json.loads((base / "config.json").read_text()), f"{where}: base {base}")
-    adapter = _path(here, data["adapter"], f"{where}: adapter") if data.get("adapter") else None
+    adapter = _model(here, data["adapter"], f"{where}: adapter") if data.get("adapter") else None
     for folder in (base, adapter):
         if folder is not None and folder.is_dir():
             check_remote_code(folder)
     release = Release(
         file=file, text=text, name=data["name"], base=base, adapter=adapter,
-        base_model=data.get("base_model") or base.name, license=data.get("license"),
+        base_model=data.get("base_model") or (hub_origin(base) or {}).get("repo_id") or base.name, license=data.get("license"),
         output=Path(output).absolute() if output else _path(here, data.get("output", f"{file.stem}-release"), f"{where}: output"),
         store=Path(store).absolute() if store else _path(here, data["store"], f"{where}: store") if data.get("store") else None,
     )

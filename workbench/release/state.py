@@ -47,7 +47,9 @@ class Keys:
         path = self.release.base if which == "base" else self.release.adapter
         if not path.is_dir():
             raise BadInput(f"{which} not found: {path}")
-        return folder_digest(path)["sha256"]
+        digest = folder_digest(path)
+        hub = digest.get("hub")  # a hub snapshot: its repository and commit are part of the key
+        return digest["sha256"] if hub is None else f"{hub['repo_id']}@{hub['commit']}:{digest['sha256']}"
 
     def sources_read(self, stage: Stage) -> dict[str, str]:
         """The digests of the source folders a stage reads (which must not change while it runs)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..checkpoint import read_json
 from ..engines import EngineSpec
 from ..errors import BadInput
+from ..hub import output_stem, resolve_model
 from ..safety import check_name, check_remote_code
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,10 +41,12 @@ class Adapter:
 
 
 def parse_adapters(items: tuple[str, ...]) -> dict[str, Path]:
-    """NAME=PATH items (a bare PATH is named after its folder)."""
+    """NAME=PATH items, PATH a folder or a hub id (a bare PATH is named after its folder or repository)."""
     adapters: dict[str, Path] = {}
     for item in items:
-        name, _, path = item.rpartition("=") if "=" in item else (Path(item).name, "", item)
+        name, _, given = item.rpartition("=")
+        path = resolve_model(given, "adapter")
+        name = name or output_stem(path).name
         check_name(name, "adapter name")
         if name in adapters:
             raise BadInput(f"adapter name {name!r} given twice")

@@ -28,6 +28,7 @@ from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_co
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
 from ..guard import set_parent_death_signal
+from ..hub import output_stem
 from ..manifest import content_digest, folder_digest, last_step, now
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
@@ -211,7 +212,8 @@ def _check_inputs(artifact: Path, engine: str, tps: list[int], python: str | Non
     check_no_remote_code_flag(extra_args, "--extra-arg")
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
-    report_dir = Path(report_dir or artifact.parent / f"{artifact.name}-verify" / engine).absolute()
+    named = output_stem(artifact)  # a hub snapshot's reports go to the working folder, never into the cache
+    report_dir = Path(report_dir or named.parent / f"{named.name}-verify" / engine).absolute()
     usable_output_folder(report_dir, "report folder")
     kind = artifact_kind(artifact, spec, config)
     table = _preflight(spec, config, tps, marlin, pp)
