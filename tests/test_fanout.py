@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ FANOUT_WORKFLOW = ROOT / "examples" / "release-fanout.yml"
 
 def small_release(fixture_root: Path, folder: Path) -> Path:
     """Merge, a GGUF served by llama.cpp, and a quantization whose gate no artifact meets (a failure that must
-    cross from its job to the gathered release)."""
+    cross from its job to the gathered release), calibrated on a file beside the release file."""
+    (folder / "calibration.txt").write_text("def add(a, b):\n    return a + b\n\n" * 100)
     path = folder / "small.yaml"
     path.write_text(f"""
 name: small
@@ -34,7 +36,7 @@ artifacts:
   merged: {{merge: {{dtype: auto}}, require: checked, reason: served as q8_0}}
   q8_0: {{gguf: q8_0}}
   fp8:
-    quantize: {{recipe: fp8-dynamic, samples: 8, seq_len: 64, gates: {{min_top1: 1.01}}}}
+    quantize: {{recipe: fp8-dynamic, samples: 8, seq_len: 64, calibration: calibration.txt, gates: {{min_top1: 1.01}}}}
     require: checked
     reason: a gate nothing meets
 verify:
@@ -43,23 +45,64 @@ verify:
     return path
 
 
-def test_plan_and_gather_need_a_store(fixture_root, tmp_path):
+def test_gather_needs_a_store_and_a_plan_without_one_says_so(fixture_root, tmp_path):
     path = small_release(fixture_root, tmp_path)
-    assert_one_line_error(run("release", path, "--plan"), 2, "a plan's jobs share their outputs through a store")
     assert_one_line_error(run("release", path, "--gather"), 2, "--gather takes the stages from a store")
+    result = run("release", path, "--plan")
+    assert result.exit_code == 0 and "no store: each job finds the outputs it needs only in its own" in result.stderr
+    assert "small.yaml --only q8_0\n" in result.stdout and "--store" not in result.stdout
 
 
 def test_plan_lists_jobs_with_needs_resources_and_commands(fixture_root, tmp_path):
     path = small_release(fixture_root, tmp_path)
+    text = path.read_text().replace("verify:\n", """  w4: {quantize: {recipe: gptq-w4a16}, require: checked, reason: plan only}
+verify:
+  - {artifact: merged, engine: vllm, tp: [2]}
+""")
+    path.write_text(text)
     result = run("release", path, "--plan", "--json", "--store", tmp_path / "store")
     assert result.exit_code == 0, result.stderr
     jobs = {j["id"]: j for j in json.loads(result.stdout)}
-    assert list(jobs) == ["merged", "q8_0", "fp8", "verify-q8_0-llamacpp"]
+    assert list(jobs) == ["merged", "q8_0", "fp8", "w4", "verify-merged-vllm", "verify-q8_0-llamacpp"]
     assert jobs["q8_0"]["needs"] == ["merged"] and jobs["merged"]["needs"] == []
-    assert jobs["verify-q8_0-llamacpp"]["resources"]["gpus"] == 1 and jobs["merged"]["resources"]["gpus"] == 0
+    # GPUs: one per rank of an engine that serves on them; none for llama.cpp's CPU server; GPTQ wants one, FP8 none
+    gpus = {job_id: job["resources"]["gpus"] for job_id, job in jobs.items()}
+    assert gpus == {"merged": 0, "q8_0": 0, "fp8": 0, "w4": 1, "verify-merged-vllm": 2, "verify-q8_0-llamacpp": 0}
     assert jobs["fp8"]["resources"]["memory_bytes"] > 0 and jobs["merged"]["resources"]["memory_bytes"] is None
     assert jobs["fp8"]["command"][-4:] == ["--only", "fp8", "--store", str(tmp_path / "store")]
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
+
+
+def test_stage_keys_travel_between_folder_layouts(fixture_root, tmp_path):
+    """The same release file, calibration text, base and adapter in two folders at different depths: the
+    options name different absolute paths, the stage keys are the same (a store serves both layouts)."""
+    from workbench.release.spec import load_release
+    from workbench.release.state import Keys
+
+    keys, options = [], []
+    for layout in ("a", "b/deeper"):
+        folder = tmp_path / layout
+        (folder / "models").mkdir(parents=True)
+        for name in ("llama", "llama-lora"):
+            shutil.copytree(fixture_root / name, folder / "models" / name)
+        (folder / "calibration.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+        (folder / "r.yaml").write_text("""
+name: r
+base: models/llama
+adapter: models/llama-lora
+artifacts:
+  fp8: {from: source, quantize: {recipe: fp8-static, calibration: calibration.txt}, require: checked, reason: keys only}
+  merged: {merge: {dtype: auto}}
+verify:
+  - {artifact: adapter, engine: vllm}
+  - {artifact: merged, engine: vllm, extra_args: [--chat-template=""" + str(folder / "calibration.txt") + """]}
+""")
+        release = load_release(folder / "r.yaml")
+        stages = [s for s in release.stages if s.id in ("fp8", "merged", "verify-adapter-vllm")]
+        options.append([s.options for s in stages])
+        keys.append([Keys(release).key(s) for s in stages])
+    assert options[0] != options[1]  # the absolute paths differ
+    assert keys[0] == keys[1] and None not in keys[0]
 
 
 def test_gather_from_an_empty_store_builds_nothing_and_is_incomplete(fixture_root, tmp_path):
@@ -80,6 +123,8 @@ def test_store_refuses_links_and_keys_that_are_not_keys(tmp_path):
     made.mkdir()
     (made / "weights.bin").write_bytes(b"x")
     store.put(key, [made], {"action": "built"}, None, ("r", "s"))
+    entry = tmp_path / "store" / key / "files" / "made" / "weights.bin"
+    assert entry.stat().st_ino == (made / "weights.bin").stat().st_ino  # a hard link, not a second copy
     (tmp_path / "secret").write_text("outside")
     os.symlink(tmp_path / "secret", tmp_path / "store" / key / "files" / "made" / "link")
     with pytest.raises(BadInput, match="is not a regular file or folder"):
@@ -90,9 +135,10 @@ def test_store_refuses_links_and_keys_that_are_not_keys(tmp_path):
     assert store.pointer("r", "s") == {"key": key, "engine_version": None}
 
 
-def _job(command: list[str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen([WORKBENCH, *command[1:], "--out", str(out), "-q"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+def _job(command: list[str], out: Path, release_file: Path) -> subprocess.Popen:
+    """A plan's job, run on the copy of the release file at ``release_file`` (another folder layout)."""
+    argv = [WORKBENCH, command[1], str(release_file), *command[3:], "--out", str(out), "-q"]
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
@@ -105,10 +151,19 @@ def test_plan_jobs_in_separate_folders_then_gather_equal_the_one_machine_run(fix
     assert plain.returncode == 1, plain.stderr
     store = tmp_path / "store"
     jobs = json.loads(release(path, "--plan", "--json", "--store", store).stdout)
+    # every other job runs on a copy of the release file, its calibration text and its models in another folder
+    # layout (the release file names them by other absolute paths): the stage keys must still meet in the store
+    other = tmp_path / "other" / "layout"
+    for name in ("llama", "llama-lora"):
+        shutil.copytree(fixture_root / name, other / "models" / name)
+    shutil.copy2(path.with_name("calibration.txt"), other / "calibration.txt")
+    other_layout = other / path.name
+    other_layout.write_text(path.read_text().replace(str(fixture_root), str(other / "models")))
+    files = {j["id"]: (path, other_layout)[i % 2] for i, j in enumerate(jobs)}
     codes, finished, t0 = {}, set(), time.monotonic()
     while len(finished) < len(jobs):  # every job whose needs are done starts at once, like a CI matrix wave
         wave = [j for j in jobs if j["id"] not in finished and set(j["needs"]) <= finished]
-        running = {j["id"]: _job(j["command"], tmp_path / f"job-{j['id']}") for j in wave}
+        running = {j["id"]: _job(j["command"], tmp_path / f"job-{j['id']}", files[j["id"]]) for j in wave}
         for job_id, proc in running.items():
             proc.wait(timeout=900)
             codes[job_id] = proc.returncode

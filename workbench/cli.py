@@ -545,7 +545,11 @@ def _echo_stage_graph(spec, as_json: bool) -> None:
         click.echo(json.dumps(graph, indent=2))
         return
     for job in graph:
-        click.echo(f"{job['id']:28} {job['kind']:9} needs {', '.join(job['needs']) or '-':20} {shlex.join(job['command'])}")
+        click.echo(f"{job['id']:28} {job['kind']:9} needs {', '.join(job['needs']) or '-':20} "
+                   f"gpus {job['resources']['gpus']}  {shlex.join(job['command'])}")
+    if spec.store is None:
+        click.echo("no store: each job finds the outputs it needs only in its own output folder (add `store:` or --store "
+                   "to share them between machines)", err=True)
 
 
 def _echo_dry_run(spec, only: tuple[str, ...], force: bool, as_json: bool) -> None:
@@ -590,7 +594,7 @@ def _run_release_stages(spec, only: tuple[str, ...], force: bool, gather: bool, 
 @click.option("--store", type=click.Path(path_type=Path), help="A folder every job reads (overrides the file's `store`): "
               "stages finished by other jobs are taken from it, stages built here are put in it, by stage key.")
 @click.option("--plan", "stage_plan", is_flag=True, help="Print the stage graph as jobs for another scheduler: each stage, "
-              "the stages it needs, its resources and the `--only` command that runs it (needs a store).")
+              "the stages it needs, its resources and the `--only` command that runs it (with --store: sharing outputs through it).")
 @click.option("--gather", is_flag=True, help="Build nothing: take every stage the jobs finished from the store, then "
               "write the cards, reports and release.json as a one-machine run would.")
 @click.option("--ray", "ray_address", metavar="ADDRESS", help="Run each stage as a Ray task on a cluster (HOST:PORT), or on a "

@@ -121,6 +121,7 @@ class EngineSpec:
     cache_env: dict[str, str] = field(default_factory=dict)  # env var -> folder under $WORKBENCH_HOME/cache/<engine>
     socket_dir_env: str | None = None  # env var for a private folder of IPC sockets (removed after the run)
     max_port: int = 65535  # the highest port it may be given
+    gpus_per_rank: int = 1  # what a release plan's job asks a scheduler for, per engine rank
     lora: LoraSpec | None = None  # None: it cannot serve adapters unmerged
     tokenize: TokenizeEndpoint | None = None  # its tokenizer over HTTP; None: it has none
     # the flag that lets it import a model folder's own code; added only when the user passed
@@ -254,6 +255,7 @@ ENGINES: dict[str, EngineSpec] = {
         # (CMake starts its C and C++ flags from these)
         build_env={flags: "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16" for flags in ("CFLAGS", "CXXFLAGS")},
         user_command="python -m llama_cpp.server --model {model}",
+        gpus_per_rank=0,  # llama-cpp-python as `engines install` builds it is a CPU server
         threads_flag="--n_threads",
         # by default a new request interrupts a streaming one, which then ends early: concurrent clients
         # get cut replies (measured by the concurrency probe: 5/8 equal to the same requests sent alone)

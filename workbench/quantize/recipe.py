@@ -59,6 +59,9 @@ METHODS = {
     # per 32), by llm-compressor; "a16": activations stay in 16 bits
     "fp4": (("nvfp4a16", "nvfp4", "mxfp4a16"), ("compressed-tensors",)),
 }
+# methods whose calibration solves a problem per layer (GPTQ's Hessians, AWQ's scale search, SmoothQuant + GPTQ):
+# hours on a CPU at real sizes, so a release plan's job for them asks for an accelerator
+WANTS_ACCELERATOR = frozenset({"gptq", "awq", "w8a8"})
 KV_CACHE_KINDS = ("fp8",)
 KV_CACHE_FORMATS = ("fp8", "compressed-tensors")  # vLLM reads KV-cache scales from both
 NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8"), ("fp4", "nvfp4")}

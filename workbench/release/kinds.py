@@ -40,6 +40,7 @@ class StageKind:
     reads_sources: tuple[str, ...] = ()  # source folders it reads whatever its needs ("base", "adapter")
     sidecar_manifest: bool = False  # a single file, its manifest written beside it
     compared_with_source: bool = False  # verify compares its artifact with the artifact it was made from
+    gpus: Callable[[Stage], int] = lambda stage: 0  # what its job asks a scheduler for (release --plan)
 
 
 def input_path(release: Release, artifact_id: str) -> Path:
@@ -110,6 +111,12 @@ def _quantize_extras(stage: Stage, keys: "Keys") -> dict:
     data = stage.options["overrides"].get("data")
     calibration = file_sha256(Path(data)) if data and data != "default" else None
     return {"recipe_text": _recipe(stage.options).source, "calibration_sha256": calibration}
+
+
+def _quantize_gpus(stage: Stage) -> int:
+    from ..quantize.recipe import WANTS_ACCELERATOR
+
+    return int(_recipe(stage.options).method in WANTS_ACCELERATOR)
 
 
 def _quantize_estimate(release: Release, stage: Stage):
@@ -225,6 +232,14 @@ def _verify_extras(stage: Stage, keys: "Keys") -> dict:
     return {"engine_version": keys.engine_of(stage)}
 
 
+def _verify_gpus(stage: Stage) -> int:
+    """One GPU per engine rank for an engine that serves on GPUs."""
+    from ..engines import ENGINES
+
+    o = stage.options
+    return max(o["tp"]) * o["pp"] * o["dp"] * ENGINES[o["engine"]].gpus_per_rank
+
+
 def _verify_estimate(release: Release, stage: Stage):
     from ..verify.probes import MAX_TOKENS, PROMPTS, reference_estimate
 
@@ -242,10 +257,10 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
               card_meta=lambda stage: {"base_model_relation": "finetune", "tags": ["lora", "merged"]},
               reads_sources=("base", "adapter")),
     StageKind("quantize", _run_quantize, _quantize_extras, _quantize_estimate, made=lambda r, source: f"Quantized from `{source}`",
-              card_meta=_quantize_meta, quality_lines=_quantize_quality, compared_with_source=True),
+              card_meta=_quantize_meta, quality_lines=_quantize_quality, compared_with_source=True, gpus=_quantize_gpus),
     # the Hub's relation for GGUF conversions is "quantized"
     StageKind("gguf", _run_gguf, _gguf_extras, _no_estimate, made=lambda r, source: f"Converted to GGUF from `{source}`",
               card_meta=lambda stage: {"base_model_relation": "quantized", "library_name": "gguf"},
               quality_lines=_gguf_quality, sidecar_manifest=True, compared_with_source=True),
-    StageKind("verify", _run_verify, _verify_extras, _verify_estimate, report=True),
+    StageKind("verify", _run_verify, _verify_extras, _verify_estimate, report=True, gpus=_verify_gpus),
 )}

@@ -118,21 +118,19 @@ def plan(release: Release, only: tuple[str, ...] = (), force: bool = False) -> l
 
 def stage_graph(release: Release) -> list[dict]:
     """The stages as jobs for another scheduler (a CI matrix, Ray): each with the artifacts it needs, the
-    resources it asks for (GPUs: one per engine rank; memory: the runner's estimate) and the command that
-    runs it alone. Jobs share their outputs through the release's store, so each may run on its own machine
-    once the jobs it needs have finished."""
-    if release.store is None:
-        raise BadInput(f"{release.file.name}: a plan's jobs share their outputs through a store: add `store: FOLDER` "
-                       "to the release file or pass --store")
+    resources it asks for (GPUs: one per rank of an engine that serves on GPUs, one for a method that wants an
+    accelerator; memory: the runner's estimate) and the command that runs it alone. With a store the jobs share
+    their outputs through it, so each may run on its own machine once the jobs it needs have finished; without
+    one each job's --out must already hold what it needs."""
+    store = ["--store", str(release.store)] if release.store else []
     graph = []
     for stage in release.stages:
         estimate = KINDS[stage.kind].estimate(release, stage)
-        o = stage.options
-        ranks = max(o["tp"]) * o["pp"] * o["dp"] if KINDS[stage.kind].report else 0  # one GPU per engine rank
         graph.append({
             "id": stage.id, "kind": stage.kind, "needs": [n for n in stage.needs if n not in (SOURCE, UNMERGED)],
-            "resources": {"cpus": 1, "gpus": ranks, "memory_bytes": estimate.peak_bytes if estimate else None},
-            "command": ["workbench", "release", str(release.file), "--only", stage.id, "--store", str(release.store)],
+            "resources": {"cpus": 1, "gpus": KINDS[stage.kind].gpus(stage),
+                          "memory_bytes": estimate.peak_bytes if estimate else None},
+            "command": ["workbench", "release", str(release.file), "--only", stage.id, *store],
         })
     return graph
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,8 +91,27 @@ class Keys:
             if None in inputs.values():
                 return None
         extra = kind.key_extras(stage, self)
-        blob = {"kind": stage.kind, "options": stage.options, "inputs": inputs, "versions": self.versions, **extra}
+        options = portable(stage.options, self.release.file.parent)
+        blob = {"kind": stage.kind, "options": options, "inputs": inputs, "versions": self.versions, **extra}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def portable(value, here: Path):
+    """Options as a stage key sees them: every absolute path (a calibration file, a recipe, an adapter's folder in
+    NAME=PATH, a flag's =PATH) relative to the release file's folder ``here`` when inside it, else by its name, so
+    jobs on machines with other folder layouts compute the same key. What those files hold is in the key already
+    (the inputs' digests, the kinds' extras)."""
+    if isinstance(value, dict):
+        return {k: portable(v, here) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v, here) for v in value]
+    if not isinstance(value, str):
+        return value
+    head, eq, path = value.rpartition("=") if "=" in value else ("", "", value)
+    if not os.path.isabs(path):
+        return value
+    inside_here = Path(os.path.normpath(path)).is_relative_to(here)
+    return head + eq + (os.path.relpath(path, here) if inside_here else Path(path).name)
 
 
 def artifact_digest(output: Path) -> str | None:

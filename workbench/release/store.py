@@ -9,8 +9,10 @@ a job on another node (or the gathering run) takes it instead of building it aga
     <store>/<key>/log              the stage's log
     <store>/stages/<release>/<stage id>.json   the key the latest job recorded for that stage (for --gather)
 
-Entries are written into a temporary folder and renamed into place; reading copies files (links are refused:
-the store may be written by other machines) into a temporary name beside the destination, then renames.
+Entries are written into a temporary folder and renamed into place; reading puts files (links are refused:
+the store may be written by other machines) at a temporary name beside the destination, then renames. Files
+are hard links where the store and the outputs share a filesystem (no second copy of the weights; the
+workbench never rewrites a file in place, it replaces it by rename), copies elsewhere.
 """
 
 from __future__ import annotations
@@ -97,11 +99,15 @@ class Store:
 
 
 def _copy(source: Path, target: Path) -> None:
-    """Regular files and folders only: a link in the store could point anywhere."""
+    """Regular files and folders only: a link in the store could point anywhere. A file is hard-linked, or
+    copied where it cannot be (another filesystem, a filesystem without links)."""
     if source.is_symlink() or not (source.is_file() or source.is_dir()):
         raise BadInput(f"store entry {source} is not a regular file or folder: not copying it")
     if source.is_file():
-        shutil.copyfile(source, target)
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
         return
     target.mkdir()
     for child in source.iterdir():
