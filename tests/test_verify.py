@@ -17,7 +17,7 @@ import pytest
 
 from conftest import EAGER, assert_one_line_error, run, verify_cli
 from releases import report_of
-from workbench.engines import ENGINES, Layout, multinode_commands, thread_binding
+from workbench.engines import ENGINES, Layout, multinode_commands, multinode_of, thread_binding
 from workbench.errors import EnvironmentProblem
 from workbench.verify.launch import Server, first_error_line
 from workbench.verify.probes import stop_string
@@ -120,14 +120,35 @@ def test_sglang_not_installed_says_how_to_install(merged, tmp_path):
 
 
 def test_multinode_commands_for_real_hosts_and_layouts_nodes_cannot_share(merged):
-    vllm = "\n".join(multinode_commands(ENGINES["vllm"], "/m", Layout(8, 2), 2))
-    assert "ray start --head" in vllm
+    vllm = "\n".join(multinode_commands(ENGINES["vllm"], multinode_of(ENGINES["vllm"], True), "/m", Layout(8, 2), 2))
+    assert "ray start --head" in vllm  # GPU clusters: over Ray
     assert "vllm serve /m --tensor-parallel-size 8 --pipeline-parallel-size 2 --distributed-executor-backend ray" in vllm
-    sglang = multinode_commands(ENGINES["sglang"], "/m", Layout(8), 2)
+    # without a GPU: vLLM's own executor, node 0 serving the API, the others headless
+    vllm = multinode_commands(ENGINES["vllm"], multinode_of(ENGINES["vllm"], False), "/m", Layout(2), 2)
+    assert vllm[0].endswith("vllm serve /m --tensor-parallel-size 2 --nnodes 2 --node-rank 0 --master-addr HEAD_IP "
+                            "--master-port 5000")
+    assert vllm[1].endswith("--node-rank 1 --master-addr HEAD_IP --master-port 5000 --headless")
+    sglang = multinode_commands(ENGINES["sglang"], ENGINES["sglang"].multinode, "/m", Layout(8), 2)
     assert len(sglang) == 2 and "--tp 8 --nnodes 2 --node-rank 1 --dist-init-addr HEAD_IP:5000" in sglang[1]
     assert_one_line_error(run("verify", merged, "--server", "llamacpp", "--nodes", "2"), 2, "llamacpp has no multi-node serving")
     assert_one_line_error(run("verify", merged, "--server", "sglang", "--tp", "3", "--nodes", "2"), 2,
                           "tp=3 is 3 rank(s), which 2 nodes cannot share equally")
+
+
+def test_vllm_nodes_on_cpu_run_its_own_cli_headless_each_bound_to_its_own_cores():
+    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, nodes=2, gpu=False, cpus=[2, 3],
+                    extra_args=("--enforce-eager",))
+    head, follower = server.argv(0), server.argv(1)
+    assert head[1].endswith("workbench/engine_plugins/vllm_cli.py") and head[2:5] == ["serve", "--model", "/m"]
+    assert head[5:9] == ["--host", "127.0.0.1", "--port", "8000"] and "--headless" not in head
+    assert head[9:17] == ["--nnodes", "2", "--node-rank", "0", "--master-addr", "127.0.0.1", "--master-port",
+                          str(server.init_port)]
+    assert "--port" not in follower and follower[follower.index("--node-rank") + 1] == "1" and "--headless" in follower
+    env = {"X": "1", **server.cpu_env}
+    assert [server._node_env(env, rank)["VLLM_CPU_OMP_THREADS_BIND"] for rank in (0, 1)] == ["2", "3"]
+    assert server.cpu_env["VLLM_CPU_OMP_THREADS_BIND"] == "2"  # node 0's, as the report records it
+    on_gpu = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, nodes=2, gpu=True)
+    assert on_gpu.argv()[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "ray" in on_gpu.argv()
 
 
 def test_preflight_from_a_config_alone(llama, tmp_path):
@@ -486,7 +507,8 @@ def test_sglang_gpu_command_lines_pass_its_own_parser(merged, llama_lora):
     tps = (1, 2, 8)  # launched as a GPU machine gets it: no CPU-only settings
     launches = [Server(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
                 for tp in tps]
-    nodes = [c.splitlines()[1].split()[3:] for c in multinode_commands(ENGINES["sglang"], str(merged), Layout(16), 2)]
+    nodes = [c.splitlines()[1].split()[3:]
+             for c in multinode_commands(ENGINES["sglang"], ENGINES["sglang"].multinode, str(merged), Layout(16), 2)]
     typo = ["--model-path", str(merged), "--tensor-parallel-sise", "2"]
     # LoRA served unmerged (refused at start-up on CPU, so checked here) and pipeline / data parallel
     lora = Server(ENGINES["sglang"], merged, tp=2, python=python, gpu=True, adapters={"ad": llama_lora}, lora_rank=8).argv()[3:]

@@ -377,9 +377,9 @@ def _tp_list(value: str) -> list[int]:
               "alone (ARTIFACT may be a config.json or a folder without weights); start and write nothing.")
 @click.option("--no-marlin", is_flag=True, help="Preflight for a deploy without Marlin kernels (e.g. CPU).")
 @click.option("--nodes", type=int, default=1, show_default=True,
-              help="Serve each layout across N nodes, run here as N local nodes (SGLang: one process per node; vLLM: a "
-                   "Ray cluster of N nodes), each in its own process group with its own port and CPUs; the commands "
-                   "for N real hosts are printed and kept in the report.")
+              help="Serve each layout across N nodes, run here as N local nodes (SGLang: one process per node; vLLM: one "
+                   "`vllm serve` per node, the others headless, or with a GPU a Ray cluster of N nodes), each in its own "
+                   "process group with its own CPUs; the commands for N real hosts are printed and kept in the report.")
 @click.option("--min-token-agreement", type=float, help="Gate: smallest fraction of the engine's greedy tokens that are "
               "the reference's top-1 (default by kind: 0.95 full precision, 0.9 8-bit, 0.8 4-bit).")
 @click.option("--max-logprob-delta", type=float, help="Gate: largest |logprob difference| of those tokens, nats.")

