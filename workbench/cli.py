@@ -386,13 +386,19 @@ def _tp_list(value: str) -> list[int]:
 @click.option("--gate", "gate_items", multiple=True, metavar="NAME=VALUE",
               help="Any verify gate by name (repeatable): min_token_agreement, max_logprob_delta, and the teacher-forced "
                    "comparison's max_mean_logprob_delta, max_p99_logprob_delta, min_top1_agreement, max_topk_kl "
-                   "(defaults by kind: README, what served proves).")
+                   "(defaults by kind: README, what served proves), and --eval's min_recovery (default 0.95).")
+@click.option("--eval", "evals", metavar="TASKS", callback=lambda c, p, v: tuple(_eval_tasks(v)) if v else (),
+              help="Also run these lm-evaluation-harness tasks (comma-separated) against the engine, and against the "
+                   "source served the same way (by transformers for a GGUF): recovery per task and metric in check "
+                   "\"eval\", gated by min_recovery. The shipped task python_next_chars reads its data from the "
+                   "package; others fetch theirs as lm-eval does. Needs `pip install 'workbench[eval]'`.")
+@click.option("--eval-limit", type=click.IntRange(min=1), help="With --eval: at most this many documents per task.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report (with --preflight-only: one row per TP) as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the verdict line.")
 @_trust_remote_code
 def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_reference, engine_python, report_dir, timeout, max_model_len, dtype, extra_args,
            prompts, max_tokens, port, force, preflight_only, no_marlin, nodes, min_token_agreement, max_logprob_delta,
-           gate_items, as_json, quiet):
+           gate_items, evals, eval_limit, as_json, quiet):
     """Prove ARTIFACT loads and generates on a real engine under each TP size.
 
     Runs a static TP preflight (heads, KV heads, per-rank shapes against quantization group size, Marlin
@@ -428,7 +434,8 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
     gates.update(_gate_items(gate_items))
     report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
                         force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens,
-                        pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency, nodes=nodes)
+                        pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency, nodes=nodes, evals=evals,
+                        eval_limit=eval_limit)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -534,6 +541,12 @@ def _gate_items(items: tuple[str, ...]) -> dict[str, float]:
         except ValueError:
             raise BadInput(f"--gate {item}: the value must be a number") from None
     return gates
+
+
+def _eval_tasks(value: str) -> list[str]:
+    from .verify.evals import parse_tasks
+
+    return parse_tasks(value)
 
 
 def _echo_stage_graph(spec, as_json: bool) -> None:

@@ -208,7 +208,8 @@ def _run_verify(release, stage, key, event, progress) -> None:
                     report_dir=stage.output, ready_timeout=o["timeout"],
                     max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
                     gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS, pp=o["pp"], dp=o["dp"],
-                    adapters=tuple(o["adapters"]), concurrency=o["concurrency"])
+                    adapters=tuple(o["adapters"]), concurrency=o["concurrency"], evals=tuple(o.get("eval", ())),
+                    eval_limit=o.get("eval_limit"))
     replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "verdict": report["verdict"],
                                                     "finished": now(), "workbench": __version__}, indent=2))
     if report["passed"]:

@@ -21,9 +21,9 @@ from ..engines import ENGINES
 
 SOURCE = "source"  # the id of the input model (the base, or with an adapter the base before merging)
 QUANTIZE_GATES = ("max_ppl_delta", "max_kl", "min_top1")
-# the greedy probe's, then the teacher-forced comparison's (verify/forced.py GATE_NAMES)
+# the greedy probe's, the teacher-forced comparison's (verify/forced.py GATE_NAMES), then lm-eval's (verify --eval)
 VERIFY_GATES = ("min_token_agreement", "max_logprob_delta",
-                "max_mean_logprob_delta", "max_p99_logprob_delta", "min_top1_agreement", "max_topk_kl")
+                "max_mean_logprob_delta", "max_p99_logprob_delta", "min_top1_agreement", "max_topk_kl", "min_recovery")
 
 # key -> (accepted types, description); the descriptions make the error messages
 TOP = {
@@ -49,7 +49,7 @@ QUANTIZE = {"recipe": (str,), "samples": (int,), "seq_len": (int,), "calibration
             "ignore": (list,), "format": (str,), "kv_cache": (str,), "gates": (dict,)}
 VERIFY = {"artifact": (str,), "engine": (str,), "tp": (int, list), "pp": (int,), "dp": (int,), "concurrency": (int,),
           "dtype": (str,), "max_model_len": (int,), "extra_args": (list,), "timeout": (int, float), "gates": (dict,),
-          "id": (str,)}
+          "id": (str,), "eval": (list,), "eval_limit": (int,)}
 UNMERGED = "adapter"  # a verify target: the release's adapter served unmerged on its base
 GATES = {k: (int, float) for k in (*QUANTIZE_GATES, *VERIFY_GATES)}
 
@@ -285,6 +285,17 @@ def _gguf_stage(release: Release, artifact_id: str, spec: dict, source: str, her
     return Stage(artifact_id, "gguf", (source,), options, path)
 
 
+def _eval_options(entry: dict, at: str) -> dict:
+    """A verify entry's lm-eval tasks (`eval:`, verify --eval) and document limit, only when it names tasks (so
+    entries without them keep their stage keys)."""
+    tasks = entry.get("eval") or []
+    if not all(isinstance(t, str) and t for t in tasks):
+        raise BadInput(f"{at}: eval must be a list of lm-eval task names")
+    if "eval_limit" in entry and (not tasks or entry["eval_limit"] < 1):
+        raise BadInput(f"{at}: eval_limit is a positive number of documents per task, with `eval:` tasks")
+    return {"eval": list(tasks), "eval_limit": entry.get("eval_limit")} if tasks else {}
+
+
 def _verify_stages(release: Release, entries: list, defaults: dict, where: str) -> None:
     by_id = {s.id: s for s in release.stages}
     seen = set(by_id)
@@ -332,6 +343,7 @@ def _verify_stages(release: Release, entries: list, defaults: dict, where: str) 
             "extra_args": list(extra), "timeout": float(entry.get("timeout", 600)),
             "gates": {**{k: v for k, v in defaults.items() if k in VERIFY_GATES},
                       **_gates(entry.get("gates"), VERIFY_GATES, f"{at}.gates")},
+            **_eval_options(entry, at),
         }
         needs = (SOURCE, UNMERGED) if target == UNMERGED else (target,)
         release.stages.append(Stage(stage_id, "verify", needs, options, release.output / "reports" / stage_id))

@@ -32,6 +32,8 @@ from ..hub import output_stem
 from ..manifest import content_digest, folder_digest, last_step, now
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
+from .evals import (DEFAULT_MIN_RECOVERY, Evaluation, check_lm_eval, lm_eval_scores, recovery_check, served_model,
+                    transformers_model)
 from .launch import EngineFailed, Server, port_in_use
 from .load import probe_concurrency
 from .pool import ServerPool, current_pool
@@ -159,6 +161,8 @@ def verify(
     adapters: tuple[str, ...] = (),
     concurrency: int = 8,
     nodes: int = 1,
+    evals: tuple[str, ...] = (),
+    eval_limit: int | None = None,
 ) -> dict:
     """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
     ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's).
@@ -166,9 +170,12 @@ def verify(
     ``groups_file``: the guard of each engine appends its process group id there.
     ``pp``/``dp``: pipeline and data parallel sizes of every run. ``adapters``: NAME=PATH LoRA adapters
     served unmerged beside the base ``artifact``, each compared with peft (base + that adapter). ``nodes`` > 1: each
-    layout served by that many local nodes (the engine's multi-node path), the ranks spread over them."""
+    layout served by that many local nodes (the engine's multi-node path), the ranks spread over them. ``evals``:
+    lm-eval tasks run against each served layout and against the source served the same way (verify/evals.py),
+    on at most ``eval_limit`` documents each; gate ``min_recovery``."""
     checked = _check_inputs(artifact, engine, tps, python, reference, report_dir, extra_args, port, marlin, dtype,
                             no_reference, pp, dp, adapters, nodes)
+    evaluation = _evaluation(checked, evals, eval_limit, gates or {})
     probing = _probing(checked, no_reference, gates, prompts, max_tokens)
     facts = _chat_facts(checked.artifact, checked.spec, checked.config, checked.reference.model)
     gpu, features = has_cuda_gpu(), cpu_features()
@@ -182,7 +189,13 @@ def verify(
     start_server = partial(Server, checked.spec, checked.artifact, python=checked.python, port=port,
                            max_model_len=max_model_len, dtype=dtype, extra_args=(*extra_args, *kv_args), ready_timeout=ready_timeout,
                            groups_file=groups_file, pp=pp, dp=dp, reference_kernels=kernels, nodes=nodes)
-    _serve_each_tp(start_server, tps, checked, probing, facts, dtype, force, concurrency, report, report_dir, on_event)
+    _serve_each_tp(start_server, tps, checked, probing, facts, dtype, force, concurrency, report, report_dir, on_event,
+                   evaluation)
+    if evaluation is not None:
+        start_source = partial(Server, checked.spec, python=checked.python, max_model_len=max_model_len, dtype=dtype,
+                               extra_args=extra_args, ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp,
+                               log_path=report_dir / "logs" / f"{checked.spec.name}-source.log")
+        _judge_evals(start_source, checked, evaluation, report, on_event)
     _check_unchanged(report, checked)
     return _finish_report(report, report_dir)
 
@@ -286,7 +299,7 @@ def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | No
 
 def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked: _Checked, probing: Probing,
                    facts: ChatFacts, dtype: str | None, force: bool, concurrency: int, report: dict, report_dir: Path,
-                   on_event) -> None:
+                   on_event, evaluation: Evaluation | None = None) -> None:
     """Serve and probe the artifact at each TP size in turn, unless refused, while the references run in a
     thread beside; each run is appended to ``report["runs"]``. ``start_server(tp=, log_path=, adapters=,
     lora_rank=)``: a Server with verify's other options."""
@@ -305,7 +318,7 @@ def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked:
                 continue
             server = start_server(tp=tp, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log", adapters=served,
                                   lora_rank=lora_rank)
-            run = _serve_and_probe(servers, server, pending, probing, facts, concurrency, on_event)
+            run = _serve_and_probe(servers, server, pending, probing, facts, concurrency, on_event, evaluation)
             run["checks"] += [_refused_adapter(a) for a in refused]
             if read is not None and read.result() is not None:
                 run["checks"].insert(1, read.result().as_dict())
@@ -400,8 +413,9 @@ def read_back_check(artifact: Path, reference: Path) -> Check | None:
 
 
 def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing: Probing, facts: ChatFacts, concurrency: int,
-                     on_event) -> dict:
-    """Start ``server`` (or take the identical one the pool keeps up) and run every check against it."""
+                     on_event, evaluation: Evaluation | None = None) -> dict:
+    """Start ``server`` (or take the identical one the pool keeps up) and run every check against it, then lm-eval's
+    tasks (their figures in run["eval"], judged against the source's once that has run)."""
     run = {"tp": server.tp, "layout": server.layout.label(), "checks": []}
     on_event(f"{server.layout.label()}: starting {server.spec.name} (log {server.log_path})")
     t0 = time.perf_counter()
@@ -420,6 +434,11 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
             _quote_engine_error(live, checks, run)
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
             run["kernels_logged"] = kernels_logged(live)
+            if evaluation is not None:
+                on_event(f"{live.layout.label()}: lm-eval {', '.join(evaluation.tasks)}")
+                run["eval"] = _lm_eval(served_model(live.url, str(live.model), evaluation.tokenizer), evaluation,
+                                       f"{live.spec.name}-{live.layout.label()}") if evaluation.tokenizer else \
+                    {"error": "no tokenizer folder for lm-eval (a GGUF without its source model)"}
     except EngineFailed as exc:
         _describe_launch(run, server)
         run["engine_error"] = server.first_error()
@@ -429,6 +448,64 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
                                seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
     return run
+
+
+def _evaluation(checked: _Checked, tasks: tuple[str, ...], limit: int | None, gates: dict) -> Evaluation | None:
+    """verify --eval's settings, lm-eval found importable first (exit 3 before any engine starts)."""
+    if not tasks:
+        return None
+    check_lm_eval()
+    tokenizer = checked.artifact if checked.artifact.is_dir() else checked.reference.model
+    return Evaluation(tuple(tasks), limit, gates.get("min_recovery", DEFAULT_MIN_RECOVERY), checked.report_dir / "eval",
+                      tokenizer)
+
+
+def _lm_eval(model: tuple[str, str], evaluation: Evaluation, label: str) -> dict:
+    """lm-eval's figures, or {"error": why} when it could not run."""
+    try:
+        return lm_eval_scores(model, list(evaluation.tasks), evaluation.folder / label, evaluation.limit)
+    except (EnvironmentProblem, subprocess.TimeoutExpired) as exc:
+        return {"error": str(exc)}
+
+
+def _judge_evals(start_source: Callable[..., Server], checked: _Checked, evaluation: Evaluation, report: dict,
+                 on_event) -> None:
+    """Run lm-eval on the source, then add to each run that ran it the "eval" check: recovery per task and metric."""
+    runs = [run for run in report["runs"] if "eval" in run]
+    if not runs:
+        return
+    on_event(f"lm-eval on the source: {', '.join(evaluation.tasks)}")
+    source, why = _source_scores(start_source, checked, evaluation, runs[0]["tp"])
+    report["eval"] = {"tasks": list(evaluation.tasks), "limit": evaluation.limit, "source": source, "source_note": why}
+    for run in runs:
+        scores = run.pop("eval")
+        failed_source = (source or {}).get("error")
+        check = Check("eval", "incomplete", scores["error"]) if "error" in scores else \
+            recovery_check(scores, None if failed_source else source, evaluation.min_recovery, failed_source or why)
+        run["checks"].append(check.as_dict())
+
+
+def _source_scores(start_source: Callable[..., Server], checked: _Checked, evaluation: Evaluation,
+                   tp: int) -> tuple[dict | None, str]:
+    """lm-eval's figures of the source, served as the artifact was (same engine and layout), or by transformers
+    where no engine here serves it so: in float32 for a GGUF (llama.cpp loads GGUF files only and computes in
+    float32), base + adapter through peft for a merge (verify's own reference for it). (figures or None, a note on
+    what the source was)."""
+    ref, spec = checked.reference, checked.spec
+    if ref.model is None:
+        return None, ref.note or "no source model"
+    if spec.artifact == "gguf" or ref.adapter:
+        dtype, by = ("float32", "transformers, float32") if spec.artifact == "gguf" else ("auto", "peft: base + adapter")
+        return _lm_eval(transformers_model(ref.model, dtype, ref.adapter), evaluation, "source"), f"the source by {by}"
+    if ref.model == checked.artifact:  # full precision, compared with itself
+        return None, "the artifact is its own source (full precision): there is no other model to recover"
+    server = start_source(ref.model, tp=tp)
+    try:
+        with current_pool().serve(server) as live:
+            return (_lm_eval(served_model(live.url, str(ref.model), evaluation.tokenizer), evaluation, "source"),
+                    f"{ref.model}, served by {spec.name}")
+    except EngineFailed as exc:
+        return None, f"the source did not start: {str(exc).splitlines()[0]}"
 
 
 def kernels_logged(server: Server) -> list[str] | None:
