@@ -36,6 +36,8 @@ def test_the_wheel_ships_the_recipes_as_package_data(wheel_venv):
     wheel, _ = wheel_venv
     names = zipfile.ZipFile(wheel).namelist()
     assert {f"workbench/recipes/{r}.yaml" for r in ("fp8-static", "fp8-dynamic", "gptq-w4a16", "awq-w4a16", "w8a8-int8")} <= set(names)
+    # verify --eval's shipped task data, and the vLLM CLI that verify --nodes runs on a CPU
+    assert {"workbench/evals/python_next_chars.jsonl", "workbench/engine_plugins/vllm_cli.py"} <= set(names)
     assert not any(n.startswith(("recipes/", "tests/", "scripts/")) for n in names)
 
 

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from conftest import assert_one_line_error, run
-from releases import RELEASE_FILE, ROOT, WORKBENCH, artifact_hashes, reduced, release, release_json, write_release
+from releases import (RELEASE_FILE, ROOT, WORKBENCH, artifact_hashes, reduced, release, release_json, report_of,
+                      write_release)
 from workbench.process import session_alive
 from workbench.release.kinds import ENGINE_GROUPS
 
@@ -202,6 +203,11 @@ def test_model_cards_and_manifests(released):
     q = index["artifacts"]["fp8"]["quality"]
     assert f"{q['ppl_source']:.3f}" in body and f"{q['top1_agreement']:.2%}" in body
     assert "State: **served**" in body and "Kernels: reference: vLLM's own loader" in body
+    # verify --eval (the entry's `eval:`): lm-eval on the FP8 artifact and on the merge served the same way
+    check = {c["name"]: c for c in report_of(out, "verify-fp8-vllm")["runs"][0]["checks"]}["eval"]
+    acc = check["metrics"]["recovery"]["python_next_chars"]["acc"]
+    assert check["status"] == "passed" and acc["recovery"] >= 0.95 and acc["source"] > 0.25, check
+    assert f"| vllm | 1 | python_next_chars | acc | {acc['artifact']:.4g} | {acc['source']:.4g} |" in body
     meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
     held_out = re.search(r"vllm \| 0\.32\.0 \| 1 \| passed \| [\d.]+% \| [\d.]+ \| (\d+) \| [\d.]+ / [\d.]+ \| [\d.]+% \|", body)

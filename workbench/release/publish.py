@@ -149,7 +149,8 @@ def _verification(stage: Stage, entry: dict, artifact: Path) -> dict | None:
                      "forced": {k: forced.get(k) for k in ("positions", "mean_logprob_delta", "p99_logprob_delta",
                                                            "top1_agreement", "mean_topk_kl")} if forced else None,
                      "argv": run.get("argv"), "env": run.get("env") or {}, "cpu_env": run.get("cpu_env") or {},
-                     "cpu_args": run.get("cpu_args") or [], "kernels_logged": run.get("kernels_logged")})
+                     "cpu_args": run.get("cpu_args") or [], "kernels_logged": run.get("kernels_logged"),
+                     "eval": checks.get("eval", {}).get("metrics", {}).get("recovery")})
     verdict = report.get("verdict") or ("passed" if report.get("passed") else "failed")
     served = report.get("artifact_sha256")
     if served is None or not artifact.exists() or served != content_digest(artifact):
@@ -257,6 +258,12 @@ def _verification_lines(info: dict, model_name: str) -> list[str]:
                     f"{forced['top1_agreement']:.1%}") if forced.get("positions") else "- | - | -"
             lines.append(f"| {v['engine']} | {v['engine_version'] or '?'} | {run['tp']} | "
                          f"{'passed' if run['passed'] else 'FAILED'} | {agree} | {delta} | {held} |")
+    recovered = [(v["engine"], run["tp"], task, metric, r) for v in verifications for run in v["runs"]
+                 for task, metrics in (run.get("eval") or {}).items() for metric, r in metrics.items()]
+    if recovered:  # verify --eval: lm-eval on the served artifact and on its source
+        lines += ["", "| engine | TP | task (lm-eval) | metric | this model | source | recovered |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {engine} | {tp} | {task} | {metric} | {r['artifact']:.4g} | {r['source']:.4g} | {r['recovery']:.1%} |"
+                  for engine, tp, task, metric, r in recovered if r["source"] is not None]
     proven = [(v["engine"], run) for v in verifications for run in v["runs"] if run["passed"] and run["argv"]]
     lines.append("")
     for engine, run in proven:
