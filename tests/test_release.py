@@ -206,7 +206,7 @@ def test_model_cards_and_manifests(released):
     # verify --eval (the entry's `eval:`): lm-eval on the FP8 artifact and on the merge served the same way
     check = {c["name"]: c for c in report_of(out, "verify-fp8-vllm")["runs"][0]["checks"]}["eval"]
     acc = check["metrics"]["recovery"]["python_next_chars"]["acc"]
-    assert check["status"] == "passed" and acc["recovery"] >= 0.95 and acc["source"] > 0.25, check
+    assert check["status"] == "passed" and acc["recovery"] >= 0.9 and acc["source"] > 0.25, check
     assert f"| vllm | 1 | python_next_chars | acc | {acc['artifact']:.4g} | {acc['source']:.4g} |" in body
     meta, body = _card(out / "tiny-llama-lora-w8a8" / "README.md")
     assert meta["quantization"]["quant_method"] == "compressed-tensors" and "vllm | 0.32.0 | 1 | passed" in body
