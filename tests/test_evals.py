@@ -56,11 +56,13 @@ def test_an_eval_limit_without_tasks_is_refused(tmp_path):
 def test_a_gguf_on_llamacpp_recovers_its_sources_accuracy(released, tmp_path, figures):
     out, _, _ = released
     gguf = next((out / "tiny-llama-lora-GGUF").glob("*Q8_0.gguf"))
-    result, report = verify_cli(gguf, tmp_path / "r", "--eval", "python_next_chars", "--gate", "min_recovery=0.9",
-                                "--concurrency", "0", server="llamacpp")
+    # 50 documents (llama.cpp answers lm-eval's 200 x 4 requests one at a time, ~3 minutes): one answer is ~6% of
+    # the figure there, so the gate is 0.8
+    result, report = verify_cli(gguf, tmp_path / "r", "--eval", "python_next_chars", "--eval-limit", "50",
+                                "--gate", "min_recovery=0.8", "--concurrency", "0", server="llamacpp")
     check = checks_of(report)["eval"]
     assert result.exit_code == 0 and check["status"] == "passed", check
     assert report["eval"]["source_note"] == "the source by transformers, float32"
     acc = check["metrics"]["recovery"]["python_next_chars"]["acc"]
-    assert acc["recovery"] >= 0.9 and acc["source"] > 0.25
+    assert acc["recovery"] >= 0.8 and acc["source"] > 0.2
     figures["verify --eval llama.cpp Q8_0 vs its source"] = acc

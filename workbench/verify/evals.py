@@ -34,6 +34,7 @@ SHIPPED = {
 DEFAULT_MIN_RECOVERY = 0.95
 LM_EVAL_TIMEOUT = 3600.0  # seconds per lm-eval run
 CONCURRENT_REQUESTS = 4
+TRANSFORMERS_BATCH = 8  # lm-eval's transformers model scores 8 requests at once (its default is one)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ def lm_eval_scores(model: tuple[str, str], tasks: list[str], out_dir: Path, limi
     argv = [sys.executable, "-m", "lm_eval", "--model", model[0], "--model_args", model[1],
             "--tasks", ",".join(tasks), "--include_path", str(_task_folder(tasks, out_dir / "tasks")),
             "--output_path", str(out_dir / "results"), *(["--limit", str(limit)] if limit else []),
-            *(["--device", "cpu"] if model[0] == "hf" else [])]
+            *(["--device", "cpu", "--batch_size", str(TRANSFORMERS_BATCH)] if model[0] == "hf" else [])]
     log = out_dir / "lm-eval.log"
     t0 = time.monotonic()
     with log.open("w") as sink:
