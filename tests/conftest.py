@@ -190,6 +190,16 @@ def copy_of(tmp_path):
     return _copy
 
 
+def as_from_a_terminal() -> None:
+    """preexec_fn of a CLI a test interrupts with SIGINT: the signal's default disposition, unblocked, as a shell
+    starts a command. A test worker's own (inherited from whatever started it, or left by a library) must not
+    decide whether the workbench sees Ctrl-C; two full runs lost both Ctrl-C tests there, never alone."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def assert_one_line_error(result, code: int, message: str) -> None:
     """The error contract: exit ``code``, and exactly one stderr line, "error: ...", containing ``message``."""
     assert result.exit_code == code, (result.exit_code, result.output, result.stderr)

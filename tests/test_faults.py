@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import assert_one_line_error, run
+from conftest import as_from_a_terminal, assert_one_line_error, run
 from releases import WORKBENCH
 from workbench.release.run import Observer, run_release
 from workbench.release.spec import load_release
@@ -95,7 +95,8 @@ def wide_model(tmp_path_factory):
 
 
 def merging(base: Path, adapter: Path, out: Path) -> subprocess.Popen:
-    proc = subprocess.Popen([WORKBENCH, "merge", base, adapter, "--out", out, "-q"], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([WORKBENCH, "merge", base, adapter, "--out", out, "-q"], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal)
     partial = out.with_name(f".{out.name}.partial-{proc.pid}")
     wait_for(lambda: any(p.stat().st_size > 2**20 for p in partial.glob("*.safetensors")), proc, "the first shard's bytes")
     return proc

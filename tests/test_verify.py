@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import EAGER, assert_one_line_error, run, verify_cli
+from conftest import EAGER, as_from_a_terminal, assert_one_line_error, run, verify_cli
 from releases import report_of
 from workbench.engines import ENGINES, Layout, multinode_commands, multinode_of, thread_binding
 from workbench.errors import EnvironmentProblem
@@ -566,7 +566,8 @@ def test_ctrl_c_during_start_up_leaves_no_process(merged, tmp_path):
     engine = stand_in_engine(tmp_path, f"sh -c 'sleep 300; : {marker}' &\nexec sh -c 'sleep 301; : {marker}'")
     workbench = os.path.join(os.path.dirname(sys.executable), "workbench")
     proc = subprocess.Popen([workbench, "verify", str(merged), "--server", "vllm", "--python", str(engine),
-                             "--timeout", "120", "--report", str(tmp_path / "r")], stderr=subprocess.PIPE, text=True)
+                             "--timeout", "120", "--report", str(tmp_path / "r")], stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_from_a_terminal)
     deadline = time.monotonic() + 60
     while not subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout and time.monotonic() < deadline:
         time.sleep(0.2)
