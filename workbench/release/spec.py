@@ -99,18 +99,22 @@ def _gates(value: dict | None, allowed: tuple[str, ...], where: str) -> dict:
     return {k: float(v) for k, v in value.items()}
 
 
-def _path(here: Path, value: str, where: str) -> Path:
-    """A path of the file: environment variables and ~ expanded, relative to the file's folder."""
+def _expanded(value: str, where: str) -> str:
+    """A value of the file with environment variables and ~ expanded; an unset variable is bad input."""
     expanded = os.path.expanduser(os.path.expandvars(value))
     if "$" in expanded:
         raise BadInput(f"{where}: {value!r} names an environment variable that is not set")
-    return (here / expanded).resolve()
+    return expanded
+
+
+def _path(here: Path, value: str, where: str) -> Path:
+    """A path of the file, relative to the file's folder."""
+    return (here / _expanded(value, where)).resolve()
 
 
 def _model(here: Path, value: str, where: str) -> Path:
     """A model or adapter of the file: a path (as _path) or a hub id org/name[@revision] (workbench/hub.py)."""
-    expanded = os.path.expanduser(os.path.expandvars(value))
-    return resolve_model(expanded, where, here).resolve() if "$" not in expanded else _path(here, value, where)
+    return resolve_model(_expanded(value, where), where, here).resolve()
 
 
 def load_release(file: Path, output: Path | None = None, store: Path | None = None) -> Release:
