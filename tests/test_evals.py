@@ -24,6 +24,9 @@ def test_recovery_is_the_artifacts_share_of_the_sources_figure_and_gated():
     assert recovery_check(scores(0.5), scores(0.62), 0.95).status == "failed"
     assert recovery_check(scores(2.2, False), scores(2.0, False), 0.95).status == "failed"  # lower is better: 2.0 / 2.2
     assert recovery_check(scores(math.nan), scores(0.6), 0.95).status == "failed"  # a NaN is short of any gate
+    assert recovery_check({"scores": {"t": {}}, "higher_is_better": {}}, scores(0.6), 0.95).status == "incomplete"
+    other_task = {"scores": {"u": {"acc": 0.6}}, "higher_is_better": {}}
+    assert recovery_check(other_task, scores(0.6), 0.95).status == "failed"  # "t" was never compared
     missing = recovery_check(scores(0.6), None, 0.95, "the source did not start")
     assert missing.status == "incomplete" and "the source did not start" in missing.detail
 

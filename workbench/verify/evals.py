@@ -124,7 +124,10 @@ def recovery_check(artifact: dict, source: dict | None, min_recovery: float, why
     if source is None:
         return Check("eval", "incomplete", f"no source figures to compare with: {why_no_source}",
                      metrics={"artifact": artifact["scores"]})
+    if not any(artifact["scores"].values()):  # lm-eval reported no figure: nothing was compared
+        return Check("eval", "incomplete", "lm-eval reported no figure for the artifact", metrics={"artifact": artifact["scores"]})
     table, short = {}, []
+    short += [f"{task}: no figures for the artifact" for task in source["scores"] if not artifact["scores"].get(task)]
     for task, figures in artifact["scores"].items():
         for metric, value in figures.items():
             reference = source["scores"].get(task, {}).get(metric)
