@@ -69,3 +69,24 @@ def test_a_gguf_on_llamacpp_recovers_its_sources_accuracy(released, tmp_path, fi
     acc = check["metrics"]["recovery"]["python_next_chars"]["acc"]
     assert acc["recovery"] >= 0.8 and acc["source"] > 0.2
     figures["verify --eval llama.cpp Q8_0 vs its source"] = acc
+
+
+def test_a_source_lm_eval_would_hold_whole_past_the_memory_is_not_run(llama, tmp_path, monkeypatch):
+    """lm-eval's transformers model loads the whole source: where that cannot fit, no source figures (the check is
+    then incomplete), with the figures, and lm-eval never starts."""
+    from types import SimpleNamespace
+
+    import workbench.errors as errors
+    from workbench.engines import ENGINES
+    from workbench.verify.evals import Evaluation
+    from workbench.verify.run import ReferenceChoice, _source_scores, _whole_model_bytes
+
+    from workbench.checkpoint import Checkpoint
+
+    assert _whole_model_bytes(llama, "float32") == int(1.25 * 4 * Checkpoint(llama).store.parameters)
+    monkeypatch.setattr(errors, "available_memory", lambda: 1024)
+    checked = SimpleNamespace(reference=ReferenceChoice(llama), spec=ENGINES["llamacpp"], artifact=tmp_path / "m.gguf")
+    evaluation = Evaluation(("python_next_chars",), None, 0.95, tmp_path / "eval", llama)
+    source, why = _source_scores(None, checked, evaluation, 1)
+    assert source is None and "out of memory running the source whole in transformers" in why
+    assert not (tmp_path / "eval").exists()

@@ -496,6 +496,10 @@ def _source_scores(start_source: Callable[..., Server], checked: _Checked, evalu
         return None, ref.note or "no source model"
     if spec.artifact == "gguf" or ref.adapter:
         dtype, by = ("float32", "transformers, float32") if spec.artifact == "gguf" else ("auto", "peft: base + adapter")
+        try:  # lm-eval's transformers model holds the whole source (not layer by layer): refused where it cannot fit
+            check_fits("running the source whole in transformers for lm-eval", _whole_model_bytes(ref.model, dtype))
+        except EnvironmentProblem as exc:
+            return None, str(exc)
         return _lm_eval(transformers_model(ref.model, dtype, ref.adapter), evaluation, "source"), f"the source by {by}"
     if ref.model == checked.artifact:  # full precision, compared with itself
         return None, "the artifact is its own source (full precision): there is no other model to recover"
@@ -506,6 +510,12 @@ def _source_scores(start_source: Callable[..., Server], checked: _Checked, evalu
                     f"{ref.model}, served by {spec.name}")
     except EngineFailed as exc:
         return None, f"the source did not start: {str(exc).splitlines()[0]}"
+
+
+def _whole_model_bytes(folder: Path, dtype: str) -> int:
+    """A model's weights held whole, float32 at 4 bytes a parameter, else as stored, plus a quarter for activations."""
+    store = Checkpoint(folder).store
+    return int(1.25 * (store.parameters * 4 if dtype == "float32" else store.total_bytes))
 
 
 def kernels_logged(server: Server) -> list[str] | None:
