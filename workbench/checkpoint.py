@@ -26,6 +26,7 @@ from typing import Iterator
 import torch
 
 from .errors import BadInput, as_disk_full
+from .options import CONFIG_DTYPE_NAMES
 from .safety import OWNED_MARKER, check_remote_code, claim, folder_file, owned
 
 CONFIG_NAME = "config.json"
@@ -51,7 +52,7 @@ DTYPE_CODES: dict[str, torch.dtype] = {
 DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
 
 # Names the config's "dtype" field uses.
-CONFIG_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+CONFIG_DTYPES = dict(zip(CONFIG_DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
 
 # Files that make up a tokenizer; they travel together, never mixed from two folders.
 TOKENIZER_FILES = (
@@ -294,26 +295,6 @@ def side_files(folder: Path) -> list[str]:
     )
 
 
-def return_freed_memory() -> None:
-    """Make freed tensors go back to the OS. glibc serves blocks below its dynamic mmap threshold (which
-    grows to 32 MiB after the first large free) from the heap, where fragmentation keeps them resident:
-    measured +55 MB RSS per decoder layer walked (1024 wide) and a 2.4 GiB merge of an 8B model. A fixed
-    1 MiB threshold maps every large block on its own and unmaps it at free. No-op without glibc."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "mallopt"):
-            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except OSError:
-        pass
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-
-
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -512,20 +493,6 @@ def copy_side_files(sources: list[tuple[Path, str]], folder: Path) -> None:
     """Copy the files (their content: a link inside the source folder is followed, one leading out refused)."""
     for src_dir, name in sources:
         shutil.copy2(folder_file(src_dir, name, "file"), folder / name)
-
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(value: str | int | None) -> int | None:
-    """A shard size: bytes, or a string like 500MB, 2GB, 1.5GiB."""
-    if value is None or isinstance(value, int):
-        return value
-    m = _SIZE.match(value)
-    if not m:
-        raise BadInput(f"{value!r} is not a size like 500MB or 2GB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
 # ---------------------------------------------------------------- atomic output folders

@@ -15,11 +15,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .checkpoint import CONFIG_DTYPES, parse_size, return_freed_memory
 from .engines import ENGINES
 from .errors import INCOMPLETE, INTERNAL, BadInput, WorkbenchError, as_resource_error
-from .lora import BASE_QUANTS, MERGE_DTYPES
-from .quantize.recipe import KV_CACHE_KINDS, method_help
+from .options import BASE_QUANTS, CONFIG_DTYPE_NAMES, KV_CACHE_KINDS, MERGE_DTYPES, parse_size
+from .quantize.recipe import method_help
 
 VERDICT_EXIT = {"passed": 0, "failed": 1, "incomplete": INCOMPLETE}
 
@@ -105,6 +104,8 @@ def cli():
     Exit codes: 0 ok, 1 an artifact failed a check, 2 bad input (nothing written), 3 an engine, tool or
     memory is missing, 4 incomplete (a required check could not run), 5 internal error (traceback in a log).
     """
+    from .process import return_freed_memory
+
     return_freed_memory()
 
 
@@ -301,7 +302,7 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     """
     from .convert.gguf import convert_gguf as run_convert, convert_lora_adapter, parse_outtypes
     from .convert.gguf_readback import describe_gguf
-    from .texts import Calibration
+    from .options import Calibration
 
     types = parse_outtypes(list(outtypes))
     if adapter is not None:
@@ -365,7 +366,7 @@ def _tp_list(value: str) -> list[int]:
               help="Report folder (report.json, junit.xml, summary.md, logs/). Default: ARTIFACT-verify/ENGINE.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for the server to be ready.")
 @click.option("--max-model-len", type=int, help="Context length to serve with (engine default if unset).")
-@click.option("--dtype", type=click.Choice(list(CONFIG_DTYPES)),
+@click.option("--dtype", type=click.Choice(CONFIG_DTYPE_NAMES),
               help="Serve in this dtype (vllm, sglang); the reference runs in it too. Default: the checkpoint's.")
 @click.option("--extra-arg", "extra_args", multiple=True, help="Passed to the engine as is (repeatable), e.g. "
               "--extra-arg=--enforce-eager. A flag given here replaces the workbench's default for it.")

@@ -25,6 +25,7 @@ from .checkpoint import (
     side_files,
 )
 from .errors import BadInput
+from .options import BASE_QUANTS, MERGE_DTYPES
 from .experts import renamer
 from .families import check_handled, expert_count, expert_intermediate, family_of
 from .hub import output_stem
@@ -38,9 +39,7 @@ OUTPUT_EMBEDDING = "lm_head.weight"
 # peft's ParamWrapper on a stacked experts module, nested once per further adapted parameter
 STACKED_EXPERTS = re.compile(r"\.experts(\.base_layer)*$")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MERGE_DTYPES = ("auto", *DTYPES)  # auto: the base's
-BASE_QUANTS = ("auto", "none", "nf4", "fp4")  # how a QLoRA base is quantized back before the merge (_base_quant)
+DTYPES = dict(zip(MERGE_DTYPES[1:], (torch.bfloat16, torch.float16, torch.float32)))  # the merge's --dtype names
 # An adapter whose recorded base name says 4-bit bitsandbytes was trained QLoRA (Unsloth's "-bnb-4bit"
 # bases are NF4 with double quantization).
 FOUR_BIT_BASE = re.compile(r"bnb[-_]?4bit|4bit", re.IGNORECASE)

@@ -100,3 +100,23 @@ def group_alive(pgid: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def return_freed_memory() -> None:
+    """Make freed tensors go back to the OS. glibc serves blocks below its dynamic mmap threshold (which
+    grows to 32 MiB after the first large free) from the heap, where fragmentation keeps them resident:
+    measured +55 MB RSS per decoder layer walked (1024 wide) and a 2.4 GiB merge of an 8B model. A fixed
+    1 MiB threshold maps every large block on its own and unmaps it at free. No-op without glibc."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except OSError:
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from . import experts
-from .checkpoint import LAYER_NAME, Checkpoint, numel, read_json, return_freed_memory
+from .checkpoint import LAYER_NAME, Checkpoint, numel, read_json
+from .process import return_freed_memory
 from .errors import BadInput
 from .families import family_of
 from .lora import PEFT_PREFIX, adapter_weights

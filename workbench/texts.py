@@ -7,29 +7,17 @@ from __future__ import annotations
 
 import json
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import BadInput
 from .hf import adds_bos
+from .options import Calibration
 
 EVALUATION_EVERY = 10  # every 10th standard-library module is evaluation text, the rest calibration text
 EVALUATION_BLOCKS, EVALUATION_SEQ_LEN = 16, 256  # the quality report's held-out text: 4096 tokens
 EVALUATION_TOKENS = EVALUATION_BLOCKS * EVALUATION_SEQ_LEN
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Which calibration text, and how much of it (a recipe's calibration section, the imatrix options)."""
-
-    data: str = "default"
-    field: str = "text"
-    samples: int = 128
-    seq_len: int = 256
-    seed: int = 0
-    chat_template: bool = False
 
 
 def default_text(split: str) -> str:

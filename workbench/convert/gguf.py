@@ -35,7 +35,7 @@ from ..hub import output_stem
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..prompts import probe_texts
 from ..safety import remote_code_trusted
-from ..texts import Calibration
+from ..options import Calibration
 from .gguf_tables import (CONVERTIBLE, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
                           TOKENIZER_PROBES, gguf_arch)
 from .gguf_readback import GgufReadBackError, read_back_gguf

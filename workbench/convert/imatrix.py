@@ -19,7 +19,7 @@ from torch import nn
 
 from ..runner import LayerRunner
 from ..safety import remote_code_trusted
-from ..texts import Calibration
+from ..options import Calibration
 
 # llama-imatrix's usual run: chunks of 512 tokens; 32 of them keep a CPU walk short
 DEFAULT_CALIBRATION = Calibration(samples=32, seq_len=512)

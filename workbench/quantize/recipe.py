@@ -8,7 +8,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from ..errors import BadInput
-from ..texts import Calibration
+from ..options import KV_CACHE_KINDS, Calibration
 from ..yamlfile import check_types, parse_mapping
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
@@ -62,7 +62,6 @@ METHODS = {
 # methods whose calibration solves a problem per layer (GPTQ's Hessians, AWQ's scale search, SmoothQuant + GPTQ):
 # hours on a CPU at real sizes, so a release plan's job for them asks for an accelerator
 WANTS_ACCELERATOR = frozenset({"gptq", "awq", "w8a8"})
-KV_CACHE_KINDS = ("fp8",)
 KV_CACHE_FORMATS = ("fp8", "compressed-tensors")  # vLLM reads KV-cache scales from both
 NEEDS_CALIBRATION = {("fp8", "static"), ("gptq", "w4a16"), ("awq", "w4a16"), ("w8a8", "w8a8"), ("fp4", "nvfp4")}
 CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_len": (int,), "seed": (int,), "chat_template": (bool,)}

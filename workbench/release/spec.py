@@ -9,10 +9,9 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..checkpoint import parse_size
 from ..convert.gguf_tables import OUTTYPES
 from ..errors import BadInput
-from ..lora import BASE_QUANTS, MERGE_DTYPES
+from ..options import BASE_QUANTS, MERGE_DTYPES, parse_size
 from ..families import check_handled
 from ..hub import hub_origin, resolve_model
 from ..safety import check_name, check_no_remote_code_flag, check_remote_code, inside
