@@ -45,7 +45,7 @@ def _internal_error(exc: BaseException) -> str:
     import tempfile
     import traceback
 
-    from .engines import workbench_home
+    from .home import workbench_home
 
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
     text = f"workbench {__version__}: {' '.join(sys.argv)}\n" + traceback.format_exc()

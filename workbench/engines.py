@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadInput, EnvironmentProblem
+from .home import workbench_home
 
 INSTALLED_MARKER = ".installed"
 
@@ -313,10 +314,6 @@ def gpu_only_refusal(spec: EngineSpec) -> str | None:
     if spec.gpu_only and not has_cuda_gpu():
         return f"{spec.name} serves on NVIDIA GPUs only; without one it fails with {spec.gpu_only}"
     return None
-
-
-def workbench_home() -> Path:
-    return Path(os.environ.get("WORKBENCH_HOME", Path.home() / ".cache" / "workbench"))
 
 
 def managed_folder(spec: EngineSpec) -> Path:

@@ -37,7 +37,7 @@ def tool_versions() -> dict[str, str]:
 def cached_sha256(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime_ns, inode) in $WORKBENCH_HOME/digests.json: a
     cached release stage does not re-read gigabytes of unchanged inputs. ``inspect --check`` re-hashes."""
-    from .engines import workbench_home
+    from .home import workbench_home
 
     st = path.stat()
     key = str(path.resolve())

@@ -19,7 +19,8 @@ from ..errors import BadInput, EnvironmentProblem
 from ..process import GUARD_RECORD_ENV, HOST, free_port, port_in_use, signal_session, start_guarded, stop_guarded
 from ..safety import remote_code_trusted
 from ..engines import (EngineSpec, Layout, ReferenceKernels, engine_python, has_cuda_gpu, launch_defaults, model_args,
-                       multinode_of, node_flags, thread_binding, usable_cpus, workbench_home)
+                       multinode_of, node_flags, thread_binding, usable_cpus)
+from ..home import workbench_home
 
 # A Python exception line, as engines log it behind their prefixes: vLLM's process tag "(Worker pid=N) " and
 # log header "ERROR 11-22 06:21:17 [file.py:1063] ", SGLang's "[2026-11-22 06:21:17 TP0] ", torch's "[rank0]: ".
