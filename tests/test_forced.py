@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from workbench.verify.forced import (FORCED_GATES, FORCED_POSITIONS, GATE_NAMES, TOP_K, EnginePosition, ForcedMismatch,
-                                     ForcedReference, _coarse_kl, ask_llamacpp, compare, forced_blocks, judge, token_text)
+                                     ForcedReference, _coarse_kl, ask_llamacpp, compare, forced_blocks, judge, token_texts)
 
 
 def _reference(positions: int = 6, vocab: int = 20, seed: int = 0) -> tuple[ForcedReference, torch.Tensor]:
@@ -102,4 +102,4 @@ def test_token_text_is_the_tokens_bytes_as_llamacpp_names_them(piece, text):
         def convert_ids_to_tokens(self, ids):
             return ["\u0120x"] * len(ids) if isinstance(ids, list) else piece
 
-    assert token_text(Tok(), 5) == text
+    assert token_texts(Tok())(5) == text
