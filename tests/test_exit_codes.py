@@ -19,13 +19,13 @@ from workbench.quantize.recipe import METHOD_ALIASES, load, shipped
 
 
 def test_a_bug_exits_5_and_names_the_log_with_the_traceback(monkeypatch, tmp_path, llama):
-    import workbench.inspect
+    import workbench.inspection
 
     def broken(*args, **kwargs):
         return 1 / 0
 
     monkeypatch.setenv("WORKBENCH_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(workbench.inspect, "inspect", broken)
+    monkeypatch.setattr(workbench.inspection, "inspect", broken)
     result = run("inspect", llama)
     assert_one_line_error(result, 5, "internal error (ZeroDivisionError: division by zero); this is a workbench bug, traceback in ")
     log = result.stderr.strip().rsplit(" ", 1)[1]

@@ -501,7 +501,7 @@ def inspect_cmd(path, tps, check, as_json):
     Architecture, dtype, parameter count, size on disk, quantization summary, the TP preflight table, and
     the steps of its workbench.json manifest. --check re-hashes every file the manifest lists.
     """
-    from .inspect import inspect
+    from .inspection import inspect
 
     info = inspect(path, tps, check)
     if as_json:
