@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from .. import __version__
 from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
@@ -19,9 +19,6 @@ from ..errors import ArtifactFailed, BadInput, Incomplete
 from ..manifest import last_step, now
 from ..safety import claim, remove_owned
 from .spec import SOURCE, Release, Stage
-
-if TYPE_CHECKING:
-    from .state import Keys
 
 MARKER = "stage.json"  # written last into a verify stage's report folder
 ENGINE_GROUPS = "engine-groups.txt"  # under reports/: each engine guard's process group id, appended at start
@@ -31,7 +28,9 @@ ENGINE_GROUPS = "engine-groups.txt"  # under reports/: each engine guard's proce
 class StageKind:
     name: str
     run: Callable[..., None]  # (release, stage, key, event, progress): builds the stage's output or raises
-    key_extras: Callable[[Stage, "Keys"], dict]  # what the key covers beyond the inputs' digests and the options
+    # what the key covers beyond the inputs' digests and the options, given the stage and a way to ask the version
+    # of the engine a verify stage serves with (state.Keys.engine_of)
+    key_extras: Callable[[Stage, Callable[[Stage], str | None]], dict]
     estimate: Callable[[Release, Stage], object | None]  # runner.Estimate of a stage that runs a model, else None
     made: Callable[[Release, str], str] | None = None  # the card's first words, given the source's name
     card_meta: Callable[[Stage], dict] | None = None  # the card's front matter of this kind
@@ -51,7 +50,7 @@ def _record(release: Release, stage: Stage, key: str) -> dict:
     return {"release": {"name": release.name, "stage": stage.id, "key": key, "file": str(release.file)}}
 
 
-def _no_extras(stage: Stage, keys: "Keys") -> dict:
+def _no_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
     return {}
 
 
@@ -106,7 +105,7 @@ def _recipe(options: dict):
     return load(options["recipe"], Path(options["recipe_path"]) if options["recipe_path"] else None)
 
 
-def _quantize_extras(stage: Stage, keys: "Keys") -> dict:
+def _quantize_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
     """The recipe's text and a calibration file's content are inputs too."""
     data = stage.options["overrides"].get("data")
     calibration = file_sha256(Path(data)) if data and data != "default" else None
@@ -167,7 +166,7 @@ def _run_gguf(release, stage, key, event, progress) -> None:
                  accept_tokenizer_difference=stage.options.get("accept_tokenizer_difference", False))
 
 
-def _gguf_extras(stage: Stage, keys: "Keys") -> dict:
+def _gguf_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
     imatrix = stage.options.get("imatrix")
     return {"imatrix_sha256": file_sha256(Path(imatrix))} if imatrix not in (None, "default") else {}
 
@@ -229,8 +228,8 @@ def _reference(release: Release, stage: Stage) -> Path | None:
     return input_path(release, made_by.needs[0]) if compared else None
 
 
-def _verify_extras(stage: Stage, keys: "Keys") -> dict:
-    return {"engine_version": keys.engine_of(stage)}
+def _verify_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
+    return {"engine_version": engine_of(stage)}
 
 
 def _verify_gpus(stage: Stage) -> int:

@@ -90,7 +90,7 @@ class Keys:
             inputs = {n: self.input_digest(n) for n in stage.needs}
             if None in inputs.values():
                 return None
-        extra = kind.key_extras(stage, self)
+        extra = kind.key_extras(stage, self.engine_of)
         options = portable(stage.options, self.release.file.parent)
         blob = {"kind": stage.kind, "options": options, "inputs": inputs, "versions": self.versions, **extra}
         return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
