@@ -115,3 +115,13 @@ def test_the_command_line_starts_without_torch():
     probe = "import sys, workbench.cli; print(sorted({'torch', 'transformers', 'safetensors'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_every_public_function_and_class_has_a_docstring():
+    """A newcomer reads what each module offers from its docstrings: every top-level public function and class
+    says what it is."""
+    missing = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
+               for path in sorted(PACKAGE.rglob("*.py")) for node in ast.parse(path.read_text()).body
+               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
+               and not ast.get_docstring(node)]
+    assert not missing, "\n".join(missing)

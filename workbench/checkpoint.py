@@ -76,6 +76,7 @@ _NOT_SIDE_FILES = {CONFIG_NAME, MANIFEST_NAME, "adapter_config.json"}
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a safetensors file as its header describes it: name, dtype, shape, and where its bytes lie."""
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -88,6 +89,7 @@ class TensorInfo:
 
 
 def numel(shape: tuple[int, ...]) -> int:
+    """The number of elements of a tensor of shape ``shape`` (1 for a scalar)."""
     n = 1
     for d in shape:
         n *= d
@@ -224,6 +226,8 @@ def _read_header(file: Path) -> list[TensorInfo]:
 
 
 def read_json(path: Path, what: str) -> dict:
+    """The JSON object in ``path``; a missing file, invalid JSON or a value that is not an object is a BadInput
+    naming the file as ``what``."""
     if not path.is_file():
         raise BadInput(f"{what} missing: {path}")
     try:
@@ -296,6 +300,7 @@ def side_files(folder: Path) -> list[str]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The sha256 hex digest of a file, read ``chunk`` bytes at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -350,6 +355,7 @@ class FollowingHasher:
 
 @dataclass(frozen=True)
 class PlannedTensor:
+    """One tensor of an output file as planned before it is computed: what its header entry needs."""
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
@@ -486,6 +492,7 @@ def replace_file(path: Path, data: str | bytes) -> None:
 
 
 def write_json(path: Path, value: dict) -> None:
+    """Write ``value`` to ``path`` as JSON indented by 2, keys in their given order, with a final newline."""
     path.write_text(json.dumps(value, indent=2, sort_keys=False) + "\n")
 
 
@@ -571,6 +578,7 @@ def _size(path: Path) -> int:
 
 
 def remove_path(path: Path) -> None:
+    """Remove a file, a link (never what it points to) or a folder tree (errors ignored); nothing when absent."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists() or path.is_symlink():

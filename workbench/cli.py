@@ -674,4 +674,5 @@ def release(file, out, only, force, dry_run, store, stage_plan, gather, ray_addr
 
 
 def main():
+    """The ``workbench`` console script: runs the click group under that program name."""
     cli(prog_name="workbench")

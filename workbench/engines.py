@@ -82,6 +82,7 @@ class TokenizeEndpoint:
 
 @dataclass(frozen=True)
 class EngineSpec:
+    """One serving engine as data: how to install it, start it and talk to it, on GPU and CPU-only machines."""
     name: str
     module: str  # run as: <python> -m <module>
     artifact: str  # "hf" (a model folder) or "gguf" (a .gguf file)
@@ -342,16 +343,19 @@ def model_args(spec: EngineSpec, model: str) -> list[str]:
 
 
 def gpu_only_refusal(spec: EngineSpec) -> str | None:
+    """Why the engine cannot serve on this machine (it needs an NVIDIA GPU and none is found), or None when it can."""
     if spec.gpu_only and not has_cuda_gpu():
         return f"{spec.name} serves on NVIDIA GPUs only; without one it fails with {spec.gpu_only}"
     return None
 
 
 def managed_folder(spec: EngineSpec) -> Path:
+    """The engine's environment as `workbench engines install` makes it, under $WORKBENCH_HOME/engines."""
     return workbench_home() / "engines" / spec.folder
 
 
 def install_hint(spec: EngineSpec) -> str:
+    """How the user gives the workbench the engine, for the end of error messages."""
     return f"run `workbench engines install {spec.name}`, or set {spec.python_env} to a Python that has it"
 
 
@@ -394,6 +398,7 @@ def engine_version(spec: EngineSpec, python: str) -> str | None:
 # ---------------------------------------------------------------- launch settings
 
 def has_cuda_gpu() -> bool:
+    """Whether this machine has an NVIDIA GPU, judged by ``nvidia-smi`` being on PATH (nothing is run)."""
     return shutil.which("nvidia-smi") is not None
 
 

@@ -80,6 +80,8 @@ def available_memory() -> int:
 
 
 def out_of_memory(what: str, needed: int | None) -> OutOfMemory:
+    """The OutOfMemory error for ``what``, with the bytes it needs (``needed``; None: not known) and those
+    available now."""
     need = f"needs ~{needed / GIB:.1f} GiB, " if needed else ""
     return OutOfMemory(f"out of memory {what}: {need}{available_memory() / GIB:.1f} GiB available")
 

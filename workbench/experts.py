@@ -26,6 +26,8 @@ EXPERT_NAME = re.compile(r"^(?P<block>.+)\.experts\.(?P<index>\d+)\.(?P<proj>[^.
 
 
 class Expert(nn.Module):
+    """One expert of a MoE layer as checkpoints store it: gate, up and down Linears under the layout's names
+    (created on meta), computing down(act(gate(x)) * up(x))."""
     def __init__(self, layout: ExpertLayout, hidden: int, intermediate: int, act, dtype: torch.dtype):
         super().__init__()
         for name, shape in ((layout.gate, (intermediate, hidden)), (layout.up, (intermediate, hidden)),

@@ -54,6 +54,8 @@ def _kill_session_rest() -> None:
 
 
 def main(argv: list[str]) -> int:
+    """Run the engine command ``argv`` under the guard until it exits; returns the exit code to leave with: the
+    engine's, or 1 when the parent died before the death signal was armed."""
     parent = os.getppid()
     terminating: list[float] = []
 

@@ -7,6 +7,7 @@ import contextlib
 
 
 def quiet_transformers() -> None:
+    """Turn off transformers' progress bars and log only its errors."""
     from transformers.utils import logging
 
     logging.disable_progress_bar()

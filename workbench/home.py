@@ -8,4 +8,5 @@ from pathlib import Path
 
 
 def workbench_home() -> Path:
+    """The workbench's own folder: $WORKBENCH_HOME, else ~/.cache/workbench (not created here)."""
     return Path(os.environ.get("WORKBENCH_HOME", Path.home() / ".cache" / "workbench"))

@@ -15,6 +15,9 @@ from .quantkind import quant_of
 
 
 def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
+    """What `workbench inspect` reports on ``path`` (a model folder or a .gguf file): what it is, its manifest's
+    steps, its release state and verifications; ``tps``: the TP sizes to preflight; with ``check``, every file the
+    manifest lists is re-hashed, and any difference is an ArtifactFailed."""
     path = Path(path)
     if not path.exists():
         raise BadInput(f"artifact not found: {path}")

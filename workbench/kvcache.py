@@ -32,6 +32,8 @@ def attention_modules(layer: nn.Module) -> list[str]:
 
 
 def planned(checkpoint_names: list[str]) -> list[PlannedTensor]:
+    """The output tensors of the KV-cache scales: a float32 scalar ``k_scale`` and ``v_scale`` for each
+    attention module named (checkpoint names)."""
     return [PlannedTensor(f"{name}.{kind}_scale", torch.float32, ()) for name in checkpoint_names for kind in "kv"]
 
 

@@ -127,6 +127,8 @@ class Delta:
 
 @dataclass
 class OutputTensor:
+    """One tensor of the merged checkpoint: the base (or adapter) tensor it starts from, and the LoRA update
+    added to it, if any."""
     name: str
     source: str  # tensor name in the base, or in the adapter when from_adapter
     from_adapter: bool = False
@@ -135,6 +137,9 @@ class OutputTensor:
 
 @dataclass
 class MergePlan:
+    """Everything a merge writes, decided (plan_merge) before any output exists: the output tensors in order and
+    their dtype, the config and side files, the warnings, and the QLoRA base quantization to reproduce (None:
+    the full-precision base)."""
     base: Checkpoint
     adapter_dir: Path
     adapter: TensorStore
@@ -160,6 +165,8 @@ class MergePlan:
 
 
 def load_adapter_config(adapter_dir: Path) -> dict:
+    """The adapter folder's adapter_config.json, checked: a LoRA adapter with no option the merge does not
+    handle, numeric ``r`` and ``lora_alpha``, and no request to run its own code (unless trusted)."""
     if not adapter_dir.is_dir():
         raise BadInput(f"adapter folder not found: {adapter_dir}")
     cfg = read_json(adapter_dir / ADAPTER_CONFIG, "adapter_config.json")
@@ -252,6 +259,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
 
 
 def adapter_weights(adapter_dir: Path) -> TensorStore:
+    """The adapter's adapter_model.safetensors as a TensorStore; missing (or only adapter_model.bin) is a BadInput."""
     weights = adapter_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
         other = "adapter_model.bin exists: re-save it with safe_serialization=True" if (adapter_dir / "adapter_model.bin").exists() else "missing"
@@ -464,6 +472,7 @@ def _base_quant(choice: str, double_quant: bool, named: str | None, warnings: li
 
 
 def output_shape(o: OutputTensor, base: Checkpoint, adapter: TensorStore) -> tuple[int, ...]:
+    """The shape of an output tensor: that of its source tensor, in the adapter or the base."""
     return (adapter if o.from_adapter else base.store).tensors[o.source].shape
 
 

@@ -25,6 +25,7 @@ TRACKED_PACKAGES = (
 
 
 def tool_versions() -> dict[str, str]:
+    """The installed version of each of TRACKED_PACKAGES (those not installed left out), for a manifest step."""
     versions = {}
     for name in TRACKED_PACKAGES:
         try:
@@ -86,6 +87,7 @@ def folder_digest(folder: Path) -> dict:
 
 
 def now() -> str:
+    """The current UTC time in ISO 8601, to the second (a step's ``started``)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -95,6 +97,7 @@ def manifest_path(artifact: Path) -> Path:
 
 
 def read_manifest(artifact: Path) -> dict | None:
+    """The manifest of ``artifact`` (a folder or a single file), or None when it has none or it is not valid JSON."""
     path = manifest_path(artifact)
     if not path.is_file():
         return None

@@ -24,6 +24,8 @@ from .manifest import folder_digest, now, tool_versions, write_manifest
 
 
 def default_output(adapter: Path) -> Path:
+    """Where a merge writes when no output is named: ``<adapter>-merged`` beside the adapter folder (for a hub
+    snapshot, named after its repository, in the working folder)."""
     return Path(f"{output_stem(adapter)}-merged")
 
 

@@ -39,6 +39,8 @@ SHARED_EXPERT = (
 
 
 def layers_of(shape: Shape) -> tuple:
+    """The Linear layers TP splits in a decoder layer of ``shape``, as (name, "column" or "row", in features, out
+    features), the sizes as functions of the shape: attention, then the dense MLP and/or the MoE experts."""
     if not shape.experts:
         return ATTENTION + DENSE_MLP
     return ATTENTION + (DENSE_MLP if shape.dense_layers else ()) + EXPERTS + (SHARED_EXPERT if shape.shared_intermediate else ())
@@ -53,6 +55,7 @@ MARLIN_METHODS = {"gptq", "awq", "gptq_marlin", "awq_marlin", "compressed-tensor
 
 @dataclass(frozen=True)
 class Shape:
+    """The sizes of a decoder layer that decide how TP splits it, read from config.json (shape_of)."""
     hidden: int
     heads: int
     kv_heads: int
@@ -65,6 +68,7 @@ class Shape:
 
 
 def shape_of(config: dict) -> Shape:
+    """The Shape of a model from its config.json contents (a multimodal config's text_config when it has one)."""
     text = config.get("text_config", config)
     heads = int(text["num_attention_heads"])
     hidden = int(text["hidden_size"])

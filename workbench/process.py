@@ -33,6 +33,7 @@ def free_port(highest: int = 65535) -> int:
 
 
 def port_in_use(port: int) -> bool:
+    """Whether something accepts connections on ``port`` of 127.0.0.1."""
     with socket.socket() as s:
         return s.connect_ex((HOST, port)) == 0
 
@@ -88,6 +89,7 @@ def session_alive(sid: int) -> list[int]:
 
 
 def signal_group(pgid: int, sig: int) -> None:
+    """Send ``sig`` to process group ``pgid``; a group that is gone, or not ours to signal, is passed over."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -95,6 +97,7 @@ def signal_group(pgid: int, sig: int) -> None:
 
 
 def group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a process this process may signal."""
     try:
         os.killpg(pgid, 0)
         return True

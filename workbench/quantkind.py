@@ -13,6 +13,8 @@ LOOSEST = "int4"  # the kind of a method no reader here knows: the widest quanti
 
 @dataclass(frozen=True)
 class Quant:
+    """What a config's quantization_config says the weights are: the method, the kind whose tolerances apply,
+    and the group or block size the TP rules check."""
     method: str | None = None  # normalised: "gptq", "awq", "fp8", "compressed-tensors-wna16", ... (None: full precision)
     kind: str = "full"  # which tolerances apply
     group_size: int | None = None  # weight quantization group along the input dimension

@@ -34,6 +34,9 @@ print(alive); sys.exit(1)
 
 
 class LocalRayCluster:
+    """A Ray cluster of ``nodes`` nodes on this machine, as a context manager: entering starts the nodes one at a
+    time, each waited for (up to ``ready_timeout`` seconds) until it has joined; leaving takes every node down
+    (stop). ``python`` runs Ray; ``cpus_per_node``: each node's --num-cpus; ``address``: the head's host:port."""
     def __init__(self, python: str, nodes: int, cpus_per_node: int, env: dict[str, str] | None = None,
                  ready_timeout: float = 120.0):
         self.python, self.nodes, self.cpus = python, nodes, cpus_per_node

@@ -73,6 +73,8 @@ INHERITED_SHARE = 0.8
 
 @dataclass
 class ModuleReading:
+    """One reading of a read-back: a decoded module's output (or a layer's update, or a KV-cache scale's share of
+    clipped inputs) against the source's, with the round-to-nearest figures it is judged by; ``role`` says which."""
     module: str
     error: float
     gain: float
@@ -87,6 +89,8 @@ class ModuleReading:
 
 @dataclass
 class ReadBack:
+    """The read-back of one quantized artifact: the reader that decoded it, its quantization kind, and one reading
+    per module, layer and KV-cache scale, or the reader's own refusal."""
     reader: str
     kind: str
     modules: list[ModuleReading] = field(default_factory=list)

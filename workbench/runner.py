@@ -41,6 +41,7 @@ BASE_RSS = int(0.8 * 2**30)  # torch + transformers imported, measured here: ~0.
 
 
 def compute_device() -> torch.device:
+    """Where the layer runner computes: the CUDA GPU when torch sees one, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -351,6 +352,7 @@ def attention_for(config) -> str:
 
 @dataclass
 class Estimate:
+    """Peak memory (bytes) and time (seconds) of a run through a model, estimated before it starts."""
     peak_bytes: int
     seconds: float
 

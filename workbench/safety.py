@@ -85,6 +85,7 @@ def claim(folder: Path) -> None:
 
 
 def owned(folder: Path) -> bool:
+    """Whether ``folder`` is a folder (not a link to one) that carries the workbench's ownership marker (claim)."""
     return folder.is_dir() and not folder.is_symlink() and (folder / OWNED_MARKER).is_file()
 
 
@@ -139,6 +140,7 @@ def remote_code(trusted: bool) -> Iterator[None]:
 
 
 def remote_code_trusted() -> bool:
+    """Whether the current command lets a model folder's own code run (--trust-remote-code; see remote_code)."""
     return _policy["trust_remote_code"]
 
 

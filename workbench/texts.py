@@ -24,12 +24,17 @@ EVALUATION_TOKENS = EVALUATION_BLOCKS * EVALUATION_SEQ_LEN
 
 
 def default_text(split: str) -> str:
+    """The embedded default text: the standard library's top-level modules, every tenth one for the
+    "evaluation" split, the others for any other split (calibration), joined."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
     chosen = [f for i, f in enumerate(files) if (i % EVALUATION_EVERY == 0) == (split == "evaluation")]
     return "\n".join(f.read_text(encoding="utf-8", errors="replace") for f in chosen)
 
 
 def load_texts(data: str, field: str) -> list[str]:
+    """The non-empty texts of the calibration data ``data``: the embedded default's calibration text, a .txt
+    file (one text), or the ``field`` of each .jsonl line or .parquet row; a missing file, another suffix, a record
+    without ``field`` or no text at all is a BadInput."""
     if data == "default":
         return [default_text("calibration")]
     path = Path(data)

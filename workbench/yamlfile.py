@@ -9,6 +9,8 @@ from .errors import BadInput
 
 
 def parse_mapping(text: str, what: str) -> dict:
+    """The YAML mapping in ``text``; invalid YAML, or a document that is not a mapping, is a BadInput naming
+    ``what``."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

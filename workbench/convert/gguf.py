@@ -82,6 +82,8 @@ sys.exit(llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode
 
 @dataclass
 class Tensor:
+    """One tensor of the GGUF to write: where its values come from (an HF tensor, the experts to stack, or
+    ``values`` computed by the converter), its GGUF name and shape, and how it is changed before encoding."""
     hf_name: str | None  # None: computed by the converter (``values``) or stacked from ``experts``
     gguf_name: str
     shape: tuple[int, ...]
@@ -98,6 +100,8 @@ class Tensor:
 
 @dataclass
 class Plan:
+    """What converting one model writes, whatever the outtype: its tensors in file order, hyperparameters
+    and tokenizer, all known before any weight is read."""
     model: Checkpoint
     arch_name: str
     tensors: list[Tensor]
@@ -112,6 +116,8 @@ class Plan:
 
 
 def parse_outtypes(values: list[str]) -> list[str]:
+    """The outtypes named in ``values`` (each may hold several, comma-separated), lower-cased, duplicates
+    dropped, in order; an unknown name, or none at all, is a BadInput."""
     types = [t.strip().lower() for v in values for t in v.split(",") if t.strip()]
     unknown = [t for t in types if t not in OUTTYPES]
     if unknown or not types:
@@ -120,6 +126,9 @@ def parse_outtypes(values: list[str]) -> list[str]:
 
 
 def plan_conversion(model_dir: Path) -> Plan:
+    """The plan for converting ``model_dir`` to GGUF, from its config, safetensors headers and tokenizer
+    (no weight is read); an architecture, rope scaling or tokenizer the converter does not handle, or a model
+    already quantized, is a BadInput."""
     model = Checkpoint(model_dir)
     config = model.config
     arch_name = (config.get("architectures") or ["?"])[0]
@@ -568,6 +577,9 @@ def _tokenizer_verdict(plan: Plan, differences: list[dict], on_event) -> None:
 
 
 def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str, threads: int, imatrix: dict | None = None) -> None:
+    """Quantize the GGUF ``source`` to ``target`` as ``outtype`` with llama.cpp's quantize (QUANTIZE_SCRIPT, run by
+    ``python``, the llama.cpp engine's interpreter, on ``threads`` threads); ``imatrix``: the importance matrix
+    as that script reads it, or None. A failure is an EnvironmentProblem quoting the tail of its output."""
     ftype = int(OUTTYPES[outtype].file_type)
     result = subprocess.run([python, "-c", QUANTIZE_SCRIPT, str(source), str(target), str(ftype), str(threads), json.dumps(imatrix)],
                             capture_output=True, text=True, preexec_fn=lambda: set_parent_death_signal(signal.SIGKILL))
@@ -577,6 +589,8 @@ def quantize_with_llamacpp(source: Path, target: Path, outtype: str, python: str
 
 
 def output_paths(model_dir: Path, outtypes: list[str], out: Path | None) -> dict[str, Path]:
+    """The GGUF file for each outtype: ``out`` itself when it is a ``.gguf`` path and one outtype is asked for,
+    else ``<stem>-<TYPE>.gguf`` in the folder ``out``, or without ``out`` beside the model folder (output_stem)."""
     named = output_stem(model_dir)
     stem = named.name
     if out is not None and len(outtypes) == 1 and str(out).endswith(".gguf"):
@@ -628,6 +642,8 @@ def convert_gguf(
 
 
 def check_imatrix_use(outtypes: list[str], imatrix: Calibration | None) -> None:
+    """Refuse outtypes that need an importance matrix without ``imatrix``, and an ``imatrix`` that none of
+    ``outtypes`` uses (the direct types are written without llama.cpp's quantize)."""
     needing = [t for t in outtypes if OUTTYPES[t].needs_imatrix]
     if needing and imatrix is None:
         raise BadInput(f"llama.cpp makes {OUTTYPES[needing[0]].label} only with an importance matrix: add --imatrix")

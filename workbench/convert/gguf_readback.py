@@ -41,6 +41,7 @@ ROW_BLOCK_ELEMENTS = 1 << 21
 
 @dataclass
 class TensorReading:
+    """One tensor of a GGUF read back: its relative error and gain against the source, and the limit it is judged on."""
     tensor: str  # the GGUF name
     type: str
     error: float  # ||decoded - source|| / ||source||
@@ -51,6 +52,7 @@ class TensorReading:
 
 @dataclass
 class GgufReadBack:
+    """The read-back of one GGUF file: one reading per tensor, in file order."""
     readings: list[TensorReading] = field(default_factory=list)
 
     def failures(self) -> list[str]:

@@ -14,6 +14,7 @@ CONVERTIBLE: dict[str, GgufLayout] = {name: f.gguf for name, f in FAMILIES.items
 
 
 def gguf_arch(layout: GgufLayout) -> gguf.MODEL_ARCH:
+    """gguf-py's architecture for a family's GGUF layout (``layout.arch`` by name)."""
     return gguf.MODEL_ARCH[layout.arch]
 
 
@@ -23,6 +24,7 @@ FLOAT32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 
 @dataclass(frozen=True)
 class OutType:
+    """One GGUF outtype: llama.cpp's file type, its label in file names, and whether this converter writes it."""
     file_type: gguf.LlamaFileType
     label: str  # in the output name
     direct: bool  # written by this converter; otherwise llama.cpp's quantize makes it from F16

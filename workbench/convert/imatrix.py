@@ -27,6 +27,9 @@ DEFAULT_CALIBRATION = Calibration(samples=32, seq_len=512)
 
 @dataclass
 class ImportanceMatrix:
+    """llama.cpp's importance matrix of one model: per GGUF tensor, the mean square of each input column over
+    the calibration tokens; ``chunks``: the calibration samples, ``tokens``: their tokens in all, ``dataset``: the
+    calibration data it was computed on."""
     values: dict[str, np.ndarray]  # GGUF tensor name -> float32 per input column
     chunks: int
     tokens: int

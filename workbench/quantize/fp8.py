@@ -32,6 +32,7 @@ FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate
 
 
 def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear of ``model``, by module name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
@@ -41,6 +42,7 @@ def stacked_experts(model: nn.Module) -> list[str]:
 
 
 def fused_group(name: str) -> str:
+    """The layer vLLM fuses ``name`` into (``...q_proj`` -> ``...qkv_proj``), or ``name`` itself when not fused."""
     parent, _, leaf = name.rpartition(".")
     return f"{parent}.{FUSED[leaf]}" if leaf in FUSED else name
 
@@ -106,6 +108,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def input_scale(amax: float) -> torch.Tensor:
+    """The static input scale for an input amax: a float32 scalar amax / 448 (the amax at least 1e-12)."""
     return torch.tensor(max(amax, 1e-12) / FP8_MAX, dtype=torch.float32)
 
 

@@ -25,6 +25,8 @@ GROUP_SCALE_FLOOR = 1e-10  # vLLM's per-token-group quantization: scale = max(am
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> tuple[int, int]:
+    """The shape of ``weight_scale_inv`` for a weight of ``shape`` [out, in]: one scale per block, edge blocks
+    included."""
     return math.ceil(shape[0] / block[0]), math.ceil(shape[1] / block[1])
 
 
@@ -46,6 +48,7 @@ def quantize_weight(weight: torch.Tensor, block: tuple[int, int] = BLOCK) -> tup
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = BLOCK) -> torch.Tensor:
+    """The float32 weight [out, in] that ``q`` and its block scales ``scale`` stand for: each block times its scale."""
     blocks = _blocks(q.float(), block) * scale[:, None, :, None]
     return blocks.reshape(blocks.shape[0] * block[0], -1)[:q.shape[0], :q.shape[1]]
 

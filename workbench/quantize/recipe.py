@@ -18,6 +18,8 @@ METHOD_ALIASES = {"fp8": "fp8-static", "gptq": "gptq-w4a16", "awq": "awq-w4a16",
 
 @dataclass(frozen=True)
 class Recipe:
+    """One quantization recipe, as its YAML file gives it: method, scheme, output format and their options;
+    ``name``: the file's stem."""
     method: str
     scheme: str
     targets: list[str]
@@ -68,6 +70,7 @@ CALIBRATION_SCHEMA = {"data": (str,), "field": (str,), "samples": (int,), "seq_l
 
 
 def shipped() -> list[str]:
+    """The names --method accepts: the shipped recipes' names and their short aliases, sorted."""
     return sorted([p.stem for p in RECIPES_DIR.glob("*.yaml")] + list(METHOD_ALIASES))
 
 
@@ -81,6 +84,8 @@ def method_help() -> str:
 
 
 def load(method: str | None, path: Path | None) -> Recipe:
+    """The recipe in the file ``path``, or else the shipped one ``method`` names (a recipe's name or an alias),
+    with every key and type checked; an unknown method, a missing file or a bad key is a BadInput."""
     if path is not None:
         file = Path(path)
         if not file.is_file():
@@ -122,6 +127,8 @@ def _with_kv_cache(recipe: Recipe) -> Recipe:
 
 
 def validate(recipe: Recipe) -> Recipe:
+    """``recipe`` when its method, scheme, format, targets and calibration go together (with ``kv_cache``: checked,
+    and given the default calibration when it has none); otherwise a BadInput naming the key."""
     if recipe.method not in METHODS:
         raise BadInput(f"recipe: method must be one of {', '.join(METHODS)}, got {recipe.method!r}")
     schemes, formats = METHODS[recipe.method]

@@ -49,6 +49,8 @@ FALLBACK_GATES = {"max_ppl_delta": 0.05, "max_kl": 0.05, "min_top1": 0.9}
 
 
 def default_output(model: Path, recipe: Recipe) -> Path:
+    """Where quantizing writes when no output is named: ``<model>-<recipe name>`` beside the model folder (for a
+    hub snapshot, named after its repository, in the working folder)."""
     return Path(f"{output_stem(model)}-{recipe.name}")
 
 

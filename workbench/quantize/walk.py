@@ -87,6 +87,8 @@ def target_weights(runner: LayerRunner, targets: list[str]) -> set[str]:
 
 
 def check_targets(runner: LayerRunner, targets: list[str]) -> None:
+    """Refuse target modules outside the decoder layers (embeddings, lm_head): the workbench's formats keep them
+    unquantized."""
     outside = [t for t in targets if layer_of(runner, t + ".weight") is None]
     if outside:
         raise BadInput(f"{outside[0]} is outside the decoder layers: the workbench's formats keep embeddings and "

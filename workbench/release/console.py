@@ -13,6 +13,9 @@ from .spec import Stage
 
 
 class ConsoleObserver(Observer):
+    """How `workbench release` shows its stages on stderr: a line as each stage starts and ends, and its events on
+    a rich spinner and bar on a terminal, else as plain lines; ``quiet``: only a line per finished stage;
+    ``silent``: nothing."""
     def __init__(self, quiet: bool = False, silent: bool = False):
         self.quiet, self.silent = quiet, silent
         self.live = None

@@ -29,6 +29,9 @@ LOCAL = "local"  # --ray local:N starts N nodes on this machine; auto is local:1
 
 
 def run_on_ray(release: Release, address: str, observer: Observer) -> dict:
+    """Run ``release`` with each stage as a Ray task on the cluster at ``address`` (``auto`` or ``local:N``: one
+    or N nodes started on this machine, and <output>/store as the store when the release names none), then gather
+    the release from the store here; returns the release index."""
     ray = _import_ray()
     nodes = _local_nodes(address)
     if release.store is None:

@@ -26,6 +26,8 @@ ENGINE_GROUPS = "engine-groups.txt"  # under reports/: each engine guard's proce
 
 @dataclass(frozen=True)
 class StageKind:
+    """One kind of release stage (merge, quantize, gguf, verify) as data: how it runs, what its key adds, what it
+    costs, what its model card says, and what its job asks a scheduler for."""
     name: str
     run: Callable[..., None]  # (release, stage, key, event, progress): builds the stage's output or raises
     # what the key covers beyond the inputs' digests and the options, given the stage and a way to ask the version
@@ -43,6 +45,8 @@ class StageKind:
 
 
 def input_path(release: Release, artifact_id: str) -> Path:
+    """The path of the artifact ``artifact_id`` a stage reads: the release's base for SOURCE, else that stage's
+    output."""
     return release.base if artifact_id == SOURCE else release.stage(artifact_id).output
 
 
@@ -247,6 +251,8 @@ def _verify_estimate(release: Release, stage: Stage):
 
 
 def file_sha256(path: Path) -> str:
+    """The sha256 of a calibration file a stage's options name (quantize's calibration, gguf's imatrix data), for
+    its key; a missing file is a BadInput."""
     if not path.is_file():
         raise BadInput(f"calibration file not found: {path}")
     return sha256_file(path)

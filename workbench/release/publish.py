@@ -85,6 +85,8 @@ def _kernels(verifications: list[dict]) -> str:
 
 
 def meets_requirement(require: str, state: str, kernels: str) -> bool:
+    """Whether an artifact in ``state``, served with ``kernels`` ("native" or "reference"), meets ``require``:
+    checked takes served or checked, served takes served, served-native takes served on native kernels."""
     if require == "checked":
         return state in ("served", "checked")
     return state == "served" and (require == "served" or kernels == "native")
@@ -384,10 +386,13 @@ def table(index: dict) -> tuple[list[str], list[list[str]]]:
 
 
 def verdict(index: dict) -> str:
+    """The release index's outcome in one word: PASSED, INCOMPLETE (its exit code says incomplete) or FAILED."""
     return "PASSED" if index["passed"] else "INCOMPLETE" if index["exit_code"] == INCOMPLETE else "FAILED"
 
 
 def summary_markdown(index: dict) -> str:
+    """reports/summary.md of a release index: the artifact table, why each artifact not served is not, and each
+    stage's action and seconds."""
     header, rows = table(index)
     lines = [f"## workbench release {index['name']}: {verdict(index)}", "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]

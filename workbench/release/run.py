@@ -42,6 +42,8 @@ class Observer:
 
 @dataclass
 class Decision:
+    """What a run does with one stage: whether it runs and why, its key (None while an input is not built), and
+    the estimate the dry run shows."""
     stage: Stage
     run: bool
     reason: str
@@ -74,6 +76,8 @@ def select(release: Release, only: tuple[str, ...]) -> set[str]:
 
 
 def decide(release: Release, keys: Keys, stage: Stage, forced: bool, rebuilt: set[str]) -> Decision:
+    """Whether ``stage`` runs, and why: after an input rebuilt in this run (``rebuilt``), when ``forced``, or when
+    no finished output records its key or the last run failed; otherwise it is cached."""
     waiting = [n for n in stage.needs if n in rebuilt]
     if waiting:
         return Decision(stage, True, f"{'forced (--force)' if forced else 'decided'} after {', '.join(waiting)} is built")

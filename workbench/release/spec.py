@@ -55,6 +55,8 @@ GATES = {k: (int, float) for k in (*QUANTIZE_GATES, *VERIFY_GATES)}
 
 @dataclass(frozen=True)
 class Stage:
+    """One stage of a release: an artifact to build (merge, quantize, gguf) or a verify run, with the ids of what
+    it reads, its options and its output."""
     id: str
     kind: str  # merge | quantize | gguf | verify
     needs: tuple[str, ...]  # ids of the artifacts it reads (SOURCE: the input model)
@@ -66,6 +68,8 @@ class Stage:
 
 @dataclass
 class Release:
+    """A loaded release file: the source model (and adapter), where the release writes, and its stages in
+    dependency order."""
     file: Path
     text: str
     name: str
@@ -117,6 +121,8 @@ def _model(here: Path, value: str, where: str) -> Path:
 
 
 def load_release(file: Path, output: Path | None = None, store: Path | None = None) -> Release:
+    """The release ``file`` describes, with every key, type and reference checked and the stages ordered;
+    ``output`` and ``store`` override the file's. An artifact no verify entry serves must say ``require: checked``."""
     file = Path(file).absolute()
     if not file.is_file():
         raise BadInput(f"release file not found: {file}")

@@ -21,6 +21,7 @@ CARD = "README.md"
 
 @dataclass
 class StageResult:
+    """How one stage ended in this run: its action, output, key, seconds, error, exit code and log."""
     id: str
     kind: str
     action: str  # built | cached | fetched (from the store) | failed | incomplete | blocked

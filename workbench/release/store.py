@@ -33,6 +33,8 @@ RESULT = "result.json"
 
 
 class Store:
+    """The release store at ``root``: each finished stage's outputs, result and log under its stage key, and the
+    key each release's stage last recorded (the module's docstring gives the layout)."""
     def __init__(self, root: Path):
         self.root = Path(root).absolute()
 

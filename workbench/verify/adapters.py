@@ -34,6 +34,8 @@ REFUSED_FEATURES = (
 
 @dataclass(frozen=True)
 class Adapter:
+    """One LoRA adapter to serve unmerged: its name in requests, its folder, its largest rank, and why the
+    engine cannot serve it (empty: it can)."""
     name: str
     path: Path
     rank: int
@@ -110,4 +112,5 @@ def engine_rank(spec: EngineSpec, adapters: list[Adapter]) -> int | None:
 
 
 def request_model(spec: EngineSpec, base: str, adapter: str) -> str:
+    """The OpenAI "model" of a request for ``adapter`` on the engine serving ``base`` (its LoraSpec's form)."""
     return spec.lora.request_model.format(base=base, adapter=adapter)

@@ -19,6 +19,8 @@ LONG_MARGIN = 32  # tokens past the original context
 
 @dataclass(frozen=True)
 class ChatFacts:
+    """What a chat turn must look like in the engine, read from the artifact's own files: the ids that end a
+    turn, the special tokens, the long-context probe, and the ids each probe text must encode to."""
     stop_ids: dict[int, str] = field(default_factory=dict)  # token id -> why it must end a turn
     chat_ids: tuple[int, ...] = ()  # the chat probe's prompt as the template renders it and the tokenizer encodes it
     bos_id: int | None = None
@@ -144,6 +146,7 @@ def probe_end_of_turn(client: Client, facts: ChatFacts) -> Check:
 
 
 def engine_tokens(client: Client, api: TokenizeEndpoint, text: str) -> list[int]:
+    """The ids the engine's tokenizer endpoint gives ``text``; an HTTP 5xx answer is an EndpointUnanswered."""
     try:
         return list(client.post(api.path, {api.text_field: text, **api.extra})["tokens"])
     except RuntimeError as exc:

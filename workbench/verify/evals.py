@@ -50,6 +50,7 @@ class Evaluation:
 
 
 def parse_tasks(value: str) -> list[str]:
+    """The lm-eval task names of a comma-separated --eval value; none at all is a BadInput."""
     tasks = [t.strip() for t in value.split(",") if t.strip()]
     if not tasks:
         raise BadInput(f"--eval {value!r}: name at least one lm-eval task")

@@ -45,6 +45,9 @@ def _prefix_agreement(pairs: list[tuple[str, str]]) -> float:
 
 def probe_concurrency(client: Client, prompts: tuple[str, ...], max_tokens: int, min_agreement: float,
                       n: int = DEFAULT_CONCURRENCY) -> Check:
+    """The concurrency check: ``n`` greedy requests of mixed lengths sent one at a time, then all at once (every
+    other one streamed); failed when a concurrent request fails or their texts' prefix agreement with the replies
+    sent alone is under ``min_agreement``. Its metrics hold throughput and latency."""
     batch = load_prompts(prompts, n)
     alone = [_send(client, p, max_tokens, False) for p in batch]
     t0 = time.perf_counter()

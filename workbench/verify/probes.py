@@ -31,6 +31,8 @@ TOKEN_ID_PREFIX = "token_id:"
 
 @dataclass
 class Check:
+    """One verify check's outcome: its name, status (passed, failed, incomplete, skipped), detail, figures and
+    seconds."""
     name: str
     status: str  # "passed" | "failed" | "incomplete" | "skipped"
     detail: str = ""

@@ -10,6 +10,8 @@ from ..checkpoint import replace_file
 
 
 def write_reports(folder: Path, report: dict) -> dict[str, Path]:
+    """Write a verify ``report`` into ``folder`` as report.json, junit.xml and summary.md; returns their paths
+    ("json", "junit", "markdown")."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"json": folder / "report.json", "junit": folder / "junit.xml", "markdown": folder / "summary.md"}
     # each a new file renamed into place: never written through a link planted at its name
@@ -20,6 +22,8 @@ def write_reports(folder: Path, report: dict) -> dict[str, Path]:
 
 
 def junit_xml(report: dict) -> bytes:
+    """A verify report as JUnit XML: a test suite per TP run, a test case per check (failed: a failure;
+    incomplete: an error, never a pass; skipped: skipped)."""
     suites = ET.Element("testsuites", name="workbench verify")
     for run in report["runs"]:
         checks = run["checks"]
@@ -43,6 +47,8 @@ def junit_xml(report: dict) -> bytes:
 
 
 def markdown(report: dict) -> str:
+    """summary.md of a verify report: verdict, artifact, engine and reference, the TP preflight, a table of the
+    checks per TP run, and a line for each check that did not pass."""
     lines = [f"## workbench verify: {report['verdict'].upper()}", "", f"- artifact: `{report['artifact']}` ({report['kind']})",
              f"- engine: {report['engine']} {report.get('engine_version') or ''}; kernels: {report.get('kernels', 'native')}",
              "- reference: " + _reference_line(report), ""]

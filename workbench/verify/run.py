@@ -68,6 +68,8 @@ def gguf_kind(path: Path) -> str:
 
 
 def artifact_kind(artifact: Path, spec: EngineSpec, config: dict | None) -> str:
+    """The artifact's kind, which picks its gates: for an engine that serves GGUF files, from the file (gguf_kind);
+    else from ``config``'s quantization_config (full, fp8, int8, int4, fp4)."""
     if spec.artifact == "gguf":
         return gguf_kind(artifact)
     return quant_of(config or {}).kind
