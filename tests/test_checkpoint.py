@@ -16,11 +16,11 @@ from workbench.checkpoint import (
     PlannedTensor,
     StreamedWriter,
     TensorStore,
-    atomic_output_dir,
     plan_shards,
     sha256_file,
 )
 from workbench.errors import BadInput
+from workbench.outputs import atomic_output_dir
 from workbench.safety import OWNED_MARKER, claim
 
 TENSORS = {

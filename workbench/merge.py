@@ -15,12 +15,13 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import CONFIG_NAME, PlannedTensor, StreamedWriter, atomic_output_dir, copy_side_files, plan_shards, write_json
+from .checkpoint import CONFIG_NAME, PlannedTensor, StreamedWriter, copy_side_files, plan_shards, write_json
 from .errors import ArtifactFailed
 from .hf import torch_threads
 from .lora import MergePlan, OutputTensor, merged_tensor, output_shape
 from .hub import output_stem
 from .manifest import folder_digest, now, tool_versions, write_manifest
+from .outputs import atomic_output_dir
 
 
 def default_output(adapter: Path) -> Path:

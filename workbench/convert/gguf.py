@@ -25,7 +25,7 @@ import gguf
 import numpy as np
 import torch
 
-from ..checkpoint import Checkpoint, FollowingHasher, atomic_output_file, sha256_file
+from ..checkpoint import Checkpoint, FollowingHasher, sha256_file
 from ..engines import ENGINES, check_installed, engine_python
 from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
 from ..families import check_handled, expert_count
@@ -36,6 +36,7 @@ from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..prompts import probe_texts
 from ..safety import remote_code_trusted
 from ..options import Calibration
+from ..outputs import atomic_output_file
 from .gguf_tables import (CONVERTIBLE, DEFAULT_PRE_TOKENIZER, FLOAT32_ROLES, GPT2_PATTERN, OUTTYPES, PRE_TOKENIZERS, SPECIAL_PROBES,
                           TOKENIZER_PROBES, gguf_arch)
 from .gguf_readback import GgufReadBackError, read_back_gguf

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import (
-    CONFIG_NAME, Checkpoint, atomic_output_dir, copy_side_files, write_json,
-)
+from ..checkpoint import CONFIG_NAME, Checkpoint, copy_side_files, write_json
 from ..errors import BadInput, as_out_of_memory, check_fits
 from ..families import check_handled
+from ..outputs import atomic_output_dir
 from ..hf import quiet_transformers, torch_threads
 from ..hub import output_stem
 from ..manifest import folder_digest, now, tool_versions, write_manifest

@@ -24,7 +24,8 @@ import shutil
 import uuid
 from pathlib import Path
 
-from ..checkpoint import remove_path, rename_into_place, replace_file
+from ..checkpoint import replace_file
+from ..outputs import remove_path, rename_into_place
 from ..errors import BadInput
 from ..safety import check_name
 
