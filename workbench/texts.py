@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sysconfig
 from pathlib import Path
 
 import torch
 
+from .checkpoint import replace_file
 from .errors import BadInput
 from .hf import adds_bos
 from .home import workbench_home
@@ -81,9 +81,7 @@ def token_ids(tokenizer, text: str, remember: bool = False) -> list[int]:
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps(ids))
-            os.replace(partial, path)  # whole or absent, also with two runs writing it at once
+            replace_file(path, json.dumps(ids))  # whole or absent, also with two runs writing it at once
         except OSError:
             pass  # a read-only or full home: the ids are still right, only not remembered
     return ids

@@ -20,6 +20,9 @@ from ..manifest import last_step, now
 from ..safety import claim, remove_owned
 from .spec import SOURCE, Release, Stage
 
+# the version of the engine a verify stage serves with (state.Keys.engine_of), for its key
+EngineVersionOf = Callable[[Stage], "str | None"]
+
 MARKER = "stage.json"  # written last into a verify stage's report folder
 ENGINE_GROUPS = "engine-groups.txt"  # under reports/: each engine guard's process group id, appended at start
 
@@ -30,9 +33,8 @@ class StageKind:
     costs, what its model card says, and what its job asks a scheduler for."""
     name: str
     run: Callable[..., None]  # (release, stage, key, event, progress): builds the stage's output or raises
-    # what the key covers beyond the inputs' digests and the options, given the stage and a way to ask the version
-    # of the engine a verify stage serves with (state.Keys.engine_of)
-    key_extras: Callable[[Stage, Callable[[Stage], str | None]], dict]
+    # what the key covers beyond the inputs' digests and the options, given the stage and the engine-version lookup
+    key_extras: Callable[[Stage, EngineVersionOf], dict]
     estimate: Callable[[Release, Stage], object | None]  # runner.Estimate of a stage that runs a model, else None
     made: Callable[[Release, str], str] | None = None  # the card's first words, given the source's name
     card_meta: Callable[[Stage], dict] | None = None  # the card's front matter of this kind
@@ -54,7 +56,7 @@ def _record(release: Release, stage: Stage, key: str) -> dict:
     return {"release": {"name": release.name, "stage": stage.id, "key": key, "file": str(release.file)}}
 
 
-def _no_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
+def _no_extras(stage: Stage, engine_of: EngineVersionOf) -> dict:
     return {}
 
 
@@ -109,7 +111,7 @@ def _recipe(options: dict):
     return load(options["recipe"], Path(options["recipe_path"]) if options["recipe_path"] else None)
 
 
-def _quantize_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
+def _quantize_extras(stage: Stage, engine_of: EngineVersionOf) -> dict:
     """The recipe's text and a calibration file's content are inputs too."""
     data = stage.options["overrides"].get("data")
     calibration = file_sha256(Path(data)) if data and data != "default" else None
@@ -170,7 +172,7 @@ def _run_gguf(release, stage, key, event, progress) -> None:
                  accept_tokenizer_difference=stage.options.get("accept_tokenizer_difference", False))
 
 
-def _gguf_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
+def _gguf_extras(stage: Stage, engine_of: EngineVersionOf) -> dict:
     imatrix = stage.options.get("imatrix")
     return {"imatrix_sha256": file_sha256(Path(imatrix))} if imatrix not in (None, "default") else {}
 
@@ -232,7 +234,7 @@ def _reference(release: Release, stage: Stage) -> Path | None:
     return input_path(release, made_by.needs[0]) if compared else None
 
 
-def _verify_extras(stage: Stage, engine_of: Callable[[Stage], str | None]) -> dict:
+def _verify_extras(stage: Stage, engine_of: EngineVersionOf) -> dict:
     return {"engine_version": engine_of(stage)}
 
 
