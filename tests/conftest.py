@@ -23,9 +23,15 @@ import fixtures as fixture_builder  # noqa: E402
 from workbench.cli import cli  # noqa: E402
 
 # one torch thread per test worker when scripts/test.sh runs two (pytest-xdist), two otherwise: never more
-# threads than the machine's 2 cores, where OpenMP's spinning would cost more than it gives
+# threads than the machine's 2 cores, where OpenMP's spinning would cost more than it gives. The engines a worker
+# starts get the same share through OMP_NUM_THREADS (SGLang's CPU engine reads it, verify gives it to llama.cpp as
+# --n_threads; vLLM binds its ranks itself). Measured beside one busy core: SGLang's verify of the trained Llama
+# took 104 s on 2 threads, 33 s on 1; llama.cpp's 17.8 s and 5.5 s.
 WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-torch.set_num_threads(1 if WORKER else 2)
+if WORKER:
+    _share = len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    os.environ["OMP_NUM_THREADS"] = str(max(1, _share))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if WORKER else 2)
 # Every engine the tests start inherits this: SGLang on CPU compiles helper functions with torch.compile at each
 # start and again for new shapes (measured on the trained Llama: start 66 -> 41 s, its whole verify 115 -> 65 s,
 # every figure identical). Like vLLM's --enforce-eager; a test that needs vLLM compiled unsets it.

@@ -4,6 +4,7 @@ text of a GGUF file, through a subprocess that returns JSON/NumPy."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workbench.engines import ENGINES, engine_python
+from workbench.engines import ENGINES, cpu_threads, engine_python, usable_cpus
 
 SCRIPT = r"""
 import json, sys
@@ -19,7 +20,7 @@ import numpy as np
 import llama_cpp
 request = json.load(open(sys.argv[1]))
 llm = llama_cpp.Llama(model_path=request["model"], lora_path=request["lora"], n_ctx=512, n_batch=512, logits_all=True,
-                      n_threads=2, verbose=False)
+                      n_threads=request["threads"], verbose=False)
 result = {"tokens": [llm.tokenize(t.encode(), add_bos=True, special=request["special"]) for t in request["texts"]], "greedy": []}
 for prompt in request["prompts"]:
     out = llm.create_completion(prompt, max_tokens=request["max_tokens"], temperature=0.0, repeat_penalty=1.0, top_k=1)
@@ -48,7 +49,8 @@ def run_llamacpp(model: Path, blocks=(), texts=(), prompts=(), max_tokens: int =
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "scores.npy")
         request = {"model": str(model), "lora": str(lora) if lora else None, "blocks": [list(map(int, b)) for b in blocks], "texts": list(texts),
-                   "prompts": list(prompts), "max_tokens": max_tokens, "out": out, "special": special}
+                   "prompts": list(prompts), "max_tokens": max_tokens, "out": out, "special": special,
+                   "threads": cpu_threads(usable_cpus(), dict(os.environ))}
         (Path(tmp) / "request.json").write_text(json.dumps(request))
         done = subprocess.run([llamacpp_python(), "-c", SCRIPT, str(Path(tmp) / "request.json")], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]

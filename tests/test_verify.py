@@ -73,8 +73,12 @@ def test_the_users_environment_and_flags_win(monkeypatch):
     env = server.environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0|0"
     assert "VLLM_CPU_KVCACHE_SPACE" not in server.applied_env and "VLLM_CPU_OMP_THREADS_BIND" not in server.applied_env
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     llama = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", gpu=False, cpus=[3, 5, 7])
     assert llama.argv()[-2:] == ["--n_threads", "3"]  # the CPUs this process may use, not the machine's count
+    for omp, threads in (("2", "2"), ("16", "3"), ("0", "3"), ("two", "3")):  # the user's OpenMP thread count, if usable
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        assert Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", cpus=[3, 5, 7]).argv()[-2:] == ["--n_threads", threads]
     assert llama.argv()[-4:-2] == ["--interrupt_requests", "False"]  # concurrent streams are not cut
     mine = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3",
                   extra_args=("--n_threads", "7", "--interrupt_requests", "True"))

@@ -116,7 +116,7 @@ class EngineSpec:
     thread_bind_env: str | None = None  # per-rank core binding ("0|1") with several ranks and no GPU
     # the parallel axes whose ranks that binding covers; with another axis > 1 the engine binds by itself
     bind_axes: tuple[str, ...] = ("tp",)
-    threads_flag: str | None = None  # set to the CPUs this process may use, unless the user gave it
+    threads_flag: str | None = None  # set to cpu_threads(), unless the user gave it
     request_extra: dict = field(default_factory=dict)  # sent with every generation request
     # how the reference comparison gets the generated token ids: "openai" (its /v1/completions returns them
     # as "token_id:N" strings), "generate" (SGLang's native /generate returns output_ids), None (text only)
@@ -420,6 +420,14 @@ def usable_cpus() -> list[int]:
     return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
+def cpu_threads(cpus: list[int], environ: dict[str, str]) -> int:
+    """Threads for an engine that takes a thread count: the user's ``OMP_NUM_THREADS`` where it is a positive
+    number (no more than ``cpus``), else one per usable CPU. Measured here beside one busy core: a llama.cpp verify
+    on 2 threads 17.8 s, on 1 thread 5.5 s (threads that wait on a descheduled peer spin)."""
+    given = environ.get("OMP_NUM_THREADS", "")
+    return min(int(given), len(cpus)) if given.isdigit() and int(given) > 0 else len(cpus)
+
+
 def thread_binding(tp: int, cpus: list[int]) -> str:
     """One contiguous group of cores per rank, in the engines' "0,1|2,3" form."""
     if len(cpus) < tp:
@@ -465,7 +473,7 @@ def launch_defaults(spec: EngineSpec, layout: Layout, extra_args: tuple[str, ...
             if flag not in given:
                 args += [flag, *values]
     if spec.threads_flag and spec.threads_flag not in extra_args:
-        args += [spec.threads_flag, str(len(cpus))]
+        args += [spec.threads_flag, str(cpu_threads(cpus, environ))]
     return generic, cpu_env, args
 
 

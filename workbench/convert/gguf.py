@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint, FollowingHasher, sha256_file
-from ..engines import ENGINES, check_installed, engine_python
+from ..engines import ENGINES, check_installed, cpu_threads, engine_python, usable_cpus
 from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
 from ..families import check_handled, expert_count
 from ..guard import set_parent_death_signal
@@ -714,7 +714,7 @@ def _quantize_files(c: _Conversion, indirect: list[str]) -> list[dict]:
             t0, started = time.perf_counter(), now()
             c.on_event(f"llama.cpp quantize -> {c.paths[outtype].name}")
             with atomic_output_file(c.paths[outtype], c.force) as tmp:
-                quantize_with_llamacpp(f16_path or scratch, tmp, outtype, c.python, os.cpu_count() or 1, imatrix)
+                quantize_with_llamacpp(f16_path or scratch, tmp, outtype, c.python, cpu_threads(usable_cpus(), dict(os.environ)), imatrix)
                 steps.append(_record_file(c, outtype, tmp, t0, started, sha256_file(tmp), imatrix_options))
         return steps
     finally:
