@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LM
 
 from conftest import assert_one_line_error, run
 from llamacpp import run_llamacpp
-from workbench.convert.gguf import gguf_metadata
+from workbench.convert.writer import gguf_metadata
 from logits import compare_logits
 
 TYPES = ["f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
@@ -323,7 +323,7 @@ def test_a_gguf_whose_block_scales_are_doubled_fails_its_read_back(llama, tmp_pa
     from functools import partial
 
     from controls import gguf_q8_0_scales_doubled
-    from workbench.convert.gguf import plan_conversion, source_data
+    from workbench.convert.plan import plan_conversion, source_data
     from workbench.convert.gguf_readback import read_back_gguf
 
     correct = tmp_path / "llama-Q8_0.gguf"
@@ -340,9 +340,9 @@ def test_a_gguf_whose_block_scales_are_doubled_fails_its_read_back(llama, tmp_pa
 def test_a_file_written_otherwise_than_meant_is_refused_and_not_left(llama, tmp_path, monkeypatch):
     """A write-path fault (every Q8_0 block scale doubled as it is encoded) fails `convert` with exit 1 at the
     read-back, and no output file is left."""
-    from workbench.convert import gguf as converter
+    from workbench.convert import writer
 
-    encode = converter._encode
+    encode = writer.encode
 
     def doubled(t, outtype):
         data, qtype = encode(t, outtype)
@@ -351,7 +351,7 @@ def test_a_file_written_otherwise_than_meant_is_refused_and_not_left(llama, tmp_
             blocks[:, :2] = (blocks[:, :2].copy().view(np.float16) * 2).view(np.uint8)
         return data, qtype
 
-    monkeypatch.setattr(converter, "_encode", doubled)
+    monkeypatch.setattr(writer, "encode", doubled)
     out = tmp_path / "llama-Q8_0.gguf"
     result = run("convert", "gguf", llama, "--outtype", "q8_0", "--out", out)
     assert result.exit_code == 1 and "read-back: " in result.stderr and "gain 2.000" in result.stderr, result.stderr
@@ -416,3 +416,74 @@ def test_a_pre_tokenizer_llamacpp_does_not_name_is_refused_when_it_splits_differ
     assert_one_line_error(run("convert", "gguf", model, "--outtype", "f16", "--out", tmp_path / "out" / "m.gguf", "-q"), 2,
                           "llama.cpp's tokenizer for this byte-level BPE with an unnamed split pattern")
     assert not list((tmp_path / "out").glob("*"))
+
+
+def _types_in(path: Path) -> dict[str, str]:
+    """Each tensor's type in a GGUF file, as gguf-py reads it."""
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_tensor_types_are_chosen_as_llama_quantize_chooses_them(llama, tmp_path, figures):
+    """--tensor-type (first matching pattern wins) and --output-tensor-type, in a file the workbench writes (Q8_0)
+    and in one llama.cpp's quantize makes (Q4_K_M): each file holds exactly those types, is read back against the
+    source, and records the choice in its manifest."""
+    result = run("convert", "gguf", llama, "--outtype", "q8_0,q4_k_m", "--tensor-type", "attn_v=f16", "--tensor-type",
+                 r"blk\.0\.ffn_down=bf16", "--tensor-type", "ffn_down=q8_0", "--output-tensor-type", "F16", "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.stderr
+    steps = {s["options"]["outtype"]: s for s in json.loads(result.stdout)}
+    for outtype, rest in (("q8_0", "Q8_0"), ("q4_k_m", None)):
+        types = _types_in(Path(steps[outtype]["output"]))
+        matrices = {n: t for n, t in types.items() if n.endswith(".weight") and "norm" not in n}
+        assert {t for n, t in matrices.items() if ".attn_v." in n} == {"F16"}, matrices
+        assert matrices["blk.0.ffn_down.weight"] == "BF16" and matrices["output.weight"] == "F16", matrices
+        assert {t for n, t in matrices.items() if ".ffn_down." in n and not n.startswith("blk.0.")} == {"Q8_0"}, matrices
+        if rest:  # every other matrix in the file's own type
+            assert {t for n, t in matrices.items() if not any(k in n for k in (".attn_v.", ".ffn_down.", "output."))} == {rest}
+        assert steps[outtype]["options"]["tensor_types"] == {
+            "patterns": [["attn_v", "f16"], [r"blk\.0\.ffn_down", "bf16"], ["ffn_down", "q8_0"]], "output": "f16"}
+        assert not steps[outtype]["metrics"]["read_back"]["failures"]
+        figures[f"gguf {outtype} with tensor types"] = {"tensor_types": str(steps[outtype]["metrics"]["tensor_types"]),
+                                                        "bits_per_weight": steps[outtype]["metrics"]["bits_per_weight"]}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--outtype", "q8_0", "--tensor-type", "attn_x=q8_0"], "names no tensor of this model"),
+    (["--outtype", "q8_0", "--tensor-type", "attn_v=q9_9"], "unknown GGML type 'q9_9'"),
+    (["--outtype", "q8_0", "--tensor-type", "attn_v=q4_k"], "which the workbench writes itself"),
+    (["--outtype", "q4_k_m", "--tensor-type", "attn_v(=q8_0"], "not a regular expression"),
+    (["--outtype", "f16", "--output-tensor-type", "q6_k"], "which the workbench writes itself"),
+])
+def test_tensor_types_are_checked_before_anything_is_written(llama, tmp_path, args, message):
+    assert_one_line_error(run("convert", "gguf", llama, *args, "--out", tmp_path / "out"), 2, message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_imatrix_of_a_moe_gives_each_expert_its_own_columns(tmp_path, figures):
+    """--imatrix on the trained Qwen3-MoE fixture: each stacked expert tensor's matrix holds its 16 experts'
+    columns side by side, the size llama.cpp's quantize checks (it refuses any other), and IQ3_XXS, which
+    llama.cpp makes only with a matrix, converts and is read back; experts differ in what reaches them."""
+    import families as family_builder
+    from workbench.convert.imatrix import importance_matrix
+    from workbench.convert.plan import plan_conversion
+    from workbench.manifest import read_manifest
+    from workbench.options import Calibration
+
+    model = family_builder.ensure_family("qwen3-moe")
+    result = run("convert", "gguf", model, "--outtype", "q4_k_m,iq3_xxs", "--imatrix", "--out", tmp_path, "-q")
+    assert result.exit_code == 0, result.output + result.stderr
+    options = read_manifest(tmp_path / "qwen3-moe-IQ3_XXS.gguf")["steps"][-1]["options"]["imatrix"]
+    plan = plan_conversion(model)
+    stacks = {t.gguf_name: t.experts for t in plan.tensors if t.experts}
+    assert len(stacks) == 6 and options["entries"] >= len(stacks)
+    matrix = importance_matrix(model, {t.hf_name: t.gguf_name for t in plan.tensors if t.hf_name}, Calibration(samples=4, seq_len=128),
+                               stacks=stacks)
+    down = matrix.values["blk.0.ffn_down_exps.weight"].reshape(16, -1)  # experts x their 96 input columns
+    gate = matrix.values["blk.0.ffn_gate_exps.weight"].reshape(16, -1)  # experts x the 256 hidden columns
+    assert down.shape == (16, 96) and gate.shape == (16, 256) and (down > 0).all()
+    assert np.std(gate.mean(1)) > 0  # the experts saw different tokens
+    figures["gguf qwen3-moe imatrix"] = {"entries": options["entries"], "never_routed": options.get("experts_never_routed", 0),
+                                        "IQ3_XXS bits_per_weight": read_manifest(tmp_path / "qwen3-moe-IQ3_XXS.gguf")["steps"][-1]["metrics"]["bits_per_weight"]}

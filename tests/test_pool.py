@@ -15,7 +15,7 @@ import pytest
 
 from workbench.engines import ENGINES
 from workbench.process import group_alive
-from workbench.verify.launch import Server
+from workbench.verify.launch import Server, engine_server
 from workbench.verify.pool import ServerPool, current_pool
 
 STAND_IN = textwrap.dedent("""\
@@ -41,7 +41,7 @@ def engine(tmp_path):
 
 
 def server(engine, tmp_path, model="m", **options) -> Server:
-    return Server(ENGINES["vllm"], tmp_path / model, python=engine, log_path=tmp_path / f"{model}.log", gpu=False, cpus=[0],
+    return engine_server(ENGINES["vllm"], tmp_path / model, python=engine, log_path=tmp_path / f"{model}.log", gpu=False, cpus=[0],
                   ready_timeout=30, **options)
 
 
@@ -100,10 +100,10 @@ def test_a_paused_engine_still_dies_with_the_workbench(engine, tmp_path):
         import sys, time
         from pathlib import Path
         from workbench.engines import ENGINES
-        from workbench.verify.launch import Server
+        from workbench.verify.launch import engine_server
         from workbench.verify.pool import ServerPool
         pool = ServerPool(keep=1)
-        with pool.serve(Server(ENGINES["vllm"], Path("m"), python={engine!r}, log_path=Path({str(tmp_path / "k.log")!r}),
+        with pool.serve(engine_server(ENGINES["vllm"], Path("m"), python={engine!r}, log_path=Path({str(tmp_path / "k.log")!r}),
                                gpu=False, cpus=[0], ready_timeout=30)) as live:
             pass
         print(live.proc.pid, flush=True)
@@ -131,11 +131,11 @@ def test_a_start_that_loses_its_port_to_another_process_is_redone_on_a_new_one(e
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     s = server(engine, tmp_path)
-    s.port = taken.getsockname()[1]
+    s.command.port = taken.getsockname()[1]
     monkeypatch.setattr(launch, "port_in_use", lambda port: False)  # the race: free when checked, taken at the bind
     try:
         s.start()
-        assert s.port_clashes == 1 and s.port != taken.getsockname()[1]
+        assert s.port_clashes == 1 and s.command.port != taken.getsockname()[1]
         assert "address already in use" in (tmp_path / "m-port-clash-1.log").read_text().lower()
     finally:
         s.stop()

@@ -49,6 +49,8 @@ def fixtures_env(fixture_root):
     (lambda d: d["artifacts"].update(iq={"gguf": "iq3_xxs"}), "llama.cpp makes IQ3_XXS only with an importance matrix"),
     (lambda d: d["artifacts"]["q8_0"].update(imatrix="default"), "imatrix applies to llama.cpp's quantize types, not to Q8_0"),
     (lambda d: d["artifacts"]["fp8"].update(imatrix="default"), "artifacts.fp8: imatrix goes with gguf"),
+    (lambda d: d["artifacts"]["fp8"].update(tensor_types={"attn_v": "q8_0"}), "artifacts.fp8: tensor_types goes with gguf"),
+    (lambda d: d["artifacts"]["q8_0"].update(tensor_types={"attn_v": "q9"}), "unknown GGML type 'q9'"),
     (lambda d: d["artifacts"].update(a={"from": "b", "gguf": "f16"}, b={"from": "a", "gguf": "bf16"}), "cycle"),
     (lambda d: d["artifacts"].update(both={"gguf": "f16", "quantize": {"recipe": "fp8"}}), "exactly one of merge, quantize, gguf"),
     (lambda d: d["artifacts"].update(fq={"from": "q8_0", "quantize": {"recipe": "fp8"}}), "'q8_0' is a .gguf file"),
@@ -93,6 +95,19 @@ def test_dry_run_of_a_fresh_release_runs_everything_and_writes_nothing(tmp_path)
     assert all(p["run"] for p in plan)
     assert plan[0]["reason"] == "no finished output" and plan[1]["reason"] == "decided after merged is built"
     assert not out.exists()
+
+
+def test_gguf_tensor_types_in_a_release_file_are_part_of_its_stage_key(tmp_path):
+    """`tensor_types` and `output_tensor_type` on a gguf artifact change its key; a file without them keeps its own."""
+    keys = {}
+    for name, extra in (("plain", {"from": "source"}),
+                        ("typed", {"from": "source", "tensor_types": {"attn_v": "F16"}, "output_tensor_type": "q8_0"})):
+        (tmp_path / name).mkdir()
+        path = write_release(tmp_path / name, lambda d: d["artifacts"]["q8_0"].update(extra))
+        result = run("release", path, "--out", tmp_path / "out", "--dry-run", "--json", "--only", "q8_0")
+        assert result.exit_code == 0, result.stderr
+        keys[name] = {p["id"]: p["key"] for p in json.loads(result.stdout)}
+    assert keys["plain"]["q8_0"] and keys["typed"]["q8_0"] and keys["plain"]["q8_0"] != keys["typed"]["q8_0"]
 
 
 def test_kv_cache_in_a_release_file_is_part_of_its_stage_key(tmp_path):

@@ -294,7 +294,7 @@ def test_trusted_remote_code_is_recorded_and_reaches_the_engine(sandbox):
     """With --trust-remote-code on the command line the same folder goes through, and says so."""
     from workbench.engines import ENGINES
     from workbench.safety import remote_code
-    from workbench.verify.launch import Server
+    from workbench.verify.command import EngineCommand
 
     _remote_code("config.json", "auto_map", AUTO_MAP, [])(sandbox)
     result = run("convert", "gguf", sandbox / "base", "--outtype", "f16", "--out", sandbox / "m.gguf", "--trust-remote-code")
@@ -302,8 +302,8 @@ def test_trusted_remote_code_is_recorded_and_reaches_the_engine(sandbox):
     manifest = json.loads((sandbox / "m.gguf.workbench.json").read_text())
     assert manifest["steps"][-1]["trust_remote_code"] is True
     with remote_code(True):
-        assert "--trust-remote-code" in Server(ENGINES["vllm"], sandbox / "base", python=sys.executable, gpu=False).argv()
-    assert "--trust-remote-code" not in Server(ENGINES["vllm"], sandbox / "base", python=sys.executable, gpu=False).argv()
+        assert "--trust-remote-code" in EngineCommand(ENGINES["vllm"], sandbox / "base", python=sys.executable, gpu=False).argv()
+    assert "--trust-remote-code" not in EngineCommand(ENGINES["vllm"], sandbox / "base", python=sys.executable, gpu=False).argv()
     assert "remote_code" in run("inspect", sandbox / "base", "--json").stdout
 
 

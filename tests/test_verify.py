@@ -19,6 +19,7 @@ from conftest import EAGER, as_from_a_terminal, assert_one_line_error, run, veri
 from releases import report_of
 from workbench.engines import ENGINES, Layout, multinode_commands, multinode_of, thread_binding
 from workbench.errors import EnvironmentProblem
+from workbench.verify.command import EngineCommand
 from workbench.verify.launch import Server, first_error_line
 from workbench.verify.probes import stop_string
 
@@ -38,14 +39,14 @@ def test_sglang_command_line_carries_its_cpu_settings_as_data():
     """The machine's facts are passed in: the same assertions hold on a GPU host and on this CPU."""
     argv = ["/usr/bin/python3", "-m", "sglang.launch_server", "--model-path", "/models/m", "--host", "127.0.0.1",
             "--port", "30000", "--tp", "2", "--context-length", "4096"]
-    on_gpu = Server(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096, gpu=True)
+    on_gpu = EngineCommand(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096, gpu=True)
     assert on_gpu.argv() == argv and on_gpu.cpu_env == {}
-    on_cpu = Server(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096,
+    on_cpu = EngineCommand(ENGINES["sglang"], "/models/m", tp=2, python="/usr/bin/python3", port=30000, max_model_len=4096,
                     gpu=False, cpus=[2, 3])
     # the KV-token cap, unless the user gives one; a scheduler that sleeps while idle instead of polling a core
     assert on_cpu.argv() == argv + ["--max-total-tokens", "65536", "--sleep-on-idle"]
     assert on_cpu.cpu_env["SGLANG_CPU_OMP_THREADS_BIND"] == "2|3" and on_cpu.cpu_env["SGLANG_USE_CPU_ENGINE"] == "1"
-    capped = Server(ENGINES["sglang"], "/m", python="/usr/bin/python3", extra_args=("--max-total-tokens", "999"), gpu=False)
+    capped = EngineCommand(ENGINES["sglang"], "/m", python="/usr/bin/python3", extra_args=("--max-total-tokens", "999"), gpu=False)
     assert capped.argv().count("--max-total-tokens") == 1 and capped.argv()[-1] == "999"
     assert capped.cpu_args == ["--sleep-on-idle"]
 
@@ -53,34 +54,34 @@ def test_sglang_command_line_carries_its_cpu_settings_as_data():
 def test_vllm_command_line_and_tp_environment(monkeypatch):
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, extra_args=("--enforce-eager",),
+    server = EngineCommand(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, extra_args=("--enforce-eager",),
                     gpu=False, cpus=[4, 5, 6, 7])
     assert server.argv()[1:] == ["-m", "vllm.entrypoints.openai.api_server", "--model", "/m", "--host", "127.0.0.1",
                                  "--port", "8000", "--tensor-parallel-size", "2", "--enforce-eager"]
-    env = server.environment()
+    env = Server(server).environment()
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "4,5|6,7" and env["VLLM_HOST_IP"] == "127.0.0.1"
     assert server.cpu_env["VLLM_CPU_KVCACHE_SPACE"] == "1" and "VLLM_NO_USAGE_STATS" not in server.cpu_env
-    tp1 = Server(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3", gpu=False, cpus=[0, 1])
-    assert "VLLM_CPU_OMP_THREADS_BIND" not in tp1.environment()
-    assert Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", gpu=True).cpu_env == {}
+    tp1 = EngineCommand(ENGINES["vllm"], "/m", tp=1, python="/usr/bin/python3", gpu=False, cpus=[0, 1])
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in Server(tp1).environment()
+    assert EngineCommand(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", gpu=True).cpu_env == {}
 
 
 def test_the_users_environment_and_flags_win(monkeypatch):
     """Engine defaults apply only where the user set nothing; the workbench records only what it added."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|0")
-    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", gpu=False, cpus=[0, 1])
-    env = server.environment()
+    server = EngineCommand(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", gpu=False, cpus=[0, 1])
+    env = Server(server).environment()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0|0"
     assert "VLLM_CPU_KVCACHE_SPACE" not in server.applied_env and "VLLM_CPU_OMP_THREADS_BIND" not in server.applied_env
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    llama = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", gpu=False, cpus=[3, 5, 7])
+    llama = EngineCommand(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", gpu=False, cpus=[3, 5, 7])
     assert llama.argv()[-2:] == ["--n_threads", "3"]  # the CPUs this process may use, not the machine's count
     for omp, threads in (("2", "2"), ("16", "3"), ("0", "3"), ("two", "3")):  # the user's OpenMP thread count, if usable
         monkeypatch.setenv("OMP_NUM_THREADS", omp)
-        assert Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", cpus=[3, 5, 7]).argv()[-2:] == ["--n_threads", threads]
+        assert EngineCommand(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3", cpus=[3, 5, 7]).argv()[-2:] == ["--n_threads", threads]
     assert llama.argv()[-4:-2] == ["--interrupt_requests", "False"]  # concurrent streams are not cut
-    mine = Server(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3",
+    mine = EngineCommand(ENGINES["llamacpp"], "/m.gguf", python="/usr/bin/python3",
                   extra_args=("--n_threads", "7", "--interrupt_requests", "True"))
     assert mine.argv().count("--n_threads") == 1 and mine.argv()[-3:] == ["7", "--interrupt_requests", "True"]
     assert mine.argv().count("--interrupt_requests") == 1
@@ -140,7 +141,7 @@ def test_multinode_commands_for_real_hosts_and_layouts_nodes_cannot_share(merged
 
 
 def test_vllm_nodes_on_cpu_run_its_own_cli_headless_each_bound_to_its_own_cores():
-    server = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, nodes=2, gpu=False, cpus=[2, 3],
+    server = EngineCommand(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, nodes=2, gpu=False, cpus=[2, 3],
                     extra_args=("--enforce-eager",))
     head, follower = server.argv(0), server.argv(1)
     assert head[1].endswith("workbench/engine_plugins/vllm_cli.py") and head[2:5] == ["serve", "--model", "/m"]
@@ -149,9 +150,9 @@ def test_vllm_nodes_on_cpu_run_its_own_cli_headless_each_bound_to_its_own_cores(
                           str(server.init_port)]
     assert "--port" not in follower and follower[follower.index("--node-rank") + 1] == "1" and "--headless" in follower
     env = {"X": "1", **server.cpu_env}
-    assert [server._node_env(env, rank)["VLLM_CPU_OMP_THREADS_BIND"] for rank in (0, 1)] == ["2", "3"]
+    assert [server.node_env(env, rank)["VLLM_CPU_OMP_THREADS_BIND"] for rank in (0, 1)] == ["2", "3"]
     assert server.cpu_env["VLLM_CPU_OMP_THREADS_BIND"] == "2"  # node 0's, as the report records it
-    on_gpu = Server(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, nodes=2, gpu=True)
+    on_gpu = EngineCommand(ENGINES["vllm"], "/m", tp=2, python="/usr/bin/python3", port=8000, nodes=2, gpu=True)
     assert on_gpu.argv()[1:3] == ["-m", "vllm.entrypoints.openai.api_server"] and "ray" in on_gpu.argv()
 
 
@@ -509,14 +510,14 @@ def test_sglang_gpu_command_lines_pass_its_own_parser(merged, llama_lora):
     if subprocess.run([python, "-c", "import sglang"], capture_output=True).returncode != 0:
         pytest.skip("SGLang is not installed here (workbench engines install sglang)")
     tps = (1, 2, 8)  # launched as a GPU machine gets it: no CPU-only settings
-    launches = [Server(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
+    launches = [EngineCommand(ENGINES["sglang"], merged, tp=tp, python=python, port=30000, max_model_len=512, gpu=True).argv()[3:]
                 for tp in tps]
     nodes = [c.splitlines()[1].split()[3:]
              for c in multinode_commands(ENGINES["sglang"], ENGINES["sglang"].multinode, str(merged), Layout(16), 2)]
     typo = ["--model-path", str(merged), "--tensor-parallel-sise", "2"]
     # LoRA served unmerged (refused at start-up on CPU, so checked here) and pipeline / data parallel
-    lora = Server(ENGINES["sglang"], merged, tp=2, python=python, gpu=True, adapters={"ad": llama_lora}, lora_rank=8).argv()[3:]
-    parallel = Server(ENGINES["sglang"], merged, tp=2, pp=2, dp=2, python=python, gpu=True).argv()[3:]
+    lora = EngineCommand(ENGINES["sglang"], merged, tp=2, python=python, gpu=True, adapters={"ad": llama_lora}, lora_rank=8).argv()[3:]
+    parallel = EngineCommand(ENGINES["sglang"], merged, tp=2, pp=2, dp=2, python=python, gpu=True).argv()[3:]
     parsed, err = _sglang_parses([*launches, *nodes, typo, lora, parallel], python)
     assert [p[:2] for p in parsed[:3]] == [["0", str(tp)] for tp in tps], err[-800:]
     assert [p[:5] for p in parsed[3:5]] == [["0", "16", "2", str(rank), "HEAD_IP:5000"] for rank in (0, 1)], err[-800:]
@@ -551,7 +552,7 @@ def test_lmdeploy_command_lines_pass_its_own_parser_and_cpu_is_refused_with_its_
     result = run("verify", merged, "--server", "lmdeploy")
     assert_one_line_error(result, 3, "lmdeploy serves on NVIDIA GPUs only; without one it fails with `RuntimeError: Found no NVIDIA driver")
     python = engine_python(ENGINES["lmdeploy"])
-    lines = [Server(ENGINES["lmdeploy"], merged, tp=tp, dp=dp, python=python, port=23333, max_model_len=4096, dtype="bfloat16",
+    lines = [EngineCommand(ENGINES["lmdeploy"], merged, tp=tp, dp=dp, python=python, port=23333, max_model_len=4096, dtype="bfloat16",
                     adapters=adapters, gpu=True).argv()[3:]
              for tp, dp, adapters in ((1, 1, None), (2, 2, {"ad": llama_lora}))]
     typo = [*lines[0], "--tensor-parallel-size", "2"]

@@ -165,20 +165,17 @@ def merge(base, adapter, out, dtype, max_shard_size, base_quant, double_quant, f
     template and generation config come from the adapter folder when it has them, else from the base.
     Everything is checked before anything is written.
     """
-    from .lora import plan_merge
-    from .merge import default_output, run_merge
+    from .merge import default_output, merge as merge_adapter
+    from .options import MergeOptions
 
-    shard_bytes = parse_size(max_shard_size)
     if double_quant and base_quant not in ("nf4", "fp4"):
         raise click.UsageError("--double-quant needs --base-quant nf4 or fp4")
-    plan = plan_merge(base, adapter, dtype, base_quant, double_quant)
-    for warning in plan.warnings:
-        click.echo(f"warning: {warning}", err=True)
     out = out or default_output(adapter)
+    options = MergeOptions(out, dtype, parse_size(max_shard_size), base_quant, double_quant, force)
     bar, on_tensor = _progress(not quiet and not as_json, "merging")
-    options = {"base": str(base), "adapter": str(adapter), "out": str(out), "dtype_option": dtype}
-    with bar:
-        step = run_merge(plan, out, force, shard_bytes, options, on_tensor)
+    with bar:  # the plan's warnings go to stderr; the bar shows the progress
+        step = merge_adapter(base, adapter, options, lambda m: click.echo(m, err=True) if m.startswith("warning: ") else None,
+                             on_tensor)
     if as_json:
         click.echo(json.dumps({"output": str(Path(out).absolute()), **step}, indent=2))
     elif not quiet:
@@ -228,6 +225,7 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
     source; a module read wrongly fails the gate "read_back", named. A failed gate exits 1 and the
     artifact stays, marked failed in its workbench.json.
     """
+    from .options import QuantizeOptions
     from .quantize.run import quantize as run_quantize
     from .readback import describe as describe_read_back
 
@@ -239,7 +237,7 @@ def quantize(model, method, recipe_path, samples, seq_len, data, field, ignore, 
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     bar, on_layers = _progress(not quiet and not as_json, "decoder layers")
     with bar:
-        step = run_quantize(model, method, recipe_path, overrides, out, force, gates, say, on_progress=on_layers)
+        step = run_quantize(model, QuantizeOptions(method, recipe_path, overrides, out, force, gates), say, on_progress=on_layers)
     m = step["metrics"]
     if as_json:
         click.echo(json.dumps(step, indent=2))
@@ -273,6 +271,12 @@ def convert():
                    "default) and quantize with it. Needed by iq3_xxs and the IQ2/IQ1 types.")
 @click.option("--imatrix-samples", type=int, default=32, show_default=True, help="Importance matrix: chunks of text.")
 @click.option("--imatrix-seq-len", type=int, default=512, show_default=True, help="Importance matrix: tokens per chunk.")
+@click.option("--tensor-type", "tensor_types", multiple=True, metavar="PATTERN=TYPE",
+              help="Tensors whose GGUF name PATTERN (a regular expression) is found in get TYPE (a GGML type: f16, q8_0, "
+                   "q6_k, ...) over the file type's, as llama-quantize's --tensor-type: e.g. 'attn_v=q8_0'. The first "
+                   "matching pattern wins; repeatable. Files the workbench writes itself take f32/f16/bf16/q8_0.")
+@click.option("--output-tensor-type", metavar="TYPE", help="output.weight's type (token_embd.weight's where they are tied).")
+@click.option("--token-embedding-type", metavar="TYPE", help="token_embd.weight's type.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output .gguf file (one outtype) or folder. Default: MODEL's folder, named MODEL-<TYPE>.gguf.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
@@ -286,8 +290,8 @@ def convert():
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @_trust_remote_code
-def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_data, imatrix_samples, imatrix_seq_len,
-                 accept_tokenizer_difference, as_json, quiet):
+def convert_gguf(model, outtypes, tensor_types, output_tensor_type, token_embedding_type, out, force, adapter, llamacpp_python,
+                 imatrix_data, imatrix_samples, imatrix_seq_len, accept_tokenizer_difference, as_json, quiet):
     """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, or with
     --adapter a LoRA adapter of it to a llama.cpp LoRA GGUF.
 
@@ -300,14 +304,17 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     and compared with the source (types gguf-py encodes: with its own encoding of the source; K-quants: within
     a multiple of Q4_0's rounding error); a file that does not hold what was meant fails with exit 1.
     """
-    from .convert.gguf import convert_gguf as run_convert, convert_lora_adapter, parse_outtypes
+    from .convert.adapter import convert_lora_adapter
+    from .convert.gguf import convert_gguf as run_convert
+    from .convert.plan import parse_outtypes
     from .convert.gguf_readback import describe_gguf
-    from .options import Calibration
+    from .options import Calibration, GgufOptions, TensorTypes
 
     types = parse_outtypes(list(outtypes))
+    chosen = TensorTypes(tuple(_pattern_type(v) for v in tensor_types), _lower(output_tensor_type), _lower(token_embedding_type))
     if adapter is not None:
-        if len(types) != 1:
-            raise click.UsageError("--adapter takes one --outtype")
+        if len(types) != 1 or chosen:
+            raise click.UsageError("--adapter takes one --outtype and no tensor types")
         step = convert_lora_adapter(model, adapter, types[0], out, force)
         click.echo(json.dumps(step, indent=2) if as_json else f"LoRA adapter ({step['metrics']['lora_pairs']} pairs): {step['output']}")
         return
@@ -315,8 +322,8 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
     bar, on_tensor = _progress(not quiet and not as_json, "converting")
     with bar:
         imatrix = Calibration(imatrix_data, samples=imatrix_samples, seq_len=imatrix_seq_len) if imatrix_data else None
-        steps = run_convert(model, types, out, force, llamacpp_python, on_tensor, say, imatrix=imatrix,
-                            accept_tokenizer_difference=accept_tokenizer_difference)
+        options = GgufOptions(tuple(types), out, force, llamacpp_python, imatrix, accept_tokenizer_difference, chosen)
+        steps = run_convert(model, options, on_tensor, say)
     if as_json:
         click.echo(json.dumps(steps, indent=2))
     elif not quiet:
@@ -325,6 +332,18 @@ def convert_gguf(model, outtypes, out, force, adapter, llamacpp_python, imatrix_
             click.echo(f"        read back: {describe_gguf(step['metrics']['read_back'])}")
         for warning in steps[0]["warnings"] if steps else []:
             click.echo(f"warning: {warning}", err=True)
+
+
+def _pattern_type(value: str) -> tuple[str, str]:
+    """--tensor-type PATTERN=TYPE as (pattern, lower-case type); the type follows the last '='."""
+    pattern, _, kind = value.rpartition("=")
+    if not pattern or not kind:
+        raise click.BadParameter(f"{value!r} is not PATTERN=TYPE (e.g. attn_v=q8_0)", param_hint="--tensor-type")
+    return pattern, kind.lower()
+
+
+def _lower(value: str | None) -> str | None:
+    return value.lower() if value else None
 
 
 def _tp_list(value: str) -> list[int]:
@@ -418,6 +437,7 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
     Exit codes: 0 passed, 1 the artifact failed a check, 2 bad input, 3 engine missing or broken,
     4 incomplete (e.g. no reference model for a quantized artifact), 5 internal error.
     """
+    from .options import VerifyOptions
     from .verify.run import preflight_only as run_preflight, verify as run_verify
 
     if preflight_only:
@@ -433,10 +453,12 @@ def verify(artifact, engine, tps, pp, dp, adapters, concurrency, reference, no_r
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
     gates = {k: v for k, v in (("min_token_agreement", min_token_agreement), ("max_logprob_delta", max_logprob_delta)) if v is not None}
     gates.update(_gate_items(gate_items))
-    report = run_verify(artifact, engine, tps, engine_python, reference, report_dir, timeout, max_model_len, tuple(extra_args),
-                        force, port, not no_marlin, dtype, say, gates, no_reference, tuple(prompts), max_tokens,
-                        pp=pp, dp=dp, adapters=tuple(adapters), concurrency=concurrency, nodes=nodes, evals=evals,
-                        eval_limit=eval_limit)
+    options = VerifyOptions(engine, list(tps), pp=pp, dp=dp, nodes=nodes, python=engine_python, reference=reference,
+                            no_reference=no_reference, report_dir=report_dir, ready_timeout=timeout,
+                            max_model_len=max_model_len, dtype=dtype, extra_args=tuple(extra_args), port=port, force=force,
+                            marlin=not no_marlin, gates=gates, prompts=tuple(prompts), max_tokens=max_tokens,
+                            adapters=tuple(adapters), concurrency=concurrency, evals=tuple(evals), eval_limit=eval_limit)
+    report = run_verify(artifact, options, say)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

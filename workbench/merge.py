@@ -18,9 +18,10 @@ import torch
 from .checkpoint import CONFIG_NAME, PlannedTensor, StreamedWriter, copy_side_files, plan_shards, write_json
 from .errors import ArtifactFailed
 from .hf import torch_threads
-from .lora import MergePlan, OutputTensor, merged_tensor, output_shape
+from .lora import MergePlan, OutputTensor, merged_tensor, output_shape, plan_merge
 from .hub import output_stem
 from .manifest import folder_digest, now, tool_versions, write_manifest
+from .options import MergeOptions
 from .outputs import atomic_output_dir
 
 
@@ -28,6 +29,18 @@ def default_output(adapter: Path) -> Path:
     """Where a merge writes when no output is named: ``<adapter>-merged`` beside the adapter folder (for a hub
     snapshot, named after its repository, in the working folder)."""
     return Path(f"{output_stem(adapter)}-merged")
+
+
+def merge(base: Path, adapter: Path, o: MergeOptions, on_event: Callable[[str], None] = lambda message: None,
+          on_tensor: Callable[[int, int], None] | None = None, record: dict | None = None) -> dict:
+    """The merge verb: every check (plan_merge) before anything is written, its warnings and what it will merge
+    to ``on_event``, then the streamed write (run_merge); returns the step recorded in workbench.json."""
+    plan = plan_merge(base, adapter, o.dtype, o.base_quant, o.double_quant)
+    for warning in plan.warnings:
+        on_event(f"warning: {warning}")
+    on_event(f"merging {len(plan.deltas)} LoRA modules into {len(plan.outputs)} tensors")
+    options = {"base": str(base), "adapter": str(adapter), "out": str(o.out), "dtype_option": o.dtype}
+    return run_merge(plan, o.out, o.force, o.max_shard_bytes, options, on_tensor, record)
 
 
 def run_merge(

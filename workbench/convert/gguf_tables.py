@@ -18,6 +18,9 @@ def gguf_arch(layout: GgufLayout) -> gguf.MODEL_ARCH:
     return gguf.MODEL_ARCH[layout.arch]
 
 
+# GGML tensor types by lower-case name (--tensor-type, a release's tensor_types)
+GGML_TYPES: dict[str, gguf.GGMLQuantizationType] = {t.name.lower(): t for t in gguf.GGMLQuantizationType}
+
 # tensors llama.cpp's converter always writes F32: MoE routers (llama.cpp computes the routing in F32)
 FLOAT32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")
 

@@ -16,6 +16,7 @@ from ..outputs import atomic_output_dir
 from ..hf import quiet_transformers, torch_threads
 from ..hub import output_stem
 from ..manifest import folder_digest, now, tool_versions, write_manifest
+from ..options import QuantizeOptions
 from ..quality import compare_final_hidden
 from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, decoded_final_hidden, read_back
 from ..runner import Estimate, LayerRunner, estimate
@@ -53,25 +54,16 @@ def default_output(model: Path, recipe: Recipe) -> Path:
     return Path(f"{output_stem(model)}-{recipe.name}")
 
 
-def quantize(
-    model_dir: Path,
-    method: str | None,
-    recipe_path: Path | None = None,
-    overrides: dict | None = None,
-    out: Path | None = None,
-    force: bool = False,
-    gates: dict | None = None,
-    on_event=lambda message: None,
-    record: dict | None = None,
-    on_progress=None,
-) -> dict:
-    """Returns the manifest step; its status is "failed" when a quality gate failed (the artifact is kept).
-    ``record``'s fields are added to the step; ``on_progress(done, total)`` follows the calibration samples."""
+def quantize(model_dir: Path, o: QuantizeOptions, on_event=lambda message: None, record: dict | None = None,
+             on_progress=None) -> dict:
+    """Quantize ``model_dir`` as ``o`` says (options.QuantizeOptions); returns the manifest step, whose status is
+    "failed" when a quality gate failed (the artifact is kept). ``record``'s fields are added to the step;
+    ``on_progress(done, total)`` follows the calibration samples."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
     model_dir = Path(model_dir)
-    recipe, source, out = _check_inputs(model_dir, method, recipe_path, overrides, out, force)
+    recipe, source, out = _check_inputs(model_dir, o)
     needs = quantize_estimate(source, recipe)
     check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
@@ -89,7 +81,7 @@ def quantize(
     blocks = evaluation_blocks(tokenizer)
     on_event(f"estimated: {needs.describe()}")
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, o.force) as tmp:
         if codec is not None:  # formats our own code writes, in one walk through the layer runner
             sha, measured = _quantize_in_one_walk(runner, source, targets, ignored, codec, samples, blocks, tmp,
                                                   phases, on_event, on_progress, recipe.kv_cache is not None)
@@ -98,7 +90,7 @@ def quantize(
                                                           phases, on_event)
         copy_side_files([(model_dir, n) for n in source.side_files() if not (tmp / n).exists()], tmp)
         (tmp / "recipe.yaml").write_text(recipe.source)
-        quality, limits, failed = _gate_quality(measured, blocks, recipe, gates, tmp, model_dir, phases, on_event)
+        quality, limits, failed = _gate_quality(measured, blocks, recipe, dict(o.gates), tmp, model_dir, phases, on_event)
         step = {
             "verb": "quantize", "started": started, "seconds": round(time.perf_counter() - t0, 2),
             "inputs": {"model": folder_digest(model_dir)},
@@ -114,20 +106,19 @@ def quantize(
     return {"output": str(out.absolute()), **step}
 
 
-def _check_inputs(model_dir: Path, method: str | None, recipe_path: Path | None, overrides: dict | None,
-                  out: Path | None, force: bool) -> tuple[Recipe, Checkpoint, Path]:
+def _check_inputs(model_dir: Path, o: QuantizeOptions) -> tuple[Recipe, Checkpoint, Path]:
     """(the recipe with its overrides, the source checkpoint, the output folder); refuses an already
-    quantized source and an existing output without ``force``."""
-    recipe = load(method, recipe_path)
-    if overrides:
-        recipe = recipe.with_overrides(**overrides)
+    quantized source and an existing output without ``o.force``."""
+    recipe = load(o.method, o.recipe_path)
+    if o.overrides:
+        recipe = recipe.with_overrides(**o.overrides)
     source = Checkpoint(model_dir)
     check_handled(source.config, f"quantize {model_dir}")
     if source.config.get("quantization_config"):
         raise BadInput(f"{model_dir} is already quantized ({source.config['quantization_config'].get('quant_method')}); "
                        "quantize the merged bf16/fp16 model")
-    out = Path(out) if out else default_output(model_dir, recipe)
-    if out.exists() and not force:
+    out = Path(o.out) if o.out else default_output(model_dir, recipe)
+    if out.exists() and not o.force:
         raise BadInput(f"output exists: {out} (use --force to replace it)")
     return recipe, source, out
 

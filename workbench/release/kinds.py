@@ -17,6 +17,7 @@ from .. import __version__
 from ..checkpoint import CONFIG_NAME, replace_file, sha256_file
 from ..errors import ArtifactFailed, BadInput, Incomplete
 from ..manifest import last_step, now
+from ..options import GgufOptions, MergeOptions, QuantizeOptions, TensorTypes, VerifyOptions
 from ..safety import claim, remove_owned
 from .spec import SOURCE, Release, Stage
 
@@ -67,17 +68,12 @@ def _no_estimate(release: Release, stage: Stage) -> None:
 # ---------------------------------------------------------------- merge
 
 def _run_merge(release, stage, key, event, progress) -> None:
-    from ..lora import plan_merge
-    from ..merge import run_merge
+    from ..merge import merge
 
     o = stage.options
-    plan = plan_merge(release.base, release.adapter, o["dtype"], o.get("base_quant", "auto"), o.get("double_quant", False))
-    for warning in plan.warnings:
-        event(f"warning: {warning}")
-    event(f"merging {len(plan.deltas)} LoRA modules into {len(plan.outputs)} tensors")
-    options = {"base": str(release.base), "adapter": str(release.adapter), "out": str(stage.output),
-               "dtype_option": stage.options["dtype"]}
-    run_merge(plan, stage.output, True, stage.options["max_shard_bytes"], options, progress, _record(release, stage, key))
+    options = MergeOptions(stage.output, o["dtype"], o["max_shard_bytes"], o.get("base_quant", "auto"),
+                           o.get("double_quant", False), force=True)
+    merge(release.base, release.adapter, options, event, progress, _record(release, stage, key))
 
 
 def _merge_made(release: Release, source: str) -> str:
@@ -97,8 +93,9 @@ def _run_quantize(release, stage, key, event, progress) -> None:
     from ..quantize.run import quantize
 
     o = stage.options
-    step = quantize(input_path(release, stage.needs[0]), o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None,
-                    o["overrides"], stage.output, True, o["gates"], event, _record(release, stage, key), progress)
+    options = QuantizeOptions(o["recipe"], Path(o["recipe_path"]) if o["recipe_path"] else None, o["overrides"] or {},
+                              stage.output, force=True, gates=o["gates"] or {})
+    step = quantize(input_path(release, stage.needs[0]), options, event, _record(release, stage, key), progress)
     m = step["metrics"]
     event(f"held-out: perplexity {m['ppl_delta']:+.2%}, KL {m['mean_kl']:.2e}, top-1 {m['top1_agreement']:.2%}")
     if step["status"] != "ok":
@@ -166,10 +163,13 @@ def _run_gguf(release, stage, key, event, progress) -> None:
     from ..convert.gguf import convert_gguf
     from ..convert.imatrix import DEFAULT_CALIBRATION
 
-    data = stage.options.get("imatrix")
-    convert_gguf(input_path(release, stage.needs[0]), [stage.options["outtype"]], stage.output, True, None, progress, event,
-                 _record(release, stage, key), imatrix=replace(DEFAULT_CALIBRATION, data=data) if data else None,
-                 accept_tokenizer_difference=stage.options.get("accept_tokenizer_difference", False))
+    o = stage.options
+    data = o.get("imatrix")
+    chosen = o.get("tensor_types") or {}
+    types = TensorTypes(tuple(tuple(p) for p in chosen.get("patterns", ())), chosen.get("output"), chosen.get("token_embedding"))
+    options = GgufOptions((o["outtype"],), stage.output, True, None, replace(DEFAULT_CALIBRATION, data=data) if data else None,
+                          o.get("accept_tokenizer_difference", False), types)
+    convert_gguf(input_path(release, stage.needs[0]), options, progress, event, _record(release, stage, key))
 
 
 def _gguf_extras(stage: Stage, engine_of: EngineVersionOf) -> dict:
@@ -209,12 +209,12 @@ def _run_verify(release, stage, key, event, progress) -> None:
     remove_owned(stage.output, "report folder")  # a killed run's partial report is never trusted
     stage.output.mkdir(parents=True)
     claim(stage.output)
-    report = verify(input_path(release, stage.needs[0]), o["engine"], o["tp"], reference=_reference(release, stage),
-                    report_dir=stage.output, ready_timeout=o["timeout"],
-                    max_model_len=o["max_model_len"], extra_args=tuple(o["extra_args"]), dtype=o["dtype"], on_event=event,
-                    gates=o["gates"], groups_file=release.output / "reports" / ENGINE_GROUPS, pp=o["pp"], dp=o["dp"],
-                    adapters=tuple(o["adapters"]), concurrency=o["concurrency"], evals=tuple(o.get("eval", ())),
-                    eval_limit=o.get("eval_limit"))
+    options = VerifyOptions(o["engine"], list(o["tp"]), pp=o["pp"], dp=o["dp"], reference=_reference(release, stage),
+                            report_dir=stage.output, ready_timeout=o["timeout"], max_model_len=o["max_model_len"],
+                            dtype=o["dtype"], extra_args=tuple(o["extra_args"]), gates=dict(o["gates"]),
+                            groups_file=release.output / "reports" / ENGINE_GROUPS, adapters=tuple(o["adapters"]),
+                            concurrency=o["concurrency"], evals=tuple(o.get("eval", ())), eval_limit=o.get("eval_limit"))
+    report = verify(input_path(release, stage.needs[0]), options, event)
     replace_file(stage.output / MARKER, json.dumps({"key": key, "passed": report["passed"], "verdict": report["verdict"],
                                                     "finished": now(), "workbench": __version__}, indent=2))
     if report["passed"]:

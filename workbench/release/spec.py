@@ -9,9 +9,9 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..convert.gguf_tables import OUTTYPES
+from ..convert.gguf_tables import GGML_TYPES, OUTTYPES
 from ..errors import BadInput
-from ..options import BASE_QUANTS, MERGE_DTYPES, parse_size
+from ..options import BASE_QUANTS, MERGE_DTYPES, TensorTypes, parse_size
 from ..families import check_handled
 from ..hub import hub_origin, resolve_model
 from ..safety import check_name, check_no_remote_code_flag, check_remote_code, inside
@@ -38,7 +38,9 @@ TOP = {
     "verify": ((list,), "verify matrix"),
 }
 ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "imatrix": (str,), "require": (str,),
-            "reason": (str,), "accept_tokenizer_difference": (bool,)}
+            "reason": (str,), "accept_tokenizer_difference": (bool,), "tensor_types": (dict,), "output_tensor_type": (str,),
+            "token_embedding_type": (str,)}
+GGUF_KEYS = ("imatrix", "accept_tokenizer_difference", "tensor_types", "output_tensor_type", "token_embedding_type")
 # what an artifact must end as for the release to pass: served (an engine loaded it and every check passed),
 # served-native (served with the engine's own kernels, not the workbench's reference kernels for a format the
 # engine's CPU build cannot compute) or checked (built and quality-gated; the reason it is not served is stated)
@@ -225,7 +227,7 @@ def _artifact_kind(artifact_id: str, spec, at: str) -> str:
         raise BadInput(f"{at}: {SOURCE!r} and {UNMERGED!r} are reserved ids")
     if not isinstance(spec, dict):
         raise BadInput(f"{at} must be a mapping with one of merge, quantize, gguf")
-    for key in ("imatrix", "accept_tokenizer_difference"):
+    for key in GGUF_KEYS:
         if key in spec and "gguf" not in spec:
             raise BadInput(f"{at}: {key} goes with gguf")
     check_types(spec, ARTIFACT, at)
@@ -289,8 +291,15 @@ def _gguf_stage(release: Release, artifact_id: str, spec: dict, source: str, her
         raise BadInput(f"{at}: llama.cpp makes {OUTTYPES[outtype].label} only with an importance matrix: add imatrix: default")
     if imatrix and OUTTYPES[outtype].direct:
         raise BadInput(f"{at}: imatrix applies to llama.cpp's quantize types, not to {OUTTYPES[outtype].label}")
+    types = TensorTypes(tuple((str(p), str(t).lower()) for p, t in (spec.get("tensor_types") or {}).items()),
+                        spec.get("output_tensor_type", "").lower() or None, spec.get("token_embedding_type", "").lower() or None)
+    unknown = [t for _, t in types.patterns] + [t for t in (types.output, types.token_embedding) if t]
+    unknown = [t for t in unknown if t not in GGML_TYPES]
+    if unknown:
+        raise BadInput(f"{at}: unknown GGML type {unknown[0]!r} (e.g. f16, q8_0, q6_k, q4_k)")
     options = {"outtype": outtype, **({"imatrix": imatrix} if imatrix else {}),
-               **({"accept_tokenizer_difference": True} if spec.get("accept_tokenizer_difference") else {})}
+               **({"accept_tokenizer_difference": True} if spec.get("accept_tokenizer_difference") else {}),
+               **({"tensor_types": types.as_dict()} if types else {})}
     return Stage(artifact_id, "gguf", (source,), options, path)
 
 

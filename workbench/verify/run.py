@@ -30,11 +30,13 @@ from ..families import check_handled
 from ..guard import set_parent_death_signal
 from ..hub import output_stem
 from ..manifest import content_digest, folder_digest, last_step, now
+from ..options import VerifyOptions
 from .adapters import Adapter, check_adapter, engine_rank, parse_adapters, request_model
 from .chat import ChatFacts, chat_facts, probe_chat, probe_end_of_turn, probe_special_tokens, probe_tokenizer
 from .evals import (DEFAULT_MIN_RECOVERY, Evaluation, check_lm_eval, lm_eval_scores, recovery_check, served_model,
                     transformers_model)
-from .launch import EngineFailed, Server, port_in_use
+from .command import EngineCommand
+from .launch import EngineFailed, Server, engine_server, port_in_use
 from .load import probe_concurrency
 from .pool import ServerPool, current_pool
 from ..preflight import preflight
@@ -138,65 +140,30 @@ def eos_ids(artifact: Path, spec: EngineSpec) -> tuple[int, ...]:
     return ()
 
 
-def verify(
-    artifact: Path,
-    engine: str,
-    tps: list[int],
-    python: str | None = None,
-    reference: Path | None = None,
-    report_dir: Path | None = None,
-    ready_timeout: float = 600.0,
-    max_model_len: int | None = None,
-    extra_args: tuple[str, ...] = (),
-    force: bool = False,
-    port: int | None = None,
-    marlin: bool = True,
-    dtype: str | None = None,
-    on_event=lambda message: None,
-    gates: dict | None = None,
-    no_reference: bool = False,
-    prompts: tuple[str, ...] = (),
-    max_tokens: int | None = None,
-    groups_file: Path | None = None,
-    pp: int = 1,
-    dp: int = 1,
-    adapters: tuple[str, ...] = (),
-    concurrency: int = 8,
-    nodes: int = 1,
-    evals: tuple[str, ...] = (),
-    eval_limit: int | None = None,
-) -> dict:
-    """Verify ``artifact`` on ``engine`` at each TP size; returns the report (also written to disk).
-    ``dtype`` is passed to the engine and used for the reference too (default: the checkpoint's).
-    ``gates`` overrides the reference comparison's limits (min_token_agreement, max_logprob_delta).
-    ``groups_file``: the guard of each engine appends its process group id there.
-    ``pp``/``dp``: pipeline and data parallel sizes of every run. ``adapters``: NAME=PATH LoRA adapters
-    served unmerged beside the base ``artifact``, each compared with peft (base + that adapter). ``nodes`` > 1: each
-    layout served by that many local nodes (the engine's multi-node path), the ranks spread over them. ``evals``:
-    lm-eval tasks run against each served layout and against the source served the same way (verify/evals.py),
-    on at most ``eval_limit`` documents each; gate ``min_recovery``."""
-    checked = _check_inputs(artifact, engine, tps, python, reference, report_dir, extra_args, port, marlin, dtype,
-                            no_reference, pp, dp, adapters, nodes)
-    evaluation = _evaluation(checked, evals, eval_limit, gates or {})
-    probing = _probing(checked, no_reference, gates, prompts, max_tokens)
+def verify(artifact: Path, o: VerifyOptions, on_event=lambda message: None) -> dict:
+    """Verify ``artifact`` as ``o`` says (engine, TP sizes and the other layouts, reference, gates, adapters, evals:
+    options.VerifyOptions); returns the report (also written to disk). ``on_event``: progress lines."""
+    checked = _check_inputs(artifact, o)
+    evaluation = _evaluation(checked, o)
+    probing = _probing(checked, o)
     facts = _chat_facts(checked.artifact, checked.spec, checked.config, checked.reference.model)
     gpu, features = has_cuda_gpu(), cpu_features()
     kernels = reference_kernels(checked.spec, checked.config, gpu)
     kernels_note = f"reference: {kernels.label}" if kernels else native_kernels(checked.spec, checked.config, gpu, features)
-    report = _report_head(checked, engine, tps, dtype, gates, pp, dp, nodes, facts, kernels_note, features)
+    report = _report_head(checked, o, facts, kernels_note, features)
     report_dir = _report_folder(checked.report_dir)
     if kernels:
         on_event(f"{checked.spec.name} serves {checked.config['quantization_config']['quant_method']} here with reference kernels: {kernels.label}")
-    report["kv_cache_args"] = kv_args = kv_cache_args(checked.spec, checked.config, extra_args)
-    start_server = partial(Server, checked.spec, checked.artifact, python=checked.python, port=port,
-                           max_model_len=max_model_len, dtype=dtype, extra_args=(*extra_args, *kv_args), ready_timeout=ready_timeout,
-                           groups_file=groups_file, pp=pp, dp=dp, reference_kernels=kernels, nodes=nodes)
-    _serve_each_tp(start_server, tps, checked, probing, facts, dtype, force, concurrency, report, report_dir, on_event,
-                   evaluation)
+    report["kv_cache_args"] = kv_args = kv_cache_args(checked.spec, checked.config, o.extra_args)
+    start_server = partial(engine_server, checked.spec, checked.artifact, python=checked.python, port=o.port,
+                           max_model_len=o.max_model_len, dtype=o.dtype, extra_args=(*o.extra_args, *kv_args),
+                           ready_timeout=o.ready_timeout, groups_file=o.groups_file, pp=o.pp, dp=o.dp,
+                           reference_kernels=kernels, nodes=o.nodes)
+    _serve_each_tp(start_server, o, checked, probing, facts, report, report_dir, on_event, evaluation)
     if evaluation is not None:
-        start_source = partial(Server, checked.spec, python=checked.python, max_model_len=max_model_len, dtype=dtype,
-                               extra_args=extra_args, ready_timeout=ready_timeout, groups_file=groups_file, pp=pp, dp=dp,
-                               log_path=report_dir / "logs" / f"{checked.spec.name}-source.log")
+        start_source = partial(engine_server, checked.spec, python=checked.python, max_model_len=o.max_model_len, dtype=o.dtype,
+                               extra_args=o.extra_args, ready_timeout=o.ready_timeout, groups_file=o.groups_file, pp=o.pp,
+                               dp=o.dp, log_path=report_dir / "logs" / f"{checked.spec.name}-source.log")
         _judge_evals(start_source, checked, evaluation, report, on_event)
     _check_unchanged(report, checked)
     return _finish_report(report, report_dir)
@@ -217,48 +184,45 @@ class _Checked:
     report_dir: Path  # absolute, not made yet
 
 
-def _check_inputs(artifact: Path, engine: str, tps: list[int], python: str | None, reference: Path | None,
-                  report_dir: Path | None, extra_args: tuple[str, ...], port: int | None, marlin: bool, dtype: str | None,
-                  no_reference: bool, pp: int, dp: int, adapters: tuple[str, ...], nodes: int) -> _Checked:
+def _check_inputs(artifact: Path, o: VerifyOptions) -> _Checked:
     """Every check of verify's inputs, in order, before anything is started or written: bad input raises."""
-    spec = ENGINES[engine]
-    _check_engine_options(spec, pp, dp, adapters)
-    _check_nodes(spec, nodes, [Layout(tp, pp, dp) for tp in tps])
-    check_no_remote_code_flag(extra_args, "--extra-arg")
+    spec = ENGINES[o.engine]
+    _check_engine_options(spec, o.pp, o.dp, o.adapters)
+    _check_nodes(spec, o.nodes, [Layout(tp, o.pp, o.dp) for tp in o.tps])
+    check_no_remote_code_flag(o.extra_args, "--extra-arg")
     artifact = Path(artifact).absolute()
     config = _check_artifact(artifact, spec)
     named = output_stem(artifact)  # a hub snapshot's reports go to the working folder, never into the cache
-    report_dir = Path(report_dir or named.parent / f"{named.name}-verify" / engine).absolute()
+    report_dir = Path(o.report_dir or named.parent / f"{named.name}-verify" / o.engine).absolute()
     usable_output_folder(report_dir, "report folder")
     kind = artifact_kind(artifact, spec, config)
-    table = _preflight(spec, config, tps, marlin, pp)
-    lora = _check_adapters(spec, adapters, config, kind)
-    if dtype is not None and spec.dtype_flag is None:
-        raise BadInput(f"{engine} serves a GGUF's own types; --dtype does not apply")
-    if reference is not None and no_reference:
+    table = _preflight(spec, config, o.tps, o.marlin, o.pp)
+    lora = _check_adapters(spec, o.adapters, config, kind)
+    if o.dtype is not None and spec.dtype_flag is None:
+        raise BadInput(f"{o.engine} serves a GGUF's own types; --dtype does not apply")
+    if o.reference is not None and o.no_reference:
         raise BadInput("--reference and --no-reference exclude each other")
-    python = engine_python(spec, python)
+    python = engine_python(spec, o.python)
     check_installed(spec, python)
-    if port is not None and port_in_use(port):
-        raise BadInput(f"port {port} on 127.0.0.1 is already in use")
-    choice = ReferenceChoice(Path(reference)) if reference else ReferenceChoice(None, note="not run: --no-reference") \
-        if no_reference else default_reference(artifact, kind)
+    if o.port is not None and port_in_use(o.port):
+        raise BadInput(f"port {o.port} on 127.0.0.1 is already in use")
+    choice = ReferenceChoice(Path(o.reference)) if o.reference else ReferenceChoice(None, note="not run: --no-reference") \
+        if o.no_reference else default_reference(artifact, kind)
     if choice.model is not None and not (choice.model / CONFIG_NAME).exists():
         raise BadInput(f"reference model not found: {choice.model}")
     return _Checked(spec, artifact, config, kind, table, lora, python, choice, report_dir)
 
 
-def _probing(checked: _Checked, no_reference: bool, gates: dict | None, prompts: tuple[str, ...],
-             max_tokens: int | None) -> Probing:
+def _probing(checked: _Checked, o: VerifyOptions) -> Probing:
     """What the probes need besides the server; the reference is added once it is loaded."""
     probing = Probing(kind=checked.kind, eos_ids=eos_ids(checked.artifact, checked.spec), token_ids=checked.spec.token_ids,
                       forced=checked.spec.forced_logprobs, engine_bos=_echo_bos(checked), tokenize=checked.spec.tokenize,
-                      no_reference=no_reference, missing_reference="" if checked.reference.model else checked.reference.note,
-                      gates=gates or {})
-    if prompts:
-        probing = replace(probing, prompts=tuple(prompts))
-    if max_tokens:
-        probing = replace(probing, max_tokens=max_tokens)
+                      no_reference=o.no_reference, missing_reference="" if checked.reference.model else checked.reference.note,
+                      gates=dict(o.gates))
+    if o.prompts:
+        probing = replace(probing, prompts=tuple(o.prompts))
+    if o.max_tokens:
+        probing = replace(probing, max_tokens=o.max_tokens)
     return probing
 
 
@@ -277,10 +241,10 @@ def _echo_bos(checked: _Checked) -> int | None:
     return int(words[-1]) if done.returncode == 0 and words and words[-1].lstrip("-").isdigit() else None
 
 
-def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | None, gates: dict | None, pp: int, dp: int,
-                 nodes: int, facts: ChatFacts, kernels_note: str, features: list[str]) -> dict:
+def _report_head(checked: _Checked, o: VerifyOptions, facts: ChatFacts, kernels_note: str, features: list[str]) -> dict:
     """The report's fields known before any engine starts; "runs" is filled as each TP size is served."""
     spec, artifact, python = checked.spec, checked.artifact, checked.python
+    engine, tps, dtype, gates, pp, dp, nodes = o.engine, list(o.tps), o.dtype, dict(o.gates), o.pp, o.dp, o.nodes
     return {
         "kernels": kernels_note,
         "cpu_features": features, "trust_remote_code": remote_code_trusted(),
@@ -299,9 +263,8 @@ def _report_head(checked: _Checked, engine: str, tps: list[int], dtype: str | No
     }
 
 
-def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked: _Checked, probing: Probing,
-                   facts: ChatFacts, dtype: str | None, force: bool, concurrency: int, report: dict, report_dir: Path,
-                   on_event, evaluation: Evaluation | None = None) -> None:
+def _serve_each_tp(start_server: Callable[..., Server], o: VerifyOptions, checked: _Checked, probing: Probing,
+                   facts: ChatFacts, report: dict, report_dir: Path, on_event, evaluation: Evaluation | None = None) -> None:
     """Serve and probe the artifact at each TP size in turn, unless refused, while the references run in a
     thread beside; each run is appended to ``report["runs"]``. ``start_server(tp=, log_path=, adapters=,
     lora_rank=)``: a Server with verify's other options."""
@@ -312,15 +275,15 @@ def _serve_each_tp(start_server: Callable[..., Server], tps: list[int], checked:
     cancel = threading.Event()  # set on the way out (Ctrl-C, an error): a running reference stops at its next layer
     servers = current_pool()  # a serving session's (servers kept up between runs), else one that keeps none
     with ThreadPoolExecutor(1) as pool, _setting_on_exit(cancel):
-        pending, read = _start_references(pool, checked, probing, facts, served, dtype, cancel, report, on_event)
-        for tp in tps:
-            not_started = None if force else _not_started(tp, refused, checked.preflight, on_event)
+        pending, read = _start_references(pool, checked, probing, facts, served, o.dtype, cancel, report, on_event)
+        for tp in o.tps:
+            not_started = None if o.force else _not_started(tp, refused, checked.preflight, on_event)
             if not_started is not None:
                 report["runs"].append(not_started)
                 continue
             server = start_server(tp=tp, log_path=report_dir / "logs" / f"{spec.name}-tp{tp}.log", adapters=served,
                                   lora_rank=lora_rank)
-            run = _serve_and_probe(servers, server, pending, probing, facts, concurrency, on_event, evaluation)
+            run = _serve_and_probe(servers, server, pending, probing, facts, o.concurrency, on_event, evaluation)
             run["checks"] += [_refused_adapter(a) for a in refused]
             if read is not None and read.result() is not None:
                 run["checks"].insert(1, read.result().as_dict())
@@ -418,28 +381,28 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
                      on_event, evaluation: Evaluation | None = None) -> dict:
     """Start ``server`` (or take the identical one the pool keeps up) and run every check against it, then lm-eval's
     tasks (their figures in run["eval"], judged against the source's once that has run)."""
-    run = {"tp": server.tp, "layout": server.layout.label(), "checks": []}
-    on_event(f"{server.layout.label()}: starting {server.spec.name} (log {server.log_path})")
+    run = {"tp": server.command.tp, "layout": server.command.layout.label(), "checks": []}
+    on_event(f"{server.command.layout.label()}: starting {server.spec.name} (log {server.log_path})")
     t0 = time.perf_counter()
     try:
         with servers.serve(server) as live:
             _describe_launch(run, live)
             run["startup_seconds"] = live.startup_seconds
             kept = " (kept up by this session since an earlier run)" if live.reused else ""
-            on_event(f"{live.layout.label()}: ready in {live.startup_seconds}s{kept}, probing")
+            on_event(f"{live.command.layout.label()}: ready in {live.startup_seconds}s{kept}, probing")
             startup = Check("startup", "passed", f"ready in {live.startup_seconds}s{kept}", seconds=live.startup_seconds)
-            client = Client(live.url, str(live.model), live.spec.request_extra)
+            client = Client(live.url, str(live.command.model), live.spec.request_extra)
             base = _with_reference(probing, pending.get(None))
             checks = run_probes(client, base) + _serving_checks(client, live, base, facts, concurrency)
-            for name in live.adapters:
+            for name in live.command.adapters:
                 checks += _adapter_checks(live, name, _with_reference(probing, pending.get(name)))
             _quote_engine_error(live, checks, run)
             run["checks"] = [startup.as_dict()] + [c.as_dict() for c in checks]
             run["kernels_logged"] = kernels_logged(live)
             if evaluation is not None:
-                on_event(f"{live.layout.label()}: lm-eval {', '.join(evaluation.tasks)}")
-                run["eval"] = _lm_eval(served_model(live.url, str(live.model), evaluation.tokenizer), evaluation,
-                                       f"{live.spec.name}-{live.layout.label()}") if evaluation.tokenizer else \
+                on_event(f"{live.command.layout.label()}: lm-eval {', '.join(evaluation.tasks)}")
+                run["eval"] = _lm_eval(served_model(live.url, str(live.command.model), evaluation.tokenizer), evaluation,
+                                       f"{live.spec.name}-{live.command.layout.label()}") if evaluation.tokenizer else \
                     {"error": "no tokenizer folder for lm-eval (a GGUF without its source model)"}
     except EngineFailed as exc:
         _describe_launch(run, server)
@@ -452,14 +415,14 @@ def _serve_and_probe(servers: ServerPool, server: Server, pending: dict, probing
     return run
 
 
-def _evaluation(checked: _Checked, tasks: tuple[str, ...], limit: int | None, gates: dict) -> Evaluation | None:
+def _evaluation(checked: _Checked, o: VerifyOptions) -> Evaluation | None:
     """verify --eval's settings, lm-eval found importable first (exit 3 before any engine starts)."""
-    if not tasks:
+    if not o.evals:
         return None
     check_lm_eval()
     tokenizer = checked.artifact if checked.artifact.is_dir() else checked.reference.model
-    return Evaluation(tuple(tasks), limit, gates.get("min_recovery", DEFAULT_MIN_RECOVERY), checked.report_dir / "eval",
-                      tokenizer)
+    return Evaluation(tuple(o.evals), o.eval_limit, o.gates.get("min_recovery", DEFAULT_MIN_RECOVERY),
+                      checked.report_dir / "eval", tokenizer)
 
 
 def _lm_eval(model: tuple[str, str], evaluation: Evaluation, label: str) -> dict:
@@ -525,7 +488,7 @@ def kernels_logged(server: Server) -> list[str] | None:
     where the engine logs none (its spec has no kernel_log)."""
     if server.spec.kernel_log is None:
         return None
-    logs = [server.log_path, *(server.node_log(rank) for rank in range(1, server.nodes))]
+    logs = [server.log_path, *(server.node_log(rank) for rank in range(1, server.command.nodes))]
     found = set()
     for log in logs:
         if log.is_file():
@@ -535,7 +498,8 @@ def kernels_logged(server: Server) -> list[str] | None:
 
 def _describe_launch(run: dict, server: Server) -> None:
     """How the engine that answered was started (the kept server's own port and log when it was reused)."""
-    run.update({"argv": server.argv(), "env": server.applied_env, "cpu_env": server.cpu_env, "cpu_args": server.cpu_args,
+    command = server.command
+    run.update({"argv": command.argv(), "env": command.applied_env, "cpu_env": command.cpu_env, "cpu_args": command.cpu_args,
                 "log": str(server.log_path), "reused_server": server.reused, "port_clashes": server.port_clashes})
 
 
@@ -550,17 +514,17 @@ def _serving_checks(client: Client, server: Server, probing: Probing, facts: Cha
     if facts.texts:
         checks.append(guarded("tokenizer", lambda: probe_tokenizer(client, facts, server.spec.tokenize)))
     if facts.long_prompt:
-        checks.append(_long_context_check(client, server, probing, facts))
+        checks.append(_long_context_check(client, server.command, probing, facts))
     if concurrency > 0:
         checks.append(guarded("concurrency", lambda: probe_concurrency(client, probing.prompts, probing.max_tokens,
                                                                       probing.min_agreement(), concurrency)))
     return checks
 
 
-def _long_context_check(client: Client, server: Server, probing: Probing, facts: ChatFacts) -> Check:
+def _long_context_check(client: Client, command: EngineCommand, probing: Probing, facts: ChatFacts) -> Check:
     """The reference comparison on a prompt past the original context of a rope-scaled model; "incomplete"
     (not checked, never an artifact failure) when the context the engine serves cannot hold it."""
-    served, said_by = served_context(client, server)
+    served, said_by = served_context(client, command)
     needed = facts.long_tokens + probing.max_tokens
     if served is not None and served < needed:
         return Check("long-context", "incomplete", f"{facts.long_note}; not checked: {said_by} is {served} tokens, the probe "
@@ -573,7 +537,7 @@ def _long_context_check(client: Client, server: Server, probing: Probing, facts:
     return check
 
 
-def served_context(client: Client, server: Server) -> tuple[int | None, str]:
+def served_context(client: Client, command: EngineCommand) -> tuple[int | None, str]:
     """The context the running engine serves, and who says so: its /v1/models entry's max_model_len (vLLM,
     SGLang), else --max-model-len as passed, else the engine's documented default (None: the model's own)."""
     try:
@@ -582,10 +546,10 @@ def served_context(client: Client, server: Server) -> tuple[int | None, str]:
         entry = {}
     if isinstance(entry.get("max_model_len"), int):
         return entry["max_model_len"], "the context the engine serves (its /v1/models)"
-    if server.max_model_len:
-        return server.max_model_len, f"--max-model-len {server.max_model_len}"
-    if server.spec.default_max_len:
-        return server.spec.default_max_len, f"{server.spec.name}'s default context"
+    if command.max_model_len:
+        return command.max_model_len, f"--max-model-len {command.max_model_len}"
+    if command.spec.default_max_len:
+        return command.spec.default_max_len, f"{command.spec.name}'s default context"
     return None, ""
 
 
@@ -597,7 +561,7 @@ def _refused_adapter(adapter: Adapter) -> dict:
 def _adapter_checks(server: Server, name: str, probing: Probing) -> list[Check]:
     """An adapter served unmerged: the engine lists and answers it by name, and its tokens match peft's."""
     spec = server.spec
-    client = Client(server.url, request_model(spec, str(server.model), name), spec.request_extra)
+    client = Client(server.url, request_model(spec, str(server.command.model), name), spec.request_extra)
     if spec.lora.generate_field:
         probing = replace(probing, generate_extra={spec.lora.generate_field: name})
 
