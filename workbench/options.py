@@ -39,6 +39,11 @@ class TensorTypes:
     def __bool__(self) -> bool:
         return bool(self.patterns or self.output or self.token_embedding)
 
+    @classmethod
+    def from_dict(cls, chosen: dict) -> "TensorTypes":
+        """The inverse of as_dict (a release stage's options)."""
+        return cls(tuple(tuple(p) for p in chosen.get("patterns", ())), chosen.get("output"), chosen.get("token_embedding"))
+
     def as_dict(self) -> dict:
         """For manifests and stage options: only what was chosen."""
         return {k: v for k, v in (("patterns", [list(p) for p in self.patterns]), ("output", self.output),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import gguf
 
+from ..errors import BadInput
 from ..families import FAMILIES, GgufLayout
 
 
@@ -20,6 +21,13 @@ def gguf_arch(layout: GgufLayout) -> gguf.MODEL_ARCH:
 
 # GGML tensor types by lower-case name (--tensor-type, a release's tensor_types)
 GGML_TYPES: dict[str, gguf.GGMLQuantizationType] = {t.name.lower(): t for t in gguf.GGMLQuantizationType}
+
+
+def ggml_type(name: str, what: str) -> gguf.GGMLQuantizationType:
+    """The GGML tensor type called ``name`` (any case); an unknown name is a BadInput naming ``what``."""
+    if name.lower() not in GGML_TYPES:
+        raise BadInput(f"{what}: unknown GGML type {name!r} (e.g. f16, q8_0, q6_k, q4_k)")
+    return GGML_TYPES[name.lower()]
 
 # tensors llama.cpp's converter always writes F32: MoE routers (llama.cpp computes the routing in F32)
 FLOAT32_ROLES = ("ffn_gate_inp", "ffn_gate_inp_shexp")

@@ -30,7 +30,7 @@ class ImportanceMatrix:
     """llama.cpp's importance matrix of one model: per GGUF tensor, the mean square of each input column over
     the calibration tokens (a stacked expert tensor: its experts' side by side); ``chunks``: the calibration
     samples, ``tokens``: their tokens in all, ``dataset``: the calibration data it was computed on,
-    ``never_routed``: experts no calibration token reached (given their layer's mean)."""
+    ``never_routed``: experts no calibration token reached (given their stack's mean)."""
     values: dict[str, np.ndarray]  # GGUF tensor name -> float32 per input column (x experts)
     chunks: int
     tokens: int

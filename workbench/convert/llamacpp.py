@@ -13,9 +13,9 @@ from ..errors import BadInput, EnvironmentProblem
 from ..guard import set_parent_death_signal
 from ..prompts import probe_texts
 from ..safety import remote_code_trusted
-from .gguf_tables import OUTTYPES, SPECIAL_PROBES, TOKENIZER_PROBES
+from .gguf_tables import OUTTYPES, SPECIAL_PROBES, TOKENIZER_PROBES, ggml_type
 from ..options import TensorTypes
-from .plan import Plan, ggml_type
+from .plan import Plan
 
 
 # llama.cpp's quantize through llama-cpp-python's C API. With an importance matrix (argv[5]: JSON with the

@@ -15,20 +15,14 @@ from ..checkpoint import Checkpoint
 from ..errors import BadInput
 from ..families import check_handled, expert_count
 from ..options import TensorTypes
-from .gguf_tables import CONVERTIBLE, FLOAT32_ROLES, GGML_TYPES, OUTTYPES, gguf_arch
+from .gguf_tables import CONVERTIBLE, FLOAT32_ROLES, OUTTYPES, ggml_type, gguf_arch
 from .vocab import Vocab, read_vocab
 
 
 SKIPPED_TENSORS = (".rotary_emb.inv_freq",)
-
-
 # LongRoPE's names in rope_scaling (Phi-3 128k called it "su")
 LONGROPE = ("longrope", "su")
-
-
 EXPERT_INDEX = re.compile(r"\.experts\.(\d+)\.")
-
-
 QK_NAMES = {"attn_q": "heads", "attn_k": "kv_heads"}
 
 
@@ -236,13 +230,6 @@ def source_data(plan: Plan, t: Tensor) -> torch.Tensor:
 # what writer.encode writes itself, by outtype name; other GGML types come from llama.cpp's quantize
 DIRECT_TYPES = ("f32", "f16", "bf16", "q8_0")
 OUTPUT, TOKEN_EMBEDDING = "output.weight", "token_embd.weight"
-
-
-def ggml_type(name: str, what: str) -> gguf.GGMLQuantizationType:
-    """The GGML tensor type called ``name`` (any case); an unknown name is a BadInput naming ``what``."""
-    if name.lower() not in GGML_TYPES:
-        raise BadInput(f"{what}: unknown GGML type {name!r} (e.g. f16, q8_0, q6_k, q4_k)")
-    return GGML_TYPES[name.lower()]
 
 
 def check_tensor_types(plan: Plan, outtypes: list[str], types: TensorTypes) -> None:

@@ -165,8 +165,7 @@ def _run_gguf(release, stage, key, event, progress) -> None:
 
     o = stage.options
     data = o.get("imatrix")
-    chosen = o.get("tensor_types") or {}
-    types = TensorTypes(tuple(tuple(p) for p in chosen.get("patterns", ())), chosen.get("output"), chosen.get("token_embedding"))
+    types = TensorTypes.from_dict(o.get("tensor_types") or {})
     options = GgufOptions((o["outtype"],), stage.output, True, None, replace(DEFAULT_CALIBRATION, data=data) if data else None,
                           o.get("accept_tokenizer_difference", False), types)
     convert_gguf(input_path(release, stage.needs[0]), options, progress, event, _record(release, stage, key))

@@ -9,7 +9,7 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..convert.gguf_tables import GGML_TYPES, OUTTYPES
+from ..convert.gguf_tables import OUTTYPES, ggml_type
 from ..errors import BadInput
 from ..options import BASE_QUANTS, MERGE_DTYPES, TensorTypes, parse_size
 from ..families import check_handled
@@ -293,10 +293,8 @@ def _gguf_stage(release: Release, artifact_id: str, spec: dict, source: str, her
         raise BadInput(f"{at}: imatrix applies to llama.cpp's quantize types, not to {OUTTYPES[outtype].label}")
     types = TensorTypes(tuple((str(p), str(t).lower()) for p, t in (spec.get("tensor_types") or {}).items()),
                         spec.get("output_tensor_type", "").lower() or None, spec.get("token_embedding_type", "").lower() or None)
-    unknown = [t for _, t in types.patterns] + [t for t in (types.output, types.token_embedding) if t]
-    unknown = [t for t in unknown if t not in GGML_TYPES]
-    if unknown:
-        raise BadInput(f"{at}: unknown GGML type {unknown[0]!r} (e.g. f16, q8_0, q6_k, q4_k)")
+    for name in [t for _, t in types.patterns] + [t for t in (types.output, types.token_embedding) if t]:
+        ggml_type(name, at)
     options = {"outtype": outtype, **({"imatrix": imatrix} if imatrix else {}),
                **({"accept_tokenizer_difference": True} if spec.get("accept_tokenizer_difference") else {}),
                **({"tensor_types": types.as_dict()} if types else {})}
