@@ -124,7 +124,9 @@ def as_resource_error(exc: BaseException, what: str) -> EnvironmentProblem | Non
     return as_out_of_memory(exc, what) or as_disk_full(exc, None)
 
 
-def check_fits(what: str, needed: int) -> None:
-    """Refuse at once, with the figures, a step that cannot fit in the memory available."""
+def check_fits(what: str, needed: int, duration: str = "") -> None:
+    """Refuse at once, with the figures (and the run's estimated ``duration``, when given), a step that cannot
+    fit in the memory available."""
     if needed > available_memory():
-        raise out_of_memory(what, needed)
+        error = out_of_memory(what, needed)
+        raise OutOfMemory(f"{error}; it would take ~{duration}") if duration else error

@@ -246,6 +246,8 @@ class CompressedTensorsReader:
                 by_module.setdefault(module, {})[name] = tensor
         decoded = {}
         for module, own in by_module.items():
+            if self._ignored(module) and all(n.endswith((".weight", ".bias")) for n in own):
+                continue  # left in its dtype, as the config says: decoding it costs a float32 copy (the lm_head's)
             try:
                 out = self.dequantizer.validate(dict(own))
             except (ValueError, KeyError, RuntimeError, IndexError) as exc:
@@ -274,6 +276,11 @@ class CompressedTensorsReader:
             raise ReaderRefused(f"{module}.input_scale is missing: the scheme quantizes its input statically")
         largest = FP8_LARGEST if args.type == "float" else 2 ** (args.num_bits - 1) - 1
         return InputQuantization(quantize, dynamic=False, largest=float(state.input_scale.float().max()) * largest)
+
+    def _ignored(self, module: str) -> bool:
+        from compressed_tensors.utils.match import match_name
+
+        return any(match_name(module, target) for target in self.dequantizer.quant_config.ignore or [])
 
     def _scheme(self, module: str):
         from compressed_tensors.utils.match import match_name
@@ -448,6 +455,7 @@ def _fp8_reader(artifact: Path, config: dict) -> CompressedTensorsReader:
 
 
 @torch.inference_mode()
+@torch.inference_mode()  # no autograd graph: it would keep every layer's weights and activations alive
 def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | None:
     """``artifact`` read by its format's library against ``source`` on the token ``blocks``; None when no
     reader knows the format (a GGUF, a full-precision model, native GPTQ/AWQ files)."""
@@ -521,7 +529,6 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     the source's routing, so that each expert is compared on the tokens the source sent it. ``streams`` move
     on with the source's output."""
     local, tensors, decoded, modules = _layer_read(runner, index, layer, checkpoint, reader)
-    rounded = {m: reader.rounded(m, layer.get_submodule(name).weight, tensors) for m, name in modules.items()}
     layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in decoded}, {}
     rounding_sums, gap_sums = [0.0] * 3, [0.0] * 3
     kv_scales = {n: tensors[local[n]] for n in local if n.endswith(("k_scale", "v_scale"))}  # by layer-local name
@@ -529,6 +536,7 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     prefix = runner.layer_prefix(index) + "."
     routers = [r.removeprefix(prefix) for r in experts.routers(runner.model) if r.startswith(prefix)]
     called = {}  # layer-local module names, in the order of their first call
+    runs = []  # per stream: (its input, the source's update, the decoded layer's output, the source's routing)
     for s in streams:
         hidden = s.hidden
         with _module_outputs(layer, modules.values()) as expected, _module_outputs(layer, routers) as routing:
@@ -539,19 +547,23 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
                 _module_outputs(layer, routers, replay=routing.outputs), \
                 kvcache.seen(layer, partial(_count_past_kv_scales, kv_scales, kv_counts)):
             runner.forward(layer, index, candidate)
-        by_rounding = s.fork()
-        by_rounding.hidden = hidden
-        with _decoded_layer(layer, rounded, modules, local, tensors, reader, {}, own_tensors=False), \
-                _module_outputs(layer, routers, replay=routing.outputs):
-            runner.forward(layer, index, by_rounding)
         update = s.hidden - hidden
         _add(layer_sums, _sums(update, candidate.hidden - hidden))
-        _add(rounding_sums, _sums(update, by_rounding.hidden - hidden))
-        _add(gap_sums, _sums(by_rounding.hidden, candidate.hidden))
         called.update(dict.fromkeys(got.outputs))
         for module, name in modules.items():
             for e, g in zip(expected.outputs.get(name, []), got.outputs.get(name, []), strict=True):
                 _add(module_sums[module], _sums(e, g))
+        runs.append((s.fork(), hidden, update, candidate.hidden, routing.outputs))
+    # the rounded layer after the decoded one is gone: one extra copy of the layer in memory at a time
+    decoded.clear()
+    rounded = {m: reader.rounded(m, layer.get_submodule(name).weight, tensors) for m, name in modules.items()}
+    for by_rounding, hidden, update, candidate_hidden, routing_outputs in runs:
+        by_rounding.hidden = hidden
+        with _decoded_layer(layer, rounded, modules, local, tensors, reader, {}, own_tensors=False), \
+                _module_outputs(layer, routers, replay=routing_outputs):
+            runner.forward(layer, index, by_rounding)
+        _add(rounding_sums, _sums(update, by_rounding.hidden - hidden))
+        _add(gap_sums, _sums(by_rounding.hidden, candidate_hidden))
     readings = [_from_sums(f"{runner.layer_prefix(index)} (the layer's update)", *layer_sums, role="layer")]
     _set_rounding(readings[0], rounding_sums, gap_sums)
     unseen = [local[n] for n, (_, total) in kv_counts.items() if not total]

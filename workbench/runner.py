@@ -357,7 +357,10 @@ class Estimate:
     seconds: float
 
     def describe(self) -> str:
-        return f"~{self.peak_bytes / 2**30:.1f} GiB peak memory, ~{_duration(self.seconds)}"
+        return f"~{self.peak_bytes / 2**30:.1f} GiB peak memory, ~{self.duration()}"
+
+    def duration(self) -> str:
+        return _duration(self.seconds)
 
 
 def _duration(seconds: float) -> str:

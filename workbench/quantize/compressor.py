@@ -1,13 +1,16 @@
 """GPTQ, AWQ, INT8 W8A8, NVFP4/MXFP4 (and FP8 in the compressed-tensors format) through llm-compressor's
-``oneshot``, written in the compressed-tensors format that vLLM and SGLang read. llm-compressor calibrates
-layer by layer (its sequential pipeline), so a model needs memory for its weights plus one layer's
-activations. A mixture of experts is linearized by llm-compressor (one Linear per expert, every expert
+``oneshot``, written in the compressed-tensors format that vLLM and SGLang read. The model is loaded with every
+weight left on disk (compressed-tensors' offloading over accelerate's disk map: reads from the checkpoint's own
+safetensors, writes what the methods change under the output's temporary folder); llm-compressor's sequential
+pipeline onloads one decoder layer at a time, and the save gathers one shard of at most SAVE_SHARD at a time, so
+memory is about one layer plus the method's calibration state, whatever the depth. A mixture of experts is linearized by llm-compressor (one Linear per expert, every expert
 calibrated on every token) and saved under the checkpoint's own expert names."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,10 +18,11 @@ from pathlib import Path
 import torch
 
 from .. import kvcache
-from ..checkpoint import Checkpoint
+from ..checkpoint import LAYER_NAME, Checkpoint, numel
 from ..errors import ArtifactFailed, BadInput, EnvironmentProblem
 from ..families import ExpertLayout
 from ..hf import library_logs_to_stderr
+from ..runner import BASE_RSS
 from .recipe import Recipe
 from ..safety import remote_code_trusted
 
@@ -35,6 +39,12 @@ KV_CACHE_SCHEMES = {"fp8": kvcache.SCHEME}
 # it writes, but compressed-tensors cannot quantize such an input in its groups of 128 (measured: 96 channels)
 GROUP_SIZES = {("gptq", "w4a16"): 128, ("awq", "w4a16"): 128, ("fp4", "nvfp4a16"): 16, ("fp4", "nvfp4"): 16,
                ("fp4", "mxfp4a16"): 32, ("fp8", "block"): 128}
+# the parameters a method changes, kept on disk while the model is offloaded: inside the output's temporary
+# folder, so a failed or killed run's copy goes with it
+OFFLOAD_DIR = ".offload"
+# transformers gathers each shard of an offloaded model in memory to write it (llm-compressor's default: 20GB)
+SAVE_SHARD_BYTES = 10**9
+SAVE_SHARD = f"{SAVE_SHARD_BYTES // 10**9}GB"
 # the projection names llm-compressor gives a linearized expert
 LINEAR_EXPERT_NAMES = ExpertLayout("gate_proj", "up_proj", "down_proj")
 
@@ -127,14 +137,13 @@ def run_oneshot(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, f
 def _quantize_and_save(model_dir: Path, recipe: Recipe, samples: torch.Tensor | None, folder: Path,
                        experts: ExpertLayout | None) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
 
     with contextlib.redirect_stdout(sys.stderr):  # its import logs (to stdout) already
         from llmcompressor import oneshot
         from llmcompressor.modeling.moe.linearize import linearize_moe
     library_logs_to_stderr("INFO")  # after llm-compressor's import set them up; the log, while it holds stderr
     _cpu_without_pinning()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", trust_remote_code=remote_code_trusted())
+    model = _load_offloaded(model_dir, folder / OFFLOAD_DIR)
     linearize_moe(model)  # stacked experts -> one Linear each; nothing for a dense model
     kwargs = {}
     if samples is not None:
@@ -146,7 +155,44 @@ def _quantize_and_save(model_dir: Path, recipe: Recipe, samples: torch.Tensor | 
                   "shuffle_calibration_samples": False}
     oneshot(model=model, recipe=_modifiers(recipe), **kwargs)
     model._weight_conversions = list(getattr(model, "_weight_conversions", None) or []) + _expert_renamings(experts)
-    model.save_pretrained(folder, save_compressed=True)
+    model.save_pretrained(folder, save_compressed=True, max_shard_size=SAVE_SHARD)
+    del model
+    shutil.rmtree(folder / OFFLOAD_DIR, ignore_errors=True)
+
+
+def peak_bytes(source: Checkpoint, recipe: Recipe, calibration_tokens: int) -> int:
+    """llm-compressor's peak memory on the offloaded model: the imports, one decoder layer in its dtype and the
+    largest of what the method adds to it: GPTQ (gptq, w8a8) one float32 Hessian per target of the layer plus
+    two for the largest one's factorization; AWQ the layer twice in float32 (its scale search) and its inputs;
+    the calibration's last subgraph, the lm_head and its logits; the save, one shard and its largest tensor."""
+    cfg = source.config.get("text_config", source.config)
+    hidden, vocab = int(cfg.get("hidden_size", 0)), int(cfg.get("vocab_size", 0))
+    size = source.dtype.itemsize
+    layers: dict[str, list[tuple[int, ...]]] = {}
+    for name, info in source.store.tensors.items():
+        found = LAYER_NAME.match(name)
+        if found and name.endswith(".weight") and len(info.shape) == 2:
+            layers.setdefault(found.group(1), []).append(tuple(info.shape))
+    shapes = max(layers.values(), key=lambda s: sum(numel(x) for x in s), default=[(0, 0)])
+    layer = sum(numel(x) for x in shapes)
+    largest_input = max(x[1] for x in shapes)
+    states = {"gptq": sum(x[1] ** 2 for x in shapes) * 4 + 2 * largest_input ** 2 * 4,
+              "awq": 2 * layer * 4 + 4 * calibration_tokens * max(max(x) for x in shapes) * 4}
+    state = states.get("gptq" if recipe.method == "w8a8" else recipe.method, 2 * max(numel(x) for x in shapes) * 4)
+    head = (vocab * hidden + calibration_tokens * vocab) * size if calibration_tokens else 0
+    save = SAVE_SHARD_BYTES + max(numel(x) for x in shapes) * size
+    return int(BASE_RSS + layer * size + max(state, head, save))
+
+
+def _load_offloaded(model_dir: Path, offload: Path):
+    """The model with no weight in memory (an accelerate device map of the disk alone, converted to
+    compressed-tensors' offloading, which llm-compressor's pipelines onload layer by layer)."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoModelForCausalLM
+
+    with load_offloaded_model():
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto", device_map="auto", max_memory={"cpu": 0},
+                                                    offload_folder=str(offload), trust_remote_code=remote_code_trusted())
 
 
 def check_quantized(folder: Path, targets: list[str]) -> None:

@@ -65,7 +65,7 @@ def quantize(model_dir: Path, o: QuantizeOptions, on_event=lambda message: None,
     model_dir = Path(model_dir)
     recipe, source, out = _check_inputs(model_dir, o)
     needs = quantize_estimate(source, recipe)
-    check_fits(f"to quantize {model_dir.name}", needs.peak_bytes)
+    check_fits(f"to quantize {model_dir.name}", needs.peak_bytes, needs.duration())
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
     runner = LayerRunner(model_dir)
     codec = own_codec(recipe)
@@ -236,9 +236,8 @@ def own_codec(recipe: Recipe) -> walk.Codec | None:
 
 def quantize_estimate(source: Checkpoint, recipe: Recipe) -> Estimate:
     """Own formats: one walk over the calibration and the evaluation tokens (the source and its emulation),
-    with the layer's quantized copy. llm-compressor: it loads the whole model in its dtype and keeps float32
-    working copies (counted as two float32 per parameter); the report then walks the
-    written model layer by layer."""
+    with the layer's quantized copy. llm-compressor: its run on the offloaded model (compressor.peak_bytes; time:
+    the calibration's passes, counted three times for the method's own work), then the report's walks."""
     cal = recipe.calibration.samples * recipe.calibration.seq_len if recipe.calibration else 0
     tokens = EVALUATION_TOKENS
     codec = own_codec(recipe)
@@ -246,8 +245,7 @@ def quantize_estimate(source: Checkpoint, recipe: Recipe) -> Estimate:
         cal = cal if codec.calibrates else 0
         return estimate(source, tokens, passes=2 + cal / tokens, extra_layer_bytes=codec.extra_layer_bytes)
     walked = estimate(source, tokens, passes=1 + cal / tokens)
-    whole = source.store.total_bytes + 2 * source.store.parameters * 4
-    return Estimate(max(walked.peak_bytes, whole), walked.seconds * 3)
+    return Estimate(max(walked.peak_bytes, compressor.peak_bytes(source, recipe, cal)), walked.seconds * 3)
 
 
 def _quality(m: dict, blocks: torch.Tensor) -> dict:
