@@ -68,7 +68,9 @@ verify:
     # GPUs: one per rank of an engine that serves on them; none for llama.cpp's CPU server; GPTQ wants one, FP8 none
     gpus = {job_id: job["resources"]["gpus"] for job_id, job in jobs.items()}
     assert gpus == {"merged": 0, "q8_0": 0, "fp8": 0, "w4": 1, "verify-merged-vllm": 2, "verify-q8_0-llamacpp": 0}
-    assert jobs["fp8"]["resources"]["memory_bytes"] > 0 and jobs["merged"]["resources"]["memory_bytes"] is None
+    memory = {job_id: job["resources"]["memory_bytes"] for job_id, job in jobs.items()}
+    assert all(m and m > 0 for m in memory.values()), memory  # each stage's own estimate, merge and gguf included
+    assert memory["w4"] != memory["fp8"]  # llm-compressor's GPTQ on the offloaded model, the workbench's FP8 walk
     assert jobs["fp8"]["command"][-4:] == ["--only", "fp8", "--store", str(tmp_path / "store")]
     assert not (tmp_path / "out").exists() and not (tmp_path / "store").exists()
 

@@ -175,16 +175,23 @@ class TensorStore:
 _FP8_NON_FINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
 
 
+FINITE_CHUNK = 1 << 22  # elements per NaN/Inf check
+
+
 def _finite(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as read, or a one-line refusal when it holds NaN or Inf: every verb would carry them into
-    its output while its checks (which compare with the same input) stay quiet."""
+    its output while its checks (which compare with the same input) stay quiet. Checked a chunk at a time:
+    isfinite's temporaries on a whole 8B embedding are ~2.5 GiB, and a bool tensor's sum is taken in int64."""
     if tensor.dtype in _FP8_NON_FINITE:
         mask = _FP8_NON_FINITE[tensor.dtype]
-        bad = int(((tensor.view(torch.uint8) & mask) == mask).sum())
+        def non_finite(chunk):
+            return (chunk.view(torch.uint8) & mask) == mask
     elif tensor.is_floating_point():
-        bad = int(tensor.numel() - torch.isfinite(tensor).sum())
+        def non_finite(chunk):
+            return ~torch.isfinite(chunk)
     else:
         return tensor
+    bad = sum(int(non_finite(chunk).sum()) for chunk in tensor.reshape(-1).split(FINITE_CHUNK))
     if bad:
         raise BadInput(f"tensor {info.name} in {info.file} holds {bad} NaN/Inf values (at least); the model is damaged")
     return tensor

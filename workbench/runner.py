@@ -399,6 +399,23 @@ def estimate(checkpoint: Checkpoint, tokens: int, passes: float, walks: int = 1,
     return Estimate(int(peak), flops / matmul_speed() + walks * checkpoint.store.total_bytes / READ_BYTES_PER_SECOND)
 
 
+# streamed verbs' time per parameter, measured on the Llama-3.1-8B-shaped model here (README, Benchmarks): merge
+# 141 s, convert gguf q8_0 265 s for 8.03e9 parameters
+MERGE_SECONDS_PER_PARAMETER, GGUF_SECONDS_PER_PARAMETER = 141 / 8.03e9, 265 / 8.03e9
+
+
+def streamed_estimate(checkpoint: Checkpoint, per_largest_tensor: float, per_layer_matrix: float,
+                      seconds_per_parameter: float) -> Estimate:
+    """Peak memory and time of a verb that streams the checkpoint a tensor at a time (merge, convert gguf): the
+    imports, ``per_largest_tensor`` bytes per element of its largest tensor (as read, its copies), and
+    ``per_layer_matrix`` bytes per element of the largest decoder-layer matrix (float32 working copies); time at
+    a measured rate per parameter."""
+    _, layer_matrix = layer_shapes(checkpoint)
+    largest = max((numel(t.shape) for t in checkpoint.store.tensors.values()), default=0)
+    peak = BASE_RSS + max(largest * per_largest_tensor, layer_matrix * per_layer_matrix)
+    return Estimate(int(peak), checkpoint.store.parameters * seconds_per_parameter)
+
+
 _SPEED: list[float] = []
 
 

@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import sha256_file
+from ..checkpoint import Checkpoint, sha256_file
 from ..engines import ENGINES, check_installed, cpu_threads, engine_python, usable_cpus
-from ..errors import BadInput
+from ..errors import BadInput, check_fits
 from ..hub import output_stem
 from ..manifest import folder_digest, now, tool_versions, write_file_manifest
 from ..options import Calibration, GgufOptions, TensorTypes
 from ..outputs import atomic_output_file
+from ..runner import GGUF_SECONDS_PER_PARAMETER, Estimate, streamed_estimate
 from .gguf_tables import OUTTYPES
 from .imatrix import importance_matrix
 from .llamacpp import prove_tokenizer, quantize_with_llamacpp, tokenizer_verdict
@@ -40,6 +41,13 @@ def output_paths(model_dir: Path, outtypes: list[str], out: Path | None) -> dict
     return {t: folder / f"{stem}-{OUTTYPES[t].label}.gguf" for t in outtypes}
 
 
+def gguf_estimate(model: Checkpoint) -> Estimate:
+    """The streamed conversion: the largest tensor as read and one 16-bit copy or encoding of it (measured at the
+    8B width, Q8_0 with its read-back: 1.9 GiB, against this estimate's 2.7 GiB). An importance matrix runs the
+    model too: its walk is not counted."""
+    return streamed_estimate(model, model.dtype.itemsize + 2, 0, GGUF_SECONDS_PER_PARAMETER)
+
+
 def convert_gguf(model_dir: Path, o: GgufOptions, on_tensor: Callable[[int, int], None] | None = None,
                  on_event: Callable[[str], None] = lambda message: None, record: dict | None = None) -> list[dict]:
     """Write one GGUF per outtype of ``o`` (options.GgufOptions: the importance matrix, an accepted tokenizer
@@ -52,6 +60,8 @@ def convert_gguf(model_dir: Path, o: GgufOptions, on_tensor: Callable[[int, int]
     paths = output_paths(model_dir, outtypes, o.out)
     check_imatrix_use(outtypes, o.imatrix)
     check_tensor_types(plan, outtypes, o.tensor_types)
+    needs = gguf_estimate(plan.model)
+    check_fits(f"to convert {model_dir.name}", needs.peak_bytes, needs.duration())
     for path in paths.values():
         if path.exists() and not o.force:
             raise BadInput(f"output exists: {path} (use --force to replace it)")

@@ -118,12 +118,12 @@ def _read_tensor(t, source: torch.Tensor, searched: dict[Q, float]) -> TensorRea
     """One tensor's sums, a block of rows at a time: decoded, source, and (for types gguf-py encodes and llama.cpp
     did not search: ``searched``, type -> limit) expected."""
     qtype = Q(t.tensor_type)
-    src_rows = source.float().reshape(-1, source.shape[-1]).numpy()
+    src_rows = source.reshape(-1, source.shape[-1])  # in float32 a block at a time (an 8B's embedding: 2 GiB at once)
     sums = np.zeros(6)  # |d-s|^2, |s|^2, d.s, |d-e|^2, |e-s|^2 (expected's own error), |q4-s|^2 (Q4_0 RTN)
     baseline = qtype in searched and src_rows.shape[1] % 32 == 0
     encodable = qtype in ENCODED_BY_GGUF_PY and qtype not in searched
     for rows, decoded in _decoded_blocks(t, qtype, src_rows.shape):
-        s = src_rows[rows]
+        s = src_rows[rows].float().numpy()
         sums[:3] += (((decoded - s) ** 2).sum(), (s ** 2).sum(), (decoded * s).sum())
         if encodable:
             expected = gguf.quants.dequantize(gguf.quants.quantize(s, qtype), qtype).reshape(s.shape)

@@ -36,7 +36,7 @@ class StageKind:
     run: Callable[..., None]  # (release, stage, key, event, progress): builds the stage's output or raises
     # what the key covers beyond the inputs' digests and the options, given the stage and the engine-version lookup
     key_extras: Callable[[Stage, EngineVersionOf], dict]
-    estimate: Callable[[Release, Stage], object | None]  # runner.Estimate of a stage that runs a model, else None
+    estimate: Callable[[Release, Stage], object | None]  # runner.Estimate of the stage's peak memory and time
     made: Callable[[Release, str], str] | None = None  # the card's first words, given the source's name
     card_meta: Callable[[Stage], dict] | None = None  # the card's front matter of this kind
     quality_lines: Callable[[Stage, dict], list[str]] | None = None  # the card's quality section
@@ -59,10 +59,6 @@ def _record(release: Release, stage: Stage, key: str) -> dict:
 
 def _no_extras(stage: Stage, engine_of: EngineVersionOf) -> dict:
     return {}
-
-
-def _no_estimate(release: Release, stage: Stage) -> None:
-    return None
 
 
 # ---------------------------------------------------------------- merge
@@ -119,6 +115,20 @@ def _quantize_gpus(stage: Stage) -> int:
     from ..quantize.recipe import WANTS_ACCELERATOR
 
     return int(_recipe(stage.options).method in WANTS_ACCELERATOR)
+
+
+def _merge_estimate(release: Release, stage: Stage):
+    from ..checkpoint import Checkpoint
+    from ..merge import merge_estimate
+
+    return merge_estimate(Checkpoint(release.base))
+
+
+def _gguf_estimate(release: Release, stage: Stage):
+    from ..checkpoint import Checkpoint
+    from ..convert.gguf import gguf_estimate
+
+    return gguf_estimate(Checkpoint(release.base))  # a merge keeps the base's shapes
 
 
 def _quantize_estimate(release: Release, stage: Stage):
@@ -260,13 +270,13 @@ def file_sha256(path: Path) -> str:
 
 
 KINDS: dict[str, StageKind] = {k.name: k for k in (
-    StageKind("merge", _run_merge, _no_extras, _no_estimate, made=_merge_made, quality_lines=_merge_quality,
+    StageKind("merge", _run_merge, _no_extras, _merge_estimate, made=_merge_made, quality_lines=_merge_quality,
               card_meta=lambda stage: {"base_model_relation": "finetune", "tags": ["lora", "merged"]},
               reads_sources=("base", "adapter")),
     StageKind("quantize", _run_quantize, _quantize_extras, _quantize_estimate, made=lambda r, source: f"Quantized from `{source}`",
               card_meta=_quantize_meta, quality_lines=_quantize_quality, compared_with_source=True, gpus=_quantize_gpus),
     # the Hub's relation for GGUF conversions is "quantized"
-    StageKind("gguf", _run_gguf, _gguf_extras, _no_estimate, made=lambda r, source: f"Converted to GGUF from `{source}`",
+    StageKind("gguf", _run_gguf, _gguf_extras, _gguf_estimate, made=lambda r, source: f"Converted to GGUF from `{source}`",
               card_meta=lambda stage: {"base_model_relation": "quantized", "library_name": "gguf"},
               quality_lines=_gguf_quality, sidecar_manifest=True, compared_with_source=True),
     StageKind("verify", _run_verify, _verify_extras, _verify_estimate, report=True, gpus=_verify_gpus),

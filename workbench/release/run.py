@@ -48,7 +48,7 @@ class Decision:
     run: bool
     reason: str
     key: str | None = None
-    estimate: str | None = None  # peak memory and time of a stage that runs a model
+    estimate: str | None = None  # the stage's estimated peak memory and time
 
 
 def _foreign(release: Release, stage: Stage) -> bool:
@@ -123,7 +123,7 @@ def plan(release: Release, only: tuple[str, ...] = (), force: bool = False) -> l
 def stage_graph(release: Release) -> list[dict]:
     """The stages as jobs for another scheduler (a CI matrix, Ray): each with the artifacts it needs, the
     resources it asks for (GPUs: one per rank of an engine that serves on GPUs, one for a method that wants an
-    accelerator; memory: the runner's estimate) and the command that runs it alone. With a store the jobs share
+    accelerator; memory: the stage's estimate) and the command that runs it alone. With a store the jobs share
     their outputs through it, so each may run on its own machine once the jobs it needs have finished; without
     one each job's --out must already hold what it needs."""
     store = ["--store", str(release.store)] if release.store else []
