@@ -76,9 +76,9 @@ def test_statistics_by_vocabulary_block_equal_those_of_the_whole_logits():
     assert got["ppl_source"] == pytest.approx(float(torch.exp(-log_p.mean())), rel=1e-9)
 
 
-def _peak_rss_of_quantize(model: Path, out: Path) -> int:
-    """Peak RSS (bytes) of `workbench quantize --method fp8` on ``model``, in its own process."""
-    argv = [str(Path(sys.executable).with_name("workbench")), "quantize", str(model), "--method", "fp8", "--samples", "8",
+def _peak_rss_of_quantize(model: Path, out: Path, method: str) -> int:
+    """Peak RSS (bytes) of `workbench quantize --method METHOD` on ``model``, in its own process."""
+    argv = [str(Path(sys.executable).with_name("workbench")), "quantize", str(model), "--method", method, "--samples", "8",
             "--seq-len", "64", "--out", str(out), "-q", "--max-ppl-delta", "1e9", "--max-kl", "1e9", "--min-top1", "0"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -86,23 +86,39 @@ def _peak_rss_of_quantize(model: Path, out: Path) -> int:
     return usage.ru_maxrss * 1024
 
 
+def _peak_rss_of_read_back(artifact: Path, source: Path) -> int:
+    """Peak RSS (bytes) of the read-back of ``artifact`` against ``source``, in its own process."""
+    code = ("import sys, torch; from workbench.readback import read_back; "
+            "assert not read_back(sys.argv[1], sys.argv[2], torch.randint(0, 2048, (4, 128))).failures()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(artifact), str(source)], stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert status == 0, proc.stderr.read().decode()[-2000:]
+    return usage.ru_maxrss * 1024
+
+
 @pytest.mark.slow
-def test_peak_memory_does_not_grow_with_depth(fixture_root, tmp_path):
-    """The same width at 2 and 6 decoder layers: 4 more layers are 150 MB more in float32 (the old
-    whole-model path held ~9 bytes per parameter: +340 MB); the walk holds one layer at a time."""
+@pytest.mark.parametrize("method,depths", [("fp8", (2, 6)), ("gptq", (2, 8))])
+def test_peak_memory_does_not_grow_with_depth(fixture_root, tmp_path, method, depths):
+    """The same width at two depths: the extra layers are far more than one layer in float32 (FP8: the old
+    whole-model path held ~9 bytes per parameter, +340 MB for 4 layers; GPTQ: llm-compressor's own whole-model
+    load holds the 6 more layers in bf16, +113 MB); the walk, llm-compressor on the offloaded model and the
+    read-back hold one layer at a time."""
     shape = {"hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 8, "num_key_value_heads": 8,
              "vocab_size": 2048, "rope_theta": 10000.0, "max_position_embeddings": 512}
     peaks = {}
-    for layers in (2, 6):
+    for layers in depths:
         model = tmp_path / f"depth-{layers}"
         model.mkdir()
         config = make_synthetic.llama_config(**shape, num_hidden_layers=layers)
         make_synthetic.write_base(model, config)
         for p in (fixture_root / "tokenizer").iterdir():
             shutil.copy2(p, model / p.name)
-        peaks[layers] = _peak_rss_of_quantize(model, tmp_path / f"fp8-{layers}")
+        peaks[layers] = _peak_rss_of_quantize(model, tmp_path / f"{method}-{layers}", method)
+        peaks[f"read-back {layers}"] = _peak_rss_of_read_back(tmp_path / f"{method}-{layers}", model)
     layer_fp32 = sum(o * i for o, i in make_synthetic.projections(make_synthetic.llama_config(**shape)).values()) * 4
-    assert peaks[6] - peaks[2] < layer_fp32, (peaks, layer_fp32)
+    shallow, deep = depths
+    assert peaks[deep] - peaks[shallow] < layer_fp32, (peaks, layer_fp32)
+    assert peaks[f"read-back {deep}"] - peaks[f"read-back {shallow}"] < layer_fp32, (peaks, layer_fp32)
 
 
 def test_an_adapter_the_walk_cannot_run_through_peft_is_named_before_any_run(llama_lora, tmp_path):
