@@ -9,8 +9,8 @@ recorder) computes what each layer is given: scaled embeddings, masks per attent
 embeddings, the KV cache; so each family's forward code is transformers', not a copy.
 
 Why not accelerate's disk offload: it pages weights in per forward call, so N sample batches read the
-checkpoint N times; llm-compressor's sequential pipeline walks layer by layer but only inside its own
-oneshot, with the whole model in memory.
+checkpoint N times; llm-compressor's sequential pipeline walks layer by layer but only inside its own oneshot
+(which the workbench uses for llm-compressor's methods, on the model offloaded to disk: quantize/compressor.py).
 """
 
 from __future__ import annotations
