@@ -121,10 +121,12 @@ class TensorStore:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of every tensor, as stored."""
         return sum(info.nbytes for info in self.tensors.values())
 
     @property
     def parameters(self) -> int:
+        """Elements of every tensor."""
         return sum(numel(info.shape) for info in self.tensors.values())
 
     def names_in(self, file: Path) -> list[str]:
@@ -132,6 +134,7 @@ class TensorStore:
         return [n for n, info in self.tensors.items() if info.file == file]
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, whole, read into its own memory (not a mapping of the file); NaN/Inf refused."""
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
@@ -287,9 +290,11 @@ class Checkpoint:
 
     @property
     def largest_file_bytes(self) -> int:
+        """Size of the largest weight file: the shard size outputs keep by default."""
         return max(f.stat().st_size for f in self.weight_files)
 
     def side_files(self) -> list[str]:
+        """The folder's files other than weights and config (tokenizer, generation config, ...)."""
         return side_files(self.path)
 
 
@@ -348,6 +353,7 @@ class FollowingHasher:
             self._error = exc
 
     def finish(self) -> str:
+        """The file's sha256, once the writer is done and the hasher has read to its end."""
         self._done.set()
         self._thread.join()
         if self._error is not None:
@@ -409,6 +415,7 @@ class StreamedWriter:
         self._pending_bytes = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor, whole."""
         self.write_parts(name, tensor.dtype, tuple(tensor.shape), [tensor])
 
     def write_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts) -> None:
@@ -486,6 +493,7 @@ class StreamedWriter:
 
     @property
     def complete(self) -> bool:
+        """Whether every planned tensor has been written."""
         return self._next == len(self._order)
 
 

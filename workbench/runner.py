@@ -57,12 +57,15 @@ class Weights:
         return name in self.store
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor of the checkpoint, whole, in its stored dtype."""
         return self.store.get(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of a tensor, reading only their bytes (lm_head blocks)."""
         return self.store.rows(name, start, stop)
 
     def take(self, name: str, indices: list[int]) -> torch.Tensor:
+        """The given rows of a tensor, in that order (the embedding rows of the tokens in use)."""
         return self.store.take(name, indices)
 
 
@@ -203,6 +206,7 @@ class LayerRunner:
         self.device_buffers()
 
     def device_buffers(self) -> None:
+        """Move the model's buffers (rotary tables, masks) to the compute device; weights come per layer."""
         if self.device.type != "cpu":
             for module in self.model.modules():
                 for name, buf in list(module.named_buffers(recurse=False)):
@@ -210,9 +214,11 @@ class LayerRunner:
 
     @property
     def num_layers(self) -> int:
+        """Decoder layers in the model."""
         return len(self.layers)
 
     def layer_prefix(self, index: int) -> str:
+        """Decoder layer ``index``'s module name in the model (``model.layers.3``)."""
         return f"{self.layers_prefix}.{index}"
 
     # --- weights in and out
@@ -236,6 +242,7 @@ class LayerRunner:
 
     @staticmethod
     def unload(module: nn.Module) -> None:
+        """Drop ``module``'s weights (back to the meta device): its memory is freed."""
         from accelerate.utils import set_module_tensor_to_device
 
         for name, _ in list(module.named_parameters()):
@@ -280,9 +287,11 @@ class LayerRunner:
         return Stream(sink[0][0], [kwargs for _, kwargs in sink], cache)
 
     def streams(self, ids: torch.Tensor, batch: int = STREAM_BATCH) -> list[Stream]:
+        """Token ids [sequences, tokens] as streams of ``batch`` sequences each (runner.stream)."""
         return [self.stream(chunk) for chunk in ids.split(batch)]
 
     def forward(self, layer: nn.Module, index: int, stream: Stream) -> None:
+        """Run ``stream`` through decoder layer ``index`` (loaded: ``layer``), in place."""
         out = layer(stream.hidden, **stream.layer_kwargs[index])
         stream.hidden = out[0] if isinstance(out, tuple) else out
 
@@ -306,6 +315,7 @@ class LayerRunner:
 
     @contextlib.contextmanager
     def loaded(self, module: nn.Module, prefix: str):
+        """``module`` (checkpoint names under ``prefix``) with its weights while open, dropped on exit."""
         try:
             self._load(module, prefix)
             yield module
