@@ -455,7 +455,6 @@ def _fp8_reader(artifact: Path, config: dict) -> CompressedTensorsReader:
 
 
 @torch.inference_mode()
-@torch.inference_mode()  # nothing here needs gradients: no autograd bookkeeping
 def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | None:
     """``artifact`` read by its format's library against ``source`` on the token ``blocks``; None when no
     reader knows the format (a GGUF, a full-precision model, native GPTQ/AWQ files)."""
