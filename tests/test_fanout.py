@@ -23,7 +23,7 @@ FANOUT_WORKFLOW = ROOT / "examples" / "release-fanout.yml"
 
 
 def small_release(fixture_root: Path, folder: Path) -> Path:
-    """Merge, a GGUF served by llama.cpp, and a quantization whose gate no artifact meets (a failure that must
+    """Merge, a GGUF served by llama.cpp (split in two parts: a folder through the store), and a quantization whose gate no artifact meets (a failure that must
     cross from its job to the gathered release), calibrated on a file beside the release file."""
     (folder / "calibration.txt").write_text("def add(a, b):\n    return a + b\n\n" * 100)
     path = folder / "small.yaml"
@@ -34,7 +34,7 @@ adapter: {fixture_root / 'llama-lora'}
 output: out
 artifacts:
   merged: {{merge: {{dtype: auto}}, require: checked, reason: served as q8_0}}
-  q8_0: {{gguf: q8_0}}
+  q8_0: {{gguf: q8_0, split_max_size: 3M}}
   fp8:
     quantize: {{recipe: fp8-dynamic, samples: 8, seq_len: 64, calibration: calibration.txt, gates: {{min_top1: 1.01}}}}
     require: checked
@@ -183,6 +183,8 @@ def test_plan_jobs_in_separate_folders_then_gather_equal_the_one_machine_run(fix
     assert {s["id"]: s["action"] for s in b["stages"]} == {"merged": "fetched", "q8_0": "fetched", "fp8": "failed",
                                                            "verify-q8_0-llamacpp": "fetched"}
     assert artifact_hashes(tmp_path / "plain") == artifact_hashes(tmp_path / "gathered")
+    parts = sorted((tmp_path / "gathered" / "small-GGUF" / "small-Q8_0").glob("*.gguf"))
+    assert [p.name for p in parts] == ["small-Q8_0-00001-of-00002.gguf", "small-Q8_0-00002-of-00002.gguf"]
     assert (tmp_path / "gathered" / "reports" / "logs" / "fp8.log").read_text().count("FAILED: quality gates failed") == 1
     again = json.loads(release(path, "--gather", "--store", store, "--out", tmp_path / "gathered", "--json").stdout)
     assert {s["id"]: s["action"] for s in again["stages"]}["q8_0"] == "cached"

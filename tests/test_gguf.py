@@ -158,6 +158,50 @@ def test_output_exists_without_force(llama, tmp_path):
     assert out.read_bytes()[:4] == b"GGUF"
 
 
+@pytest.mark.engine
+def test_split_files_load_in_llamacpp_as_the_whole_file_and_verify_vouches_for_every_part(llama, tmp_path, figures):
+    """--split-max-size: a folder per type of llama.cpp's named parts, each at most the size asked for in tensor
+    data, written directly (Q8_0) or split after llama.cpp's quantize (Q4_K_M); llama.cpp loads the first part
+    with exactly the single file's logits; every part is read back; verify serves the folder, and its digest
+    changes when any part does."""
+    from workbench.manifest import content_digest, read_manifest
+
+    blocks = [list(range(1, 65))]
+    single = run("convert", "gguf", llama, "--outtype", "q8_0,q4_k_m", "--out", tmp_path / "one", "-q")
+    split = run("convert", "gguf", llama, "--outtype", "q8_0,q4_k_m", "--out", tmp_path / "split", "--split-max-size", "1.5M", "-q")
+    assert single.exit_code == split.exit_code == 0, split.output + split.stderr
+    for label in ("Q8_0", "Q4_K_M"):
+        folder = tmp_path / "split" / f"llama-{label}"
+        parts = sorted(folder.glob("*.gguf"))
+        assert [p.name for p in parts] == [f"llama-{label}-{i:05d}-of-{len(parts):05d}.gguf" for i in range(1, len(parts) + 1)]
+        assert len(parts) >= 2 and all(sum(int(t.n_bytes) for t in gguf.GGUFReader(p).tensors) <= 1_500_000 for p in parts)
+        step = read_manifest(folder)["steps"][-1]
+        assert sorted(read_manifest(folder)["files"]) == [p.name for p in parts] and step["metrics"]["parts"] == len(parts)
+        assert step["metrics"]["read_back"]["judged"] == step["metrics"]["read_back"]["tensors"] == 39
+        whole = run_llamacpp(tmp_path / "one" / f"llama-{label}.gguf", blocks=blocks)["logits"]
+        assert np.array_equal(run_llamacpp(parts[0], blocks=blocks)["logits"], whole), label
+        figures[f"gguf {label} split at 1.5 MB"] = {"parts": len(parts), "largest_part_bytes": step["metrics"]["largest_part_bytes"]}
+    folder = tmp_path / "split" / "llama-Q8_0"
+    result = run("verify", folder, "--server", "llamacpp", "--reference", llama, "--report", tmp_path / "r", "--json")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0 and report["passed"] and report["artifact_sha256"] == content_digest(folder)
+    parts = sorted(folder.glob("*.gguf"))
+    last = parts[-1]
+    data = bytearray(last.read_bytes())
+    data[-1] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert content_digest(folder) != report["artifact_sha256"]
+    last.unlink()
+    assert_one_line_error(run("verify", folder, "--server", "llamacpp", "--report", tmp_path / "r2"), 2,
+                          f"1 of its {len(parts)} parts missing ({last.name})")
+
+
+def test_a_split_size_that_is_not_one_is_refused_before_anything_is_written(llama, tmp_path):
+    assert_one_line_error(run("convert", "gguf", llama, "--outtype", "q8_0", "--out", tmp_path, "--split-max-size", "big"), 2,
+                          "'big' is not a size like 500MB, 2GB or 45G")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failure_mid_write_leaves_no_partial_file(llama, copy_of, tmp_path):
     model = copy_of(llama, "m")
     shard = sorted(model.glob("model-*.safetensors"))[-1]
@@ -331,8 +375,8 @@ def test_a_gguf_whose_block_scales_are_doubled_fails_its_read_back(llama, tmp_pa
     control, _ = gguf_q8_0_scales_doubled(correct, tmp_path / "control.gguf")
     plan = plan_conversion(llama)
     sources = {t.gguf_name: partial(source_data, plan, t) for t in plan.tensors}
-    assert read_back_gguf(correct, sources).failures() == []
-    failures = read_back_gguf(control, sources).failures()
+    assert read_back_gguf([correct], sources).failures() == []
+    failures = read_back_gguf([control], sources).failures()
     layers = json.loads((llama / "config.json").read_text())["num_hidden_layers"]
     assert len(failures) == layers and all(".ffn_down.weight (Q8_0)" in f and "gain 2.000" in f for f in failures), failures
 

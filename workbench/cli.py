@@ -30,6 +30,7 @@ class _ModelSource(click.ParamType):
     name = "PATH|ORG/NAME[@REV]"
 
     def convert(self, value, param, ctx):
+        """The folder ``value`` names (workbench/hub.py's resolve_model); a Path, as a default is, passes unchanged."""
         from .hub import resolve_model
 
         return value if isinstance(value, Path) else resolve_model(value, param.human_readable_name if param else "model")
@@ -67,6 +68,8 @@ class _Group(click.Group):
     """Turns every error into one line on stderr and its exit code."""
 
     def invoke(self, ctx):
+        """Run the command; a workbench error, an interrupt, memory or disk running out, or a bug (traceback to a
+        log file) ends in one line on stderr and the exit code that goes with it."""
         try:
             return super().invoke(ctx)
         except WorkbenchError as exc:
@@ -279,6 +282,11 @@ def convert():
 @click.option("--token-embedding-type", metavar="TYPE", help="token_embd.weight's type.")
 @click.option("--out", type=click.Path(path_type=Path),
               help="Output .gguf file (one outtype) or folder. Default: MODEL's folder, named MODEL-<TYPE>.gguf.")
+@click.option("--split-max-size", metavar="SIZE",
+              help="Split each file into parts of at most SIZE of tensor data (bytes, or with K, M, G: powers of 1000, "
+                   "as llama.cpp's gguf-split), named as llama.cpp loads them (MODEL-<TYPE>-00001-of-0000N.gguf) in a "
+                   "folder MODEL-<TYPE> (--out X.gguf: a folder X) with its workbench.json. llama.cpp and verify take the folder "
+                   "or the first part.")
 @click.option("--force", is_flag=True, help="Replace existing outputs.")
 @click.option("--adapter", type=MODEL_SOURCE,
               help="Convert this peft LoRA adapter of MODEL to a llama.cpp LoRA GGUF instead (outtype f32/f16/bf16).")
@@ -290,8 +298,8 @@ def convert():
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest steps as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress, no summary.")
 @_trust_remote_code
-def convert_gguf(model, outtypes, tensor_types, output_tensor_type, token_embedding_type, out, force, adapter, llamacpp_python,
-                 imatrix_data, imatrix_samples, imatrix_seq_len, accept_tokenizer_difference, as_json, quiet):
+def convert_gguf(model, outtypes, tensor_types, output_tensor_type, token_embedding_type, out, split_max_size, force, adapter,
+                 llamacpp_python, imatrix_data, imatrix_samples, imatrix_seq_len, accept_tokenizer_difference, as_json, quiet):
     """Convert a Hugging Face MODEL folder (Llama, Mistral, Qwen2, Qwen3) to GGUF for llama.cpp, or with
     --adapter a LoRA adapter of it to a llama.cpp LoRA GGUF.
 
@@ -308,13 +316,14 @@ def convert_gguf(model, outtypes, tensor_types, output_tensor_type, token_embedd
     from .convert.gguf import convert_gguf as run_convert
     from .convert.plan import parse_outtypes
     from .convert.gguf_readback import describe_gguf
-    from .options import Calibration, GgufOptions, TensorTypes
+    from .options import Calibration, GgufOptions, TensorTypes, parse_size
 
     types = parse_outtypes(list(outtypes))
     chosen = TensorTypes(tuple(_pattern_type(v) for v in tensor_types), _lower(output_tensor_type), _lower(token_embedding_type))
+    split = parse_size(split_max_size) if split_max_size else 0
     if adapter is not None:
-        if len(types) != 1 or chosen:
-            raise click.UsageError("--adapter takes one --outtype and no tensor types")
+        if len(types) != 1 or chosen or split:
+            raise click.UsageError("--adapter takes one --outtype, no tensor types and no split")
         step = convert_lora_adapter(model, adapter, types[0], out, force)
         click.echo(json.dumps(step, indent=2) if as_json else f"LoRA adapter ({step['metrics']['lora_pairs']} pairs): {step['output']}")
         return
@@ -322,13 +331,14 @@ def convert_gguf(model, outtypes, tensor_types, output_tensor_type, token_embedd
     bar, on_tensor = _progress(not quiet and not as_json, "converting")
     with bar:
         imatrix = Calibration(imatrix_data, samples=imatrix_samples, seq_len=imatrix_seq_len) if imatrix_data else None
-        options = GgufOptions(tuple(types), out, force, llamacpp_python, imatrix, accept_tokenizer_difference, chosen)
+        options = GgufOptions(tuple(types), out, force, llamacpp_python, imatrix, accept_tokenizer_difference, chosen, split)
         steps = run_convert(model, options, on_tensor, say)
     if as_json:
         click.echo(json.dumps(steps, indent=2))
     elif not quiet:
         for step in steps:
-            click.echo(f"{step['metrics']['file_type']:7} {step['metrics']['bytes'] / 2**20:8.1f} MiB  {step['seconds']:6.1f}s  {step['output']}")
+            parts = f" ({step['metrics']['parts']} parts)" if step["metrics"].get("parts", 1) > 1 else ""
+            click.echo(f"{step['metrics']['file_type']:7} {step['metrics']['bytes'] / 2**20:8.1f} MiB  {step['seconds']:6.1f}s  {step['output']}{parts}")
             click.echo(f"        read back: {describe_gguf(step['metrics']['read_back'])}")
         for warning in steps[0]["warnings"] if steps else []:
             click.echo(f"warning: {warning}", err=True)

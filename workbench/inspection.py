@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, Checkpoint, numel, sha256_file
 from .errors import ArtifactFailed, BadInput
+from .gguffiles import gguf_parts, is_gguf_set
 from .manifest import content_digest, manifest_path, read_manifest
 from .safety import remote_code_request
 from .preflight import preflight
@@ -21,7 +22,7 @@ def inspect(path: Path, tps: list[int], check: bool = False) -> dict:
     path = Path(path)
     if not path.exists():
         raise BadInput(f"artifact not found: {path}")
-    info = _gguf(path) if path.is_file() else _folder(path, tps)
+    info = _gguf(path) if path.is_file() or is_gguf_set(path) else _folder(path, tps)
     manifest = read_manifest(path)
     info["steps"] = [
         {"verb": s.get("verb"), "started": s.get("started"), "status": s.get("status"), "seconds": s.get("seconds"),
@@ -91,22 +92,26 @@ def _remote_code(path: Path) -> str | None:
 
 
 def _gguf(path: Path) -> dict:
-    if path.suffix != ".gguf":
+    """A .gguf file, or a split set (its folder or a part): the metadata from the first part, sizes over all."""
+    if not is_gguf_set(path):
         raise BadInput(f"not a model folder or .gguf file: {path}")
     import gguf
 
+    parts = gguf_parts(path)
     try:
-        reader = gguf.GGUFReader(path)
+        readers = [gguf.GGUFReader(p) for p in parts]
     except (ValueError, OSError) as exc:
         raise BadInput(f"not a readable GGUF file: {path}: {exc}") from None
-    field = lambda key: reader.fields[key].contents() if key in reader.fields else None  # noqa: E731
+    fields = readers[0].fields
+    field = lambda key: fields[key].contents() if key in fields else None  # noqa: E731
     arch = field("general.architecture")
     file_type = field("general.file_type")
+    tensors = [t for r in readers for t in r.tensors]
     return {
         "path": str(path.absolute()), "kind": "gguf", "architecture": arch,
         "file_type": gguf.LlamaFileType(file_type).name if file_type is not None else None,
-        "parameters": sum(int(t.n_elements) for t in reader.tensors), "size_bytes": path.stat().st_size,
-        "tensors": len(reader.tensors), "context_length": field(f"{arch}.context_length"),
+        "parameters": sum(int(t.n_elements) for t in tensors), "size_bytes": sum(p.stat().st_size for p in parts),
+        "tensors": len(tensors), "context_length": field(f"{arch}.context_length"), **({"parts": len(parts)} if len(parts) > 1 else {}),
     }
 
 

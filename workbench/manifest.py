@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import MANIFEST_NAME, replace_file, sha256_file
+from .gguffiles import SPLIT_NAME, gguf_parts, is_gguf_set
 from .hub import hub_origin
 from .safety import OWNED_MARKER, remote_code_trusted
 
@@ -69,13 +70,17 @@ NOT_CONTENT = (MANIFEST_NAME, OWNED_MARKER, "README.md")
 
 
 def content_digest(artifact: Path) -> str:
-    """sha256 of exactly the bytes an engine loads from ``artifact``: a .gguf file's own, or over the (name,
-    sha256) of a folder's files less its manifest, model card and ownership marker. A verification records it
-    and vouches for the artifact only while it is unchanged."""
-    if artifact.is_file():
-        return cached_sha256(artifact)
-    files = {p.name: cached_sha256(p) for p in sorted(artifact.iterdir()) if p.is_file() and p.name not in NOT_CONTENT}
-    return hashlib.sha256("".join(f"{n}\0{h}\n" for n, h in files.items()).encode()).hexdigest()
+    """sha256 of exactly the bytes an engine loads from ``artifact``: a .gguf file's own; over the (name, sha256)
+    of every part of a split GGUF (named by its folder or any part); or over those of a folder's files less its
+    manifest, model card and ownership marker. A verification records it and vouches for the artifact only
+    while it is unchanged."""
+    if is_gguf_set(artifact):
+        files = gguf_parts(artifact)
+        if len(files) == 1:
+            return cached_sha256(files[0])
+    else:
+        files = [p for p in sorted(artifact.iterdir()) if p.is_file() and p.name not in NOT_CONTENT]
+    return hashlib.sha256("".join(f"{p.name}\0{cached_sha256(p)}\n" for p in files).encode()).hexdigest()
 
 
 def folder_digest(folder: Path) -> dict:
@@ -92,19 +97,28 @@ def now() -> str:
 
 
 def manifest_path(artifact: Path) -> Path:
-    """A folder artifact carries workbench.json; a single-file artifact (a .gguf) a sidecar beside it."""
-    return artifact / MANIFEST_NAME if artifact.is_dir() else artifact.with_name(artifact.name + "." + MANIFEST_NAME)
+    """A folder artifact carries workbench.json (a split GGUF's folder too, so a part's is its folder's); a
+    single-file artifact (a .gguf) a sidecar beside it."""
+    if artifact.is_dir():
+        return artifact / MANIFEST_NAME
+    if SPLIT_NAME.match(artifact.name):
+        return artifact.parent / MANIFEST_NAME
+    return artifact.with_name(artifact.name + "." + MANIFEST_NAME)
 
 
 def read_manifest(artifact: Path) -> dict | None:
-    """The manifest of ``artifact`` (a folder or a single file), or None when it has none or it is not valid JSON."""
+    """The manifest of ``artifact`` (a folder, a single file or a split GGUF's part), or None when it has none,
+    it is not valid JSON, or (a part) its folder's manifest does not list that part."""
     path = manifest_path(artifact)
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
+    if not artifact.is_dir() and artifact.name not in (manifest.get("files") or {}):
+        return None
+    return manifest
 
 
 def last_step(artifact: Path) -> dict:

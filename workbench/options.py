@@ -61,6 +61,7 @@ class GgufOptions:
     imatrix: Calibration | None = None  # llama.cpp's importance matrix on this text, for its quantize types
     accept_tokenizer_difference: bool = False  # write a file whose tokenizer llama.cpp splits otherwise (recorded)
     tensor_types: TensorTypes = TensorTypes()
+    split_max_size: int = 0  # bytes of tensor data per file of a split set (a folder per type); 0: one file
 
 
 @dataclass(frozen=True)
@@ -119,15 +120,17 @@ class VerifyOptions:
     eval_limit: int | None = None  # documents per task
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.I)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*$", re.I)
+# 2G as llama.cpp's gguf-split reads it: powers of 1000, as 2GB
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30, "k": 10**3, "m": 10**6,
+          "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 
 
 def parse_size(value: str | int | None) -> int | None:
-    """A shard size: bytes, or a string like 500MB, 2GB, 1.5GiB."""
+    """A shard or split size: bytes, or a string like 500MB, 2GB, 1.5GiB, 45G (None stays None)."""
     if value is None or isinstance(value, int):
         return value
     m = _SIZE.match(value)
     if not m:
-        raise BadInput(f"{value!r} is not a size like 500MB or 2GB")
+        raise BadInput(f"{value!r} is not a size like 500MB, 2GB or 45G")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])

@@ -61,6 +61,7 @@ class GgufReadBack:
     readings: list[TensorReading] = field(default_factory=list)
 
     def failures(self) -> list[str]:
+        """One line per tensor off by more than its limit or with a gain more than GAIN_LIMIT from 1; empty: passed."""
         out = []
         for r in self.readings:
             judged = r.off_expected if r.off_expected is not None else r.error
@@ -74,6 +75,7 @@ class GgufReadBack:
         return out
 
     def as_dict(self) -> dict:
+        """The summary the manifest and report keep (describe_gguf's input): counts, the worst tensor, failures."""
         judged = [r for r in self.readings if r.limit is not None]
         worst = max(self.readings, key=lambda r: r.error, default=None)
         return {"reader": f"gguf-py {_version()}", "tensors": len(self.readings), "judged": len(judged),
@@ -92,14 +94,16 @@ def describe_gguf(read: dict) -> str:
     return head if not read["failures"] else f"{len(read['failures'])} tensors off: {read['failures'][0]}"
 
 
-def read_back_gguf(path: Path, sources: dict[str, Callable[[], torch.Tensor]]) -> GgufReadBack:
-    """``path``'s tensors, by GGUF name, against ``sources`` (GGUF name -> the source tensor as the converter
-    meant it); a tensor in the file without a source, or a source missing from the file, is a failure."""
-    reader = gguf.GGUFReader(path)
-    searched = {**SEARCHED_LIMITS, **(WEIGHTED_LIMITS if "quantize.imatrix.entries_count" in reader.fields else {})}
+def read_back_gguf(parts: list[Path], sources: dict[str, Callable[[], torch.Tensor]]) -> GgufReadBack:
+    """The tensors of a GGUF's ``parts`` (one file, or a split set in order), by GGUF name, against ``sources``
+    (GGUF name -> the source tensor as the converter meant it); a tensor in the file without a source, or a
+    source missing from the file, is a failure."""
+    readers = [gguf.GGUFReader(p) for p in parts]
+    weighted = "quantize.imatrix.entries_count" in readers[0].fields  # the keys are in the first part
+    searched = {**SEARCHED_LIMITS, **(WEIGHTED_LIMITS if weighted else {})}
     result = GgufReadBack()
     found = set()
-    for t in reader.tensors:
+    for t in (t for reader in readers for t in reader.tensors):
         found.add(t.name)
         if t.name not in sources:
             raise GgufReadBackError(f"{t.name}: in the file, but the converter wrote no such tensor")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import FollowingHasher
+from ..gguffiles import gguf_parts
 from ..errors import ArtifactFailed
 from .gguf_readback import GgufReadBackError, read_back_gguf
 from .gguf_tables import CONVERTIBLE, OUTTYPES, gguf_arch
@@ -24,6 +25,8 @@ from .plan import LONGROPE, OUTPUT, Plan, rope_parameters, sliding_layers, sourc
 
 
 QUANT_CHUNK_ELEMENTS = 1 << 20
+# gguf-py warns "not splitting" when a split set fits in one file: that file is the output, as asked
+logging.getLogger("gguf.gguf_writer").setLevel(logging.ERROR)
 
 
 _QUANT_POOL = ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)))
@@ -144,39 +147,68 @@ def _write_tokenizer(w: gguf.GGUFWriter, plan: Plan) -> None:
 
 
 def write_direct(plan: Plan, outtype: str, path: Path, name: str, on_tensor: Callable[[int, int], None] | None = None,
-                 types: TensorTypes = TensorTypes()) -> str:
+                 types: TensorTypes = TensorTypes(), split_max_size: int = 0) -> str | None:
     """Stream one direct outtype (f32/f16/bf16/q8_0) to ``path``, each tensor in the type ``types`` chooses for it
-    (plan.tensor_outtype); returns the file's sha256, computed by a thread that reads behind the writer."""
+    (plan.tensor_outtype); returns the file's sha256, computed by a thread that reads behind the writer. With
+    ``split_max_size`` (bytes of tensor data per file) gguf-py's writer splits it into llama.cpp's named parts
+    beside ``path`` (returns None: the manifest hashes the parts), or writes ``path`` alone when it fits in one."""
     has_output = any(t.gguf_name == OUTPUT for t in plan.tensors)
     each = [tensor_outtype(t, outtype, types, has_output) for t in plan.tensors]
-    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(CONVERTIBLE[plan.arch_name])])
+    w = gguf.GGUFWriter(path=None, arch=gguf.MODEL_ARCH_NAMES[gguf_arch(CONVERTIBLE[plan.arch_name])],
+                        split_max_size=split_max_size)
     _write_metadata(w, plan, outtype, name)
     for t, kind in zip(plan.tensors, each):
         shape, dtype, nbytes, qtype = _encoded_info(t.shape, kind)
         w.add_tensor_info(t.gguf_name, shape, dtype, nbytes, raw_dtype=qtype)
     w.write_header_to_file(path)
-    hasher = FollowingHasher(path)
+    hasher = FollowingHasher(path) if len(w.fout) == 1 else None
     try:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, (t, kind) in enumerate(zip(plan.tensors, each)):
             w.write_tensor_data(encode(source_data(plan, t), kind)[0])
-            w.fout[0].flush()  # let the hasher follow
+            w.flush()  # let the hasher follow
             if on_tensor:
                 on_tensor(i + 1, len(plan.tensors))
     finally:
         w.close()
-        digest = hasher.finish()
+        digest = hasher.finish() if hasher else None
     return digest
 
 
+def split_file(single: Path, path: Path, split_max_size: int) -> None:
+    """Rewrite the GGUF ``single`` as llama.cpp's split parts beside ``path`` (its name the parts' stem), at most
+    ``split_max_size`` bytes of tensor data each: every key but the split keys, and every tensor's bytes as they
+    are (what llama.cpp's gguf-split does; llama.cpp's quantize can only keep its input's splits, and an F16
+    input's would leave a 4-bit file's parts a quarter of the size asked for)."""
+    reader = gguf.GGUFReader(single)
+    w = gguf.GGUFWriter(path=None, arch=reader.fields["general.architecture"].contents(), split_max_size=split_max_size)
+    for key, f in reader.fields.items():
+        if key.startswith(("GGUF.", "split.")) or key == "general.architecture":
+            continue
+        if key == "general.alignment":
+            w.add_custom_alignment(f.contents())
+            continue
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if f.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        w.add_tensor_info(t.name, t.data.shape, t.data.dtype, int(t.n_bytes), raw_dtype=gguf.GGMLQuantizationType(t.tensor_type))
+    w.write_header_to_file(path)
+    try:
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for t in reader.tensors:
+            w.write_tensor_data(t.data)
+    finally:
+        w.close()
+
+
 def read_back(plan: Plan, path: Path) -> dict:
-    """The written file decoded by gguf-py against the source (convert/gguf_readback.py); a file that does not
-    hold what was meant is an artifact failure, raised before it is renamed into place."""
+    """The written file (or split set: its folder) decoded by gguf-py against the source (convert/gguf_readback.py);
+    a file that does not hold what was meant is an artifact failure, raised before it is renamed into place."""
     from functools import partial
 
     try:
-        read = read_back_gguf(path, {t.gguf_name: partial(source_data, plan, t) for t in plan.tensors}).as_dict()
+        read = read_back_gguf(gguf_parts(path), {t.gguf_name: partial(source_data, plan, t) for t in plan.tensors}).as_dict()
     except GgufReadBackError as exc:
         raise ArtifactFailed(f"read-back of {path.name}: {exc}") from None
     if read["failures"]:
@@ -195,13 +227,14 @@ def _base_type(label: str) -> gguf.GGMLQuantizationType:
 def quant_census(path: Path, label: str) -> dict:
     """What a GGUF really holds, read back from the file: bits per weight over all tensors, how many tensors
     of each type, and the matrices llama.cpp stored in another type because their rows are not a multiple of
-    the file type's block (K-quants: 256), so a "Q4_K_M" file is not silently 6 bits per weight."""
+    the file type's block (K-quants: 256), so a "Q4_K_M" file is not silently 6 bits per weight. ``path``: a file
+    or a split set (every part counted)."""
     base = _base_type(label)
     block = gguf.GGML_QUANT_SIZES[base][0]
     elements = size = 0
     types: dict[str, int] = {}
     fallbacks = []
-    for t in gguf.GGUFReader(path).tensors:
+    for t in (t for part in gguf_parts(path) for t in gguf.GGUFReader(part).tensors):
         elements, size = elements + int(t.n_elements), size + int(t.n_bytes)
         types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
         row = int(t.shape[0])  # gguf-py lists dimensions innermost first: the row length

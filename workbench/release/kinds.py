@@ -42,7 +42,7 @@ class StageKind:
     quality_lines: Callable[[Stage, dict], list[str]] | None = None  # the card's quality section
     report: bool = False  # its output is a verification report of another stage's artifact, not an artifact
     reads_sources: tuple[str, ...] = ()  # source folders it reads whatever its needs ("base", "adapter")
-    sidecar_manifest: bool = False  # a single file, its manifest written beside it
+    gguf_card: bool = False  # a GGUF: described in the one card of the release's GGUF folder, not a card of its own
     compared_with_source: bool = False  # verify compares its artifact with the artifact it was made from
     gpus: Callable[[Stage], int] = lambda stage: 0  # what its job asks a scheduler for (release --plan)
 
@@ -176,8 +176,9 @@ def _run_gguf(release, stage, key, event, progress) -> None:
     o = stage.options
     data = o.get("imatrix")
     types = TensorTypes.from_dict(o.get("tensor_types") or {})
-    options = GgufOptions((o["outtype"],), stage.output, True, None, replace(DEFAULT_CALIBRATION, data=data) if data else None,
-                          o.get("accept_tokenizer_difference", False), types)
+    out = stage.output.with_name(stage.output.name + ".gguf") if o.get("split_max_size") else stage.output  # split: a folder
+    options = GgufOptions((o["outtype"],), out, True, None, replace(DEFAULT_CALIBRATION, data=data) if data else None,
+                          o.get("accept_tokenizer_difference", False), types, o.get("split_max_size", 0))
     convert_gguf(input_path(release, stage.needs[0]), options, progress, event, _record(release, stage, key))
 
 
@@ -278,6 +279,6 @@ KINDS: dict[str, StageKind] = {k.name: k for k in (
     # the Hub's relation for GGUF conversions is "quantized"
     StageKind("gguf", _run_gguf, _gguf_extras, _gguf_estimate, made=lambda r, source: f"Converted to GGUF from `{source}`",
               card_meta=lambda stage: {"base_model_relation": "quantized", "library_name": "gguf"},
-              quality_lines=_gguf_quality, sidecar_manifest=True, compared_with_source=True),
+              quality_lines=_gguf_quality, gguf_card=True, compared_with_source=True),
     StageKind("verify", _run_verify, _verify_extras, _verify_estimate, report=True, gpus=_verify_gpus),
 )}

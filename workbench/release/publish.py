@@ -15,6 +15,7 @@ import yaml
 
 from .. import __version__
 from ..checkpoint import replace_file, sha256_file
+from ..gguffiles import gguf_parts
 from ..errors import INCOMPLETE
 from ..manifest import content_digest, last_step, manifest_path, now, read_manifest
 from ..engines import ENGINES, model_args
@@ -300,20 +301,27 @@ def _write_cards(release: Release, artifacts: dict) -> None:
     for stage in release.artifacts:
         if artifacts[stage.id]["status"] != "ok":
             continue
-        if KINDS[stage.kind].sidecar_manifest:  # a single file: one card for all of them, beside them
+        if KINDS[stage.kind].gguf_card:  # one card for all of them, beside them
             gguf_sections.append(_card(release, stage, artifacts, stage.output.name, stage.output.name).split("---\n", 2)[2])
             continue
         name = stage.output.name
         card = _card(release, stage, artifacts, name, name)
         replace_file(stage.output / CARD, card)
         _list_in_manifest(stage.output, stage.output / CARD)
-    ggufs = [s for s in release.artifacts if KINDS[s.kind].sidecar_manifest and artifacts[s.id]["status"] == "ok"]
+    ggufs = [s for s in release.artifacts if KINDS[s.kind].gguf_card and artifacts[s.id]["status"] == "ok"]
     if ggufs:
         meta = yaml.safe_dump({**_front_matter(release, ggufs[0]), "tags": ["workbench", "gguf"]}, sort_keys=False).strip()
         files = ["| file | type | size |", "|---|---|---|"] + [
-            f"| {s.output.name} | {s.options['outtype'].upper()} | {s.output.stat().st_size / 2**20:.1f} MiB |" for s in ggufs]
+            f"| {_gguf_name(s.output)} | {s.options['outtype'].upper()} | {sum(p.stat().st_size for p in gguf_parts(s.output)) / 2**20:.1f} MiB |"
+            for s in ggufs]
         text = "\n".join(["---", meta, "---", "", f"# {release.gguf_folder.name}", "", *files, "", *gguf_sections])
         replace_file(release.gguf_folder / CARD, text)
+
+
+def _gguf_name(output: Path) -> str:
+    """A GGUF's name in the card: the file, or a split set's folder with its first part, which llama.cpp loads."""
+    parts = gguf_parts(output)
+    return output.name if len(parts) == 1 and parts[0] == output else f"{output.name}/{parts[0].name} ({len(parts)} parts)"
 
 
 def _list_in_manifest(folder: Path, card: Path) -> None:

@@ -39,8 +39,8 @@ TOP = {
 }
 ARTIFACT = {"from": (str,), "merge": (dict,), "quantize": (dict,), "gguf": (str,), "imatrix": (str,), "require": (str,),
             "reason": (str,), "accept_tokenizer_difference": (bool,), "tensor_types": (dict,), "output_tensor_type": (str,),
-            "token_embedding_type": (str,)}
-GGUF_KEYS = ("imatrix", "accept_tokenizer_difference", "tensor_types", "output_tensor_type", "token_embedding_type")
+            "token_embedding_type": (str,), "split_max_size": (str, int)}
+GGUF_KEYS = ("imatrix", "accept_tokenizer_difference", "tensor_types", "output_tensor_type", "token_embedding_type", "split_max_size")
 # what an artifact must end as for the release to pass: served (an engine loaded it and every check passed),
 # served-native (served with the engine's own kernels, not the workbench's reference kernels for a format the
 # engine's CPU build cannot compute) or checked (built and quality-gated; the reason it is not served is stated)
@@ -84,14 +84,17 @@ class Release:
     store: Path | None = None  # release/store.py: where jobs on other machines put and find finished stages
 
     def stage(self, stage_id: str) -> Stage:
+        """The stage with id ``stage_id``."""
         return next(s for s in self.stages if s.id == stage_id)
 
     @property
     def artifacts(self) -> list[Stage]:
+        """The stages that build an artifact (every kind but verify), in dependency order."""
         return [s for s in self.stages if s.kind != "verify"]
 
     @property
     def gguf_folder(self) -> Path:
+        """The folder under ``output`` that holds the release's GGUF files and their model card: <name>-GGUF."""
         return self.output / f"{self.name}-GGUF"
 
 
@@ -283,7 +286,9 @@ def _gguf_stage(release: Release, artifact_id: str, spec: dict, source: str, her
     if outtype in gguf_types:
         raise BadInput(f"{at}: {outtype} is already built by {gguf_types[outtype]!r} (one file per type in {release.gguf_folder.name})")
     gguf_types[outtype] = artifact_id
-    path = release.gguf_folder / f"{release.name}-{OUTTYPES[outtype].label}.gguf"
+    split = parse_size(spec["split_max_size"]) if "split_max_size" in spec else 0
+    # a split set is a folder of parts (convert gguf --split-max-size)
+    path = release.gguf_folder / f"{release.name}-{OUTTYPES[outtype].label}{'' if split else '.gguf'}"
     imatrix = spec.get("imatrix")
     if imatrix and imatrix != "default":
         imatrix = str(_path(here, imatrix, f"{at}.imatrix"))
@@ -297,7 +302,7 @@ def _gguf_stage(release: Release, artifact_id: str, spec: dict, source: str, her
         ggml_type(name, at)
     options = {"outtype": outtype, **({"imatrix": imatrix} if imatrix else {}),
                **({"accept_tokenizer_difference": True} if spec.get("accept_tokenizer_difference") else {}),
-               **({"tensor_types": types.as_dict()} if types else {})}
+               **({"tensor_types": types.as_dict()} if types else {}), **({"split_max_size": split} if split else {})}
     return Stage(artifact_id, "gguf", (source,), options, path)
 
 

@@ -46,6 +46,8 @@ class Keys:
         self.pinned_engines = pinned_engines or {}
 
     def source_digest(self, which: str) -> str:
+        """The sha256 of the "base" or "adapter" folder, after its hub repository and commit for a hub snapshot; a
+        missing folder is a BadInput."""
         path = self.release.base if which == "base" else self.release.adapter
         if not path.is_dir():
             raise BadInput(f"{which} not found: {path}")
@@ -60,11 +62,13 @@ class Keys:
         return {which: self.source_digest(which) for which in sorted(reads)}
 
     def engine(self, name: str) -> str | None:
+        """The installed version of engine ``name``, asked of its Python once and then kept; None when it cannot say."""
         if name not in self._engines:
             self._engines[name] = engine_version(ENGINES[name], engine_python(ENGINES[name]))
         return self._engines[name]
 
     def engine_of(self, stage: Stage) -> str | None:
+        """The engine version of a verify stage: the one its job recorded when pinned (gathering), else ``engine``'s."""
         name = stage.options["engine"]
         if stage.id in self.pinned_engines:
             self._engines.setdefault(name, self.pinned_engines[stage.id])
@@ -73,9 +77,12 @@ class Keys:
 
     @property
     def engine_versions(self) -> dict[str, str | None]:
+        """The engine versions asked or pinned so far, by engine name (the release index records them)."""
         return dict(self._engines)
 
     def input_digest(self, artifact_id: str) -> str | None:
+        """The content digest of a stage input: a source folder's (SOURCE, UNMERGED) or a built artifact's; None
+        while the artifact is not built."""
         if artifact_id == SOURCE:
             return self.source_digest("base")
         if artifact_id == UNMERGED:
@@ -146,5 +153,6 @@ def recorded_key(stage: Stage) -> tuple[str | None, str | None]:
 
 
 def outputs(stage: Stage) -> list[Path]:
-    """What a stage writes, in the order it makes them whole (a .gguf's sidecar manifest, then the file)."""
-    return [manifest_path(stage.output), stage.output] if KINDS[stage.kind].sidecar_manifest else [stage.output]
+    """What a stage writes, in the order it makes them whole (a .gguf's sidecar manifest, then the file; a folder,
+    a split GGUF's too, holds its manifest)."""
+    return [manifest_path(stage.output), stage.output] if stage.output.suffix == ".gguf" else [stage.output]

@@ -27,6 +27,7 @@ from ..safety import (check_no_remote_code_flag, claim, inside, owned, remote_co
                       usable_output_folder)
 from ..errors import BadInput, EnvironmentProblem, as_out_of_memory, check_fits
 from ..families import check_handled
+from ..gguffiles import gguf_entry, is_gguf_set
 from ..guard import set_parent_death_signal
 from ..hub import output_stem
 from ..manifest import content_digest, folder_digest, last_step, now
@@ -88,6 +89,7 @@ class ReferenceChoice:
 
     @property
     def by(self) -> str | None:
+        """What computes the reference, as the report names it (peft with an adapter, else transformers); None: none."""
         return None if self.model is None else "peft: base + adapter" if self.adapter else "transformers"
 
 
@@ -190,9 +192,11 @@ def _check_inputs(artifact: Path, o: VerifyOptions) -> _Checked:
     _check_engine_options(spec, o.pp, o.dp, o.adapters)
     _check_nodes(spec, o.nodes, [Layout(tp, o.pp, o.dp) for tp in o.tps])
     check_no_remote_code_flag(o.extra_args, "--extra-arg")
-    artifact = Path(artifact).absolute()
+    given = artifact = Path(artifact).absolute()
+    if spec.artifact == "gguf" and is_gguf_set(artifact):
+        artifact = gguf_entry(artifact)  # a split set: its first part, as llama.cpp loads it (the digest covers all)
     config = _check_artifact(artifact, spec)
-    named = output_stem(artifact)  # a hub snapshot's reports go to the working folder, never into the cache
+    named = output_stem(given)  # a hub snapshot's reports go to the working folder, never into the cache
     report_dir = Path(o.report_dir or named.parent / f"{named.name}-verify" / o.engine).absolute()
     usable_output_folder(report_dir, "report folder")
     kind = artifact_kind(artifact, spec, config)
@@ -754,7 +758,7 @@ def preflight_only(path: Path, engine: str, tps: list[int], marlin: bool = True,
     spec = ENGINES[engine]
     path = Path(path).absolute()
     if spec.artifact == "gguf":
-        _check_artifact(path, spec)
+        _check_artifact(gguf_entry(path) if is_gguf_set(path) else path, spec)
         config = None
     else:
         file = path if path.is_file() else path / CONFIG_NAME
