@@ -54,7 +54,9 @@ def fixture_root() -> Path:
 def released(fixture_root, tmp_path_factory):
     """The example release (examples/fixture-release.yaml), uninterrupted, as CI runs it: (output root, index,
     seconds). Built once per run, by whichever test worker needs it first (the others wait for it and read
-    it): the tests about what it served read its reports instead of serving the same cells again."""
+    it): the tests about what it served read its reports instead of serving the same cells again. Read only:
+    at the end every file must be as built, so no test's outcome depends on what another test did to it (a
+    test that runs a release over it works on a copy)."""
     from releases import RELEASE_FILE, release_json
 
     folder = Path(os.environ.get(RUN_DIR) or tmp_path_factory.getbasetemp()) / "example-release"
@@ -65,9 +67,18 @@ def released(fixture_root, tmp_path_factory):
         if not done.exists():
             t0 = time.monotonic()
             index = release_json(RELEASE_FILE, "--out", folder / "out")
-            done.write_text(json.dumps({"index": index, "seconds": time.monotonic() - t0}))
+            done.write_text(json.dumps({"index": index, "seconds": time.monotonic() - t0, "files": _file_digests(folder / "out")}))
     built = json.loads(done.read_text())
-    return folder / "out", built["index"], built["seconds"]
+    yield folder / "out", built["index"], built["seconds"]
+    changed = sorted(set(built["files"].items()) ^ set(_file_digests(folder / "out").items()))
+    assert not changed, f"a test changed the shared example release: {changed[:4]}"
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by its path there."""
+    from workbench.checkpoint import sha256_file
+
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 # random MoE models with the fixture tokenizer (transformers 5 holds their experts as stacked 3-D parameters,

@@ -119,9 +119,15 @@ def test_the_command_line_starts_without_torch():
 
 def test_every_public_function_and_class_has_a_docstring():
     """A newcomer reads what each module offers from its docstrings: every top-level public function and class
-    says what it is."""
-    missing = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
-               for path in sorted(PACKAGE.rglob("*.py")) for node in ast.parse(path.read_text()).body
-               if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")
-               and not ast.get_docstring(node)]
+    says what it is, and so does every public method of a top-level class (private classes included)."""
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_") \
+                    and not ast.get_docstring(node):
+                missing.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+            if isinstance(node, ast.ClassDef):
+                missing += [f"{path.relative_to(ROOT)}:{m.lineno} {node.name}.{m.name}" for m in node.body
+                            if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("_")
+                            and not ast.get_docstring(m)]
     assert not missing, "\n".join(missing)

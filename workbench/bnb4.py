@@ -71,6 +71,7 @@ class Bnb4bit:
         return ["absmax", *nested, "quant_map", f"quant_state.bitsandbytes__{self.quant_type}"]
 
     def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
+        """What ``tensors`` writes for ``name`` of ``shape``, in the same order, sized before any layer is quantized."""
         numel = math.prod(shape)
         blocks = math.ceil(numel / self.blocksize)
         sizes = {
@@ -84,4 +85,6 @@ class Bnb4bit:
                 *(PlannedTensor(f"{name}.{s}", *sizes[s]) for s in self._suffixes())]
 
     def describe(self) -> str:
+        """The quantization in words, for logs and the merge manifest: e.g. "nf4 + double quantization (bitsandbytes,
+        block 64)"."""
         return f"{self.quant_type}{' + double quantization' if self.double_quant else ''} (bitsandbytes, block {self.blocksize})"

@@ -83,6 +83,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
+        """The size of the tensor's data in the file, in bytes."""
         return numel(self.shape) * _itemsize(self.dtype)
 
 
@@ -373,6 +374,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
+        """The size the tensor's data will take in the file, in bytes."""
         return numel(self.shape) * _itemsize(self.dtype)
 
 

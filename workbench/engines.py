@@ -446,9 +446,11 @@ class Layout:
 
     @property
     def ranks(self) -> int:
+        """The number of processes the layout takes: tp x pp x dp."""
         return self.tp * self.pp * self.dp
 
     def label(self) -> str:
+        """The layout as in logs and reports, e.g. "tp=2,pp=2": tp always, pp and dp only above 1."""
         return ",".join(f"{axis}={n}" for axis, n in (("tp", self.tp), ("pp", self.pp), ("dp", self.dp)) if n > 1 or axis == "tp")
 
 

@@ -36,6 +36,7 @@ class Expert(nn.Module):
         self.layout, self.act_fn = layout, act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """down(act(gate(x)) * up(x)) with the expert's own Linears, in their dtype."""
         gate, up, down = (getattr(self, n) for n in (self.layout.gate, self.layout.up, self.layout.down))
         return down(self.act_fn(gate(x)) * up(x))
 
@@ -50,6 +51,8 @@ class ExpertLinears(nn.ModuleList):
         super().__init__(Expert(layout, hidden, double_inter // 2, stacked.act_fn, dtype) for _ in range(experts))
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Each token's routed experts' outputs, scaled by their routing weights and summed into a tensor shaped
+        and typed as ``hidden_states``; only experts some token was routed to run."""
         out = torch.zeros_like(hidden_states)
         for e in top_k_index.unique().tolist():
             tokens, slot = torch.where(top_k_index == e)

@@ -52,6 +52,7 @@ class BaseQuant(Bnb4bit):
     block scales optional; lm_head and embeddings stay unquantized)."""
 
     def covers(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether QLoRA training quantized this tensor: a 2-D ".weight" inside a decoder layer."""
         return len(shape) == 2 and name.endswith(".weight") and LAYER_NAME.match(name) is not None
 
 
@@ -159,6 +160,7 @@ class MergePlan:
 
     @property
     def deltas(self) -> list[Delta]:
+        """The LoRA updates the merge adds, one per adapted module, in output order."""
         return [o.delta for o in self.outputs if o.delta is not None]
 
 

@@ -44,9 +44,11 @@ class VocabStats:
 
     @property
     def lse(self) -> torch.Tensor:
+        """Each position's log-sum-exp over the blocks folded in so far (the softmax's normalizer, in log)."""
         return self.max + torch.log(self.sum)
 
     def target_logprob(self) -> torch.Tensor:
+        """Each position's log-probability of its target id; NaN where it has none."""
         return self.target_logit - self.lse
 
 
@@ -60,6 +62,8 @@ class PairStats:
         self.max_diff = self.max_ref = 0.0
 
     def add(self, start: int, ref_logits: torch.Tensor, cand_logits: torch.Tensor) -> None:
+        """Fold in both models' logits [positions, block] of ids start.. (in float64): their VocabStats, the KL
+        sum rescaled to the reference's new running max, and the largest |logit| and |difference|."""
         a, b = ref_logits.double(), cand_logits.double()
         before = self.ref.add(start, a)
         self.cand.add(start, b)
@@ -69,6 +73,7 @@ class PairStats:
         self.max_ref = max(self.max_ref, float(a.abs().max()))
 
     def kl(self) -> torch.Tensor:
+        """KL(reference || candidate) per position, from the blocks folded in so far."""
         return self.weighted_diff / self.ref.sum - self.ref.lse + self.cand.lse
 
     def report(self) -> dict[str, float]:

@@ -158,6 +158,8 @@ class ReadBack:
         return out
 
     def as_dict(self) -> dict:
+        """The read-back as the report records it (``describe`` prints it): reader, limits, counts, the worst
+        judged reading against its rounding, the refusal and the failures."""
         judged = [m for m in self.modules if m.role != "module"]
         rounded = [m for m in judged if m.role in ("layer", "weight")]
         worst = max(judged, key=lambda m: m.error, default=None)
@@ -342,6 +344,7 @@ class Fp8BlockReader:
         self.exact = True  # a scale per block from its absolute maximum: round-to-nearest, nothing chosen
 
     def rounded(self, module: str, weight: torch.Tensor, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The source's ``weight`` rounded to nearest in FP8 with one scale per block of the config's size, decoded."""
         from compressed_tensors.quantization import QuantizationArgs
 
         args = QuantizationArgs(num_bits=8, type="float", strategy="block", block_structure=list(self.block), symmetric=True)
@@ -371,6 +374,8 @@ class Fp8BlockReader:
                                 f"{list(self.block)} over the weight's {tuple(weight.shape)} needs {want}")
 
     def activations(self, module: str, tensors: dict[str, torch.Tensor]) -> InputQuantization:
+        """Dynamic FP8 input quantization per token and group of the block's input width, by compressed-tensors;
+        a last group short of it is zero-padded, as vLLM's kernels do."""
         from compressed_tensors.quantization import QuantizationArgs, QuantizationStatus
         from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
@@ -405,6 +410,8 @@ class BitsAndBytesReader:
         return F.dequantize_4bit(packed, state)
 
     def weights(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Decoded float32 weights by module name, for each packed weight among ``tensors`` that has a quant state
+        (a refusal names the weight)."""
         import bitsandbytes.functional as F
 
         decoded = {}
@@ -422,6 +429,7 @@ class BitsAndBytesReader:
         return decoded
 
     def activations(self, module: str, tensors: dict[str, torch.Tensor]):
+        """None: bitsandbytes' 4-bit Linear leaves its inputs unquantized."""
         return None  # bitsandbytes' 4-bit Linear computes with float activations
 
 

@@ -135,6 +135,8 @@ class _Recorder(nn.Module):
             return getattr(self.__dict__["_layer"], name)
 
     def forward(self, hidden_states, *args, **kwargs):
+        """Record (hidden_states, keyword arguments) and pass ``hidden_states`` on; the last layer's recorder raises
+        _Recorded to stop the forward. Positional arguments beyond the hidden states are a BadInput."""
         if args:
             raise BadInput(f"{type(self._layer).__name__} is called with positional arguments; the layer runner needs keywords")
         self.sink.append((hidden_states, kwargs))
@@ -161,6 +163,8 @@ class Stream:
     cache: object = None
 
     def fork(self) -> "Stream":
+        """A second stream from here on (e.g. the candidate beside the reference): its own copy of the hidden states,
+        the same layer arguments and cache."""
         return Stream(self.hidden.clone(), self.layer_kwargs, self.cache)
 
 
@@ -367,9 +371,11 @@ class Estimate:
     seconds: float
 
     def describe(self) -> str:
+        """The estimate in words, e.g. "~3.2 GiB peak memory, ~40 s"."""
         return f"~{self.peak_bytes / 2**30:.1f} GiB peak memory, ~{self.duration()}"
 
     def duration(self) -> str:
+        """The estimated time in words: seconds under two minutes, else minutes."""
         return _duration(self.seconds)
 
 

@@ -38,6 +38,7 @@ class ImportanceMatrix:
     never_routed: int = 0
 
     def save(self, path: Path) -> None:
+        """Write ``values`` to an .npz, one array per GGUF tensor name, as the quantize script loads it."""
         np.savez(path, **self.values)
 
 
@@ -93,9 +94,11 @@ class _ColumnSquares:
         self.rows = 0
 
     def hook(self, _module, args) -> None:
+        """A forward pre-hook: add the squares of the Linear's input rows (float64, on the CPU) and count the rows."""
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         self.total.add_((x * x).sum(0).cpu())
         self.rows += x.shape[0]
 
     def mean(self) -> np.ndarray | None:
+        """Each column's mean square as float32; None when no row came (an expert no token was routed to)."""
         return (self.total / self.rows).float().numpy() if self.rows else None

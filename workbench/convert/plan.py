@@ -41,6 +41,7 @@ class Tensor:
 
     @property
     def read(self) -> bool:
+        """True when the values come from the checkpoint (an HF tensor or experts to stack), not from ``values``."""
         return bool(self.hf_name or self.experts)
 
 
@@ -58,6 +59,7 @@ class Plan:
 
     @property
     def warnings(self) -> list[str]:
+        """What the manifest records as warnings: the vocabulary's (a pre-tokenizer llama.cpp does not name)."""
         return self.vocab.warnings
 
 

@@ -24,6 +24,7 @@ class Codec:
         self.bnb = Bnb4bit(quant_type, double_quant)
 
     def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
+        """The packed codes and quant state bitsandbytes saves for the weight ``name`` (bnb4.py's layout)."""
         return self.bnb.planned(name, shape)
 
     def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -32,6 +33,8 @@ class Codec:
 
     @contextlib.contextmanager
     def emulated(self, layer: nn.Module, written: dict[str, torch.Tensor]):
+        """A context in which each written Linear of ``layer`` holds its dequantized weight (in the Linear's dtype);
+        yields how many were swapped, and puts the original weights back on leaving."""
         originals = {}
         for module_name, dequantized in written.items():
             module = layer.get_submodule(module_name)

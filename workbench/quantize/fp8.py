@@ -124,16 +124,19 @@ class EmulatedFP8Linear(nn.Module):
         self.act_scale = act_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T (+ bias) in float32 with the input and weight as FP8 holds them, returned in ``x``'s dtype."""
         y = self.quantized_input(x.float()) @ self.dequantized_weight().T
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(x.dtype)
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through FP8 and back to float32: per tensor, with the static input scale or else its own amax / 448."""
         scale = self.act_scale if self.act_scale is not None else (x.abs().amax() / FP8_MAX).clamp_min(1e-12)
         return (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8).float() * scale
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight the fp8 weight and its per-tensor scale stand for."""
         return self.weight_fp8.float().mul_(self.scale)  # in place: one float32 copy of the weight, not two
 
 
@@ -158,11 +161,14 @@ class Codec:
         self.calibrates = scheme == "static"
 
     def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
+        """The fp8 weight and its float32 scalar weight_scale, and input_scale when activations are static."""
         module = name.removesuffix(".weight")
         scales = ["weight_scale", "input_scale"] if self.calibrates else ["weight_scale"]
         return [PlannedTensor(name, FP8, shape), *(PlannedTensor(f"{module}.{s}", torch.float32, ()) for s in scales)]
 
     def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], "Quantized"]:
+        """The tensors ``planned`` lists for ``name``, from the weight and (static scheme) its input ``amax``, and
+        the Quantized record the emulation takes."""
         q, scale = quantize_weight(weight)  # the compute-dtype weight holds the checkpoint's values exactly
         act = input_scale(amax) if self.calibrates else None
         module = name.removesuffix(".weight")
@@ -170,9 +176,11 @@ class Codec:
         return tensors, Quantized(q, scale, act)
 
     def emulated(self, layer: nn.Module, written: dict[str, "Quantized"]):
+        """The module-level ``emulated``: the written layers as vLLM computes them, fused scales merged."""
         return emulated(layer, written)
 
     def quantization_config(self, ignored: list[str], compute_dtype: str) -> dict:
+        """vLLM's fp8 config: the activation scheme (static or dynamic) and the unquantized layers as ignored_layers."""
         return {"quant_method": "fp8", "activation_scheme": self.scheme, "ignored_layers": ignored}
 
 

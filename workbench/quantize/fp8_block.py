@@ -68,9 +68,11 @@ class EmulatedBlockFP8Linear(EmulatedFP8Linear):
     in float32."""
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` through FP8 per token and group of 128 input channels, back in float32."""
         return quantize_activation(x)
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The float32 weight: each 128x128 block of the fp8 weight times its scale."""
         return dequantize_weight(self.weight_fp8, self.scale)
 
 
@@ -82,14 +84,18 @@ class Codec:
     writes_experts = True  # per expert, each with its own blocks
 
     def planned(self, name: str, shape: tuple[int, ...]) -> list[PlannedTensor]:
+        """The fp8 weight and its float32 weight_scale_inv, one scale per 128x128 block."""
         scales = PlannedTensor(name.removesuffix(".weight") + ".weight_scale_inv", torch.float32, scale_shape(shape))
         return [PlannedTensor(name, FP8, shape), scales]
 
     def quantize(self, name: str, weight: torch.Tensor, amax: float, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], Quantized]:
+        """The tensors ``planned`` lists for ``name`` and the Quantized record the emulation takes; ``amax`` is unused
+        (activations are scaled at run time)."""
         q, scale = quantize_weight(weight)
         return {name: q, name.removesuffix(".weight") + ".weight_scale_inv": scale}, Quantized(q, scale, None)
 
     def emulated(self, layer: nn.Module, written: dict[str, Quantized]):
+        """A context in which each written Linear of ``layer`` is an EmulatedBlockFP8Linear (nothing re-quantized)."""
         return swapped(layer, {name: partial(EmulatedBlockFP8Linear, q.weight, q.scale) for name, q in written.items()})
 
     def quantization_config(self, ignored: list[str], compute_dtype: str) -> dict:

@@ -38,6 +38,7 @@ class ConsoleObserver(Observer):
             click.echo(text, err=True)
 
     def stage_started(self, stage: Stage, number: int, total: int, reason: str) -> None:
+        """Print "[n/total] id (kind): reason" (not with ``quiet``) and give the stage a fresh spinner on a terminal."""
         self.label = f"[{number}/{total}] {stage.id} ({stage.kind})"
         if not self.quiet:
             self._line(f"{self.label}: {reason}")
@@ -47,21 +48,25 @@ class ConsoleObserver(Observer):
             self.task = self.live.add_task(self.label, total=None)
 
     def event(self, message: str) -> None:
+        """Show ``message`` beside the stage's spinner on a terminal, else as an indented line (not with ``quiet``)."""
         if self.live is not None and self.task is not None:
             self.live.update(self.task, description=f"{self.label}: {message}")
         elif not self.quiet:
             self._line(f"    {message}")
 
     def progress(self, done: int, total: int) -> None:
+        """Move the stage's bar to ``done`` of ``total``; on a terminal only."""
         if self.live is not None and self.task is not None:
             self.live.update(self.task, completed=done, total=total)
 
     def stage_finished(self, result: StageResult) -> None:
+        """One line, even with ``quiet``: the stage, its action, the seconds it ran, its error's first line."""
         took = f" in {result.seconds:.1f}s" if result.action in ("built", "failed", "incomplete") and result.seconds else ""
         error = f": {result.error.splitlines()[0]}" if result.error else ""
         self._line(f"{result.id}: {result.action}{took}{error}")
 
     def close(self) -> None:
+        """Stop the rich display, if any, handing the terminal back; the command line calls it when the run ends."""
         if self.live is not None:
             self.live.stop()
             self.live = None

@@ -31,13 +31,17 @@ from .store import Store
 class Observer:
     """What the command line shows; every method may be left as is."""
 
-    def stage_started(self, stage: Stage, number: int, total: int, reason: str) -> None: ...
+    def stage_started(self, stage: Stage, number: int, total: int, reason: str) -> None:
+        """A stage is settled next (``number`` of ``total`` selected); ``reason`` says whether and why it runs."""
 
-    def event(self, message: str) -> None: ...
+    def event(self, message: str) -> None:
+        """A running stage's step, as its verb reports it."""
 
-    def progress(self, done: int, total: int) -> None: ...
+    def progress(self, done: int, total: int) -> None:
+        """A running stage's long step has done ``done`` of its ``total`` units (layers, tensors, samples)."""
 
-    def stage_finished(self, result: "StageResult") -> None: ...
+    def stage_finished(self, result: "StageResult") -> None:
+        """A stage is settled: built, cached, fetched, failed, incomplete or blocked."""
 
 
 @dataclass

@@ -68,6 +68,7 @@ class EngineCommand:
 
     @property
     def url(self) -> str:
+        """The base URL of the engine's HTTP API (node 0's port, on the local host)."""
         return f"http://{HOST}:{self.port}"
 
     @property

@@ -83,6 +83,7 @@ class Server:
 
     @property
     def url(self) -> str:
+        """The base URL of the engine's HTTP API, as its command chose the port."""
         return self.command.url
 
     def identity(self) -> tuple:
@@ -100,6 +101,7 @@ class Server:
         self._signal_engine(signal.SIGSTOP)
 
     def resume(self) -> None:
+        """Continue the engine's processes after ``pause`` (SIGCONT); harmless on a running engine."""
         self._signal_engine(signal.SIGCONT)
 
     def _signal_engine(self, sig: int) -> None:
@@ -108,6 +110,7 @@ class Server:
                 signal_session(guard.pid, sig, spare=guard.pid)  # the guard leads its session: sid == its pid
 
     def log_size(self) -> int:
+        """The engine log's size in bytes now (0 if unreadable): where a run's own errors start in it."""
         try:
             return self.log_path.stat().st_size
         except OSError:
@@ -176,6 +179,7 @@ class Server:
         self.ready_offset = self.log_path.stat().st_size
 
     def node_log(self, rank: int) -> Path:
+        """The log of node ``rank`` (1..) of a multi-node server, beside node 0's: <stem>-node<rank><suffix>."""
         return self.log_path.with_name(f"{self.log_path.stem}-node{rank}{self.log_path.suffix}")
 
     def _start_ray_cluster(self, env: dict[str, str]) -> str:
@@ -225,6 +229,7 @@ class Server:
             return None
 
     def log_tail(self, lines: int = 20) -> str:
+        """The last ``lines`` lines of the engine's log, for an error message."""
         return _tail(self.log_path, lines)
 
     def stop(self, grace: float = 15.0) -> None:
@@ -242,10 +247,12 @@ class Server:
         self._socket_dir = self._plugin_dir = None
 
     def get(self, path: str, timeout: float = 30.0) -> dict:
+        """The engine's JSON reply to a GET of ``path``; an HTTP error raises urllib's HTTPError."""
         with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
             return json.loads(r.read())
 
     def post(self, path: str, body: dict, timeout: float = 120.0) -> dict:
+        """The engine's JSON reply to ``body`` POSTed as JSON to ``path``; an HTTP error raises urllib's HTTPError."""
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return json.loads(r.read())

@@ -40,6 +40,7 @@ class Check:
     seconds: float = 0.0
 
     def as_dict(self) -> dict:
+        """The check as the report's JSON records it: its fields by name."""
         return asdict(self)
 
 
@@ -117,6 +118,7 @@ class Reference:
         return forced_reference(self.runner, blocks)
 
     def prompt_ids(self, prompt: str) -> list[int]:
+        """``prompt``'s token ids from the reference's tokenizer, with the special tokens it adds (e.g. BOS)."""
         return self.tok(prompt).input_ids
 
     def _generate(self, prompts: list[str]) -> list[tuple[list[int], list[float]]]:
@@ -208,6 +210,7 @@ class Client:
         self.base_url, self.model, self.extra, self.timeout = base_url, model, request_extra or {}, timeout
 
     def get(self, path: str) -> dict:
+        """The JSON reply to a GET of ``path``; an HTTP error raises urllib's HTTPError."""
         with urllib.request.urlopen(self.base_url + path, timeout=self.timeout) as r:
             return json.loads(r.read())
 
@@ -216,6 +219,8 @@ class Client:
         return urllib.request.Request(self.base_url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
 
     def post(self, path: str, body: dict) -> dict:
+        """The JSON reply to ``body`` (with the model and the extra request fields) at ``path``; an HTTP error
+        raises RuntimeError with its code and the start of its body."""
         try:
             with urllib.request.urlopen(self._request(path, body), timeout=self.timeout) as r:
                 return json.loads(r.read())
@@ -223,6 +228,7 @@ class Client:
             raise RuntimeError(f"HTTP {exc.code} from {path}: {exc.read().decode(errors='replace')[:300]}") from None
 
     def stream(self, path: str, body: dict) -> list[dict]:
+        """``body`` sent with ``stream: true``: the JSON chunks of the server-sent events, up to [DONE]."""
         chunks = []
         with urllib.request.urlopen(self._request(path, {**body, "stream": True}), timeout=self.timeout) as r:
             for raw in r:
@@ -255,6 +261,8 @@ class Probing:
     tokenize: object = None  # the engine's tokenize endpoint (engines.TokenizeEndpoint), for what it makes of a text
 
     def min_agreement(self) -> float:
+        """The token agreement with the reference a pass needs: the user's min_token_agreement gate, else the
+        default for the artifact's kind."""
         return self.gates.get("min_token_agreement", MIN_TOKEN_AGREEMENT[self.kind])
 
 
