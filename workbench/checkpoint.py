@@ -20,37 +20,49 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import BadInput
 from .options import CONFIG_DTYPE_NAMES
 from .safety import check_remote_code, folder_file
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "config.json"
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MANIFEST_NAME = "workbench.json"
 
-# safetensors dtype codes <-> torch dtypes.
-DTYPE_CODES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# safetensors dtype codes: (torch's name for the dtype, bytes per element). Headers are read from this table
+# alone, so describing a checkpoint (inspect, plans, estimates) does not import torch (~2 s); torch is imported
+# where tensors are.
+DTYPE_TABLE: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1), "I64": ("int64", 8), "I32": ("int32", 4),
+    "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1), "BOOL": ("bool", 1),
 }
-DTYPE_NAMES = {v: k for k, v in DTYPE_CODES.items()}
+FLOAT_CODES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
-# Names the config's "dtype" field uses.
-CONFIG_DTYPES = dict(zip(CONFIG_DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32)))
+
+def torch_dtype(code: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype code."""
+    import torch
+
+    return getattr(torch, DTYPE_TABLE[code][0])
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    """The safetensors dtype code of a torch dtype."""
+    name = str(dtype).removeprefix("torch.")
+    return next(code for code, (torch_name, _) in DTYPE_TABLE.items() if torch_name == name)
+
+
+def config_dtypes() -> dict[str, torch.dtype]:
+    """The torch dtype of each name the config's "dtype" field uses."""
+    import torch
+
+    return {name: getattr(torch, name) for name in CONFIG_DTYPE_NAMES}
 
 # Files that make up a tokenizer; they travel together, never mixed from two folders.
 TOKENIZER_FILES = (
@@ -76,15 +88,20 @@ _NOT_SIDE_FILES = {CONFIG_NAME, MANIFEST_NAME, "adapter_config.json"}
 class TensorInfo:
     """One tensor of a safetensors file as its header describes it: name, dtype, shape, and where its bytes lie."""
     name: str
-    dtype: torch.dtype
+    code: str  # the safetensors dtype code (DTYPE_TABLE)
     shape: tuple[int, ...]
     file: Path
     offset: int  # absolute byte offset of the data in the file
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The tensor's torch dtype (imports torch)."""
+        return torch_dtype(self.code)
+
+    @property
     def nbytes(self) -> int:
         """The size of the tensor's data in the file, in bytes."""
-        return numel(self.shape) * _itemsize(self.dtype)
+        return numel(self.shape) * DTYPE_TABLE[self.code][1]
 
 
 def numel(shape: tuple[int, ...]) -> int:
@@ -93,10 +110,6 @@ def numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
 
 
 class TensorStore:
@@ -136,6 +149,8 @@ class TensorStore:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor, whole, read into its own memory (not a mapping of the file); NaN/Inf refused."""
+        import torch
+
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
@@ -148,6 +163,8 @@ class TensorStore:
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` of a tensor (its first dimension), reading only their bytes."""
+        import torch
+
         info = self.tensors[name]
         row_bytes = info.nbytes // max(info.shape[0], 1)
         stop = min(stop, info.shape[0])
@@ -161,6 +178,8 @@ class TensorStore:
 
     def take(self, name: str, indices: list[int]) -> torch.Tensor:
         """The given rows of a tensor, in the given order, reading only those rows (an embedding lookup)."""
+        import torch
+
         info = self.tensors[name]
         row_bytes = info.nbytes // max(info.shape[0], 1)
         out = torch.empty((len(indices), *info.shape[1:]), dtype=info.dtype)
@@ -176,7 +195,7 @@ class TensorStore:
 
 
 # float8 bit patterns that are NaN (e4m3fn: exponent and mantissa all ones) or NaN/Inf (e5m2: exponent all ones)
-_FP8_NON_FINITE = {torch.float8_e4m3fn: 0x7F, torch.float8_e5m2: 0x7C}
+_FP8_NON_FINITE = {"F8_E4M3": 0x7F, "F8_E5M2": 0x7C}
 
 
 FINITE_CHUNK = 1 << 22  # elements per NaN/Inf check
@@ -186,8 +205,10 @@ def _finite(info: TensorInfo, tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` as read, or a one-line refusal when it holds NaN or Inf: every verb would carry them into
     its output while its checks (which compare with the same input) stay quiet. Checked a chunk at a time:
     isfinite's temporaries on a whole 8B embedding are ~2.5 GiB, and a bool tensor's sum is taken in int64."""
-    if tensor.dtype in _FP8_NON_FINITE:
-        mask = _FP8_NON_FINITE[tensor.dtype]
+    import torch
+
+    if info.code in _FP8_NON_FINITE:
+        mask = _FP8_NON_FINITE[info.code]
         def non_finite(chunk):
             return (chunk.view(torch.uint8) & mask) == mask
     elif tensor.is_floating_point():
@@ -220,16 +241,17 @@ def _read_header(file: Path) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = DTYPE_CODES[meta["dtype"]]
+            code = meta["dtype"]
+            itemsize = DTYPE_TABLE[code][1]
             shape = tuple(int(d) for d in meta["shape"])
             start, stop = (int(x) for x in meta["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise BadInput(f"corrupt safetensors file {file}: bad entry for tensor {name}") from None
-        if stop - start != numel(shape) * _itemsize(dtype) or start < 0:
+        if stop - start != numel(shape) * itemsize or start < 0:
             raise BadInput(f"corrupt safetensors file {file}: tensor {name} has the wrong byte length")
         if base + stop > size:
             raise BadInput(f"truncated safetensors file {file}: tensor {name} ends past the end of the file")
-        entries.append(TensorInfo(name, dtype, shape, file, base + start))
+        entries.append(TensorInfo(name, code, shape, file, base + start))
     entries.sort(key=lambda e: e.offset)
     return entries
 
@@ -283,11 +305,16 @@ class Checkpoint:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype most weight bytes are stored in (what "same as the base" means)."""
-        by_dtype: dict[torch.dtype, int] = {}
+        return torch_dtype(self.dtype_code)
+
+    @property
+    def dtype_code(self) -> str:
+        """The safetensors code of ``dtype``, read from the headers alone."""
+        by_code: dict[str, int] = {}
         for info in self.store.tensors.values():
-            if info.dtype.is_floating_point:
-                by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
-        return max(by_dtype, key=by_dtype.get) if by_dtype else torch.float32
+            if info.code in FLOAT_CODES:
+                by_code[info.code] = by_code.get(info.code, 0) + info.nbytes
+        return max(by_code, key=by_code.get) if by_code else "F32"
 
     @property
     def largest_file_bytes(self) -> int:
@@ -375,7 +402,7 @@ class PlannedTensor:
     @property
     def nbytes(self) -> int:
         """The size the tensor's data will take in the file, in bytes."""
-        return numel(self.shape) * _itemsize(self.dtype)
+        return numel(self.shape) * self.dtype.itemsize
 
 
 def plan_shards(tensors: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -422,6 +449,8 @@ class StreamedWriter:
 
     def write_parts(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], parts) -> None:
         """Write one planned tensor from ``parts``, consecutive blocks of rows (never the whole at once)."""
+        import torch
+
         shard, planned = self._order[self._next]
         if name != planned.name or dtype != planned.dtype or shape != planned.shape:
             raise RuntimeError(f"writer got {name} {dtype} {shape}, planned {planned.name} {planned.dtype} {planned.shape}")
@@ -453,7 +482,7 @@ class StreamedWriter:
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for t in self.shards[shard]:
-            header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            header[t.name] = {"dtype": dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
             offset += t.nbytes
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)

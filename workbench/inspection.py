@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import MANIFEST_NAME, Checkpoint, numel, sha256_file
+from .checkpoint import DTYPE_TABLE, MANIFEST_NAME, Checkpoint, numel, sha256_file
 from .errors import ArtifactFailed, BadInput
 from .gguffiles import gguf_parts, is_gguf_set
 from .manifest import content_digest, manifest_path, read_manifest
@@ -74,7 +74,7 @@ def _folder(path: Path, tps: list[int]) -> dict:
     return {
         "path": str(path.absolute()), "kind": "folder",
         "architecture": (config.get("architectures") or ["?"])[0],
-        "dtype": str(ckpt.dtype).removeprefix("torch."),
+        "dtype": DTYPE_TABLE[ckpt.dtype_code][0],  # from the headers: describing a folder imports no torch
         "parameters": sum(numel(t.shape) for t in ckpt.store.tensors.values()),
         "size_bytes": sum(p.stat().st_size for p in path.iterdir() if p.is_file()),
         "shards": len(ckpt.weight_files),

@@ -16,11 +16,11 @@ import torch
 from .checkpoint import (
     LAYER_NAME,
     CHAT_TEMPLATE_FILES,
-    CONFIG_DTYPES,
     GENERATION_CONFIG,
     TOKENIZER_FILES,
     Checkpoint,
     TensorStore,
+    config_dtypes,
     read_json,
     side_files,
 )
@@ -248,7 +248,7 @@ def plan_merge(base_dir: Path, adapter_dir: Path, dtype: str = "auto", base_quan
         config["vocab_size"] = new_vocab
 
     out_dtype = base.dtype if dtype == "auto" else DTYPES[dtype]
-    dtype_name = next(k for k, v in CONFIG_DTYPES.items() if v == out_dtype)
+    dtype_name = next(k for k, v in config_dtypes().items() if v == out_dtype)
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = dtype_name
 
     named = cfg.get("base_model_name_or_path")
