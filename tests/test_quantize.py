@@ -81,9 +81,10 @@ def test_calibration_and_evaluation_start_with_bos_when_the_tokenizer_adds_one(l
 
 
 def test_input_scales_are_calibration_amax_over_448(llama, fp8_static):
-    """Recomputed independently: the largest |input| of each layer over the recipe's calibration samples."""
+    """Recomputed independently: the largest |input| of each layer over the recipe's calibration samples, the model
+    run by transformers in its checkpoint's bfloat16, as engines run it (and the quantizer's walk)."""
     recipe = load("fp8", None)
-    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.bfloat16).eval()
     samples = calibration_samples(AutoTokenizer.from_pretrained(llama), recipe.calibration)
     seen = {}
     hooks = [m.register_forward_hook(lambda mod, args, out, n=n: seen.__setitem__(n, max(seen.get(n, 0.0), float(args[0].abs().max()))))
@@ -123,6 +124,15 @@ def test_emulation_equals_torchs_fp8_gemm_on_the_tensors_as_vllm_loads_them(fp8_
         emulation = torch.cat([getattr(attn, p)(x) for p in ("q_proj", "k_proj", "v_proj")], dim=1)
     assert attn.k_proj is original_k  # put back on exit
     assert torch.allclose(emulation, gemm, rtol=1e-5, atol=1e-4), float((emulation - gemm).abs().max())
+    # a bfloat16 input (the fixture's dtype): the product on the codes in bfloat16, rounded to bfloat16 before the
+    # scales and after them, each rounding within 2^-8 relative: within 2^-7 of the float32 GEMM on the same input
+    x16 = x.bfloat16()
+    with fp8.emulated(layer, written):
+        emulation16 = torch.cat([getattr(attn, p)(x16) for p in ("q_proj", "k_proj", "v_proj")], dim=1)
+    gemm16 = torch._scaled_mm((x16.float() / in_scale).clamp(-448, 448).to(torch.float8_e4m3fn), fused.t(),
+                              scale_a=in_scale, scale_b=w_scale, out_dtype=torch.float32)
+    assert emulation16.dtype == torch.bfloat16
+    assert bool(((emulation16.float() - gemm16).abs() <= 2**-7 * gemm16.abs() + 1e-6).all())
     own_scales = torch.cat([torch._scaled_mm(
         (x / got[n + ".input_scale"]).clamp(-448, 448).to(torch.float8_e4m3fn), got[n + ".weight"].t(),
         scale_a=got[n + ".input_scale"], scale_b=got[n + ".weight_scale"], out_dtype=torch.float32) for n in shards], dim=1)

@@ -70,10 +70,11 @@ def test_statistics_by_vocabulary_block_equal_those_of_the_whole_logits():
     for start in range(0, 1000, 77):
         stats.add(start, ref.view(60, -1)[:, start:start + 77], cand.view(60, -1)[:, start:start + 77])
     got, whole = stats.report(), compare_logits(ref, cand)
+    # a block's sums are taken in float32 (quality.VocabStats), the running ones in float64
     for key in ("mean_kl", "top1_agreement", "max_rel_error"):
-        assert got[key] == pytest.approx(whole[key], rel=1e-9), key
+        assert got[key] == pytest.approx(whole[key], rel=1e-6), key
     log_p = torch.log_softmax(ref.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None])
-    assert got["ppl_source"] == pytest.approx(float(torch.exp(-log_p.mean())), rel=1e-9)
+    assert got["ppl_source"] == pytest.approx(float(torch.exp(-log_p.mean())), rel=1e-6)
 
 
 def _peak_rss_of_quantize(model: Path, out: Path, method: str) -> int:

@@ -34,6 +34,13 @@ from .lora import PEFT_PREFIX, adapter_weights
 from .safety import remote_code_trusted
 
 COMPUTE_DTYPE = torch.float32
+
+
+def serving_dtype(checkpoint) -> torch.dtype:
+    """The dtype to run a model in to see what an engine computes with it: bfloat16 for a bfloat16 checkpoint
+    (engines keep its activations in bfloat16; matmuls at bfloat16's speed, layers at half float32's memory),
+    else float32 (float16's range is not safe for every model's activations on the CPU)."""
+    return torch.bfloat16 if checkpoint.dtype == torch.bfloat16 else COMPUTE_DTYPE
 HEAD_ROWS = 4096  # lm_head rows per block
 STREAM_BATCH = 4  # sequences that go through a layer together
 READ_BYTES_PER_SECOND = 1.0e9  # a walk's checkpoint reads (page cache or local NVMe), for the time estimate

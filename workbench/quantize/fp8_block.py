@@ -67,6 +67,8 @@ class EmulatedBlockFP8Linear(EmulatedFP8Linear):
     """What a GPU computes for one block-FP8 layer: FP8 activations per token group times FP8 block weights,
     in float32."""
 
+    scales_per_tensor = False  # a scale per block: the product is taken on dequantized values
+
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` through FP8 per token and group of 128 input channels, back in float32."""
         return quantize_activation(x)
