@@ -535,8 +535,11 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     each decoded module's output, to name the module when the layer is off. The decoded layer's routers give
     the source's routing, so that each expert is compared on the tokens the source sent it. ``streams`` move
     on with the source's output."""
-    local, tensors, decoded, modules = _layer_read(runner, index, layer, checkpoint, reader)
-    layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in decoded}, {}
+    local, tensors, modules = _layer_read(runner, index, layer, checkpoint, reader, keep=False)
+    # each module's decoded or rounded weight exists only while that module runs (a pre-hook makes it): the
+    # whole decoded layer in float32 beside the source's was the read-back's peak (+0.9 GB at the 8B width)
+    decoded = {m: partial(_decoded_weight, reader, m, tensors) for m in modules}
+    layer_sums, module_sums, clipped = [0.0] * 3, {m: [0.0] * 3 for m in modules}, {}
     rounding_sums, gap_sums = [0.0] * 3, [0.0] * 3
     kv_scales = {n: tensors[local[n]] for n in local if n.endswith(("k_scale", "v_scale"))}  # by layer-local name
     kv_counts = {n: [0, 0] for n in kv_scales}
@@ -561,9 +564,7 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
             for e, g in zip(expected.outputs.get(name, []), got.outputs.get(name, []), strict=True):
                 _add(module_sums[module], _sums(e, g))
         runs.append((s.fork(), hidden, update, candidate.hidden, routing.outputs))
-    # the rounded layer after the decoded one is gone: one extra copy of the layer in memory at a time
-    decoded.clear()
-    rounded = {m: reader.rounded(m, layer.get_submodule(name).weight, tensors) for m, name in modules.items()}
+    rounded = {m: partial(reader.rounded, m, layer.get_submodule(name).weight, tensors) for m, name in modules.items()}
     for by_rounding, hidden, update, candidate_hidden, routing_outputs in runs:
         by_rounding.hidden = hidden
         with _decoded_layer(layer, rounded, modules, local, tensors, reader, {}, own_tensors=False), \
@@ -586,17 +587,50 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     return readings + modules_read
 
 
-def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader) -> tuple[dict, dict, dict, dict]:
+def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader, keep: bool = True) -> tuple:
     """Decoder layer ``index`` of the artifact: (checkpoint name by layer-local name, its tensors by checkpoint
-    name, the reader's decoded weights by module's checkpoint name, each such module's layer-local name)."""
+    name, [with ``keep``: the reader's decoded weights by module's checkpoint name,] each such module's
+    layer-local name). Every module is decoded here, so that a refusal or a wrong shape is found before anything
+    runs; without ``keep`` one module's decoded weight at a time."""
     prefix = runner.layer_prefix(index) + "."
     local = {runner.module_name(n).removeprefix(prefix): n for n in checkpoint.store.tensors if n.startswith(prefix)}
     linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
     _check_owned(layer, local)
     tensors = _tensors(checkpoint, list(local.values()))
-    decoded = reader.weights({n: t for n, t in tensors.items() if _in_modules(runner, n, prefix, linears)})
-    modules = {module: runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix) for module in decoded}
-    return local, tensors, decoded, modules
+    decoded, modules = {}, {}
+    for group in _by_module(runner, prefix, linears, tensors).values():
+        for module, weight in reader.weights(group).items():
+            modules[module] = runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix)
+            _check_shape(layer, modules[module], weight, local, reader)
+            if keep:
+                decoded[module] = weight
+    return (local, tensors, decoded, modules) if keep else (local, tensors, modules)
+
+
+def _by_module(runner: LayerRunner, prefix: str, linears: set[str], tensors: dict) -> dict[str, dict]:
+    """The layer's tensors that belong to its Linear modules (weights and their quantization parameters,
+    bitsandbytes' dotted ``weight.quant_state...`` too), grouped by that module's layer-local name."""
+    groups: dict[str, dict] = {}
+    for name, tensor in tensors.items():
+        parts = runner.module_name(name).removeprefix(prefix).split(".")
+        owner = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in linears), None)
+        if owner is not None:
+            groups.setdefault(owner, {})[name] = tensor
+    return groups
+
+
+def _check_shape(layer, name: str, weight: torch.Tensor, local: dict, reader) -> None:
+    """A decoded weight must have its source module's shape."""
+    expected = tuple(layer.get_submodule(name).weight.shape)
+    if tuple(weight.shape) != expected:
+        raise ReaderRefused(f"{local.get(name + '.weight', name)}: {reader.name} reads shape {tuple(weight.shape)}, "
+                            f"the source's is {expected}")
+
+
+def _decoded_weight(reader, module: str, tensors: dict) -> torch.Tensor:
+    """``module``'s weight as the reader decodes it from the layer's ``tensors``."""
+    own = {n: t for n, t in tensors.items() if n.startswith(module + ".")}
+    return reader.weights(own)[module]
 
 
 def _check_owned(layer, local: dict[str, str]) -> None:
@@ -651,13 +685,6 @@ def _count_past_kv_scales(kv_scales: dict, counts: dict, attention: str, key: to
             counts[name][1] += x.numel()
 
 
-def _in_modules(runner: LayerRunner, name: str, prefix: str, modules: set[str]) -> bool:
-    """Whether checkpoint tensor ``name`` (a weight or one of its quantization params, which may be dotted
-    too: bitsandbytes' ``weight.quant_state...``) belongs to one of the layer-local ``modules``."""
-    parts = runner.module_name(name).removeprefix(prefix).split(".")
-    return any(".".join(parts[:i]) in modules for i in range(1, len(parts)))
-
-
 class _module_outputs:
     """While open, the outputs of each named submodule of ``layer``, one per call (a routed expert is called
     for the tokens routed to it, or not at all); with ``replay`` (outputs by name, as recorded), each call
@@ -685,12 +712,15 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
                    static: bool = False, own_tensors: bool = True):
     """``layer`` with the ``decoded`` weights, the reader's dynamic input quantization (static too, with
     ``static``), and the artifact's other parameters (norms, biases; with ``own_tensors``) in place of the
-    source's; the source's back on exit. ``clipped[module]`` counts [inputs past a static scale's range, inputs]."""
+    source's; the source's back on exit. A decoded weight given as a function is made by it each time its
+    module runs, and dropped after (_per_call). ``clipped[module]`` counts [inputs past a static scale's range,
+    inputs]."""
     saved, handles = [], []
     params = dict(layer.named_parameters())
-    replaced = {modules[m] + ".weight": w for m, w in decoded.items()}
+    replaced = {modules[m] + ".weight": w for m, w in decoded.items() if not callable(w)}
     if own_tensors:
-        replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced})
+        replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced
+                         and n.removesuffix(".weight") not in {modules[m] for m, w in decoded.items() if callable(w)}})
     try:
         for name, value in replaced.items():
             owner_name, _, attr = name.rpartition(".")
@@ -700,6 +730,9 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
                                     f"the source's is {tuple(params[name].shape)}")
             saved.append((owner, attr, getattr(owner, attr)))
             setattr(owner, attr, torch.nn.Parameter(value.to(params[name].dtype), requires_grad=False))
+        for m, make in decoded.items():
+            if callable(make):
+                handles += _per_call(layer.get_submodule(modules[m]), make)
         for module, name in modules.items():
             handles += _input_hooks(layer.get_submodule(name), reader.activations(module, tensors),
                                     clipped.setdefault(module, [0, 0]), static)
@@ -709,6 +742,19 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
             h.remove()
         for owner, attr, value in saved:
             setattr(owner, attr, value)
+
+
+def _per_call(module, make) -> list:
+    """Hooks that give ``module`` the weight ``make()`` returns for each call, and its own back after it."""
+    own = []
+
+    def swap_in(m, _args):
+        own.append(m.weight)
+        m.weight = torch.nn.Parameter(make().to(own[-1].dtype), requires_grad=False)
+
+    def swap_back(m, _args, _out):
+        m.weight = own.pop()
+    return [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_back)]
 
 
 def _input_hooks(module, quantization: InputQuantization | None, counts: list[int], static: bool = False) -> list:
