@@ -108,7 +108,8 @@ def manifest_path(artifact: Path) -> Path:
 
 def read_manifest(artifact: Path) -> dict | None:
     """The manifest of ``artifact`` (a folder, a single file or a split GGUF's part), or None when it has none,
-    it is not valid JSON, or (a part) its folder's manifest does not list that part."""
+    it is not valid JSON, or (a part) its folder's manifest does not list that part. A single file's sidecar
+    is its manifest whatever names it lists (the file may have been renamed with it)."""
     path = manifest_path(artifact)
     if not path.is_file():
         return None
@@ -116,8 +117,8 @@ def read_manifest(artifact: Path) -> dict | None:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-    if not artifact.is_dir() and artifact.name not in (manifest.get("files") or {}):
-        return None
+    if not artifact.is_dir() and SPLIT_NAME.match(artifact.name) and artifact.name not in (manifest.get("files") or {}):
+        return None  # the folder's manifest is another artifact's
     return manifest
 
 
