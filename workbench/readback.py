@@ -535,7 +535,7 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     each decoded module's output, to name the module when the layer is off. The decoded layer's routers give
     the source's routing, so that each expert is compared on the tokens the source sent it. ``streams`` move
     on with the source's output."""
-    local, tensors, modules = _layer_read(runner, index, layer, checkpoint, reader, keep=False)
+    local, tensors, _, modules = _layer_read(runner, index, layer, checkpoint, reader, keep=False)
     # each module's decoded or rounded weight exists only while that module runs (a pre-hook makes it): the
     # whole decoded layer in float32 beside the source's was the read-back's peak (+0.9 GB at the 8B width)
     decoded = {m: partial(_decoded_weight, reader, m, tensors) for m in modules}
@@ -587,9 +587,10 @@ def _one_layer(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, r
     return readings + modules_read
 
 
-def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader, keep: bool = True) -> tuple:
+def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, reader,
+                keep: bool = True) -> tuple[dict, dict, dict, dict]:
     """Decoder layer ``index`` of the artifact: (checkpoint name by layer-local name, its tensors by checkpoint
-    name, [with ``keep``: the reader's decoded weights by module's checkpoint name,] each such module's
+    name, the reader's decoded weights by module's checkpoint name (empty without ``keep``), each such module's
     layer-local name). Every module is decoded here, so that a refusal or a wrong shape is found before anything
     runs; without ``keep`` one module's decoded weight at a time."""
     prefix = runner.layer_prefix(index) + "."
@@ -604,7 +605,7 @@ def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, 
             _check_shape(layer, modules[module], weight, local, reader)
             if keep:
                 decoded[module] = weight
-    return (local, tensors, decoded, modules) if keep else (local, tensors, modules)
+    return local, tensors, decoded, modules
 
 
 def _by_module(runner: LayerRunner, prefix: str, linears: set[str], tensors: dict) -> dict[str, dict]:
@@ -718,9 +719,9 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
     saved, handles = [], []
     params = dict(layer.named_parameters())
     replaced = {modules[m] + ".weight": w for m, w in decoded.items() if not callable(w)}
+    made_per_call = {modules[m] + ".weight" for m, w in decoded.items() if callable(w)}
     if own_tensors:
-        replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced
-                         and n.removesuffix(".weight") not in {modules[m] for m, w in decoded.items() if callable(w)}})
+        replaced.update({n: tensors[local[n]].float() for n in params if n in local and n not in replaced.keys() | made_per_call})
     try:
         for name, value in replaced.items():
             owner_name, _, attr = name.rpartition(".")
