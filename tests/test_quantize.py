@@ -62,6 +62,7 @@ def test_fp8_static_writes_the_seed_format(llama, fp8_static, figures):
     assert (fp8_static / "tokenizer.json").exists()
     step = json.loads((fp8_static / "workbench.json").read_text())["steps"][-1]
     assert step["verb"] == "quantize" and step["status"] == "ok" and step["failed_gates"] == []
+    assert step["metrics"]["computed_in"] == "bfloat16"  # the fixture's dtype, as an engine runs it
     figures["quantize fp8-static llama fixture vs source (4096 held-out tokens)"] = {
         k: step["metrics"][k] for k in ("ppl_source", "ppl_quantized", "ppl_delta", "mean_kl", "top1_agreement")}
 

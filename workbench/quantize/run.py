@@ -99,6 +99,7 @@ def quantize(model_dir: Path, o: QuantizeOptions, on_event=lambda message: None,
             "options": _recipe_options(recipe),
             "versions": tool_versions(),
             "metrics": {"layers_quantized": len(targets), "ignored_layers": ignored, **quality,
+                        "computed_in": str(runner.dtype).removeprefix("torch."),  # the dtype the report's walks ran in
                         "phase_seconds": {k: round(v, 2) for k, v in phases.items()}},
             "gates": limits, "failed_gates": failed, "warnings": warnings,
             "status": "failed" if failed else "ok",
