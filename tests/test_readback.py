@@ -46,6 +46,45 @@ def test_vllm_fp8_is_described_to_compressed_tensors_as_per_tensor_float_quantiz
     assert fp8_as_compressed_tensors({**seed, "activation_scheme": "dynamic"})["config_groups"]["group_0"]["input_activations"]["dynamic"]
 
 
+@pytest.mark.parametrize("preset", ["FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W4A16", "W4A16_ASYM", "W8A8", "NVFP4A16", "MXFP4A16"])
+def test_the_reader_decodes_a_block_of_rows_at_a_time_exactly_as_the_whole(preset, tmp_path, monkeypatch):
+    """compressed-tensors' own compressor writes a 1000 x 512 weight in each format; decoded 128 rows at a time
+    (scales, packed zero points, block scales and weight_shape cut to the rows) it is bit for bit the weight
+    decoded whole, and so is the source rounded to nearest a block of rows at a time."""
+    import torch
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    import workbench.readback as readback
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.format = infer_module_format(torch.nn.Linear, scheme).value
+    weight = torch.randn(1024 if preset == "FP8_BLOCK" else 1000, 512, generator=torch.Generator().manual_seed(0)).bfloat16()
+    observer = readback._observer_class().load_from_registry("memoryless_minmax", base_name="weight",
+                                                             args=scheme.weights.model_copy(deep=True))
+    q = observer(weight.float()).get_qparams()
+    state = {"weight": weight, "weight_scale": q["scale"] if preset.startswith("NVFP4") else q["scale"].bfloat16(),
+             **({"weight_zero_point": q["zero_point"]} if not scheme.weights.symmetric else {}),
+             **({"weight_global_scale": q["global_scale"]} if q["global_scale"] is not None else {})}
+    tensors = {f"m.{k}": v for k, v in BaseCompressor.get_value_from_registry(scheme.format).compress(state, scheme).items()}
+    config = {"quant_method": "compressed-tensors", "format": scheme.format, "quantization_status": "compressed",
+              "ignore": [], "config_groups": {"group_0": json.loads(scheme.model_dump_json())}}
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": config}))
+    reader = readback.CompressedTensorsReader(tmp_path, config)
+    whole = reader.weights(dict(tensors))["m"]
+    calls = []
+    validate = reader._validate
+    monkeypatch.setattr(reader, "_validate", lambda module, own: calls.append(own) or validate(module, own))
+    monkeypatch.setattr(readback, "ROUNDING_BLOCK", 512 * 100)
+    in_rows = reader.weights(dict(tensors))["m"]
+    assert len(calls) == 8 and torch.equal(in_rows, whole), (len(calls), (in_rows - whole).abs().max())
+    assert (whole - weight.float()).abs().max() < 0.5 * weight.float().abs().max()  # a decoding, not noise
+    rounded_in_rows = readback._rounded_to_nearest(weight, scheme.weights)  # the same for the rounding reference
+    monkeypatch.setattr(readback, "ROUNDING_BLOCK", 2**30)
+    assert torch.equal(rounded_in_rows, readback._rounded_to_nearest(weight, scheme.weights))
+
+
 def test_a_quantization_config_over_unquantized_weights_is_not_read_back_as_passed(llama, blocks, copy_of):
     """Every module ignored by its config: the reader decodes nothing, and that is a failure, never a pass."""
     model = copy_of(llama, "claims-fp8")

@@ -34,6 +34,27 @@ def test_walk_equals_the_whole_model(llama, qwen2):
         assert torch.allclose(walked, whole, atol=1e-5, rtol=0), model_dir.name
 
 
+def test_linear_weights_held_in_bfloat16_compute_exactly_the_float32_walk(llama):
+    """A bf16 checkpoint's Linear weights held in bf16 and made float32 one module per call (the read-back's
+    source layer): the same hidden states bit for bit as the float32 layer, at half its memory."""
+    ids = torch.randint(0, 2000, (3, 40), generator=torch.Generator().manual_seed(2))
+    plain, narrow = LayerRunner(llama), LayerRunner(llama, linear_storage=torch.bfloat16)
+    assert plain.weights.checkpoint.dtype == torch.bfloat16
+    outputs = []
+    for runner in (plain, narrow):
+        streams = runner.streams(ids)
+        with runner.layer(1) as layer:
+            held = {p.dtype for n, p in layer.named_parameters() if n.endswith("proj.weight")}
+            norms = {p.dtype for n, p in layer.named_parameters() if "norm" in n}
+            with torch.inference_mode():
+                for s in streams:
+                    runner.forward(layer, 1, s)
+            assert {p.dtype for n, p in layer.named_parameters() if n.endswith("proj.weight")} == held  # put back after each call
+        outputs.append((held, norms, torch.cat([s.hidden for s in streams])))
+    assert outputs[0][:2] == ({torch.float32}, {torch.float32})
+    assert outputs[1][:2] == ({torch.bfloat16}, {torch.float32})
+    assert outputs[1][2].dtype == torch.float32 and torch.equal(outputs[0][2], outputs[1][2])
+
 
 @pytest.mark.parametrize("kind", ["trained", "dora", "rslora-some-layers"])
 def test_an_adapter_in_the_walk_is_pefts_own_unmerged_forward(llama, llama_lora, tmp_path, kind):

@@ -51,7 +51,7 @@ from .checkpoint import Checkpoint
 from .errors import ArtifactFailed, BadInput
 from .hf import library_logs_to_stderr
 from .quantkind import quant_of
-from .runner import LayerRunner
+from .runner import COMPUTE_DTYPE, LayerRunner
 
 ACTIVATION_PARAMS = {"input_scale", "input_zero_point", "input_global_scale", "k_scale", "v_scale"}  # read per call
 SAMPLES, SEQ_LEN = 4, 128  # held-out tokens per read-back: every quantized module sees 512 real inputs
@@ -62,6 +62,8 @@ ROUNDING_MULTIPLE = 1.5
 # of the rounding error itself (ties and the scale's float precision: measured ~0, see tests/test_readback.py)
 EXACT_SHARE = 0.1
 ERROR_FLOOR = 1e-3  # below this, float noise: a layer nothing quantized
+ROUNDING_BLOCK = 2**24  # weight elements rounded or decoded at a time (the libraries' float32 temporaries: ~64 MB each)
+ROW_GROUP = 128  # rows decoded at a time are a multiple of this: a block of FP8_BLOCK's scales, 16 packed zero points
 FP8_LARGEST = 448.0  # float8_e4m3fn
 SATURATED_LIMIT = 0.05  # share of a module's held-out inputs past its static scale's range
 # a module this many times the median error of the same module in the other layers, and past the floor
@@ -250,14 +252,41 @@ class CompressedTensorsReader:
         for module, own in by_module.items():
             if self._ignored(module) and all(n.endswith((".weight", ".bias")) for n in own):
                 continue  # left in its dtype, as the config says: decoding it costs a float32 copy (the lm_head's)
-            try:
-                out = self.dequantizer.validate(dict(own))
-            except (ValueError, KeyError, RuntimeError, IndexError) as exc:
-                raise ReaderRefused(f"{module}: {self.name} cannot decode it: {str(exc).splitlines()[0]}") from None
-            weight = out.get(module + ".weight")
-            if weight is not None and not _same(own.get(module + ".weight"), weight):
-                decoded[module] = weight.float()
+            if self._ignored(module) and all(n.endswith((".weight", ".bias")) for n in own):
+                continue  # left in its dtype, as the config says: decoding it costs a float32 copy (the lm_head's)
+            weight = self._decoded(module, own)
+            if weight is not None:
+                decoded[module] = weight
         return decoded
+
+    def _decoded(self, module: str, own: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """``module``'s weight decoded in float32 by the dequantizer (None: passed through untouched, not
+        quantized), a block of rows at a time where its tensors split by rows: its unpacking holds ~5 float32
+        copies of what it decodes (1.3 GB for one NVFP4 matrix at the 8B width)."""
+        packed = next((t for n, t in own.items() if n.endswith((".weight", ".weight_packed"))), None)
+        rows = packed.shape[0] if packed is not None and packed.dim() == 2 else 0
+        most_per_row = 2 * packed[0].numel() * packed.element_size() if rows else 1  # values of 4 bits at least
+        step = max(ROW_GROUP, ROUNDING_BLOCK // max(most_per_row, 1) // ROW_GROUP * ROW_GROUP)
+        blocks = [_rows_of_module(own, rows, start, start + step) for start in range(0, rows, step)] if rows > step else None
+        if blocks is None or any(b is None for b in blocks):
+            return self._validate(module, own)
+        out = None
+        for start, block in zip(range(0, rows, step), blocks):
+            part = self._validate(module, block)
+            if part is None:
+                return None
+            out = out if out is not None else torch.empty((rows, *part.shape[1:]), dtype=torch.float32)
+            out[start:start + part.shape[0]] = part
+        return out
+
+    def _validate(self, module: str, own: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The dequantizer's float32 weight of ``module`` from ``own``; None where it passed the weight through."""
+        try:
+            out = self.dequantizer.validate(dict(own))
+        except (ValueError, KeyError, RuntimeError, IndexError) as exc:
+            raise ReaderRefused(f"{module}: {self.name} cannot decode it: {str(exc).splitlines()[0]}") from None
+        weight = out.get(module + ".weight")
+        return None if weight is None or _same(own.get(module + ".weight"), weight) else weight.float()
 
     def activations(self, module: str, tensors: dict[str, torch.Tensor]) -> "InputQuantization | None":
         """The scheme's input quantization of ``module`` (None: activations stay in float)."""
@@ -300,9 +329,46 @@ def _rounded_to_nearest(weight: torch.Tensor, args) -> torch.Tensor:
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     args = args.model_copy(deep=True)  # the observer writes its settings into the args it is given
-    weight = weight.float()
+    weight = weight.float().clone() if weight.dtype == torch.float32 else weight.float()  # rounded in place below
     qparams = _observer_class().load_from_registry("memoryless_minmax", base_name="weight", args=args)(weight).get_qparams()
-    return fake_quantize(weight, qparams["scale"], qparams["zero_point"], args, global_scale=qparams["global_scale"])
+    rows = weight.shape[0]
+    # a block of rows at a time, into the float32 copy: the quantizer's float32 temporaries of a whole weight
+    # (28672 x 8192 at the 70B width: ~1 GB each) set the read-back's peak
+    height = args.block_structure[0] if args.strategy == "block" else 1
+    step = max(height, ROUNDING_BLOCK // max(weight[0].numel(), 1) // height * height)
+    for start in range(0, rows, step):
+        own = {k: _rows_of(v, rows, height, start, start + step) for k, v in qparams.items()}
+        weight[start:start + step] = fake_quantize(weight[start:start + step], own["scale"], own["zero_point"], args,
+                                                   global_scale=own["global_scale"])
+    return weight
+
+
+def _rows_of_module(own: dict[str, torch.Tensor], rows: int, start: int, stop: int) -> dict[str, torch.Tensor] | None:
+    """A module's tensors cut to weight rows ``start:stop`` (a multiple of ROW_GROUP), as the format stores them:
+    per row, per k rows (a zero point packed along the rows, a scale per block of rows), one for all, and
+    compressed-tensors' ``weight_shape`` told the block's rows; None if a tensor does not split so."""
+    cut = {}
+    for name, tensor in own.items():
+        if name.endswith(".weight_shape"):
+            cut[name] = torch.tensor([min(stop, rows) - start, *tensor.tolist()[1:]], dtype=tensor.dtype)
+        elif tensor.dim() == 0 or tensor.numel() == 1:
+            cut[name] = tensor
+        elif tensor.shape[0] == rows:
+            cut[name] = tensor[start:stop]
+        else:
+            k = -(-rows // tensor.shape[0])
+            if ROW_GROUP % k or -(-rows // k) != tensor.shape[0]:
+                return None
+            cut[name] = tensor[start // k:-(-stop // k)]
+    return cut
+
+
+def _rows_of(qparam: torch.Tensor | None, rows: int, height: int, start: int, stop: int) -> torch.Tensor | None:
+    """The part of a quantization parameter that covers weight rows ``start:stop``: one entry per row (channel,
+    group strategies), per ``height`` rows (block), or one for all (tensor; a global scale)."""
+    if qparam is None or qparam.dim() == 0 or qparam.shape[0] == 1 and rows > height:
+        return qparam
+    return qparam[start // height:-(-stop // height)]
 
 
 @functools.cache
@@ -474,7 +540,10 @@ def read_back(artifact: Path, source: Path, blocks: torch.Tensor) -> ReadBack | 
     if reader is None:
         return None
     result = ReadBack(reader.name, quant_of(checkpoint.config).kind, exact=reader.exact)
-    runner = LayerRunner(source)
+    # computed in float32; the source layer's Linear weights held in the checkpoint's own dtype and made float32
+    # a module per call (its whole float32 layer was the read-back's peak: 3.4 GB at the 70B width)
+    stored = Checkpoint(source).dtype
+    runner = LayerRunner(source, linear_storage=stored if stored.itemsize < COMPUTE_DTYPE.itemsize else None)
     try:
         result.modules += _outside_layers(runner, checkpoint, reader)
         streams = runner.streams(blocks)
@@ -592,7 +661,9 @@ def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, 
     """Decoder layer ``index`` of the artifact: (checkpoint name by layer-local name, its tensors by checkpoint
     name, the reader's decoded weights by module's checkpoint name (empty without ``keep``), each such module's
     layer-local name). Every module is decoded here, so that a refusal or a wrong shape is found before anything
-    runs; without ``keep`` one module's decoded weight at a time."""
+    runs; without ``keep`` one module's decoded weight at a time. With ``keep`` each decoded weight is kept in
+    the runner's dtype (an engine's kernel dequantizes to it) and the source's own parameters of that module are
+    dropped as it is decoded (the caller runs the decoded module: its other parameters come from the artifact)."""
     prefix = runner.layer_prefix(index) + "."
     local = {runner.module_name(n).removeprefix(prefix): n for n in checkpoint.store.tensors if n.startswith(prefix)}
     linears = {n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -604,7 +675,8 @@ def _layer_read(runner: LayerRunner, index: int, layer, checkpoint: Checkpoint, 
             modules[module] = runner.module_name(module + ".weight").removesuffix(".weight").removeprefix(prefix)
             _check_shape(layer, modules[module], weight, local, reader)
             if keep:
-                decoded[module] = weight
+                decoded[module] = weight.to(runner.dtype)
+                runner.unload(layer.get_submodule(modules[module]))
     return local, tensors, decoded, modules
 
 
@@ -746,16 +818,18 @@ def _decoded_layer(layer, decoded: dict, modules: dict, local: dict, tensors: di
 
 
 def _per_call(module, make) -> list:
-    """Hooks that give ``module`` the weight ``make()`` returns for each call, and its own back after it."""
+    """Hooks that give ``module`` the weight ``make()`` returns (float32, the read-back's compute dtype) for each
+    call, and its own back after it. The swap comes before the runner's own per-call upcast of a weight held
+    narrower (which then has nothing to do), and its undoing after the runner's."""
     own = []
 
     def swap_in(m, _args):
         own.append(m.weight)
-        m.weight = torch.nn.Parameter(make().to(own[-1].dtype), requires_grad=False)
+        m.weight = torch.nn.Parameter(make(), requires_grad=False)
 
     def swap_back(m, _args, _out):
         m.weight = own.pop()
-    return [module.register_forward_pre_hook(swap_in), module.register_forward_hook(swap_back)]
+    return [module.register_forward_pre_hook(swap_in, prepend=True), module.register_forward_hook(swap_back)]
 
 
 def _input_hooks(module, quantization: InputQuantization | None, counts: list[int], static: bool = False) -> list:

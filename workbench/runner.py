@@ -179,7 +179,8 @@ class LayerRunner:
     """One causal LM, run a decoder layer at a time from its checkpoint."""
 
     def __init__(self, model_dir: Path, adapter: Path | None = None, dtype: torch.dtype = COMPUTE_DTYPE,
-                 device: torch.device | None = None, cancel: threading.Event | None = None):
+                 device: torch.device | None = None, cancel: threading.Event | None = None,
+                 linear_storage: torch.dtype | None = None):
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -190,6 +191,9 @@ class LayerRunner:
         self.weights = Weights(Path(model_dir))
         config = AutoConfig.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
         self.config, self.dtype, self.device = config, dtype, device or compute_device()
+        # Linear weights held in this (narrower) dtype and made ``dtype`` one module per call (_upcast_per_call):
+        # a layer computed in float32 at a bfloat16 layer's memory (the read-back's source layer)
+        self.linear_storage = linear_storage
         self.cancel = cancel  # set by another thread (Ctrl-C): the walk stops at the next layer
         try:
             with init_empty_weights():  # parameters on meta; buffers (rotary frequencies) real
@@ -249,7 +253,14 @@ class LayerRunner:
             value = self.weights.get(full)
             if tuple(value.shape) != tuple(param.shape):
                 raise BadInput(f"{full} has shape {tuple(value.shape)} in the checkpoint, the config says {tuple(param.shape)}")
-            set_module_tensor_to_device(module, name, self.device, value=value, dtype=self.dtype)
+            set_module_tensor_to_device(module, name, self.device, value=value, dtype=self._stored_dtype(module, name))
+
+    def _stored_dtype(self, module: nn.Module, name: str) -> torch.dtype:
+        """The dtype parameter ``name`` of ``module`` is held in while loaded."""
+        owner_name, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_name)
+        narrow = self.linear_storage and attr == "weight" and isinstance(owner, nn.Linear)
+        return self.linear_storage if narrow else self.dtype
 
     @staticmethod
     def unload(module: nn.Module) -> None:
@@ -265,10 +276,15 @@ class LayerRunner:
         module = self.layers[index]
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled("the model run was cancelled")
+        handles = []
         try:
             self._load(module, self.layer_prefix(index))
+            if self.linear_storage:
+                handles = [h for m in module.modules() if isinstance(m, nn.Linear) for h in _upcast_per_call(m, self.dtype)]
             yield module
         finally:
+            for h in handles:
+                h.remove()
             self.unload(module)
 
     # --- running
@@ -351,6 +367,21 @@ class LayerRunner:
                     block = torch.tanh(block / self.softcap) * self.softcap
                 out.append(block.cpu())  # the statistics are kept on the CPU
             yield start, out
+
+
+def _upcast_per_call(module: nn.Module, dtype: torch.dtype) -> list:
+    """Hooks that give ``module`` its weight in ``dtype`` for each call (a copy, dropped after it); a weight
+    already in ``dtype`` when the call starts (put there by a hook before this one) is left as it is."""
+    held = []
+
+    def upcast(m, _args):
+        held.append(m.weight)
+        if m.weight.dtype != dtype:
+            m.weight = nn.Parameter(m.weight.to(dtype), requires_grad=False)
+
+    def restore(m, _args, _out):
+        m.weight = held.pop()
+    return [module.register_forward_pre_hook(upcast), module.register_forward_hook(restore)]
 
 
 def _decoder_layers(base: nn.Module, config) -> tuple[str, nn.ModuleList]:

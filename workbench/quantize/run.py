@@ -19,7 +19,7 @@ from ..manifest import folder_digest, now, tool_versions, write_manifest
 from ..options import QuantizeOptions
 from ..quality import compare_final_hidden
 from ..readback import SAMPLES as READ_BACK_SAMPLES, SEQ_LEN as READ_BACK_SEQ_LEN, decoded_final_hidden, read_back
-from ..runner import COMPUTE_DTYPE, Estimate, LayerRunner, estimate, serving_dtype
+from ..runner import Estimate, LayerRunner, estimate, serving_dtype
 from .. import experts, kvcache
 from . import bnb, compressor, fp8, fp8_block, walk
 from ..texts import EVALUATION_TOKENS, calibration_samples, evaluation_blocks
@@ -68,9 +68,9 @@ def quantize(model_dir: Path, o: QuantizeOptions, on_event=lambda message: None,
     check_fits(f"to quantize {model_dir.name}", needs.peak_bytes, needs.duration())
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote_code_trusted())
     codec = own_codec(recipe)
-    # our own formats are calibrated and judged as an engine runs them, in the checkpoint's dtype; llm-compressor's
-    # are judged in float32, as compressed-tensors decodes them
-    runner = LayerRunner(model_dir, dtype=serving_dtype(source) if codec is not None else COMPUTE_DTYPE)
+    # calibrated and judged as an engine runs the model, in the checkpoint's dtype (llm-compressor's formats: the
+    # weights compressed-tensors decodes in that dtype, as an engine's kernel dequantizes them)
+    runner = LayerRunner(model_dir, dtype=serving_dtype(source))
     targets, ignored, warnings = _select_targets(runner, source, recipe, codec)
     for w in warnings:
         on_event(f"warning: {w}")
