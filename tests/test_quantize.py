@@ -200,7 +200,7 @@ def check_bnb_artifact(source, out, quant_type, double_quant, tmp_path, figures)
                   for b in blocks.split(4))
     metrics = json.loads((out / "workbench.json").read_text())["steps"][-1]["metrics"]
     loaded_ppl = float(torch.tensor(nll / (blocks.shape[0] * (blocks.shape[1] - 1))).exp())
-    # the report computes in float32 with the dequantized weights; transformers in bf16 (the compute dtype)
+    # both compute in bf16 with the dequantized weights: the report in the checkpoint's dtype, transformers in its compute dtype
     assert loaded_ppl == pytest.approx(metrics["ppl_quantized"], rel=0.003)
     assert metrics["ppl_quantized"] != metrics["ppl_source"]
     figures[f"quantize bnb {quant_type}{' + double quant' if double_quant else ''} {source.name} fixture vs source"] = {

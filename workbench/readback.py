@@ -1,6 +1,7 @@
 """Read-back: a quantized artifact decoded by its format's own library, never by the workbench's code, and
 every quantized Linear's output compared with the source's on the same real inputs, one decoder layer at a
-time through the layer runner (peak memory: a layer of each model).
+time through the layer runner, in float32 (peak memory: each model's layer in its stored dtype, and one module's
+weight in float32 at a time; the libraries decode and round a block of rows at a time).
 
 Readers, by ``quantization_config.quant_method``:
 
@@ -724,7 +725,7 @@ def _check_owned(layer, local: dict[str, str]) -> None:
 @torch.inference_mode()
 def decoded_final_hidden(artifact: Path, runner: LayerRunner, blocks: torch.Tensor) -> torch.Tensor:
     """The artifact as its format's library decodes it, run on ``blocks`` layer by layer through ``runner``
-    (the source's, for what the artifact leaves unquantized: embeddings, final norm): decoded weights, its
+    (the source's, for what the artifact leaves unquantized: embeddings, final norm; in its dtype): decoded weights, its
     other layer tensors, every input quantization its scheme names (static ones with their written scales)
     and its KV-cache scales applied. Returns the final normed hidden states [positions, hidden]; a reader's
     refusal is an ArtifactFailed naming the tensor."""
