@@ -163,7 +163,8 @@ def _quantize_and_save(model_dir: Path, recipe: Recipe, samples: torch.Tensor | 
 def peak_bytes(source: Checkpoint, recipe: Recipe, calibration_tokens: int) -> int:
     """llm-compressor's peak memory on the offloaded model: the imports, one decoder layer in its dtype and the
     largest of what the method adds to it: GPTQ (gptq, w8a8) one float32 Hessian per target of the layer plus
-    two for the largest one's factorization; AWQ the layer twice in float32 (its scale search) and its inputs;
+    two for the largest one's factorization and two float32 copies of its weight (measured at the 8B width,
+    2 layers: 4211 MiB); AWQ the layer twice in float32 (its scale search) and its inputs;
     the calibration's last subgraph, the lm_head and its logits; the save, one shard and its largest tensor."""
     cfg = source.config.get("text_config", source.config)
     hidden, vocab = int(cfg.get("hidden_size", 0)), int(cfg.get("vocab_size", 0))
@@ -176,11 +177,12 @@ def peak_bytes(source: Checkpoint, recipe: Recipe, calibration_tokens: int) -> i
     shapes = max(layers.values(), key=lambda s: sum(numel(x) for x in s), default=[(0, 0)])
     layer = sum(numel(x) for x in shapes)
     largest_input = max(x[1] for x in shapes)
-    states = {"gptq": sum(x[1] ** 2 for x in shapes) * 4 + 2 * largest_input ** 2 * 4,
+    largest_weight = max(numel(x) for x in shapes)
+    states = {"gptq": sum(x[1] ** 2 for x in shapes) * 4 + 2 * largest_input ** 2 * 4 + 2 * largest_weight * 4,
               "awq": 2 * layer * 4 + 4 * calibration_tokens * max(max(x) for x in shapes) * 4}
-    state = states.get("gptq" if recipe.method == "w8a8" else recipe.method, 2 * max(numel(x) for x in shapes) * 4)
+    state = states.get("gptq" if recipe.method == "w8a8" else recipe.method, 2 * largest_weight * 4)
     head = (vocab * hidden + calibration_tokens * vocab) * size if calibration_tokens else 0
-    save = SAVE_SHARD_BYTES + max(numel(x) for x in shapes) * size
+    save = SAVE_SHARD_BYTES + largest_weight * size
     return int(BASE_RSS + layer * size + max(state, head, save))
 
 
