@@ -253,8 +253,6 @@ class CompressedTensorsReader:
         for module, own in by_module.items():
             if self._ignored(module) and all(n.endswith((".weight", ".bias")) for n in own):
                 continue  # left in its dtype, as the config says: decoding it costs a float32 copy (the lm_head's)
-            if self._ignored(module) and all(n.endswith((".weight", ".bias")) for n in own):
-                continue  # left in its dtype, as the config says: decoding it costs a float32 copy (the lm_head's)
             weight = self._decoded(module, own)
             if weight is not None:
                 decoded[module] = weight
