@@ -64,7 +64,7 @@ ROUNDING_MULTIPLE = 1.5
 EXACT_SHARE = 0.1
 ERROR_FLOOR = 1e-3  # below this, float noise: a layer nothing quantized
 ROUNDING_BLOCK = 2**24  # weight elements rounded or decoded at a time (the libraries' float32 temporaries: ~64 MB each)
-ROW_GROUP = 128  # rows decoded at a time are a multiple of this: a block of FP8_BLOCK's scales, 16 packed zero points
+ROW_GROUP = 128  # rows decoded or rounded at a time are a multiple of this: a block of FP8_BLOCK's scales, 16 packed zero points
 FP8_LARGEST = 448.0  # float8_e4m3fn
 SATURATED_LIMIT = 0.05  # share of a module's held-out inputs past its static scale's range
 # a module this many times the median error of the same module in the other layers, and past the floor
@@ -264,14 +264,13 @@ class CompressedTensorsReader:
         copies of what it decodes (1.3 GB for one NVFP4 matrix at the 8B width)."""
         packed = next((t for n, t in own.items() if n.endswith((".weight", ".weight_packed"))), None)
         rows = packed.shape[0] if packed is not None and packed.dim() == 2 else 0
-        most_per_row = 2 * packed[0].numel() * packed.element_size() if rows else 1  # values of 4 bits at least
-        step = max(ROW_GROUP, ROUNDING_BLOCK // max(most_per_row, 1) // ROW_GROUP * ROW_GROUP)
-        blocks = [_rows_of_module(own, rows, start, start + step) for start in range(0, rows, step)] if rows > step else None
-        if blocks is None or any(b is None for b in blocks):
+        step = _row_step(2 * packed[0].numel() * packed.element_size() if rows else 1)  # values of 4 bits at least
+        cuts = rows > step and all(n.endswith(".weight_shape") or _rows_per_entry(t, rows) is not None for n, t in own.items())
+        if not cuts:
             return self._validate(module, own)
         out = None
-        for start, block in zip(range(0, rows, step), blocks):
-            part = self._validate(module, block)
+        for start in range(0, rows, step):
+            part = self._validate(module, _rows_of_module(own, rows, start, start + step))
             if part is None:
                 return None
             out = out if out is not None else torch.empty((rows, *part.shape[1:]), dtype=torch.float32)
@@ -333,41 +332,40 @@ def _rounded_to_nearest(weight: torch.Tensor, args) -> torch.Tensor:
     rows = weight.shape[0]
     # a block of rows at a time, into the float32 copy: the quantizer's float32 temporaries of a whole weight
     # (28672 x 8192 at the 70B width: ~1 GB each) set the read-back's peak
-    height = args.block_structure[0] if args.strategy == "block" else 1
-    step = max(height, ROUNDING_BLOCK // max(weight[0].numel(), 1) // height * height)
+    cuts = all(v is None or _rows_per_entry(v, rows) is not None for v in qparams.values())
+    step = _row_step(weight[0].numel()) if cuts else max(rows, 1)
     for start in range(0, rows, step):
-        own = {k: _rows_of(v, rows, height, start, start + step) for k, v in qparams.items()}
+        own = {k: _cut_rows(v, rows, start, start + step) for k, v in qparams.items()}
         weight[start:start + step] = fake_quantize(weight[start:start + step], own["scale"], own["zero_point"], args,
                                                    global_scale=own["global_scale"])
     return weight
 
 
-def _rows_of_module(own: dict[str, torch.Tensor], rows: int, start: int, stop: int) -> dict[str, torch.Tensor] | None:
-    """A module's tensors cut to weight rows ``start:stop`` (a multiple of ROW_GROUP), as the format stores them:
-    per row, per k rows (a zero point packed along the rows, a scale per block of rows), one for all, and
-    compressed-tensors' ``weight_shape`` told the block's rows; None if a tensor does not split so."""
-    cut = {}
-    for name, tensor in own.items():
-        if name.endswith(".weight_shape"):
-            cut[name] = torch.tensor([min(stop, rows) - start, *tensor.tolist()[1:]], dtype=tensor.dtype)
-        elif tensor.dim() == 0 or tensor.numel() == 1:
-            cut[name] = tensor
-        elif tensor.shape[0] == rows:
-            cut[name] = tensor[start:stop]
-        else:
-            k = -(-rows // tensor.shape[0])
-            if ROW_GROUP % k or -(-rows // k) != tensor.shape[0]:
-                return None
-            cut[name] = tensor[start // k:-(-stop // k)]
-    return cut
+def _row_step(values_per_row: int) -> int:
+    """Rows decoded or rounded at a time: about ROUNDING_BLOCK values, a multiple of ROW_GROUP."""
+    return max(ROW_GROUP, ROUNDING_BLOCK // max(values_per_row, 1) // ROW_GROUP * ROW_GROUP)
 
 
-def _rows_of(qparam: torch.Tensor | None, rows: int, height: int, start: int, stop: int) -> torch.Tensor | None:
-    """The part of a quantization parameter that covers weight rows ``start:stop``: one entry per row (channel,
-    group strategies), per ``height`` rows (block), or one for all (tensor; a global scale)."""
-    if qparam is None or qparam.dim() == 0 or qparam.shape[0] == 1 and rows > height:
-        return qparam
-    return qparam[start // height:-(-stop // height)]
+def _rows_per_entry(tensor: torch.Tensor, rows: int) -> int | None:
+    """How many weight rows one entry along ``tensor``'s first dimension covers, as a format stores it: 0 for one
+    value for all (a per-tensor scale, a global scale), 1 per row (channel and group scales), k per k rows (a
+    zero point packed along the rows, a scale per block of rows; k dividing ROW_GROUP); None otherwise."""
+    if tensor.dim() == 0 or tensor.numel() == 1:
+        return 0
+    return next((k for k in (2 ** i for i in range(ROW_GROUP.bit_length())) if -(-rows // k) == tensor.shape[0]), None)
+
+
+def _cut_rows(tensor: torch.Tensor | None, rows: int, start: int, stop: int) -> torch.Tensor | None:
+    """The part of ``tensor`` (one that _rows_per_entry places) that covers weight rows ``start:stop``."""
+    k = None if tensor is None else _rows_per_entry(tensor, rows)
+    return tensor if not k else tensor[start // k:-(-stop // k)]
+
+
+def _rows_of_module(own: dict[str, torch.Tensor], rows: int, start: int, stop: int) -> dict[str, torch.Tensor]:
+    """A module's tensors cut to weight rows ``start:stop`` (_cut_rows), with compressed-tensors' ``weight_shape``
+    told the block's rows."""
+    return {name: torch.tensor([min(stop, rows) - start, *tensor.tolist()[1:]], dtype=tensor.dtype)
+            if name.endswith(".weight_shape") else _cut_rows(tensor, rows, start, stop) for name, tensor in own.items()}
 
 
 @functools.cache
